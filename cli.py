@@ -1,0 +1,83 @@
+"""transferkit: folder of labelled images -> features -> classifier -> ONNX on the edge.
+
+The commands live next to the library code they wrap (``extract/commands.py``,
+``classify/commands.py``, ``export/commands.py``); this file assembles them and turns library
+errors into one-line messages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ start-up chatter off the terminal
+
+import click  # noqa: E402
+
+from extract.errors import TransferKitError  # noqa: E402
+
+
+class ToolGroup(click.Group):
+    """A click group that shows library errors as ``Error: <message>`` instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (TransferKitError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="transferkit")
+def cli():
+    """Transfer learning as a tool: extract deep features from an image folder, train light heads
+    on them, fine-tune, export to ONNX and classify on CPU-only edge machines.
+
+    \b
+    Example:
+      python cli.py extract photos/ --store features.h5 --backbone efficientnet_lite0
+      python cli.py fit-head --store features.h5 --kind all --out head
+      python cli.py export-onnx --store features.h5 --head head --out model.onnx
+      python cli.py edge --model model.onnx --watch inbox/ --results results.jsonl
+    """
+
+
+def _register_commands() -> None:
+    from extract.commands import COMMANDS as extract_commands
+
+    commands = list(extract_commands)
+    for module in ("classify.commands", "export.commands"):
+        try:
+            commands += __import__(module, fromlist=["COMMANDS"]).COMMANDS
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+    for command in commands:
+        cli.add_command(command)
+
+
+@cli.command(
+    "edge",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.pass_context
+def edge_command(ctx):
+    """Watch a folder and classify every image dropped into it with an ONNX model (onnxruntime only).
+
+    Same options as ``python -m edge``; run ``python cli.py edge --help`` to list them.
+    """
+    from edge.__main__ import main as edge_main
+
+    sys.exit(edge_main(list(ctx.args)))
+
+
+_register_commands()
+
+
+def main() -> None:
+    cli(prog_name="cli.py")
+
+
+if __name__ == "__main__":
+    main()

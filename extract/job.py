@@ -1,0 +1,255 @@
+"""The extraction job: image folder -> features in the store, incrementally and crash-safely.
+
+Only images whose content hash has no row yet for the backbone are computed; on an unchanged
+folder the backbone is not even built. Decoding runs in a thread pool one batch ahead of
+inference, so the backbone is never waiting on JPEG decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.imageio import ImageDecodeError, load_image
+from extract.backbones import DEFAULT_BACKBONE, get_backbone
+from extract.dataset import Dataset, ImageEntry, discover, shard_of
+from extract.errors import StoreError, TransferKitError
+from extract.store import ImageTable, StoreState, StoreWriter, empty_state
+from extract.weights import file_sha256, resolve_weights
+
+DTYPES = ("float32", "float16")
+DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0}
+
+
+@dataclass
+class ExtractionSummary:
+    store: str
+    backbone: str
+    engine: str
+    images: int  # images in the folder (or shard) with features for the backbone
+    extracted: int  # computed in this run
+    reused: int  # already in the store, unchanged
+    failed: int  # could not be decoded (this run and earlier, unchanged files)
+    removed: int  # rows dropped because their file was deleted or changed
+    ignored: int  # files without an image extension
+    seconds: float
+    images_per_second: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> (I, N) with 0 <= I < N."""
+    if not text:
+        return None
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise TransferKitError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise TransferKitError(f"--shard {text}: I must be between 0 and N-1")
+    return index, count
+
+
+def _library_versions() -> dict:
+    import h5py
+    import keras
+    import tensorflow as tf
+
+    return {
+        "transferkit": "0.1.0", "tensorflow": tf.__version__, "keras": keras.__version__,
+        "numpy": np.__version__, "h5py": h5py.__version__, "python": platform.python_version(),
+    }
+
+
+def _split_settings(state: StoreState | None, requested: dict) -> dict:
+    """The store remembers its split settings; a run may not silently change them."""
+    stored = {k: state.attrs[k] for k in DEFAULT_SPLITS if state and k in state.attrs}
+    settings = {k: requested[k] if requested.get(k) is not None else stored.get(k, v)
+                for k, v in DEFAULT_SPLITS.items()}
+    clash = {k for k in stored if requested.get(k) is not None and requested[k] != stored[k]}
+    if clash:
+        given = ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in sorted(clash))
+        raise StoreError(f"this store was built with {given}; pass the same values or use a new --store")
+    return settings
+
+
+def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, workers: int) -> ImageTable:
+    """Content hashes, reusing the stored one when size and mtime are unchanged."""
+    known = {p: (s, size, m) for p, s, size, m in
+             zip(previous.path, previous.sha256, previous.size, previous.mtime_ns)}
+
+    def one(entry: ImageEntry) -> tuple[str, int, int]:
+        st = os.stat(root / entry.relpath)
+        old = known.get(entry.relpath)
+        if old and old[1] == st.st_size and old[2] == st.st_mtime_ns:
+            return old[0], st.st_size, st.st_mtime_ns
+        return file_sha256(root / entry.relpath), st.st_size, st.st_mtime_ns
+
+    with ThreadPoolExecutor(workers) as pool:
+        hashed = list(pool.map(one, entries))
+    return ImageTable(
+        path=[e.relpath for e in entries],
+        sha256=[h[0] for h in hashed],
+        class_name=[e.class_name for e in entries],
+        split=[e.split for e in entries],
+        size=[h[1] for h in hashed],
+        mtime_ns=[h[2] for h in hashed],
+    )
+
+
+def _decode(root: Path, relpath: str, size: int) -> np.ndarray | str:
+    try:
+        return load_image(root / relpath, (size, size))
+    except ImageDecodeError as exc:
+        return str(exc)
+
+
+def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_size: int, workers: int):
+    """Yield ``(paths, shas, uint8 batch, failures)``, decoding up to two batches ahead."""
+    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for chunk in chunks[:2]:
+            pending.append((chunk, [pool.submit(_decode, root, p, size) for p, _ in chunk]))
+        next_chunk = 2
+        while pending:
+            chunk, futures = pending.popleft()
+            if next_chunk < len(chunks):
+                c = chunks[next_chunk]
+                pending.append((c, [pool.submit(_decode, root, p, size) for p, _ in c]))
+                next_chunk += 1
+            paths, shas, arrays, failures = [], [], [], {}
+            for (path, sha), future in zip(chunk, futures):
+                result = future.result()
+                if isinstance(result, str):
+                    failures[path] = (sha, result)
+                else:
+                    paths.append(path)
+                    shas.append(sha)
+                    arrays.append(result)
+            batch = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
+            yield paths, shas, batch, failures
+
+
+def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[ImageEntry]:
+    if shard is None:
+        return dataset.entries
+    index, count = shard
+    return [e for e in dataset.entries if shard_of(e.relpath, count) == index]
+
+
+def run_extraction(
+    images_dir: str | Path,
+    store: str | Path,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "imagenet",
+    batch_size: int = 32,
+    validation_split: float | None = None,
+    test_split: float | None = None,
+    seed: int | None = None,
+    dtype: str = "float32",
+    engine: str = "auto",
+    input_size: int | None = None,
+    shard: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    checkpoint_seconds: float = 60.0,
+    progress: bool = True,
+) -> ExtractionSummary:
+    started = time.perf_counter()
+    root, store = Path(images_dir), Path(store)
+    if dtype not in DTYPES:
+        raise TransferKitError(f"--dtype must be one of {', '.join(DTYPES)}")
+    if batch_size < 1:
+        raise TransferKitError("--batch-size must be at least 1")
+    spec = get_backbone(backbone)
+    shard_spec = parse_shard(shard)
+    workers = workers or max(2, min(8, (os.cpu_count() or 2)))
+    with StoreWriter(store) as writer:
+        settings = _split_settings(writer.state, {"validation_split": validation_split,
+                                                  "test_split": test_split, "seed": seed})
+        dataset = discover(root, **settings)
+        entries = select_entries(dataset, shard_spec)
+        state = writer.state or empty_state()
+        state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
+                           shard=shard or "")
+        previous_rows = state.backbones.get(spec.name)
+        weights_resolved = resolve_weights(spec, weights, seed=settings["seed"])
+        size = int(input_size or (previous_rows.record["input_size"] if previous_rows else spec.input_size))
+        if previous_rows:
+            stored_id = previous_rows.record.get("weights", {}).get("id")
+            if stored_id != weights_resolved.weights_id or previous_rows.record["input_size"] != size:
+                raise StoreError(
+                    f"{store} holds {spec.name} features from weights {stored_id} at "
+                    f"{previous_rows.record['input_size']} px; this run uses {weights_resolved.weights_id} at "
+                    f"{size} px. Use another --store, or the same --weights/--input-size"
+                )
+            if str(previous_rows.features.dtype) != dtype:
+                raise StoreError(f"{store} holds {spec.name} features as {previous_rows.features.dtype}; "
+                                 f"pass --dtype {previous_rows.features.dtype}")
+        state.images = _hash_entries(root, entries, state.images, workers)
+        state.classes = dataset.class_names
+        dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
+        rows = state.backbones.get(spec.name)
+        kept = len(rows.path) if rows else 0
+        have = set(zip(rows.path, rows.sha256)) if rows else set()
+        failed_before = {(p, s) for p, (s, _) in state.failed.items()}
+        todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
+                if (p, s) not in have and (p, s) not in failed_before]
+        removed = dropped.get(spec.name, 0)
+        extracted, engine_name = 0, "none (nothing to compute)"
+        if todo:
+            extracted, engine_name = _compute(writer, state, root, todo, spec.name, weights, size,
+                                              settings["seed"], dtype, engine, batch_size, workers, threads,
+                                              checkpoint_seconds, progress)
+        rows = state.backbones.get(spec.name)
+        elapsed = time.perf_counter() - started
+        return ExtractionSummary(
+            store=str(store), backbone=spec.name, engine=engine_name,
+            images=len(rows.path) if rows else 0, extracted=extracted, reused=kept,
+            failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
+            images_per_second=extracted / elapsed if extracted else 0.0,
+            failures=sorted((p, r) for p, (_, r) in state.failed.items()),
+        )
+
+
+def _compute(writer, state, root, todo, name, weights, size, seed, dtype, engine, batch_size, workers,
+             threads, checkpoint_seconds, progress) -> tuple[int, str]:
+    from tqdm import tqdm
+
+    from extract.engine import make_engine
+    from extract.models import build_backbone
+
+    built = build_backbone(name, weights=weights, input_size=size, seed=seed)
+    run_engine = make_engine(built, engine, threads)
+    record = {
+        **built.record(), "dtype": dtype, "engine": run_engine.name, "versions": _library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    extracted = 0
+    last_checkpoint = time.monotonic()
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)
+    try:
+        for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
+            features = run_engine(batch) if len(batch) else np.zeros((0, built.spec.feature_dim), np.float32)
+            writer.write_segment(name, record, paths, shas, features.astype(dtype), failures)
+            extracted += len(paths)
+            bar.update(len(paths) + len(failures))
+            if time.monotonic() - last_checkpoint > checkpoint_seconds:
+                writer.commit(state)
+                last_checkpoint = time.monotonic()
+    finally:
+        bar.close()
+    writer.commit(state)
+    return extracted, run_engine.name
+

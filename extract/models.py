@@ -1,0 +1,72 @@
+"""Build Keras models from registry specs: raw uint8 RGB in, features (or ImageNet probabilities) out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+
+from extract.backbones import BackboneSpec, get_backbone
+from extract.errors import TransferKitError
+from extract.preprocessing import ImagePreprocessing
+from extract.weights import ResolvedWeights, resolve_weights
+
+
+@dataclass
+class BuiltBackbone:
+    spec: BackboneSpec
+    model: keras.Model  # input: (N, H, W, 3) uint8 RGB; output: (N, feature_dim) or (N, 1000)
+    weights: ResolvedWeights
+    input_size: int
+
+    def record(self) -> dict:
+        """Backbone record plus the weights and input size this model was built with."""
+        return {**self.spec.to_record(), "input_size": self.input_size, "weights": self.weights.to_record()}
+
+
+def check_input_size(spec: BackboneSpec, input_size: int | None) -> int:
+    size = int(input_size or spec.input_size)
+    if size < spec.min_input_size:
+        raise TransferKitError(f"{spec.name} needs an input size of at least {spec.min_input_size} px, got {size}")
+    return size
+
+
+def build_base(spec: BackboneSpec, weights: ResolvedWeights, size: int, include_top: bool) -> keras.Model:
+    """The bare Keras application (expects preprocessed float input)."""
+    constructor = spec.resolve_constructor()
+    kwargs = dict(include_top=include_top, input_shape=(size, size, 3))
+    if not include_top:
+        kwargs["pooling"] = "avg"
+    if include_top and size != spec.input_size:
+        raise TransferKitError(f"the ImageNet top of {spec.name} needs input size {spec.input_size}")
+    try:
+        return constructor(weights=str(weights.path) if weights.path else None, **kwargs)
+    except ValueError as exc:  # e.g. a weights file for another architecture
+        raise TransferKitError(f"cannot load weights into {spec.name}: {exc}") from None
+
+
+def build_backbone(
+    name: str,
+    weights: str | None = "imagenet",
+    input_size: int | None = None,
+    include_top: bool = False,
+    seed: int = 0,
+) -> BuiltBackbone:
+    """A frozen backbone with preprocessing inside the graph.
+
+    ``weights="none"`` initialises randomly from ``seed`` so repeated runs build the same model
+    (the store relies on that to mix features from several runs).
+    """
+    spec = get_backbone(name)
+    size = check_input_size(spec, input_size)
+    resolved = resolve_weights(spec, weights, include_top=include_top, seed=seed)
+    if resolved.path is None:
+        keras.utils.set_random_seed(seed)
+    base = build_base(spec, resolved, size, include_top)
+    base.trainable = False
+    image = keras.Input((size, size, 3), dtype="uint8", name="image")
+    x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(image)
+    # training=False keeps BatchNorm in inference mode even if someone later unfreezes the base.
+    out = base(x, training=False)
+    model = keras.Model(image, out, name=f"{spec.name}_{'classifier' if include_top else 'features'}")
+    return BuiltBackbone(spec=spec, model=model, weights=resolved, input_size=size)

