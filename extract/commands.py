@@ -31,10 +31,12 @@ def _backbone_names() -> list[str]:
 @click.option("--input-size", type=int, default=None, help="Square input size [default: the backbone's native size].")
 @click.option("--shard", default=None, metavar="I/N", help="Extract only shard I of N (each shard to its own --store; merge with `store merge`).")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
+@click.option("--checkpoint-seconds", type=float, default=60.0, show_default=True,
+              help="How often computed rows are folded into the store file while the job runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, dtype,
-                    engine, input_size, shard, threads, as_json, quiet):
+                    engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -51,7 +53,8 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
     summary = run_extraction(
         images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
         validation_split=validation_split, test_split=test_split, seed=seed, dtype=dtype, engine=engine,
-        input_size=input_size, shard=shard, threads=threads, progress=not quiet,
+        input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
+        progress=not quiet,
     )
     if as_json:
         click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))

@@ -1,0 +1,125 @@
+"""A small numpy network: dense layers, ReLU, dropout, softmax; Adam with early stopping.
+
+Numpy rather than Keras because a head over a few thousand feature vectors trains in seconds on a
+CPU, starts without importing TensorFlow, and is bit-for-bit deterministic: one seeded generator
+drives initialisation, shuffling and dropout, so the same seed gives the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+Layers = list[tuple[np.ndarray, np.ndarray]]  # [(W (in, out), b (out,)), ...]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def forward(layers: Layers, X: np.ndarray) -> np.ndarray:
+    """Probabilities of the network: ReLU between layers, softmax at the end (the ONNX graph's math)."""
+    h = X
+    for i, (W, b) in enumerate(layers):
+        h = h @ W + b
+        if i < len(layers) - 1:
+            h = np.maximum(h, 0)
+    return softmax(h)
+
+
+def cross_entropy(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
+
+
+@dataclass
+class DenseFit:
+    layers: Layers
+    best_epoch: int  # epoch (1-based) whose weights were kept
+    epochs: int  # epochs run before early stopping
+    best_val_loss: float
+
+
+class _Adam:
+    def __init__(self, params: list[np.ndarray], learning_rate: float):
+        self.lr = learning_rate
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+        self.t = 0
+
+    def step(self, params: list[np.ndarray], grads: list[np.ndarray], b1=0.9, b2=0.999, eps=1e-8) -> None:
+        self.t += 1
+        lr = self.lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        for p, g, m, v in zip(params, grads, self.m, self.v):
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            p -= (lr * m / (np.sqrt(v) + eps)).astype(p.dtype)
+
+
+def _init_layers(sizes: list[int], rng: np.random.Generator) -> Layers:
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        limit = np.sqrt(6.0 / (fan_in + fan_out))  # Glorot uniform
+        layers.append((rng.uniform(-limit, limit, (fan_in, fan_out)).astype(np.float32),
+                       np.zeros(fan_out, np.float32)))
+    return layers
+
+
+def _gradients(layers: Layers, X: np.ndarray, y: np.ndarray, dropout: float, l2: float,
+               rng: np.random.Generator) -> list[np.ndarray]:
+    """Gradients of mean cross-entropy + l2/2 * |W|^2, in the order W0, b0, W1, b1..."""
+    inputs, masks = [], []
+    h = X
+    for i, (W, b) in enumerate(layers):
+        inputs.append(h)
+        h = h @ W + b
+        if i < len(layers) - 1:
+            mask = (h > 0).astype(np.float32)
+            if dropout:
+                mask *= (rng.random(h.shape) >= dropout) / np.float32(1 - dropout)
+            h = h * mask
+            masks.append(mask)
+    delta = softmax(h)
+    delta[np.arange(len(y)), y] -= 1
+    delta /= len(y)
+    grads: list[np.ndarray] = []
+    for i in range(len(layers) - 1, -1, -1):
+        W, _ = layers[i]
+        grads[:0] = [inputs[i].T @ delta + l2 * W, delta.sum(axis=0)]
+        if i:
+            delta = (delta @ W.T) * masks[i - 1]
+    return grads
+
+
+def train_dense(
+    X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, n_classes: int,
+    hidden: tuple[int, ...], dropout: float, learning_rate: float, l2: float, batch_size: int,
+    max_epochs: int, patience: int, seed: int,
+) -> DenseFit:
+    """Mini-batch Adam; stops when the validation loss has not improved for ``patience`` epochs
+    and returns the weights of the best epoch."""
+    rng = np.random.default_rng(seed)
+    X = np.asarray(X, np.float32)
+    X_val = np.asarray(X_val, np.float32)
+    layers = _init_layers([X.shape[1], *hidden, n_classes], rng)
+    params = [p for layer in layers for p in layer]
+    adam = _Adam(params, learning_rate)
+    best = (np.inf, 0, [p.copy() for p in params])
+    epoch = 0
+    for epoch in range(1, max_epochs + 1):
+        order = rng.permutation(len(X))
+        for start in range(0, len(X), batch_size):
+            batch = order[start:start + batch_size]
+            adam.step(params, _gradients(layers, X[batch], y[batch], dropout, l2, rng))
+        val_loss = cross_entropy(forward(layers, X_val), y_val)
+        if val_loss < best[0] - 1e-4:
+            best = (val_loss, epoch, [p.copy() for p in params])
+        elif epoch - best[1] >= patience:
+            break
+    kept = best[2]
+    return DenseFit(layers=[(kept[i], kept[i + 1]) for i in range(0, len(kept), 2)], best_epoch=best[1],
+                    epochs=epoch, best_val_loss=float(best[0]))

@@ -1,0 +1,188 @@
+"""Command line of the edge runner: ``python -m edge`` (``python cli.py edge`` forwards here)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .model import ModelError, load_model
+from .results import ResultLog, ResultsLocked
+from .runner import Runner, RunnerConfig
+
+DESCRIPTION = """\
+Watch a folder and classify every image that lands in it (subfolders included) with an ONNX
+model exported by transferkit. CPU only; needs onnxruntime, numpy and Pillow, nothing else.
+"""
+
+EPILOG = """\
+Example:
+  python -m edge --model model.onnx --watch inbox/ --results results.jsonl \\
+      --done processed/ --quarantine rejected/ --threads 2
+  python -m edge --model model.onnx --watch photos/ --results results.jsonl --once
+
+Writers: create files under a temporary name (.part, .tmp, .crdownload, ~ suffix or dot-file)
+and rename them when complete, or never pause longer than --poll-seconds while writing; a file
+is picked up once its size and mtime have not changed for --poll-seconds.
+
+Output: one JSON line per file in --results: path (relative to --watch), sha256, label,
+probability, top, model, latency_ms, time (UTC) and moved_to (relative to --done); for a file
+that is not a readable image: path, sha256, error (and moved_to, relative to --quarantine).
+Without --done, files stay where they are and <results>.journal remembers them. Lines are
+fsynced per batch; after a crash, power loss or kill, run the same command again: every file
+still gets exactly one line.
+
+Exit status: 0 finished (also after SIGTERM/SIGINT, which finish the current batch first);
+1 failure while running (e.g. disk full); 2 bad arguments or unusable model.
+"""
+
+
+class UsageError(Exception):
+    """An argument that parses but cannot be used (missing folder...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def default_threads() -> int:
+    """min(4, usable CPUs): more intra-op threads than that rarely help small CNN batches."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return min(4, cpus)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m edge",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, metavar="MODEL.onnx", help="exported ONNX model (with metadata)")
+    parser.add_argument("--watch", required=True, metavar="DIR", help="folder to watch, recursively")
+    parser.add_argument("--results", required=True, metavar="FILE", help="JSON-lines results file (appended)")
+    parser.add_argument("--done", metavar="DIR", help="move classified files here, keeping subfolders")
+    parser.add_argument("--quarantine", metavar="DIR", help="move files that are not readable images here")
+    parser.add_argument(
+        "--threads", type=_positive(int), default=default_threads(),
+        help="onnxruntime intra-op threads (default: min(4, CPUs) = %(default)s)",
+    )
+    parser.add_argument("--batch-size", type=_positive(int), default=16, help="images per inference (default: 16)")
+    parser.add_argument(
+        "--poll-seconds", type=_positive(float), default=1.0,
+        help="poll interval, and how long a file must stay unchanged to count as complete (default: 1)",
+    )
+    parser.add_argument("--once", action="store_true", help="process what is in the folder, then exit")
+    parser.add_argument("--top", type=_positive(int), default=3, help="classes listed in 'top' (default: 3)")
+    parser.add_argument(
+        "--stats-seconds", type=_non_negative_float, default=60.0,
+        help="print a stats line on stderr this often; 0: never (default: 60)",
+    )
+    return parser
+
+
+def _folder(path: str | None, name: str, watch: str) -> str | None:
+    if path is None:
+        return None
+    folder = os.path.realpath(path)
+    if folder == watch:
+        raise UsageError(f"{name} must be another folder than --watch")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _config(args: argparse.Namespace) -> RunnerConfig:
+    if not os.path.isdir(args.watch):
+        raise UsageError(f"watch folder not found: {args.watch}")
+    watch = os.path.realpath(args.watch)
+    results = Path(os.path.realpath(args.results))
+    if results.is_dir():
+        raise UsageError(f"--results must be a file, not a folder: {args.results}")
+    if not results.parent.is_dir():
+        raise UsageError(f"folder of --results does not exist: {results.parent}")
+    return RunnerConfig(
+        watch=watch,
+        results=results,
+        done=_folder(args.done, "--done", watch),
+        quarantine=_folder(args.quarantine, "--quarantine", watch),
+        batch_size=args.batch_size,
+        poll_seconds=args.poll_seconds,
+        once=args.once,
+        top=args.top,
+        stats_seconds=args.stats_seconds,
+    )
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("edge")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        formatter = logging.Formatter("%(asctime)sZ edge: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    _setup_logging()
+    try:
+        config = _config(args)
+        model = load_model(args.model, args.threads)
+        results = ResultLog(config.results, config.watch)
+    except (UsageError, ModelError, ResultsLocked, OSError) as exc:
+        print(f"edge: error: {exc}", file=sys.stderr)
+        return 2
+    runner = Runner(model, config, results)
+
+    def stop(signum: int, _frame: object) -> None:
+        logging.getLogger("edge").info("%s: finishing the current batch", signal.Signals(signum).name)
+        runner.request_stop()
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once (still crash-safe)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        runner.run()
+    except (ModelError, OSError) as exc:
+        print(f"edge: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        results.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

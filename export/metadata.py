@@ -1,0 +1,90 @@
+"""The metadata contract of exported ONNX models (read by ``edge/model.py``).
+
+Every exported model carries these ``metadata_props`` (JSON values are strings):
+
+  class_names          JSON list, in output order
+  input_size           JSON [H, W]
+  layout               "NHWC"
+  input_dtype          "uint8"
+  preprocessing        JSON {"mode": ..., "in_graph": true, "color": "RGB", "resize": "bilinear"}
+  backbone             JSON backbone record (name, preprocessing, input size, weights id...)
+  source               JSON {"kind": "head" | "fine-tuned", paths and fingerprints of what it was made from}
+  model_id             "<backbone>-<kind>-<12 hex of the graph's sha256>": stable for the same graph
+  transferkit_version  the version that exported it
+  created              UTC time of the export
+  quantization         JSON (int8 models only): method, calibration and the accuracy it was accepted at
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import onnx
+
+from extract.errors import TransferKitError
+from extract.weights import file_sha256
+
+TRANSFERKIT_VERSION = "0.1.0"  # keep in step with pyproject.toml
+REQUIRED_KEYS = ("class_names", "input_size", "layout", "input_dtype", "preprocessing", "backbone", "source",
+                 "model_id", "transferkit_version", "created")
+JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization")
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def path_fingerprint(path: str | Path) -> str:
+    """sha256 of a file, or of the names and contents of every file under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(item.relative_to(path).as_posix().encode() + b"\0" + file_sha256(item).encode())
+    return digest.hexdigest()
+
+
+def build_metadata(class_names: list[str], backbone: dict, source: dict) -> dict:
+    """The metadata of a float model, as Python values (``model_id`` is added when the graph is final)."""
+    size = int(backbone["input_size"])
+    return {
+        "class_names": list(class_names),
+        "input_size": [size, size],
+        "layout": "NHWC",
+        "input_dtype": "uint8",
+        "preprocessing": {"mode": backbone["preprocessing"], "in_graph": True, "color": "RGB",
+                          "resize": "bilinear"},
+        "backbone": backbone,
+        "source": source,
+        "transferkit_version": TRANSFERKIT_VERSION,
+        "created": utc_now(),
+    }
+
+
+def graph_model_id(model: onnx.ModelProto, backbone: str, kind: str) -> str:
+    digest = hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+    return f"{backbone}-{kind}-{digest[:12]}"
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
+    """Replace ``metadata_props`` with ``metadata`` (JSON-encoding the structured values)."""
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        text = json.dumps(value, ensure_ascii=False, sort_keys=True) if key in JSON_KEYS else str(value)
+        model.metadata_props.add(key=key, value=text)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of an exported model, JSON values decoded; refuses a file without our keys."""
+    model = onnx.load(str(path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    missing = [k for k in REQUIRED_KEYS if k not in props]
+    if missing:
+        raise TransferKitError(f"{path} lacks the metadata {', '.join(missing)}; export it with `cli.py export-onnx`")
+    return {k: json.loads(v) if k in JSON_KEYS else v for k, v in props.items()}

@@ -1,0 +1,67 @@
+"""Dataset discovery: both layouts, unicode class names, stable hash splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_image_folder, write_image
+from extract.dataset import assign_split, discover
+from extract.errors import DatasetError
+
+
+def test_class_folder_layout_with_unicode_and_nested_files(tmp_path):
+    root = tmp_path / "imgs"
+    write_image(root / "pêche pourrie" / "a.jpg", (10, 10, 10))
+    write_image(root / "pêche pourrie" / "sous dossier" / "b.png", (10, 10, 10))
+    write_image(root / "Ängel" / "c.jpg", (10, 10, 10))
+    (root / "Ängel" / "notes.txt").write_text("x")
+    (root / "Ängel" / ".hidden.jpg").write_bytes(b"")
+    ds = discover(root, validation_split=0.0, test_split=0.0)
+    assert ds.layout == "class-folders"
+    assert ds.class_names == sorted(["pêche pourrie", "Ängel"])
+    assert {e.relpath for e in ds.entries} == {
+        "pêche pourrie/a.jpg", "pêche pourrie/sous dossier/b.png", "Ängel/c.jpg"}
+    assert ds.ignored == ["Ängel/notes.txt"]
+    assert all(e.split == "train" for e in ds.entries)
+
+
+def test_split_folder_layout_accepts_val(tmp_path):
+    for split in ("train", "val", "test"):
+        make_image_folder(tmp_path / split, per_class=2)
+    ds = discover(tmp_path)
+    assert ds.layout == "split-folders"
+    assert ds.split_counts() == {"train": 6, "validation": 6, "test": 6}
+    assert ds.class_names == ["blue", "green", "red"]
+    assert all(e.relpath.startswith({"train": "train/", "validation": "val/", "test": "test/"}[e.split])
+               for e in ds.entries)
+
+
+def test_mixed_layout_and_empty_folders_are_refused(tmp_path):
+    make_image_folder(tmp_path / "a" / "train", per_class=1)
+    make_image_folder(tmp_path / "a" / "cats", per_class=1)
+    with pytest.raises(DatasetError, match="mixes split folders"):
+        discover(tmp_path / "a")
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no images found"):
+        discover(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="does not exist"):
+        discover(tmp_path / "missing")
+
+
+def test_hash_splits_have_the_requested_proportions_and_depend_on_seed():
+    paths = [f"c/img_{i}.jpg" for i in range(4000)]
+    splits = [assign_split(p, 0, 0.2, 0.1) for p in paths]
+    assert abs(splits.count("validation") / 4000 - 0.2) < 0.03
+    assert abs(splits.count("test") / 4000 - 0.1) < 0.03
+    other = [assign_split(p, 1, 0.2, 0.1) for p in paths]
+    assert splits != other
+
+
+def test_adding_images_never_moves_existing_ones(tmp_path):
+    root = make_image_folder(tmp_path / "imgs", per_class=20)
+    before = {e.relpath: e.split for e in discover(root, 0.2, 0.2, seed=3).entries}
+    make_image_folder(root, per_class=30, start=20)
+    write_image(root / "new class" / "x.jpg", (1, 2, 3))
+    after = {e.relpath: e.split for e in discover(root, 0.2, 0.2, seed=3).entries}
+    assert len(after) == len(before) + 91
+    assert all(after[p] == s for p, s in before.items())

@@ -1,0 +1,148 @@
+"""The extraction job and the feature store: format, incremental runs, writers, shards, engines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import extract.models
+from conftest import make_image_folder, write_image
+from extract.errors import StoreError
+from extract.job import run_extraction
+from extract.store import FeatureStore, StoreWriter, merge_stores
+
+TINY = dict(backbone="mobilenet_v2", weights="none", input_size=32, progress=False, engine="keras")
+
+
+def _features_by_path(store, backbone="mobilenet_v2"):
+    fs = FeatureStore(store).read(backbone)
+    return {p: fs.features[i] for i, p in enumerate(fs.paths)}
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    root = make_image_folder(tmp_path / "images", per_class=5)
+    Image.new("L", (30, 20), 90).save(root / "red" / "grey.png")
+    Image.new("RGBA", (30, 20), (0, 255, 0, 128)).save(root / "green" / "alpha.png")
+    Image.new("CMYK", (30, 20), (0, 50, 0, 0)).save(root / "blue" / "cmyk.jpg")
+    (root / "blue" / "broken.jpg").write_bytes(b"not an image at all")
+    (root / "red" / "empty.png").write_bytes(b"")
+    (root / "red" / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_store_format_is_plain_h5py(messy_folder, tmp_path):
+    store = tmp_path / "f.h5"
+    summary = run_extraction(messy_folder, store, **TINY)
+    assert (summary.extracted, summary.failed, summary.ignored) == (18, 2, 1)
+    with h5py.File(store, "r") as f:
+        assert f.attrs["format"] == "transferkit-feature-store"
+        assert list(f["classes"].asstr()[()]) == ["blue", "green", "red"]
+        paths = list(f["images/path"].asstr()[()])
+        shas = list(f["images/sha256"].asstr()[()])
+        for p, s in zip(paths, shas):
+            assert hashlib.sha256((messy_folder / p).read_bytes()).hexdigest() == s
+        assert set(f["images/split"].asstr()[()]) <= {"train", "validation", "test"}
+        group = f["backbones/mobilenet_v2"]
+        assert group["features"].shape == (18, 1280) and group["features"].dtype == np.float32
+        record = json.loads(group.attrs["record"])
+        assert record["preprocessing"] == "tf" and record["input_size"] == 32
+        assert record["weights"]["id"] == "random-init:seed=0"
+        assert {"tensorflow", "keras", "h5py", "numpy"} <= set(record["versions"])
+        assert dict(zip(f["failed/path"].asstr()[()], f["failed/reason"].asstr()[()])) == {
+            "blue/broken.jpg": "cannot decode image: cannot identify image file "
+                               f"'{messy_folder / 'blue' / 'broken.jpg'}'",
+            "red/empty.png": "empty file (0 bytes)",
+        }
+    info = FeatureStore(store).info()
+    assert info["images"] == 18 and info["failed"] == 2
+    assert sum(info["splits"].values()) == 18
+    assert info["backbones"] == {"mobilenet_v2": {"rows": 18, "dim": 1280, "dtype": "float32",
+                                                  "weights": "random-init:seed=0", "input_size": 32,
+                                                  "preprocessing": "tf"}}
+
+
+def test_incremental_rerun_computes_only_new_and_changed(image_folder, tmp_path, monkeypatch):
+    store = tmp_path / "f.h5"
+    run_extraction(image_folder, store, **TINY)
+    first = _features_by_path(store)
+
+    def must_not_build(*a, **k):
+        raise AssertionError("the backbone was built on an unchanged folder")
+
+    monkeypatch.setattr(extract.models, "build_backbone", must_not_build)
+    again = run_extraction(image_folder, store, **TINY)
+    assert (again.extracted, again.reused, again.removed) == (0, 18, 0)
+    monkeypatch.undo()
+
+    make_image_folder(image_folder, per_class=1, start=50)  # 3 new images
+    write_image(image_folder / "red" / "img_0.jpg", (0, 0, 0), seed=99)  # changed content
+    (image_folder / "blue" / "img_1.jpg").unlink()  # deleted
+    third = run_extraction(image_folder, store, **TINY)
+    assert (third.extracted, third.removed, third.images) == (4, 2, 20)
+    now = _features_by_path(store)
+    assert "blue/img_1.jpg" not in now
+    assert not np.array_equal(now["red/img_0.jpg"], first["red/img_0.jpg"])
+    np.testing.assert_array_equal(now["green/img_3.jpg"], first["green/img_3.jpg"])
+
+
+def test_store_refuses_changed_settings_and_weights(image_folder, tmp_path):
+    store = tmp_path / "f.h5"
+    run_extraction(image_folder, store, **TINY)
+    with pytest.raises(StoreError, match="built with --seed 0"):
+        run_extraction(image_folder, store, **{**TINY, "seed": 5})
+    with pytest.raises(StoreError, match="weights random-init:seed=0 at 32 px"):
+        run_extraction(image_folder, store, **{**TINY, "input_size": 40})
+    with pytest.raises(StoreError, match="pass --dtype float32"):
+        run_extraction(image_folder, store, **{**TINY, "dtype": "float16"})
+
+
+def test_several_backbones_and_float16(image_folder, tmp_path):
+    store = tmp_path / "f.h5"
+    run_extraction(image_folder, store, **TINY)
+    run_extraction(image_folder, store, **{**TINY, "backbone": "resnet50", "dtype": "float16"})
+    info = FeatureStore(store).info()
+    assert info["backbones"]["resnet50"]["dim"] == 2048
+    assert info["backbones"]["resnet50"]["dtype"] == "float16"
+    assert info["backbones"]["resnet50"]["preprocessing"] == "caffe"
+    assert FeatureStore(store).read("resnet50").features.dtype == np.float32
+    with pytest.raises(StoreError, match="several backbones"):
+        FeatureStore(store).read()
+
+
+def test_second_writer_gets_a_clear_error(image_folder, tmp_path):
+    store = tmp_path / "f.h5"
+    with StoreWriter(store):
+        with pytest.raises(StoreError, match="is being written by pid"):
+            run_extraction(image_folder, store, **TINY)
+    run_extraction(image_folder, store, **TINY)  # the lock is gone once the first writer is done
+
+
+def test_shards_merge_into_the_full_store(image_folder, tmp_path):
+    full = tmp_path / "full.h5"
+    run_extraction(image_folder, full, **TINY)
+    shards = [tmp_path / f"s{i}.h5" for i in range(3)]
+    for i, shard in enumerate(shards):
+        run_extraction(image_folder, shard, shard=f"{i}/3", **TINY)
+    sizes = [FeatureStore(s).info()["images"] for s in shards]
+    assert sum(sizes) == 18 and max(sizes) < 18
+    merge_stores(tmp_path / "merged.h5", shards)
+    merged, reference = _features_by_path(tmp_path / "merged.h5"), _features_by_path(full)
+    assert merged.keys() == reference.keys()
+    for p in merged:
+        np.testing.assert_allclose(merged[p], reference[p], rtol=1e-5, atol=1e-6)
+    assert FeatureStore(tmp_path / "merged.h5").info()["splits"] == FeatureStore(full).info()["splits"]
+
+
+def test_onnx_engine_matches_keras(image_folder, tmp_path):
+    run_extraction(image_folder, tmp_path / "k.h5", **TINY)
+    onnx = run_extraction(image_folder, tmp_path / "o.h5", **{**TINY, "engine": "onnx"})
+    assert onnx.engine == "onnx"
+    k, o = _features_by_path(tmp_path / "k.h5"), _features_by_path(tmp_path / "o.h5")
+    scale = max(np.abs(v).max() for v in k.values())
+    assert max(np.abs(k[p] - o[p]).max() for p in k) / scale < 1e-3
