@@ -30,6 +30,14 @@ def forward(layers: Layers, X: np.ndarray) -> np.ndarray:
     return softmax(h)
 
 
+def fold_standardisation(mean: np.ndarray, scale: np.ndarray, layers: Layers) -> Layers:
+    """Layers on raw features equal to ``layers`` applied to ``(x - mean) / scale`` (folded in float64)."""
+    W, b = (np.asarray(a, np.float64) for a in layers[0])
+    W_raw = W / np.asarray(scale, np.float64)[:, None]
+    b_raw = b - np.asarray(mean, np.float64) @ W_raw
+    return [(W_raw.astype(np.float32), b_raw.astype(np.float32)), *layers[1:]]
+
+
 def cross_entropy(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None))))
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
-import onnx
 
-from classify.dense import Layers, cross_entropy, forward, softmax, train_dense
-from classify.onnx_head import dense_softmax_graph, fold_standardisation
+from classify.dense import Layers, cross_entropy, fold_standardisation, forward, softmax, train_dense
+
+if TYPE_CHECKING:
+    import onnx
 
 Constraint = tuple[str, Callable[[Any], bool]]  # (what is expected, check)
 
@@ -89,8 +90,10 @@ class Head:
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
-    def to_onnx(self, opset: int = 17, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    def to_onnx(self, opset: int = 17, metadata: dict[str, str] | None = None) -> "onnx.ModelProto":
         """features float32 [N, D] -> probabilities float32 [N, C] (columns in ``classes_`` order)."""
+        from classify.onnx_head import dense_softmax_graph
+
         return dense_softmax_graph(self.network(), opset, name=f"{self.kind}_head", metadata=metadata)
 
     # ---- persistence: what is saved, and the shapes a saved head must have
@@ -280,6 +283,7 @@ class MLPHead(DenseHead):
 
 
 HEAD_KINDS: dict[str, type[Head]] = {cls.kind: cls for cls in (SVMHead, SoftmaxHead, MLPHead)}
+KIND_CHOICES = (*HEAD_KINDS, "all")
 
 
 def make_head(kind: str, seed: int = 0) -> Head:

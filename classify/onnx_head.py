@@ -17,14 +17,6 @@ INPUT = "features"
 OUTPUT = "probabilities"
 
 
-def fold_standardisation(mean: np.ndarray, scale: np.ndarray, layers: Layers) -> Layers:
-    """Layers on raw features equal to ``layers`` applied to ``(x - mean) / scale`` (folded in float64)."""
-    W, b = (np.asarray(a, np.float64) for a in layers[0])
-    W_raw = W / np.asarray(scale, np.float64)[:, None]
-    b_raw = b - np.asarray(mean, np.float64) @ W_raw
-    return [(W_raw.astype(np.float32), b_raw.astype(np.float32)), *layers[1:]]
-
-
 def dense_softmax_graph(layers: Layers, opset: int = 17, name: str = "head",
                         metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     nodes, initializers = [], []

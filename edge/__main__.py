@@ -32,7 +32,8 @@ is picked up once its size and mtime have not changed for --poll-seconds.
 Output: one JSON line per file in --results: path (relative to --watch), sha256, label,
 probability, top, model, latency_ms, time (UTC) and moved_to (relative to --done); for a file
 that is not a readable image: path, sha256, error (and moved_to, relative to --quarantine).
-Without --done, files stay where they are and <results>.journal remembers them. Lines are
+Without --done, files stay where they are and <results>.journal remembers them (every poll then
+walks the whole tree: for folders of tens of thousands of files prefer --done). Lines are
 fsynced per batch; after a crash, power loss or kill, run the same command again: every file
 still gets exactly one line.
 
@@ -47,7 +48,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"edge: error: {message} (see --help)\n")
 
 
 def _positive(kind: type):
@@ -90,18 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--done", metavar="DIR", help="move classified files here, keeping subfolders")
     parser.add_argument("--quarantine", metavar="DIR", help="move files that are not readable images here")
     parser.add_argument(
-        "--threads", type=_positive(int), default=default_threads(),
+        "--threads", type=_positive(int), default=default_threads(), metavar="N",
         help="onnxruntime intra-op threads (default: min(4, CPUs) = %(default)s)",
     )
-    parser.add_argument("--batch-size", type=_positive(int), default=16, help="images per inference (default: 16)")
+    parser.add_argument("--batch-size", type=_positive(int), default=16, metavar="B", help="images per inference (default: 16)")
     parser.add_argument(
-        "--poll-seconds", type=_positive(float), default=1.0,
+        "--poll-seconds", type=_positive(float), default=1.0, metavar="S",
         help="poll interval, and how long a file must stay unchanged to count as complete (default: 1)",
     )
     parser.add_argument("--once", action="store_true", help="process what is in the folder, then exit")
-    parser.add_argument("--top", type=_positive(int), default=3, help="classes listed in 'top' (default: 3)")
+    parser.add_argument("--top", type=_positive(int), default=3, metavar="K", help="classes listed in 'top' (default: 3)")
     parser.add_argument(
-        "--stats-seconds", type=_non_negative_float, default=60.0,
+        "--stats-seconds", type=_non_negative_float, default=60.0, metavar="S",
         help="print a stats line on stderr this often; 0: never (default: 60)",
     )
     return parser

@@ -29,13 +29,12 @@ class Stats:
         elapsed = max(now - self._since, 1e-9)
         count = len(self._latencies_ms)
         if count:
-            p50, p95 = np.percentile(self._latencies_ms, [50, 95])
-            latency = f"latency p50 {p50:.1f} ms p95 {p95:.1f} ms"
+            p50, p95 = (f"{v:.1f}" for v in np.percentile(self._latencies_ms, [50, 95]))
         else:
-            latency = "latency -"
+            p50 = p95 = "-"
         self._latencies_ms.clear()
         self._since = now
         return (
-            f"stats: {count / elapsed:.1f} images/s over {elapsed:.0f} s, {latency}, queue {queue}, "
-            f"total {self.total} ({self.errors} errors)"
+            f"stats: {count / elapsed:.1f} images/s over {elapsed:.1f} s, latency p50 {p50} ms p95 {p95} ms, "
+            f"queue {queue}, total {self.total} ({self.errors} errors)"
         )

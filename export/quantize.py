@@ -62,7 +62,9 @@ def quantize_int8(float_path: Path, out_path: Path, calibration: LabelledImages,
     keep_float = [n.name for n in model.graph.node if n.op_type == "Softmax"]
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(float_path), str(prepared))
+        # ONNX shape inference and graph optimisation; the symbolic pass (for dynamic shapes in
+        # transformers) needs sympy, which is not a dependency and adds nothing for CNNs.
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         reader = ImageCalibrationReader(calibration, size, input_name)
         quantize_static(
             str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,

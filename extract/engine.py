@@ -14,9 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from typing import TYPE_CHECKING
+
+from extract.backbones import BackboneSpec
 from extract.errors import TransferKitError
-from extract.models import BuiltBackbone
 from extract.paths import cache_dir
+from extract.weights import ResolvedWeights
+
+if TYPE_CHECKING:  # importing extract.models loads TensorFlow; a cached ONNX engine does not need it
+    from extract.models import BuiltBackbone
 
 ONNX_TOLERANCE = 1e-3
 ENGINES = ("auto", "onnx", "keras")
@@ -64,14 +70,19 @@ def parity_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.abs(reference - candidate).max()) / scale
 
 
+def onnx_engine_path(name: str, weights_id: str, input_size: int) -> Path:
+    """Where the converted engine for this backbone, weights and size is cached."""
+    key = hashlib.sha256(f"{name}|{weights_id}|{input_size}|v1".encode()).hexdigest()[:16]
+    return cache_dir("engines") / f"{name}-{input_size}-{key}.onnx"
+
+
 class OnnxEngine:
     name = "onnx"
 
-    def __init__(self, built: BuiltBackbone, threads: int | None = None):
-        key = hashlib.sha256(
-            f"{built.spec.name}|{built.weights.weights_id}|{built.input_size}|v1".encode()
-        ).hexdigest()[:16]
-        path = cache_dir("engines") / f"{built.spec.name}-{built.input_size}-{key}.onnx"
+    def __init__(self, built: BuiltBackbone | None, threads: int | None = None, path: Path | None = None):
+        """Convert ``built`` (once, cached), or open an already converted engine at ``path``."""
+        if path is None:
+            path = onnx_engine_path(built.spec.name, built.weights.weights_id, built.input_size)
         if not path.exists():
             keras_to_onnx(built.model, built.input_size, path)
             self._check_parity(built, path)
@@ -112,3 +123,18 @@ def make_engine(built: BuiltBackbone, engine: str = "auto", threads: int | None 
         if engine == "onnx":
             raise TransferKitError(f"cannot convert {built.spec.name} to ONNX: {exc}") from None
     return KerasEngine(built)
+
+
+def open_engine(spec: BackboneSpec, weights: str, resolved: ResolvedWeights, input_size: int, seed: int = 0,
+                engine: str = "auto", threads: int | None = None):
+    """An engine for extraction; a cached ONNX engine is opened without importing TensorFlow.
+
+    ``weights`` is the user's choice (imagenet/none/PATH) and ``resolved`` what it resolved to.
+    """
+    cached = onnx_engine_path(spec.name, resolved.weights_id, input_size)
+    if engine in ("auto", "onnx") and cached.exists():
+        return OnnxEngine(None, threads, path=cached)
+    from extract.models import build_backbone
+
+    built = build_backbone(spec.name, weights=weights, input_size=input_size, seed=seed)
+    return make_engine(built, engine, threads)

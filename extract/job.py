@@ -22,7 +22,7 @@ from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.errors import StoreError, TransferKitError
 from extract.store import ImageTable, StoreState, StoreWriter, empty_state
-from extract.weights import file_sha256, resolve_weights
+from extract.weights import backbone_record, file_sha256, resolve_weights
 
 DTYPES = ("float32", "float16")
 DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0}
@@ -39,8 +39,8 @@ class ExtractionSummary:
     failed: int  # could not be decoded (this run and earlier, unchanged files)
     removed: int  # rows dropped because their file was deleted or changed
     ignored: int  # files without an image extension
-    seconds: float
-    images_per_second: float
+    seconds: float  # the whole run: scan, hashing, model build, compute, store writes
+    images_per_second: float  # extracted / seconds spent in the decode+inference+write loop
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -61,14 +61,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 def _library_versions() -> dict:
-    import h5py
-    import keras
-    import tensorflow as tf
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "transferkit": "0.1.0", "tensorflow": tf.__version__, "keras": keras.__version__,
-        "numpy": np.__version__, "h5py": h5py.__version__, "python": platform.python_version(),
-    }
+    versions = {"python": platform.python_version()}
+    for package in ("transferkit", "tensorflow", "keras", "onnxruntime", "numpy", "h5py"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 def _split_settings(state: StoreState | None, requested: dict) -> dict:
@@ -207,41 +208,40 @@ def run_extraction(
         todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
                 if (p, s) not in have and (p, s) not in failed_before]
         removed = dropped.get(spec.name, 0)
-        extracted, engine_name = 0, "none (nothing to compute)"
+        extracted, engine_name, loop_seconds = 0, "none (nothing to compute)", 0.0
         if todo:
-            extracted, engine_name = _compute(writer, state, root, todo, spec.name, weights, size,
-                                              settings["seed"], dtype, engine, batch_size, workers, threads,
-                                              checkpoint_seconds, progress)
+            extracted, engine_name, loop_seconds = _compute(
+                writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
+                batch_size, workers, threads, checkpoint_seconds, progress)
         rows = state.backbones.get(spec.name)
         elapsed = time.perf_counter() - started
         return ExtractionSummary(
             store=str(store), backbone=spec.name, engine=engine_name,
             images=len(rows.path) if rows else 0, extracted=extracted, reused=kept,
             failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
-            images_per_second=extracted / elapsed if extracted else 0.0,
+            images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
         )
 
 
-def _compute(writer, state, root, todo, name, weights, size, seed, dtype, engine, batch_size, workers,
-             threads, checkpoint_seconds, progress) -> tuple[int, str]:
+def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
+             threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
     from tqdm import tqdm
 
-    from extract.engine import make_engine
-    from extract.models import build_backbone
+    from extract.engine import open_engine
 
-    built = build_backbone(name, weights=weights, input_size=size, seed=seed)
-    run_engine = make_engine(built, engine, threads)
+    run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
+    name = spec.name
     record = {
-        **built.record(), "dtype": dtype, "engine": run_engine.name, "versions": _library_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": run_engine.name,
+        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     extracted = 0
-    last_checkpoint = time.monotonic()
+    loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)
     try:
         for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
-            features = run_engine(batch) if len(batch) else np.zeros((0, built.spec.feature_dim), np.float32)
+            features = run_engine(batch) if len(batch) else np.zeros((0, spec.feature_dim), np.float32)
             writer.write_segment(name, record, paths, shas, features.astype(dtype), failures)
             extracted += len(paths)
             bar.update(len(paths) + len(failures))
@@ -251,5 +251,5 @@ def _compute(writer, state, root, todo, name, weights, size, seed, dtype, engine
     finally:
         bar.close()
     writer.commit(state)
-    return extracted, run_engine.name
+    return extracted, run_engine.name, time.monotonic() - loop_started
 

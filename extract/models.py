@@ -9,7 +9,7 @@ import keras
 from extract.backbones import BackboneSpec, get_backbone
 from extract.errors import TransferKitError
 from extract.preprocessing import ImagePreprocessing
-from extract.weights import ResolvedWeights, resolve_weights
+from extract.weights import ResolvedWeights, backbone_record, resolve_weights
 
 
 @dataclass
@@ -21,7 +21,7 @@ class BuiltBackbone:
 
     def record(self) -> dict:
         """Backbone record plus the weights and input size this model was built with."""
-        return {**self.spec.to_record(), "input_size": self.input_size, "weights": self.weights.to_record()}
+        return backbone_record(self.spec, self.weights, self.input_size)
 
 
 def check_input_size(spec: BackboneSpec, input_size: int | None) -> int:

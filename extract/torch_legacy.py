@@ -19,9 +19,8 @@ import collections
 import io
 import pickle
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
@@ -51,13 +50,12 @@ class UnsafePickleError(TorchFileError):
     """The pickle asks for a global outside the allow-list (it could run code)."""
 
 
-@dataclass(frozen=True)
-class _StorageType:
+# NamedTuples, not dataclasses: a pickle's BUILD opcode cannot change a tuple after it was checked.
+class _StorageType(NamedTuple):
     dtype: np.dtype
 
 
-@dataclass(frozen=True)
-class _StorageRef:
+class _StorageRef(NamedTuple):
     """A storage named in the pickle; its bytes come after the pickle."""
 
     root_key: str
@@ -66,8 +64,7 @@ class _StorageRef:
     numel: int
 
 
-@dataclass(frozen=True)
-class _PendingTensor:
+class _PendingTensor(NamedTuple):
     storage: _StorageRef
     offset: int
     shape: tuple[int, ...]
@@ -97,7 +94,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: BinaryIO, source: str):
+    def __init__(self, file: IO[bytes], source: str):
         super().__init__(file)
         self._source = source
         self._allowed = _allowed_globals()
@@ -117,7 +114,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise TorchFileError(f"{self._source}: unsupported persistent id {str(pid)[:80]!r} "
                                  "(only storages are allowed, not pickled modules)")
         _, storage_type, root_key, _location, numel, view = pid
-        if not isinstance(storage_type, _StorageType) or not isinstance(root_key, str) or type(numel) is not int:
+        if not (isinstance(storage_type, _StorageType) and isinstance(root_key, str) and type(numel) is int
+                and numel >= 0):
             raise TorchFileError(f"{self._source}: malformed storage reference {str(pid)[:80]!r}")
         known = self.roots.setdefault(root_key, (storage_type.dtype, numel))
         if known != (storage_type.dtype, numel):
@@ -130,18 +128,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(root_key, storage_type.dtype, offset, view_numel)
 
 
-def _read_storage(fh: BinaryIO, dtype: np.dtype, byteorder: str, numel: int, key: str, source: str) -> np.ndarray:
-    """One storage: an int64 element count then the raw elements, both in the writer's byte order."""
-    header = fh.read(8)
-    if len(header) != 8:
+def _read_storage(
+    data: bytes, pos: int, dtype: np.dtype, byteorder: str, numel: int, key: str, source: str
+) -> tuple[np.ndarray, int]:
+    """The storage at ``pos``: an int64 element count then the elements, in the writer's byte order.
+
+    Returns the elements (a view into ``data``) and the position after them.
+    """
+    if pos + 8 > len(data):
         raise TorchFileError(f"{source} is truncated (storage {key} is missing)")
-    (count,) = struct.unpack(byteorder + "q", header)
+    (count,) = struct.unpack_from(byteorder + "q", data, pos)
     if count != numel:
         raise TorchFileError(f"{source}: storage {key} holds {count} elements, the pickle says {numel}")
-    data = fh.read(count * dtype.itemsize)
-    if len(data) != count * dtype.itemsize:
+    end = pos + 8 + count * dtype.itemsize
+    if end > len(data):
         raise TorchFileError(f"{source} is truncated (storage {key} is incomplete)")
-    return np.frombuffer(data, dtype=dtype.newbyteorder(byteorder))
+    return np.frombuffer(data, dtype=dtype.newbyteorder(byteorder), count=count, offset=pos + 8), end
 
 
 def _materialise(tensor: _PendingTensor, storages: dict[str, np.ndarray], name: str, source: str) -> np.ndarray:
@@ -161,7 +163,7 @@ def _materialise(tensor: _PendingTensor, storages: dict[str, np.ndarray], name: 
 class _NoGlobals(pickle.Unpickler):
     """For the small pickles around the object (magic, version, sys_info, keys): no global at all."""
 
-    def __init__(self, file: BinaryIO, source: str):
+    def __init__(self, file: IO[bytes], source: str):
         super().__init__(file)
         self._source = source
 
@@ -172,39 +174,38 @@ class _NoGlobals(pickle.Unpickler):
 def load_legacy_state_dict(path: str | Path) -> collections.OrderedDict[str, np.ndarray]:
     """Tensors of a legacy-format ``torch.save(state_dict)`` file, as C-contiguous numpy arrays."""
     source = str(path)
-    with open(path, "rb") as raw:
-        fh = io.BufferedReader(raw)
-        if fh.peek(4)[:4] == b"PK\x03\x04":
-            raise TorchFileError(
-                f"{source} is a zip-format checkpoint (torch >= 1.6); this reader handles the legacy format "
-                "only: re-save it with torch.save(obj, path, _use_new_zipfile_serialization=False)"
-            )
-        try:
-            magic = _NoGlobals(fh, source).load()
-            if magic != MAGIC_NUMBER:
-                raise TorchFileError(f"{source} is not a legacy PyTorch file (bad magic number)")
-            version = _NoGlobals(fh, source).load()
-            if version != PROTOCOL_VERSION:
-                raise TorchFileError(f"{source}: unsupported PyTorch protocol version {version!r}")
-            sys_info = _NoGlobals(fh, source).load()
-            byteorder = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
-            unpickler = _RestrictedUnpickler(fh, source)
-            obj = unpickler.load()
-            keys = _NoGlobals(fh, source).load()
-        except TorchFileError:
-            raise
-        except Exception as exc:  # malformed pickles raise many types (UnpicklingError, EOFError, ValueError...)
-            raise TorchFileError(f"{source} is not a readable legacy PyTorch file: {exc}") from None
-        if not isinstance(keys, list) or set(keys) != set(unpickler.roots):
-            raise TorchFileError(f"{source}: the storage key list does not match the pickled tensors")
-        storages = {}
-        for key in keys:
-            dtype, numel = unpickler.roots[key]
-            storages[key] = _read_storage(fh, dtype, byteorder, numel, key, source)
+    data = Path(path).read_bytes()
+    if data[:4] == b"PK\x03\x04":
+        raise TorchFileError(
+            f"{source} is a zip-format checkpoint (torch >= 1.6); this reader handles the legacy format "
+            "only: re-save it with torch.save(obj, path, _use_new_zipfile_serialization=False)"
+        )
+    fh = io.BytesIO(data)
+    try:
+        if _NoGlobals(fh, source).load() != MAGIC_NUMBER:
+            raise TorchFileError(f"{source} is not a legacy PyTorch file (bad magic number)")
+        version = _NoGlobals(fh, source).load()
+        if version != PROTOCOL_VERSION:
+            raise TorchFileError(f"{source}: unsupported PyTorch protocol version {version!r}")
+        sys_info = _NoGlobals(fh, source).load()
+        byteorder = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
+        unpickler = _RestrictedUnpickler(fh, source)
+        obj = unpickler.load()
+        keys = _NoGlobals(fh, source).load()
+    except TorchFileError:
+        raise
+    except Exception as exc:  # malformed pickles raise many types (UnpicklingError, EOFError, ValueError...)
+        raise TorchFileError(f"{source} is not a readable legacy PyTorch file: {exc}") from None
+    if not isinstance(keys, list) or set(keys) != set(unpickler.roots):
+        raise TorchFileError(f"{source}: the storage key list does not match the pickled tensors")
+    storages, pos = {}, fh.tell()
+    for key in keys:
+        dtype, numel = unpickler.roots[key]
+        storages[key], pos = _read_storage(data, pos, dtype, byteorder, numel, key, source)
     if not isinstance(obj, dict):
         raise TorchFileError(f"{source} holds a {type(obj).__name__}, not a state dict")
     state = collections.OrderedDict()
-    for name, value in obj.items():
+    for name, value in dict.items(obj):  # dict.items: the pickle may have shadowed obj.items
         if not isinstance(name, str) or not isinstance(value, _PendingTensor):
             raise TorchFileError(f"{source}: entry {str(name)[:80]!r} is not a named tensor")
         state[name] = _materialise(value, storages, name, source)

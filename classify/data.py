@@ -1,0 +1,91 @@
+"""Features from the store for heads: the checks that turn bad input into one clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from classify.errors import HeadMismatch, TrainingDataError
+from classify.persist import TrainedHead
+from extract.store import SPLITS, FeatureSet, FeatureStore
+
+
+def split_counts(features: FeatureSet) -> dict[str, int]:
+    counts = Counter(features.splits.tolist())
+    return {split: counts.get(split, 0) for split in SPLITS}
+
+
+def check_trainable(features: FeatureSet, store: str | Path) -> None:
+    """Refuse features a head cannot be trained and early-stopped on."""
+    names = features.class_names
+    if len(names) < 2:
+        raise TrainingDataError(f"{store} has {len(names)} class ({', '.join(names)}); a head needs at least 2")
+    train_counts = Counter(features.labels[features.splits == "train"].tolist())
+    for index, name in enumerate(names):
+        if train_counts.get(index, 0) < 2:
+            raise TrainingDataError(
+                f"class {name!r} has {train_counts.get(index, 0)} training image(s) in {store}; a head needs at "
+                f"least 2 per class: add images, or re-extract into a new --store with smaller "
+                f"--validation-split/--test-split"
+            )
+    if not split_counts(features)["validation"]:
+        raise TrainingDataError(
+            f"{store} has no validation images, which heads need to choose C and stop early; re-extract into "
+            f"a new --store with --validation-split > 0 (or add a validation/ folder)"
+        )
+
+
+def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features, labels and image paths of one split; refuses an empty split."""
+    if split not in SPLITS:
+        raise TrainingDataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    mask = features.splits == split
+    if not mask.any():
+        counts = ", ".join(f"{k} {v}" for k, v in split_counts(features).items())
+        raise TrainingDataError(f"{store} has no {split} images (its splits: {counts})")
+    paths = [p for p, keep in zip(features.paths, mask) if keep]
+    return features.features[mask], features.labels[mask], paths
+
+
+def fingerprint(features: FeatureSet) -> str:
+    """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({
+        "backbone": features.backbone.get("name"),
+        "weights": features.backbone.get("weights", {}).get("id"),
+        "classes": features.class_names,
+        "paths": features.paths,
+        "splits": features.splits.tolist(),
+        "labels": features.labels.tolist(),
+    }, ensure_ascii=False).encode())
+    digest.update(np.ascontiguousarray(features.features, dtype=np.float32).tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _weights_id(record: dict) -> str | None:
+    return record.get("weights", {}).get("id")
+
+
+def features_for_head(trained: TrainedHead, store: str | Path) -> FeatureSet:
+    """The store's features of the head's backbone; refuses other weights, input size or classes."""
+    name = trained.backbone.get("name")
+    reader = FeatureStore(store)
+    if name not in reader.backbones:
+        raise HeadMismatch(f"the head was trained on {name} features; {store} has features for "
+                           f"{', '.join(reader.backbones) or 'no backbone'}")
+    features = reader.read(name)
+    want, have = trained.backbone, features.backbone
+    if (_weights_id(want), want.get("input_size")) != (_weights_id(have), have.get("input_size")) \
+            or features.features.shape[1] != trained.n_features:
+        raise HeadMismatch(
+            f"the head was trained on {name} features from weights {_weights_id(want)} at {want.get('input_size')} "
+            f"px; {store} holds {name} features from {_weights_id(have)} at {have.get('input_size')} px"
+        )
+    if features.class_names != trained.class_names:
+        raise HeadMismatch(f"the head knows classes [{', '.join(trained.class_names)}]; {store} has "
+                           f"[{', '.join(features.class_names)}]")
+    return features

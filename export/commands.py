@@ -1,0 +1,118 @@
+"""Click commands for fine-tuning and ONNX export: thin wrappers over export.finetune / export.onnx_export."""
+
+from __future__ import annotations
+
+import click
+
+from extract.backbones import list_backbones
+from extract.errors import TransferKitError
+
+
+@click.command("fine-tune")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--backbone", type=click.Choice([s.name for s in list_backbones()]), default=None,
+              help="Backbone to fine-tune [default: the --head's].")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (MODEL.keras, plus MODEL.keras.json).")
+@click.option("--head", type=click.Path(exists=True), default=None,
+              help="Trained head (from fit-head) to start the classifier from: linear probe, then fine-tune.")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Feature store whose train/validation/test split to use [default: the head's store, if present].")
+@click.option("--unfreeze", default="20", show_default=True, metavar="N|all",
+              help="Backbone layers to train, counted from the top (BatchNorm layers always stay frozen).")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Fine-tuning epochs (early stopping may end sooner).")
+@click.option("--learning-rate", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--image-size", type=int, default=None, help="Square input size [default: the head's, or the backbone's native size].")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--weights", default=None,
+              help="imagenet, none (random, for tests) or a weights file PATH [default: the head's weights, or imagenet].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for initialisation, shuffling and augmentation.")
+@click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
+@click.option("--warmup-epochs", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Epochs training a new classifier on the frozen backbone first (not used with --head).")
+@click.option("--report-dir", type=click.Path(file_okay=False), default=None,
+              help="Where training_curves.png, test_report.txt and metrics.json go [default: MODEL-report/ beside --out].")
+def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, learning_rate, image_size, batch_size,
+                      weights, seed, patience, warmup_epochs, report_dir):
+    """Fine-tune a backbone and its classifier end to end on IMAGES_DIR (augmentation in training only).
+
+    \b
+    Example:
+      python cli.py fine-tune photos/ --head head --store features.h5 --out model.keras
+      python cli.py fine-tune photos/ --backbone efficientnet_lite0 --unfreeze all --epochs 5 --out model.keras
+    """
+    from export.finetune import fine_tune
+
+    result = fine_tune(
+        images_dir, backbone, out, head=head, unfreeze=unfreeze, epochs=epochs, learning_rate=learning_rate,
+        image_size=image_size, batch_size=batch_size, seed=seed, store=store, weights=weights, patience=patience,
+        report_dir=report_dir, warmup_epochs=warmup_epochs, verbose=2,
+    )
+    test = result.test
+    click.echo(
+        f"{result.model_path}: {result.trainable_layers} backbone layers trained for {result.epochs_run} epochs "
+        f"(best {result.best_epoch}) after {result.warmup_epochs} warm-up epochs in {result.seconds:.0f} s; "
+        f"validation accuracy {100 * result.validation_before['accuracy']:.1f}% before fine-tuning"
+    )
+    if test["images"]:
+        click.echo(f"test: accuracy {100 * test['accuracy']:.2f}%, macro-F1 {test['macro_f1']:.3f} "
+                   f"on {test['images']} images")
+    click.echo(f"report: {result.report_dir}")
+    for path, reason in list(result.skipped.items())[:10]:
+        click.echo(f"  skipped: {path}: {reason}")
+
+
+@click.command("export-onnx")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (MODEL.onnx).")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None, help="A fine-tuned MODEL.keras.")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None, help="Feature store the head was trained on.")
+@click.option("--head", type=click.Path(exists=True), default=None, help="Trained head (from fit-head).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Image folder for the checks [default: the folder the store or model was made from].")
+@click.option("--weights", default=None,
+              help="Backbone weights file, when the head was trained on features from --weights PATH.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 18))
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write MODEL.int8.onnx (static QDQ, calibrated on train images) if it keeps its accuracy.")
+@click.option("--tolerance", default=1.0, show_default=True, type=float,
+              help="Test accuracy points the int8 model may lose before it is refused.")
+@click.option("--parity-images", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Real images on which Keras and onnxruntime must agree.")
+@click.option("--calibration-images", default=300, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: all cores].")
+def export_onnx_command(out, model, store, head, images, weights, opset, quantize, tolerance, parity_images,
+                        calibration_images, threads):
+    """Export a fine-tuned model, or a frozen backbone with a trained head, to one ONNX file.
+
+    The model takes uint8 RGB images [N, H, W, 3] (named "image") and outputs "probabilities";
+    preprocessing is inside the graph and the class names, input size and backbone are in its
+    metadata. Every export is checked against Keras on real images before it is kept.
+
+    \b
+    Example:
+      python cli.py export-onnx --store features.h5 --head head --out model.onnx
+      python cli.py export-onnx --model model.keras --out model.onnx --quantize int8
+    """
+    from export.onnx_export import export_onnx
+
+    result = export_onnx(out, model=model, store=store, head=head, images=images, weights=weights, opset=opset,
+                         quantize=quantize, tolerance=tolerance, parity_images=parity_images,
+                         calibration_images=calibration_images, threads=threads)
+    click.echo(f"{result.path}: model_id {result.metadata['model_id']}, "
+               f"{len(result.metadata['class_names'])} classes, input uint8 {result.metadata['input_size']} NHWC")
+    click.echo(result.parity.summary())
+    if result.removed_stale_int8:
+        click.echo(f"removed {result.removed_stale_int8}: it was quantized from an earlier model")
+    report = result.quantization
+    if report is None:
+        return
+    click.echo(report.table())
+    if not report.accepted:
+        raise TransferKitError(
+            f"int8 refused: it loses {report.drop:.2f} accuracy points (tolerance {tolerance:g}); "
+            f"kept the float model {result.path}, wrote no int8 file"
+        )
+    click.echo(f"{report.path}: int8 accepted ({report.drop:+.2f} points lost, "
+               f"{report.calibration_images} calibration images)")
+
+
+COMMANDS = [fine_tune_command, export_onnx_command]

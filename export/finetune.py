@@ -1,0 +1,316 @@
+"""Fine-tune a backbone and its classifier end to end on the images (linear probe, then fine-tune).
+
+One Keras model takes uint8 RGB images: augmentation (training only) -> the backbone's preprocessing
+-> the backbone, called with ``training=False`` so BatchNorm keeps its statistics -> the classifier.
+The classifier starts from a trained head when one is given (a head is dense layers with the
+standardisation folded in, so the model predicts exactly what the head predicted); otherwise a
+random one is warmed up for a few epochs on the frozen backbone. Then the top ``unfreeze`` backbone
+layers (never BatchNorm) train with a small learning rate, with early stopping on the validation
+loss that restores the best epoch, and a checkpoint of the best model on disk meanwhile.
+
+Images get the same train/validation/test assignment as the feature store (its split settings).
+
+Example::
+
+    result = fine_tune("photos/", "efficientnet_lite0", "model.keras", head="head", store="features.h5")
+    print(result.test)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge.imageio import ImageDecodeError, load_image
+from export.data import LabelledImages, from_folder, split_settings
+from classify.data import features_for_head
+from classify.persist import head_dir, load_head
+from export.keras_models import classifier_model, rebuild_backbone, save_fine_tuned, set_trainable
+from export.metadata import TRANSFERKIT_VERSION, path_fingerprint, utc_now
+from extract.errors import TransferKitError
+from extract.models import BuiltBackbone, build_backbone
+from extract.store import FeatureStore
+
+DEFAULT_UNFREEZE = "20"
+DEFAULT_LEARNING_RATE = 1e-5
+WARMUP_LEARNING_RATE = 1e-3
+
+
+def parse_unfreeze(text: str | int) -> int | None:
+    """``"all"`` -> None (every layer), ``"N"`` -> N top layers."""
+    if str(text).lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise TransferKitError(f"--unfreeze must be a number of layers (>= 0) or 'all', got {text!r}")
+    return value
+
+
+@dataclass
+class FineTuneResult:
+    model_path: str
+    report_dir: str
+    trainable_layers: int  # backbone layers with weights that were trained
+    warmup_epochs: int
+    epochs_run: int  # fine-tuning epochs before early stopping
+    best_epoch: int  # 1-based fine-tuning epoch whose weights were kept
+    validation_before: dict  # loss and accuracy right before fine-tuning
+    test: dict  # accuracy, macro_f1, images
+    skipped: dict[str, str] = field(default_factory=dict)  # undecodable images -> reason
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def image_dataset(images: LabelledImages, size: int, batch_size: int, shuffle: bool, seed: int,
+                  skipped: dict[str, str]):
+    """tf.data pipeline: paths -> ``load_image`` in parallel -> batches; undecodable files are skipped
+    (and recorded in ``skipped``)."""
+    import tensorflow as tf
+
+    def decode(path):
+        path = path.numpy().decode()
+        try:
+            return load_image(path, (size, size)), True
+        except ImageDecodeError as exc:
+            skipped[path] = str(exc)
+            return np.zeros((size, size, 3), np.uint8), False
+
+    def tf_decode(path, label):
+        image, ok = tf.py_function(decode, [path], [tf.uint8, tf.bool])
+        image.set_shape((size, size, 3))
+        ok.set_shape(())
+        return image, label, ok
+
+    ds = tf.data.Dataset.from_tensor_slices((images.paths, images.labels))
+    if shuffle:
+        ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    def decoded(image, label, ok):
+        return ok
+
+    def without_flag(image, label, ok):
+        return image, label
+
+    ds = ds.map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(decoded).map(without_flag)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _compile(model, learning_rate: float) -> None:
+    import keras
+
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+
+
+def evaluate_test(model, dataset, class_names: list[str], report_dir: Path) -> dict:
+    """Write ``test_report.txt`` (classification report) and return accuracy and macro-F1."""
+    from sklearn.metrics import accuracy_score, classification_report, f1_score
+
+    y_true, y_pred = [], []
+    for images, labels in dataset:
+        y_pred.append(np.asarray(model(images, training=False)).argmax(axis=1))
+        y_true.append(np.asarray(labels))
+    if not y_true:
+        (report_dir / "test_report.txt").write_text("no test images\n")
+        return {"accuracy": None, "macro_f1": None, "images": 0}
+    y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
+    labels = sorted(set(y_true.tolist()) | set(y_pred.tolist()))  # a class absent from the test split is not scored
+    accuracy = float(accuracy_score(y_true, y_pred))
+    macro_f1 = float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    text = classification_report(y_true, y_pred, labels=labels, target_names=[class_names[i] for i in labels],
+                                 digits=3, zero_division=0)
+    (report_dir / "test_report.txt").write_text(
+        f"{text}\naccuracy {accuracy:.4f} on {len(y_true)} test images\nmacro-F1 {macro_f1:.4f}\n"
+    )
+    return {"accuracy": accuracy, "macro_f1": macro_f1, "images": int(len(y_true))}
+
+
+def plot_curves(history: dict[str, list[float]], warmup_epochs: int, path: Path) -> None:
+    """Loss and accuracy per epoch, train and validation; a dashed line where fine-tuning starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, history[metric], marker="o", label="train")
+        ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        if warmup_epochs:
+            ax.axvline(warmup_epochs + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class StartingPoint:
+    """What a fine-tuning run starts from: the backbone, the classifier's layers, the split."""
+
+    built: BuiltBackbone
+    settings: dict  # split settings: seed, validation_split, test_split
+    class_names: list[str] | None  # expected classes, when a store or head fixes them
+    layers: list | None = None  # the head's dense layers (standardisation folded in)
+    dropout: float = 0.0
+    store: dict | None = None  # path and sha256 of the store
+    head: dict | None = None  # path, kind and fingerprint of the head
+
+
+def _starting_point(backbone: str | None, head: str | Path | None, store: str | Path | None, weights: str | None,
+                    image_size: int | None, seed: int) -> StartingPoint:
+    """Resolve backbone, head and store into a consistent starting point; refuse any mismatch."""
+    trained = load_head(head) if head is not None else None
+    if trained is not None and store is None and Path(trained.store.get("path", "")).is_file():
+        store = trained.store["path"]  # the split the head was trained and evaluated on
+    settings, class_names, store_info = split_settings({"seed": seed}), None, None
+    if store is not None:
+        if trained is not None:  # refuses a store with other weights or classes than the head's
+            features = features_for_head(trained, store)
+            attrs, class_names = features.store_attrs, features.class_names
+        else:
+            state = FeatureStore(store).state
+            attrs, class_names = state.attrs, list(state.classes)
+        settings = split_settings(attrs)
+        store_info = {"path": str(Path(store).resolve()), "sha256": path_fingerprint(store)}
+    if trained is None:
+        if backbone is None:
+            raise TransferKitError("give --backbone (or --head, whose backbone is used)")
+        built = build_backbone(backbone, weights=weights or "imagenet", input_size=image_size, seed=seed)
+        return StartingPoint(built, settings, class_names, store=store_info)
+    record = trained.backbone
+    if backbone not in (None, record["name"]):
+        raise TransferKitError(f"the head was trained on {record['name']} features, not {backbone}")
+    if image_size not in (None, record["input_size"]):
+        raise TransferKitError(f"the head was trained on {record['input_size']} px features, not {image_size} px")
+    folder = head_dir(head)
+    return StartingPoint(
+        built=rebuild_backbone(record, weights), settings=settings, class_names=trained.class_names,
+        layers=trained.head.network(), dropout=float(getattr(trained.head, "dropout", 0.0)), store=store_info,
+        head={"path": str(folder.resolve()), "kind": trained.kind, "fingerprint": path_fingerprint(folder)},
+    )
+
+
+def fine_tune(
+    images_dir: str | Path,
+    backbone: str | None,
+    out: str | Path,
+    head: str | Path | None = None,
+    unfreeze: str | int = DEFAULT_UNFREEZE,
+    epochs: int = 10,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    image_size: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    store: str | Path | None = None,
+    weights: str | None = None,
+    patience: int = 3,
+    report_dir: str | Path | None = None,
+    warmup_epochs: int = 2,
+    verbose: int = 0,
+) -> FineTuneResult:
+    """Fine-tune ``backbone`` on ``images_dir`` and write ``out`` (.keras + sidecar) and a report folder.
+
+    ``head`` initialises the classifier (no warm-up then) and fixes backbone, weights and input
+    size. ``store`` gives the split settings (otherwise defaults with ``seed``). ``weights``: None
+    means the head's weights, or ImageNet without a head.
+    """
+    import keras
+
+    started = time.perf_counter()
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise TransferKitError(f"--out must end in .keras, got {out.name}")
+    if epochs < 1 or batch_size < 1 or patience < 1:
+        raise TransferKitError("--epochs, --batch-size and --patience must be at least 1")
+    unfreeze_layers = parse_unfreeze(unfreeze)
+    report_dir = Path(report_dir) if report_dir else out.with_name(f"{out.stem}-report")
+
+    begin = _starting_point(backbone, head, store, weights, image_size, seed)
+    built = begin.built
+    if begin.head is not None:
+        warmup_epochs = 0  # the head already is a trained classifier (linear probe)
+
+    images = from_folder(images_dir, begin.settings, begin.class_names)
+    train, validation, test = (images.subset(s) for s in ("train", "validation", "test"))
+    if not len(train) or not len(validation):
+        raise TransferKitError(
+            f"fine-tuning needs train and validation images; {images_dir} has {len(train)} train and "
+            f"{len(validation)} validation images"
+        )
+    report_dir.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    keras.utils.set_random_seed(seed)
+    model = classifier_model(built, len(images.class_names), begin.layers, begin.dropout, seed)
+    size, skipped = built.input_size, {}
+    train_ds = image_dataset(train, size, batch_size, True, seed, skipped)
+    val_ds = image_dataset(validation, size, batch_size, False, seed, skipped)
+    history: dict[str, list[float]] = {k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+
+    def record_history(fit) -> None:
+        for key in history:
+            history[key] += [float(v) for v in fit.history[key]]
+
+    checkpoint = out.with_name(f"{out.stem}.best.keras")
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    with warnings.catch_warnings():
+        # the datasets' length is unknown (undecodable files are filtered out), which Keras reports
+        # as "ran out of data" at the end of every epoch
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        if warmup_epochs:
+            set_trainable(model, 0)
+            _compile(model, WARMUP_LEARNING_RATE)
+            record_history(model.fit(train_ds, validation_data=val_ds, epochs=warmup_epochs, shuffle=False,
+                                     verbose=verbose))
+        trainable = set_trainable(model, unfreeze_layers)
+        _compile(model, learning_rate)  # after changing `trainable`, or the change is ignored
+        loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
+        callbacks = [stopper, keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True)]
+        fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, shuffle=False,
+                        verbose=verbose)
+    record_history(fit)
+    epochs_run = len(fit.history["loss"])
+
+    test_metrics = evaluate_test(model, image_dataset(test, size, batch_size, False, seed, skipped),
+                                 images.class_names, report_dir)
+    plot_curves(history, warmup_epochs, report_dir / "training_curves.png")
+    result = FineTuneResult(
+        model_path=str(out), report_dir=str(report_dir), trainable_layers=trainable, warmup_epochs=warmup_epochs,
+        epochs_run=epochs_run, best_epoch=stopper.best_epoch + 1,
+        validation_before={"loss": float(loss_before), "accuracy": float(accuracy_before)},
+        test=test_metrics, skipped=dict(skipped),
+    )
+    info = {
+        "class_names": images.class_names,
+        "backbone": built.record(),
+        "splits": begin.settings,
+        "images_root": str(Path(images_dir).resolve()),
+        "store": begin.store,
+        "head": begin.head,
+        "training": {"unfreeze": str(unfreeze), "trainable_layers": trainable, "warmup_epochs": warmup_epochs,
+                     "epochs": epochs, "epochs_run": epochs_run, "best_epoch": result.best_epoch,
+                     "learning_rate": learning_rate, "batch_size": batch_size, "patience": patience, "seed": seed,
+                     "augmentation": "flip horizontal, rotation 0.1, zoom 0.1"},
+        "test": test_metrics,
+        "created": utc_now(),
+        "transferkit_version": TRANSFERKIT_VERSION,
+    }
+    save_fine_tuned(model, out, info)
+    checkpoint.unlink(missing_ok=True)
+    result.seconds = time.perf_counter() - started
+    (report_dir / "metrics.json").write_text(json.dumps({**result.to_dict(), "history": history}, indent=2))
+    return result

@@ -1,0 +1,186 @@
+"""Keras-side models: backbones rebuilt from records, classifiers from heads, fine-tuned ``.keras`` files.
+
+A fine-tuned model is ``MODEL.keras`` plus ``MODEL.keras.json`` (the sidecar): class names in output
+order, the backbone record (weights id included), the split settings and where the images were.
+The sidecar names the sha256 of the model file, so a model and a sidecar from different runs are
+refused. ``.keras`` files are only ever loaded with ``safe_mode=True`` (a Lambda layer would be code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+import extract.preprocessing  # noqa: F401  (registers ImagePreprocessing for deserialisation)
+from extract.backbones import spec_from_record
+from extract.errors import TransferKitError
+from extract.models import BuiltBackbone, build_backbone
+from extract.weights import file_sha256, resolve_weights
+
+SIDECAR_FORMAT = "transferkit-fine-tuned-model"
+SIDECAR_VERSION = 1
+RANDOM_INIT_PREFIX = "random-init:seed="
+
+
+def rebuild_backbone(record: dict, weights: str | None = None) -> BuiltBackbone:
+    """The backbone a record describes, with the very same weights; refuses anything else.
+
+    Random-init weights are rebuilt from their seed; ImageNet weights from the local cache; a
+    weights file must be given again as ``weights``.
+    """
+    try:  # input_size is the size the model was built at, not the spec's native size
+        spec = spec_from_record({k: v for k, v in record.items() if k != "input_size"})
+    except (KeyError, ValueError) as exc:
+        raise TransferKitError(f"cannot rebuild the backbone: {exc}") from None
+    wanted = record.get("weights", {}).get("id", "")
+    seed = 0
+    if weights is None:
+        if wanted.startswith(RANDOM_INIT_PREFIX):
+            weights, seed = "none", int(wanted[len(RANDOM_INIT_PREFIX):])
+        elif wanted.startswith("imagenet:"):
+            weights = "imagenet"
+        else:
+            raise TransferKitError(
+                f"the model was trained on {spec.name} with weights {wanted}; pass --weights PATH to that file"
+            )
+    resolved = resolve_weights(spec, weights, seed=seed)
+    if resolved.weights_id != wanted:
+        raise TransferKitError(
+            f"the model was trained on {spec.name} with weights {wanted}, but --weights {weights} gives "
+            f"{resolved.weights_id}; pass the weights it was trained with"
+        )
+    return build_backbone(spec.name, weights=weights, input_size=record["input_size"], seed=seed)
+
+
+def base_model(built: BuiltBackbone) -> keras.Model:
+    """The bare Keras application inside a built backbone (the layer after preprocessing)."""
+    return next(layer for layer in built.model.layers if isinstance(layer, keras.Model))
+
+
+def augmentation(seed: int) -> keras.Sequential:
+    """Random flips, rotations and zooms; Keras runs them only when training."""
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(0.1, seed=seed + 1),
+        keras.layers.RandomZoom(0.1, seed=seed + 2),
+    ], name="augmentation")
+
+
+def classifier_model(
+    built: BuiltBackbone,
+    n_classes: int,
+    layers: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    dropout: float = 0.0,
+    seed: int = 0,
+) -> keras.Model:
+    """uint8 image -> augmentation -> preprocessing -> backbone -> dense layers -> probabilities.
+
+    ``layers`` ([(W, b), ...], ReLU between, softmax after the last) initialise the classifier, e.g.
+    a trained head's ``network()`` with its standardisation folded in; ``dropout`` goes between them.
+    Without ``layers`` the classifier is one randomly initialised Dense layer.
+    """
+    image = keras.Input((built.input_size, built.input_size, 3), dtype="uint8", name="image")
+    x = augmentation(seed)(image)
+    x = built.model.get_layer("preprocessing")(x)
+    # training=False keeps BatchNorm in inference mode (its ImageNet statistics) even once the
+    # layers around it are unfrozen: fine-tuning on a small data set would otherwise wreck them.
+    x = base_model(built)(x, training=False)
+    shapes = [W.shape[1] for W, _ in layers] if layers else [n_classes]
+    if shapes[-1] != n_classes:
+        raise TransferKitError(f"the head predicts {shapes[-1]} classes, the images have {n_classes}")
+    dense_layers = []
+    for i, units in enumerate(shapes):
+        last = i == len(shapes) - 1
+        dense = keras.layers.Dense(units, activation="softmax" if last else "relu",
+                                   name="probabilities" if last else f"dense_{i}")
+        x = dense(x)
+        dense_layers.append(dense)
+        if not last and dropout:
+            x = keras.layers.Dropout(dropout, seed=seed, name=f"dropout_{i}")(x)
+    model = keras.Model(image, x, name=f"{built.spec.name}_classifier")
+    for dense, (W, b) in zip(dense_layers, layers or []):
+        dense.set_weights([np.asarray(W, np.float32), np.asarray(b, np.float32)])
+    return model
+
+
+def classifier_layers(model: keras.Model) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (W, b) of the classifier's Dense layers, in order."""
+    return [tuple(layer.get_weights()) for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+
+
+def set_trainable(model: keras.Model, unfreeze: int | None) -> int:
+    """Unfreeze the top ``unfreeze`` layers of the backbone (all when None), never BatchNorm.
+
+    Returns how many backbone layers with weights are trainable. The model must be recompiled.
+    """
+    base = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "augmentation")
+    layers = base.layers
+    top = layers if unfreeze is None else layers[len(layers) - unfreeze:] if unfreeze > 0 else []
+    chosen = {id(layer) for layer in top}
+    base.trainable = True
+    for layer in layers:
+        layer.trainable = id(layer) in chosen and not isinstance(layer, keras.layers.BatchNormalization)
+    trainable = sum(1 for layer in layers if layer.trainable and layer.weights)
+    if not trainable:
+        base.trainable = False
+    return trainable
+
+
+def sidecar_path(model_path: str | Path) -> Path:
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.name + ".json")
+
+
+def save_fine_tuned(model: keras.Model, path: Path, info: dict) -> None:
+    """Write the model then its sidecar, each to a temp name renamed into place."""
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
+    try:
+        model.save(tmp)
+        sha = file_sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    side = sidecar_path(path)
+    tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    document = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info, "model_sha256": sha}
+    tmp_side.write_text(json.dumps(document, indent=2, ensure_ascii=False))
+    os.replace(tmp_side, side)
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The sidecar of a fine-tuned model, checked against the model file."""
+    path = Path(path)
+    if not path.is_file():
+        raise TransferKitError(f"model {path} does not exist")
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise TransferKitError(
+            f"{path} has no {side.name} beside it (class names, backbone and splits); "
+            f"train it with `cli.py fine-tune`, which writes both"
+        )
+    try:
+        info = json.loads(side.read_text())
+    except ValueError:
+        raise TransferKitError(f"{side} is not valid JSON") from None
+    if info.get("format") != SIDECAR_FORMAT:
+        raise TransferKitError(f"{side} is not a transferkit model description")
+    if int(info.get("format_version", 0)) > SIDECAR_VERSION:
+        raise TransferKitError(f"{side} was written by a newer transferkit")
+    if info.get("model_sha256") != file_sha256(path):
+        raise TransferKitError(f"{side} describes another model file than {path.name} (sha256 differs)")
+    return info
+
+
+def load_fine_tuned(path: str | Path) -> tuple[keras.Model, dict]:
+    """The model (loaded with ``safe_mode=True``) and its sidecar."""
+    info = read_sidecar(path)
+    try:
+        model = keras.models.load_model(path, safe_mode=True)
+    except Exception as exc:  # Keras raises ValueError, TypeError, zipfile errors...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TransferKitError(f"cannot load {path} safely: {reason}") from None
+    return model, info
