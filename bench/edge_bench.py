@@ -1,17 +1,16 @@
-"""Benchmark the edge runner on any folder of images, against a bare onnxruntime loop.
+"""Edge runner speed: ``python -m edge --once`` over a folder of images vs a bare onnxruntime loop.
 
-Measures, for ``python -m edge --once`` over a copy of the folder (with --done and --quarantine):
-- time to first result: process start -> first complete line in results.jsonl (includes Python
-  and onnxruntime start-up, model load, and one --poll-seconds stability wait);
+For the runner (a fresh process, over a copy of the folder, with --done and --quarantine):
+- time to first result: process start -> first complete line in results.jsonl (includes Python and
+  onnxruntime start-up, model load and one --poll-seconds stability wait);
 - peak RSS of the runner process (``os.wait4`` rusage of that child alone);
-- images/s: steady (lines after the first batch over the time they took) and end to end;
-and, in this process on the same files and model, a bare loop (decode with ``edge.imageio``, then
-``EdgeModel.predict``, i.e. ``InferenceSession.run``; no hashing, fsync, moves or polling).
+- images/s: steady (the lines after the first batch, over the time they took) and end to end.
+For the bare loop (in this process, same files, same model, same decoding): decode with
+``edge.imageio.load_image``, then ``EdgeModel.predict`` (``InferenceSession.run`` after the layout
+and dtype conversion); no hashing, fsync, moves or polling.
 
-    python bench/edge_bench.py --model model.onnx --images photos/ --threads 2 --batch-size 16
-
-``run_edge_benchmark`` returns the figures as a dict for aggregate benchmark scripts;
-``format_markdown`` turns that dict into the section written to --out.
+Works on any folder of images. Example:
+    python bench/edge_bench.py --model model.onnx --images ../shared/datasets/trashnet --threads 2 --batch-size 16
 """
 
 from __future__ import annotations
@@ -19,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import shutil
 import subprocess
 import sys
@@ -29,12 +26,12 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: `edge` lives at the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 
+from bench.common import ROOT, fmt, header, spread, write_section  # noqa: E402
+from edge.__main__ import default_threads  # noqa: E402
 from edge.imageio import ImageDecodeError, load_image  # noqa: E402
 from edge.model import load_model  # noqa: E402
 from edge.watch import scan  # noqa: E402
@@ -46,7 +43,8 @@ def _files(folder: Path) -> list[str]:
     return sorted(os.path.join(root, state.rel) for state in scan(root, frozenset()))
 
 
-def _bare_loop(model_path: Path, files: list[str], threads: int, batch_size: int) -> float:
+def bare_loop_rate(model_path: Path, files: list[str], threads: int, batch_size: int) -> float:
+    """Images/s of decode + inference alone, in batches of ``batch_size``."""
     model = load_model(model_path, threads)
     start = time.perf_counter()
     done = 0
@@ -63,45 +61,18 @@ def _bare_loop(model_path: Path, files: list[str], threads: int, batch_size: int
     return done / max(time.perf_counter() - start, 1e-9)
 
 
-def _run_runner(cmd: list[str], results: Path, log: Path) -> tuple[float | None, float, int, float]:
-    """Start the runner; return (time to first result, wall time, exit code, peak RSS in MiB)."""
-    start = time.perf_counter()
-    with open(log, "wb") as stderr:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
-    first = None
-    while True:
-        if first is None and results.exists() and b"\n" in results.read_bytes()[:65536]:
-            first = time.perf_counter() - start
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # rusage of this child alone
-        if pid:
-            break
-        time.sleep(0.002)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
-    if first is None and results.exists() and results.stat().st_size:
-        first = wall
-    return first, wall, proc.returncode, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
-
-
 def _steady_rate(lines: list[dict]) -> float | None:
-    """Images/s after the first batch, from the lines' ``time`` (all lines of a batch share it)."""
+    """Images/s after the first batch, from the lines' ``time`` (the lines of a batch share it)."""
     times = sorted(datetime.fromisoformat(line["time"].replace("Z", "+00:00")).timestamp() for line in lines)
-    after_first = [t for t in times if t > times[0]] if times else []
-    if not after_first:
-        return None
-    return len(after_first) / (times[-1] - times[0])
+    later = [t for t in times if t > times[0]]
+    return len(later) / (times[-1] - times[0]) if later else None
 
 
-def run_edge_benchmark(model: str | Path, images: str | Path, threads: int, batch_size: int,
-                       poll_seconds: float = 0.5) -> dict:
-    """Benchmark ``python -m edge --once`` and a bare loop on ``images``; return the figures."""
-    model, images = Path(model).resolve(), Path(images).resolve()
-    files = _files(images)
-    if not files:
-        raise ValueError(f"no image files under {images}")
+def run_runner(model: Path, images: Path, threads: int, batch_size: int, poll_seconds: float) -> dict:
+    """One ``python -m edge --once`` over a copy of ``images``."""
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         work = Path(tmp)
-        shutil.copytree(images, work / "watch", symlinks=False)
+        shutil.copytree(images, work / "watch")
         results = work / "results.jsonl"
         cmd = [
             sys.executable, "-m", "edge", "--model", str(model), "--watch", str(work / "watch"),
@@ -109,79 +80,91 @@ def run_edge_benchmark(model: str | Path, images: str | Path, threads: int, batc
             "--once", "--threads", str(threads), "--batch-size", str(batch_size),
             "--poll-seconds", str(poll_seconds), "--stats-seconds", "0",
         ]
-        first, wall, code, rss = _run_runner(cmd, results, work / "runner.log")
-        if code != 0:
-            raise RuntimeError(f"runner exited with {code}: {(work / 'runner.log').read_text()[-2000:]}")
+        start = time.perf_counter()
+        with open(work / "runner.log", "wb") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+        first = None
+        while True:
+            if first is None and results.exists() and b"\n" in results.read_bytes()[:65536]:
+                first = time.perf_counter() - start
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # rusage of this child alone
+            if pid:
+                break
+            time.sleep(0.002)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        if proc.returncode != 0:
+            raise RuntimeError(f"runner exited with {proc.returncode}: {(work / 'runner.log').read_text()[-2000:]}")
         lines = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
-    bare = _bare_loop(model, files, threads, batch_size)
-    steady = _steady_rate(lines)
     return {
-        "model": str(model),
-        "model_id": lines[0]["model"] if lines else None,
+        "first": first if first is not None else wall,
+        "wall": wall,
+        "rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "steady": _steady_rate(lines) if lines else None,
         "images": len(lines),
         "errors": sum("error" in line for line in lines),
-        "threads": threads,
-        "batch_size": batch_size,
-        "poll_seconds": poll_seconds,
-        "time_to_first_result_s": first,
-        "runner_wall_s": wall,
-        "peak_rss_mb": rss,
-        "runner_images_per_s": steady,
-        "runner_end_to_end_images_per_s": len(lines) / wall,
-        "bare_images_per_s": bare,
-        "runner_vs_bare": steady / bare if steady else None,
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"Python {platform.python_version()}, onnxruntime {ort.__version__}",
-        "command": shlex.join([
-            "python", "bench/edge_bench.py", "--model", str(model), "--images", str(images),
-            "--threads", str(threads), "--batch-size", str(batch_size), "--poll-seconds", str(poll_seconds),
-        ]),
+        "model_id": lines[0]["model"] if lines else None,
     }
 
 
-def format_markdown(r: dict) -> str:
-    def num(value: float | None, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
-
-    return "\n".join([
-        "## Edge runner (`python -m edge`)",
-        "",
-        f"Command: `{r['command']}`  ",
-        f"Machine: {r['machine']}  ",
-        f"Model: `{r['model_id']}`, {r['images']} images ({r['errors']} not readable), "
-        f"{r['threads']} threads, batch {r['batch_size']}, --poll-seconds {r['poll_seconds']}",
-        "",
-        "| time to first result | peak RSS | runner images/s (steady) | runner images/s (end to end) "
-        "| bare loop images/s | runner / bare |",
-        "|---|---|---|---|---|---|",
-        f"| {num(r['time_to_first_result_s'], '.2f')} s | {r['peak_rss_mb']:.0f} MiB "
-        f"| {num(r['runner_images_per_s'], '.1f')} | {r['runner_end_to_end_images_per_s']:.1f} "
-        f"| {r['bare_images_per_s']:.1f} | {num(r['runner_vs_bare'], '.2f')} |",
-        "",
-        "Time to first result includes interpreter and model start-up and one --poll-seconds "
-        "stability wait. Steady images/s counts the lines after the first batch; the bare loop decodes "
-        "the same files with the same code and runs the same session, without hashing, fsync or moves.",
-        "",
-    ])
+def run_edge_benchmark(model: str | Path, images: str | Path, threads: int, batch_size: int,
+                       poll_seconds: float = 0.5, repeats: int = 3) -> dict:
+    """Runner and bare loop on ``images``, each ``repeats`` times; medians/min/max via ``spread``."""
+    model, images = Path(model).resolve(), Path(images).resolve()
+    files = _files(images)
+    if not files:
+        raise ValueError(f"no files to classify under {images}")
+    runs, bare = [], []
+    for _ in range(repeats):  # interleaved, so a drift in machine load hits both alike
+        runs.append(run_runner(model, images, threads, batch_size, poll_seconds))
+        bare.append(bare_loop_rate(model, files, threads, batch_size))
+    steady = [r["steady"] for r in runs if r["steady"] is not None]
+    return {
+        "model": str(model), "model_id": runs[0]["model_id"], "images_folder": str(images),
+        "images": runs[0]["images"], "errors": runs[0]["errors"], "threads": threads, "batch_size": batch_size,
+        "poll_seconds": poll_seconds,
+        "time_to_first_result_s": spread([r["first"] for r in runs]),
+        "peak_rss_mb": spread([r["rss_mb"] for r in runs]),
+        "runner_images_per_s": spread(steady) if steady else None,
+        "runner_end_to_end_images_per_s": spread([r["images"] / r["wall"] for r in runs]),
+        "bare_images_per_s": spread(bare),
+    }
 
 
-def main(argv: list[str] | None = None) -> int:
+def to_markdown(r: dict) -> str:
+    steady = r["runner_images_per_s"]
+    lines = [
+        header(f"Edge runner: {Path(r['model']).name} on {Path(r['images_folder']).name}"),
+        f"Model `{r['model_id']}`, {r['images']} files ({r['errors']} not readable images), {r['threads']} threads, "
+        f"batch {r['batch_size']}, --poll-seconds {r['poll_seconds']}; medians (min–max) of repeated runs.\n",
+        "| measurement | value |", "|---|---|",
+        f"| runner: start to first result line (s) | {fmt(r['time_to_first_result_s'], 2)} |",
+        f"| runner: peak RSS (MiB) | {fmt(r['peak_rss_mb'], 0)} |",
+        f"| runner: steady, after the first batch (images/s) | {fmt(steady) if steady else 'n/a (one batch)'} |",
+        f"| runner: end to end incl. start-up (images/s) | {fmt(r['runner_end_to_end_images_per_s'])} |",
+        f"| bare loop: decode + `InferenceSession.run` (images/s) | {fmt(r['bare_images_per_s'])} |",
+    ]
+    if steady:
+        ratio = steady["median"] / r["bare_images_per_s"]["median"]
+        lines += ["", f"- runner steady / bare loop: **{ratio:.0%}** (the rest is hashing, fsync and moves)"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="exported ONNX model")
+    parser.add_argument("--model", required=True, help="exported ONNX model (with metadata)")
     parser.add_argument("--images", required=True, help="folder of images (copied; the original is untouched)")
-    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--poll-seconds", type=float, default=0.5)
-    parser.add_argument("--out", default="docs/bench/edge.md", help="markdown file to write")
-    args = parser.parse_args(argv)
-    result = run_edge_benchmark(args.model, args.images, args.threads, args.batch_size, args.poll_seconds)
-    text = format_markdown(result)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
-    return 0
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "edge.md"))
+    args = parser.parse_args()
+    result = run_edge_benchmark(args.model, args.images, args.threads, args.batch_size, args.poll_seconds,
+                                args.repeats)
+    write_section(args.out, to_markdown(result))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

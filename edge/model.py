@@ -15,7 +15,6 @@ it to what the graph declares, and splits or pads it when the graph has a fixed 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from .files import sha256_file
 
 REQUIRED_KEYS = ("class_names", "input_size", "layout")
 ONNX_INPUT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
@@ -42,7 +43,6 @@ class EdgeModel:
     input_dtype: str
     model_id: str
     fixed_batch: int | None  # None when the batch axis is dynamic
-    metadata: dict[str, str]
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, C]`` for a uint8 ``[N, H, W, 3]`` batch of raw RGB images."""
@@ -155,7 +155,7 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
         raise ModelError(f"{path}: the model has {len(inputs)} inputs; the runner feeds exactly one image tensor")
     dtype = _check_input(inputs[0], layout, size, meta.get("input_dtype"), path)
     batch_dim = inputs[0].shape[0]
-    model_id = meta.get("model_id") or "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    model_id = meta.get("model_id") or "sha256:" + sha256_file(str(path))[:16]
     model = EdgeModel(
         session=session,
         input_name=inputs[0].name,
@@ -165,7 +165,6 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
         input_dtype=dtype,
         model_id=model_id,
         fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None,
-        metadata=meta,
     )
     # One run now: checks the output against class_names before any file is touched, and warms up.
     model.predict(np.zeros((1, size[0], size[1], 3), np.uint8))

@@ -5,7 +5,8 @@ appended and fsynced first, then the files are moved (or recorded as kept), then
 a checkpoint. ``run`` starts by reconciling what an interrupted run left in flight.
 
 ``latency_ms`` of a line is the work spent on that image: reading, hashing and decoding it, plus
-its share of the batch's inference time.
+its share of the batch's inference time. ``moved_to`` is relative to --done (or, on an error line,
+to --quarantine); it is absent when the file stays in the watch folder.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ class Runner:
 
     def _committed_file(self, record: dict[str, Any]) -> FileState | None:
         """The file ``record`` describes, if it is still in the watch folder and not settled."""
+        if os.path.isabs(record["path"]) or ".." in record["path"].split("/"):
+            return None  # not a line this runner wrote: never touch files outside the watch folder
         path = os.path.join(self.config.watch, record["path"])
         try:
             st = os.stat(path)
@@ -218,7 +221,7 @@ class Runner:
                     log.warning("%s already exists: %s moved to %s instead", record["moved_to"], state.rel, dst)
                     move_file(src, dst)
             except OSError as exc:
-                log.warning("cannot move %s (%s): left in place and recorded as done", state.rel, exc)
+                log.warning("cannot move %s (%s): left in place, remembered as reported", state.rel, exc)
                 kept.append(state)
                 continue
             folders.update((os.path.dirname(src), os.path.dirname(dst)))

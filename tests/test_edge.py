@@ -26,13 +26,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.edge_bench import run_edge_benchmark, to_markdown
+from edge.__main__ import main as edge_main
+from edge.model import ModelError, load_model, session_options
+from edge.watch import Watcher, is_temporary_name
 
-from bench.edge_bench import format_markdown, run_edge_benchmark  # noqa: E402
-from edge.__main__ import main as edge_main  # noqa: E402
-from edge.model import ModelError, load_model, session_options  # noqa: E402
-from edge.watch import Watcher, is_temporary_name  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CLASSES = ["red", "green", "blue"]
 COLOURS = {"red": (230, 20, 10), "green": (15, 220, 30), "blue": (20, 10, 240)}
@@ -53,10 +52,9 @@ def build_model(path: Path, metadata: dict[str, str] | None = None, batch: int |
     """Cast -> mean over H, W -> MatMul(3x3) -> Softmax, in the layout and dtype asked for."""
     shape = [batch, 16, 16, 3] if layout == "NHWC" else [batch, 3, 16, 16]
     elem = TensorProto.UINT8 if dtype == "uint8" else TensorProto.FLOAT
-    nodes = [helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT)]
-    axes = [1, 2] if layout == "NHWC" else [2, 3]
-    nodes += [
-        helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=axes, keepdims=0),
+    nodes = [
+        helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[1, 2] if layout == "NHWC" else [2, 3], keepdims=0),
         helper.make_node("MatMul", ["mean", "weights"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
     ]
@@ -226,7 +224,7 @@ def test_journal_mode_reports_each_file_once(model, dirs):
 def test_slow_writer_and_renamed_part_file_are_picked_only_when_complete(model, dirs):
     watch, results = dirs["watch"], dirs["results"]
     proc = start_edge("--model", model, "--watch", watch, "--results", results, "--done", dirs["done"],
-                      "--quarantine", dirs["quarantine"], "--poll-seconds", "0.6", "--stats-seconds", "0.5")
+                      "--quarantine", dirs["quarantine"], "--poll-seconds", "1", "--stats-seconds", "0.5")
     try:
         data = png_bytes("green")
         with open(watch / "slow.png", "wb") as f:  # two parts, a pause shorter than --poll-seconds
@@ -235,8 +233,8 @@ def test_slow_writer_and_renamed_part_file_are_picked_only_when_complete(model, 
             time.sleep(0.3)
             f.write(data[len(data) // 2 :])
         (watch / "big.png.part").write_bytes(png_bytes("blue"))
-        wait_for(lambda: count_lines(results) >= 1)
-        time.sleep(1.0)
+        wait_for(lambda: count_lines(results) >= 1)  # >= 1 s after big.png.part was complete
+        time.sleep(0.3)
         assert [line["path"] for line in read_results(results)] == ["slow.png"]
         assert read_results(results)[0]["label"] == "green"
         assert (watch / "big.png.part").exists()
@@ -349,6 +347,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, dirs, capsys):
 def test_help_has_example_and_tensorflow_is_never_imported(model, dirs, tmp_path):
     help_text = run_edge("--help").stdout
     assert "Example:" in help_text and "--poll-seconds" in help_text
+    via_cli = subprocess.run([sys.executable, "cli.py", "edge", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert via_cli.returncode == 0 and via_cli.stdout == help_text
 
     solid(dirs["watch"] / "a.png", "red")
     proc = subprocess.run(
@@ -468,14 +468,12 @@ def test_sigterm_sigint_finish_the_batch_and_exit_0(model, dirs, sig):
 # --- benchmark ---------------------------------------------------------------------------------
 
 
-def test_benchmark_runs_on_any_image_folder(model, tmp_path):
-    images = tmp_path / "images"
-    for i in range(24):
-        solid(images / f"s{i % 2}" / f"{i}.jpg", CLASSES[i % 3])
-    result = run_edge_benchmark(model, images, threads=1, batch_size=8)
-    assert result["images"] == 24 and result["errors"] == 0
-    assert result["time_to_first_result_s"] > 0 and result["peak_rss_mb"] > 10
-    assert result["runner_images_per_s"] > 0 and result["bare_images_per_s"] > 0
-    assert len(list(images.rglob("*.jpg"))) == 24  # the benchmark works on a copy
-    text = format_markdown(result)
-    assert "images/s" in text and "python bench/edge_bench.py" in text
+def test_benchmark_runs_on_any_image_folder(model, image_folder):
+    count = len(files_under(image_folder))
+    result = run_edge_benchmark(model, image_folder, threads=1, batch_size=4, poll_seconds=0.1, repeats=1)
+    assert result["images"] == count and result["errors"] == 0
+    assert result["time_to_first_result_s"]["median"] > 0 and result["peak_rss_mb"]["median"] > 10
+    assert result["runner_images_per_s"]["median"] > 0 and result["bare_images_per_s"]["median"] > 0
+    assert len(files_under(image_folder)) == count  # the benchmark works on a copy
+    text = to_markdown(result)
+    assert "| runner: peak RSS (MiB) |" in text and "Command:" in text
