@@ -100,6 +100,10 @@ def store_info_command(store, as_json):
     for name, b in info["backbones"].items():
         click.echo(f"  {name}: {b['rows']} rows x {b['dim']} {b['dtype']}, {b['input_size']} px, "
                    f"preprocessing {b['preprocessing']}, weights {b['weights']}")
+    for failure in info["failures"][:10]:
+        click.echo(f"  failed: {failure['path']}: {failure['reason']}")
+    if len(info["failures"]) > 10:
+        click.echo(f"  ... and {len(info['failures']) - 10} more failures (--json lists them all)")
     if info["pending_rows"]:
         click.echo(f"  {info['pending_rows']} rows from an interrupted run wait in segments; "
                    f"the next extract folds them in")

@@ -286,6 +286,7 @@ class FeatureStore:
                 }
                 for name, rows in sorted(s.backbones.items())
             },
+            "failures": [{"path": p, "reason": r} for p, (_, r) in sorted(s.failed.items())],
             "pending_rows": self.pending_rows(),
             "layout": s.attrs.get("layout"),
             "created": s.attrs.get("created"),

@@ -61,6 +61,7 @@ def test_store_format_is_plain_h5py(messy_folder, tmp_path):
         }
     info = FeatureStore(store).info()
     assert info["images"] == 18 and info["failed"] == 2
+    assert [f["path"] for f in info["failures"]] == ["blue/broken.jpg", "red/empty.png"]
     assert sum(info["splits"].values()) == 18
     assert info["backbones"] == {"mobilenet_v2": {"rows": 18, "dim": 1280, "dtype": "float32",
                                                   "weights": "random-init:seed=0", "input_size": 32,
