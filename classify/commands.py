@@ -44,7 +44,7 @@ def fit_head_command(store, kind, backbone, out, seed, as_json):
     click.echo(f"{'kind':<9}{'val acc':>9}{'test acc':>10}{'test F1':>9}{'fit s':>8}")
     for row in rows:
         click.echo(f"{row['kind']:<9}{_number(row['val_accuracy']):>9}{_number(row['test_accuracy']):>10}"
-                   f"{_number(row['test_macro_f1']):>9}{row['fit_seconds']:>8.2f}" + ("  saved" if row["saved"] else ""))
+                   f"{_number(row['test_macro_f1']):>9}{row['fit_seconds']:>8.2f}{'  saved' if row['saved'] else ''}")
     best = next(row for row in rows if row["saved"])
     click.echo(f"{best['kind']} head ({best['n_train']} training images) saved to {best['head']}")
 

@@ -137,7 +137,8 @@ def save_head(trained: TrainedHead, out: str | Path) -> Path:
 
 def _read_config(path: Path) -> dict:
     if not path.is_file():
-        raise HeadFileError(f"no head at {path.parent}: {path.name} is missing (write one with `python cli.py fit-head`)")
+        raise HeadFileError(f"no head at {path.parent}: {path.name} is missing "
+                            f"(write one with `python cli.py fit-head`)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -147,8 +148,8 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config.get("format_version"), int) or config["format_version"] > HEAD_FORMAT_VERSION:
         raise HeadFileError(f"{path} has head format {config.get('format_version')!r}; this transferkit "
                             f"reads up to {HEAD_FORMAT_VERSION}")
-    expected = {"tool_version": str, "kind": str, "params": dict, "learned": dict, "n_features": int, "class_names": list,
-                "backbone": dict, "store": dict, "metrics": dict, "weights": dict}
+    expected = {"tool_version": str, "kind": str, "params": dict, "learned": dict, "n_features": int,
+                "class_names": list, "backbone": dict, "store": dict, "metrics": dict, "weights": dict}
     for key, kind in expected.items():
         if not isinstance(config.get(key), kind):
             raise HeadFileError(f"{path} is damaged: '{key}' is missing or not a {kind.__name__}")

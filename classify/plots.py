@@ -60,6 +60,7 @@ def tsne_png(features: np.ndarray, labels: np.ndarray, class_names: list[str], p
     """2-D t-SNE (after PCA to 50 dims) of at most ``TSNE_MAX_POINTS`` rows, coloured by class."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     figure = _figure(8, 7)
     ax = figure.add_subplot()
@@ -74,7 +75,9 @@ def tsne_png(features: np.ndarray, labels: np.ndarray, class_names: list[str], p
         x = np.asarray(features, np.float64)
         if x.shape[1] > 50 and n > 50:
             x = PCA(50, random_state=seed).fit_transform(x)
-        points = TSNE(2, perplexity=_perplexity(n), init="pca", random_state=seed).fit_transform(x)
+        # one thread: on a busy 2-core machine spinning OpenMP threads made t-SNE 2-10x slower
+        with threadpool_limits(limits=1):
+            points = TSNE(2, perplexity=_perplexity(n), init="pca", random_state=seed).fit_transform(x)
         colours = _class_colours(len(class_names))
         for index, name in enumerate(class_names):
             mask = labels == index

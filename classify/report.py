@@ -70,7 +70,7 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
     metrics = {
         "split": split,
         "n": len(y),
-        **scores(y, pred, len(names)),
+        **scores(y, pred),
         "head": str(head_dir(head)),
         "kind": trained.kind,
         "store": str(store),

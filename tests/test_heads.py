@@ -309,6 +309,12 @@ def test_empty_split_is_refused(tmp_path):
         evaluate(store, tmp_path / "head", split="test", report_dir=tmp_path / "report")
 
 
+def test_a_class_absent_from_test_does_not_lower_macro_f1(tmp_path):
+    sizes = {name: {"train": 20, "validation": 6, "test": 0 if name == "thé vert" else 6} for name in CLASSES}
+    (row,) = fit_heads(make_feature_store(tmp_path / "s.h5", sizes=sizes), kind="svm", out=tmp_path / "head")
+    assert row["test_accuracy"] == row["test_macro_f1"] == 1.0
+
+
 @pytest.mark.parametrize("sizes, message", [
     ({"café": {"train": 1, "validation": 2, "test": 2}, "thé": {"train": 5, "validation": 2, "test": 2}},
      "class 'café' has 1 training image"),

@@ -1,0 +1,170 @@
+"""fit-head, evaluate and predict through the CLI (click's CliRunner), including one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from classify.persist import CONFIG_NAME, load_head
+from classify.report import REPORT_FILES
+from cli import cli
+from conftest import make_image_folder
+from extract.job import run_extraction
+from extract.store import FeatureStore
+from test_heads import CLASSES, make_feature_store
+
+METRIC_KEYS = {"kind", "val_accuracy", "test_accuracy", "test_macro_f1", "fit_seconds", "n_train"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    return make_feature_store(tmp_path / "features.h5")
+
+
+def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
+    result = invoke("fit-head", "--store", store, "--kind", "all", "--out", tmp_path / "head", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [row["kind"] for row in rows] == ["svm", "softmax", "mlp"]
+    assert all(METRIC_KEYS <= set(row) for row in rows)
+    assert all(row["test_accuracy"] > 0.9 and row["n_train"] == 72 for row in rows)
+    assert sum(row["saved"] for row in rows) == 1
+    assert load_head(tmp_path / "head").class_names == list(CLASSES)
+
+
+def test_fit_head_prints_a_leaderboard(store, tmp_path):
+    result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3)
+    assert result.exit_code == 0, result.output
+    header, row, summary = result.output.splitlines()
+    assert header.split()[:3] == ["kind", "val", "acc"]
+    assert row.startswith("svm") and row.endswith("saved")
+    assert summary == f"svm head (72 training images) saved to {tmp_path / 'head'}"
+
+
+def test_evaluate_writes_the_report(store, tmp_path):
+    assert invoke("fit-head", "--store", store, "--kind", "softmax", "--out", tmp_path / "head").exit_code == 0
+    result = invoke("evaluate", "--store", store, "--head", tmp_path / "head", "--split", "validation",
+                    "--report-dir", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("softmax head on 24 validation images: accuracy 1.000")
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(REPORT_FILES)
+    result = invoke("evaluate", "--store", store, "--head", tmp_path / "head", "--report-dir", tmp_path / "r2",
+                    "--json")
+    assert json.loads(result.output)["split"] == "test"
+
+
+def _head_and_store(tmp_path: Path) -> dict:
+    store = make_feature_store(tmp_path / "features.h5")
+    invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head")
+    return {"store": store, "head": tmp_path / "head", "tmp": tmp_path}
+
+
+def _tamper(paths: dict) -> list:
+    config = paths["head"] / CONFIG_NAME
+    config.write_text(config.read_text().replace('"n_features": 16', '"n_features": 17'))
+    return ["evaluate", "--store", paths["store"], "--head", paths["head"], "--report-dir", paths["tmp"] / "r"]
+
+
+def _store_with(tmp_path: Path, **sizes) -> Path:
+    return make_feature_store(tmp_path / "bad.h5", classes=tuple(sizes), sizes=sizes)
+
+
+BAD_INPUT = {
+    "backbone not in store": (
+        lambda p: ["fit-head", "--store", p["store"], "--kind", "svm", "--backbone", "resnet50",
+                   "--out", p["tmp"] / "h"],
+        "has no features for backbone 'resnet50'"),
+    "head on other classes": (
+        lambda p: ["evaluate", "--store", make_feature_store(p["tmp"] / "o.h5", classes=("a", "b", "c")),
+                   "--head", p["head"], "--report-dir", p["tmp"] / "r"],
+        "the head knows classes [café, crème brûlée, thé vert]"),
+    "head on other backbone": (
+        lambda p: ["evaluate", "--store", make_feature_store(p["tmp"] / "o.h5", backbone="vgg16"),
+                   "--head", p["head"], "--report-dir", p["tmp"] / "r"],
+        "the head was trained on mobilenet_v2 features"),
+    "tampered head": (_tamper, "has shape (3, 16), but head.json implies (3, 17)"),
+    "empty split": (
+        lambda p: ["evaluate", "--store", make_feature_store(p["tmp"] / "e.h5", sizes={
+            c: {"train": 5, "validation": 2, "test": 0} for c in CLASSES}), "--head", p["head"],
+                   "--report-dir", p["tmp"] / "r"],
+        "has no test images (its splits: train 15, validation 6, test 0)"),
+    "single training image": (
+        lambda p: ["fit-head", "--store", _store_with(p["tmp"], a={"train": 1, "validation": 1, "test": 1},
+                                                      b={"train": 4, "validation": 1, "test": 1}),
+                   "--kind", "mlp", "--out", p["tmp"] / "h"],
+        "class 'a' has 1 training image(s)"),
+    "one class": (
+        lambda p: ["fit-head", "--store", _store_with(p["tmp"], a={"train": 4, "validation": 1, "test": 1}),
+                   "--kind", "all", "--out", p["tmp"] / "h"],
+        "has 1 class (a); a head needs at least 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gets_one_line(tmp_path, case):
+    make_args, message = BAD_INPUT[case]
+    result = invoke(*make_args(_head_and_store(tmp_path)))
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # handled by click, not an uncaught exception
+    assert result.output.count("\n") == 1 and result.output.startswith("Error: ")
+    assert message in result.output
+
+
+# ---------------------------------------------------------------- predict, end to end on real images
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory) -> tuple[Path, Path]:
+    """Generated colour images -> mobilenet_v2 (random weights, 32 px) features -> a softmax head."""
+    tmp = tmp_path_factory.mktemp("predict")
+    images = make_image_folder(tmp / "images", per_class=12)
+    store = tmp / "features.h5"
+    run_extraction(images, store, backbone="mobilenet_v2", weights="none", input_size=32, progress=False,
+                   engine="keras", validation_split=0.25, test_split=0.25)
+    result = invoke("fit-head", "--store", store, "--kind", "softmax", "--out", tmp / "head")
+    assert result.exit_code == 0, result.output
+    return images, store
+
+
+def test_predict_labels_new_images_like_the_head_on_stored_features(image_store, tmp_path):
+    images, store = image_store
+    head = store.parent / "head"
+    features = FeatureStore(store).read()
+    chosen = features.paths[:2] + features.paths[-2:]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    result = invoke("predict", "--head", head, *[images / p for p in chosen], broken, "--engine", "keras", "--json")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.output.splitlines()]
+    assert [row["image"] for row in rows] == [str(images / p) for p in chosen] + [str(broken)]
+    assert "cannot decode" in rows[-1]["error"] and "label" not in rows[-1]
+    trained = load_head(head)
+    expected = trained.predict_proba(features.features[[features.paths.index(p) for p in chosen]])
+    for row, probabilities in zip(rows, expected):
+        assert row["label"] == trained.class_names[int(probabilities.argmax())]
+        assert row["probability"] == pytest.approx(float(probabilities.max()), abs=1e-4)
+        assert [t["label"] for t in row["top"]][0] == row["label"] and len(row["top"]) == 3
+
+    result = invoke("predict", "--head", head, images / chosen[0], broken, "--engine", "keras")
+    assert result.exit_code == 0, result.output
+    first, error = result.output.splitlines()
+    assert first.startswith(f"{images / chosen[0]}: {rows[0]['label']} (")
+    assert error.startswith(f"{broken}: error: cannot decode image")
+
+
+def test_predict_refuses_other_weights(image_store, tmp_path):
+    images, store = image_store
+    other = tmp_path / "other.weights.h5"
+    other.write_bytes(b"weights of another model")
+    result = invoke("predict", "--head", store.parent / "head", next(images.rglob("*.jpg")), "--weights", other)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "the head was trained on mobilenet_v2 features from weights random-init:seed=0" in result.output
+    assert f"--weights {other} gives file:other.weights.h5:" in result.output
+
