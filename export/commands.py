@@ -12,25 +12,31 @@ from extract.errors import TransferKitError
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--backbone", type=click.Choice([s.name for s in list_backbones()]), default=None,
               help="Backbone to fine-tune [default: the --head's].")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (MODEL.keras, plus MODEL.keras.json).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write (MODEL.keras, plus MODEL.keras.json).")
 @click.option("--head", type=click.Path(exists=True), default=None,
               help="Trained head (from fit-head) to start the classifier from: linear probe, then fine-tune.")
 @click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Feature store whose train/validation/test split to use [default: the head's store, if present].")
+              help="Feature store whose train/validation/test split to use "
+                   "[default: the head's store, if it exists].")
 @click.option("--unfreeze", default="20", show_default=True, metavar="N|all",
               help="Backbone layers to train, counted from the top (BatchNorm layers always stay frozen).")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="Fine-tuning epochs (early stopping may end sooner).")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Fine-tuning epochs (early stopping may end sooner).")
 @click.option("--learning-rate", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--image-size", type=int, default=None, help="Square input size [default: the head's, or the backbone's native size].")
+@click.option("--image-size", type=int, default=None,
+              help="Square input size [default: the head's, or the backbone's native size].")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--weights", default=None,
-              help="imagenet, none (random, for tests) or a weights file PATH [default: the head's weights, or imagenet].")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for initialisation, shuffling and augmentation.")
-@click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1), help="Early-stopping patience in epochs.")
+              help="imagenet, none (random, for tests) or a weights file PATH [default: the head's, or imagenet].")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed for initialisation, shuffling, augmentation (and the split, without a store).")
+@click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Early-stopping patience in epochs.")
 @click.option("--warmup-epochs", default=2, show_default=True, type=click.IntRange(min=0),
               help="Epochs training a new classifier on the frozen backbone first (not used with --head).")
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None,
-              help="Where training_curves.png, test_report.txt and metrics.json go [default: MODEL-report/ beside --out].")
+              help="Where training_curves.png, test_report.txt and metrics.json go [default: MODEL-report/].")
 def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, learning_rate, image_size, batch_size,
                       weights, seed, patience, warmup_epochs, report_dir):
     """Fine-tune a backbone and its classifier end to end on IMAGES_DIR (augmentation in training only).
@@ -64,7 +70,8 @@ def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, 
 @click.command("export-onnx")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="ONNX file to write (MODEL.onnx).")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None, help="A fine-tuned MODEL.keras.")
-@click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None, help="Feature store the head was trained on.")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Feature store the head was trained on.")
 @click.option("--head", type=click.Path(exists=True), default=None, help="Trained head (from fit-head).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
               help="Image folder for the checks [default: the folder the store or model was made from].")
@@ -111,7 +118,8 @@ def export_onnx_command(out, model, store, head, images, weights, opset, quantiz
             f"int8 refused: it loses {report.drop:.2f} accuracy points (tolerance {tolerance:g}); "
             f"kept the float model {result.path}, wrote no int8 file"
         )
-    click.echo(f"{report.path}: int8 accepted ({report.drop:+.2f} points lost, "
+    click.echo(f"{report.path}: int8 accepted, test accuracy {report.int8_score.accuracy:.2f}% vs "
+               f"{report.float_score.accuracy:.2f}% float (tolerance {tolerance:g} points; "
                f"{report.calibration_images} calibration images)")
 
 

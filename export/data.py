@@ -18,6 +18,8 @@ from extract.errors import TransferKitError
 from extract.job import DEFAULT_SPLITS
 from extract.store import FeatureSet
 
+SPLIT_ORDER = ("test", "validation", "train")
+
 
 def split_settings(attrs: dict | None) -> dict:
     """``seed``, ``validation_split`` and ``test_split`` from store attributes (defaults where absent)."""
@@ -40,31 +42,28 @@ class LabelledImages:
     def paths(self) -> list[str]:
         return [str(self.root / p) for p in self.relpaths]
 
+    def take(self, indices) -> "LabelledImages":
+        indices = np.asarray(indices, dtype=np.int64)
+        return LabelledImages(self.root, [self.relpaths[i] for i in indices], self.labels[indices],
+                              self.splits[indices], self.class_names)
+
     def subset(self, split: str) -> "LabelledImages":
-        keep = np.flatnonzero(self.splits == split)
-        return LabelledImages(self.root, [self.relpaths[i] for i in keep], self.labels[keep],
-                              self.splits[keep], self.class_names)
+        return self.take(np.flatnonzero(self.splits == split))
 
     def first(self, count: int) -> "LabelledImages":
         """The first ``count`` images, test split first: those a model has not been fitted on."""
-        order = sorted(range(len(self)), key=lambda i: ("test", "validation", "train").index(self.splits[i]))[:count]
-        return LabelledImages(self.root, [self.relpaths[i] for i in order], self.labels[order],
-                              self.splits[order], self.class_names)
-
-
-def check_classes(found: list[str], expected: list[str], where: str) -> None:
-    if list(found) != list(expected):
-        raise TransferKitError(
-            f"{where} has classes {found} but the model was trained on {expected}; use the same image folder"
-        )
+        return self.take(sorted(range(len(self)), key=lambda i: SPLIT_ORDER.index(self.splits[i]))[:count])
 
 
 def from_folder(images_dir: str | Path, settings: dict, class_names: list[str] | None = None) -> LabelledImages:
     """Images of a class folder with ``settings`` (seed, validation_split, test_split) for its splits."""
     dataset = discover(images_dir, **settings)
     names = dataset.class_names
-    if class_names is not None:
-        check_classes(names, class_names, str(images_dir))
+    if class_names is not None and names != list(class_names):
+        raise TransferKitError(
+            f"{images_dir} has classes {names} but the model was trained on {list(class_names)}; "
+            f"use the same image folder"
+        )
     index = {c: i for i, c in enumerate(names)}
     return LabelledImages(
         root=Path(images_dir),

@@ -24,13 +24,16 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import keras
 import numpy as np
+import tensorflow as tf
 
-from edge.imageio import ImageDecodeError, load_image
-from export.data import LabelledImages, from_folder, split_settings
 from classify.data import features_for_head
 from classify.persist import head_dir, load_head
-from export.keras_models import classifier_model, rebuild_backbone, save_fine_tuned, set_trainable
+from classify.predict import build_backbone_for_head
+from edge.imageio import ImageDecodeError, load_image
+from export.data import LabelledImages, from_folder, split_settings
+from export.keras_models import classifier_model, save_fine_tuned, set_trainable
 from export.metadata import TRANSFERKIT_VERSION, path_fingerprint, utc_now
 from extract.errors import TransferKitError
 from extract.models import BuiltBackbone, build_backbone
@@ -75,8 +78,6 @@ def image_dataset(images: LabelledImages, size: int, batch_size: int, shuffle: b
                   skipped: dict[str, str]):
     """tf.data pipeline: paths -> ``load_image`` in parallel -> batches; undecodable files are skipped
     (and recorded in ``skipped``)."""
-    import tensorflow as tf
-
     def decode(path):
         path = path.numpy().decode()
         try:
@@ -94,6 +95,7 @@ def image_dataset(images: LabelledImages, size: int, batch_size: int, shuffle: b
     ds = tf.data.Dataset.from_tensor_slices((images.paths, images.labels))
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+
     def decoded(image, label, ok):
         return ok
 
@@ -105,9 +107,7 @@ def image_dataset(images: LabelledImages, size: int, batch_size: int, shuffle: b
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def _compile(model, learning_rate: float) -> None:
-    import keras
-
+def _compile(model: keras.Model, learning_rate: float) -> None:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
 
@@ -170,8 +170,8 @@ class StartingPoint:
     head: dict | None = None  # path, kind and fingerprint of the head
 
 
-def _starting_point(backbone: str | None, head: str | Path | None, store: str | Path | None, weights: str | None,
-                    image_size: int | None, seed: int) -> StartingPoint:
+def starting_point(backbone: str | None, head: str | Path | None, store: str | Path | None, weights: str | None,
+                   image_size: int | None, seed: int) -> StartingPoint:
     """Resolve backbone, head and store into a consistent starting point; refuse any mismatch."""
     trained = load_head(head) if head is not None else None
     if trained is not None and store is None and Path(trained.store.get("path", "")).is_file():
@@ -198,7 +198,7 @@ def _starting_point(backbone: str | None, head: str | Path | None, store: str | 
         raise TransferKitError(f"the head was trained on {record['input_size']} px features, not {image_size} px")
     folder = head_dir(head)
     return StartingPoint(
-        built=rebuild_backbone(record, weights), settings=settings, class_names=trained.class_names,
+        built=build_backbone_for_head(trained, weights), settings=settings, class_names=trained.class_names,
         layers=trained.head.network(), dropout=float(getattr(trained.head, "dropout", 0.0)), store=store_info,
         head={"path": str(folder.resolve()), "kind": trained.kind, "fingerprint": path_fingerprint(folder)},
     )
@@ -228,8 +228,6 @@ def fine_tune(
     size. ``store`` gives the split settings (otherwise defaults with ``seed``). ``weights``: None
     means the head's weights, or ImageNet without a head.
     """
-    import keras
-
     started = time.perf_counter()
     out = Path(out)
     if out.suffix != ".keras":
@@ -239,7 +237,7 @@ def fine_tune(
     unfreeze_layers = parse_unfreeze(unfreeze)
     report_dir = Path(report_dir) if report_dir else out.with_name(f"{out.stem}-report")
 
-    begin = _starting_point(backbone, head, store, weights, image_size, seed)
+    begin = starting_point(backbone, head, store, weights, image_size, seed)
     built = begin.built
     if begin.head is not None:
         warmup_epochs = 0  # the head already is a trained classifier (linear probe)

@@ -1,4 +1,4 @@
-"""Keras-side models: backbones rebuilt from records, classifiers from heads, fine-tuned ``.keras`` files.
+"""Keras-side models: classifiers on a backbone (initialised from heads) and fine-tuned ``.keras`` files.
 
 A fine-tuned model is ``MODEL.keras`` plus ``MODEL.keras.json`` (the sidecar): class names in output
 order, the backbone record (weights id included), the split settings and where the images were.
@@ -16,49 +16,18 @@ import keras
 import numpy as np
 
 import extract.preprocessing  # noqa: F401  (registers ImagePreprocessing for deserialisation)
-from extract.backbones import spec_from_record
 from extract.errors import TransferKitError
-from extract.models import BuiltBackbone, build_backbone
-from extract.weights import file_sha256, resolve_weights
+from extract.models import BuiltBackbone
+from extract.weights import file_sha256
 
 SIDECAR_FORMAT = "transferkit-fine-tuned-model"
 SIDECAR_VERSION = 1
-RANDOM_INIT_PREFIX = "random-init:seed="
 
 
-def rebuild_backbone(record: dict, weights: str | None = None) -> BuiltBackbone:
-    """The backbone a record describes, with the very same weights; refuses anything else.
-
-    Random-init weights are rebuilt from their seed; ImageNet weights from the local cache; a
-    weights file must be given again as ``weights``.
-    """
-    try:  # input_size is the size the model was built at, not the spec's native size
-        spec = spec_from_record({k: v for k, v in record.items() if k != "input_size"})
-    except (KeyError, ValueError) as exc:
-        raise TransferKitError(f"cannot rebuild the backbone: {exc}") from None
-    wanted = record.get("weights", {}).get("id", "")
-    seed = 0
-    if weights is None:
-        if wanted.startswith(RANDOM_INIT_PREFIX):
-            weights, seed = "none", int(wanted[len(RANDOM_INIT_PREFIX):])
-        elif wanted.startswith("imagenet:"):
-            weights = "imagenet"
-        else:
-            raise TransferKitError(
-                f"the model was trained on {spec.name} with weights {wanted}; pass --weights PATH to that file"
-            )
-    resolved = resolve_weights(spec, weights, seed=seed)
-    if resolved.weights_id != wanted:
-        raise TransferKitError(
-            f"the model was trained on {spec.name} with weights {wanted}, but --weights {weights} gives "
-            f"{resolved.weights_id}; pass the weights it was trained with"
-        )
-    return build_backbone(spec.name, weights=weights, input_size=record["input_size"], seed=seed)
-
-
-def base_model(built: BuiltBackbone) -> keras.Model:
-    """The bare Keras application inside a built backbone (the layer after preprocessing)."""
-    return next(layer for layer in built.model.layers if isinstance(layer, keras.Model))
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The bare Keras application nested in a backbone or classifier model (augmentation is a Sequential)."""
+    return next(layer for layer in model.layers
+                if isinstance(layer, keras.Model) and not isinstance(layer, keras.Sequential))
 
 
 def augmentation(seed: int) -> keras.Sequential:
@@ -88,7 +57,7 @@ def classifier_model(
     x = built.model.get_layer("preprocessing")(x)
     # training=False keeps BatchNorm in inference mode (its ImageNet statistics) even once the
     # layers around it are unfrozen: fine-tuning on a small data set would otherwise wreck them.
-    x = base_model(built)(x, training=False)
+    x = backbone_of(built.model)(x, training=False)
     shapes = [W.shape[1] for W, _ in layers] if layers else [n_classes]
     if shapes[-1] != n_classes:
         raise TransferKitError(f"the head predicts {shapes[-1]} classes, the images have {n_classes}")
@@ -117,10 +86,10 @@ def set_trainable(model: keras.Model, unfreeze: int | None) -> int:
 
     Returns how many backbone layers with weights are trainable. The model must be recompiled.
     """
-    base = next(layer for layer in model.layers if isinstance(layer, keras.Model) and layer.name != "augmentation")
+    base = backbone_of(model)
     layers = base.layers
-    top = layers if unfreeze is None else layers[len(layers) - unfreeze:] if unfreeze > 0 else []
-    chosen = {id(layer) for layer in top}
+    count = len(layers) if unfreeze is None else min(unfreeze, len(layers))
+    chosen = {id(layer) for layer in layers[len(layers) - count:]}
     base.trainable = True
     for layer in layers:
         layer.trainable = id(layer) in chosen and not isinstance(layer, keras.layers.BatchNormalization)
@@ -147,7 +116,7 @@ def save_fine_tuned(model: keras.Model, path: Path, info: dict) -> None:
     side = sidecar_path(path)
     tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
     document = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info, "model_sha256": sha}
-    tmp_side.write_text(json.dumps(document, indent=2, ensure_ascii=False))
+    tmp_side.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp_side, side)
 
 
@@ -163,7 +132,7 @@ def read_sidecar(path: str | Path) -> dict:
             f"train it with `cli.py fine-tune`, which writes both"
         )
     try:
-        info = json.loads(side.read_text())
+        info = json.loads(side.read_text(encoding="utf-8"))
     except ValueError:
         raise TransferKitError(f"{side} is not valid JSON") from None
     if info.get("format") != SIDECAR_FORMAT:

@@ -9,7 +9,7 @@ Every exported model carries these ``metadata_props`` (JSON values are strings):
   preprocessing        JSON {"mode": ..., "in_graph": true, "color": "RGB", "resize": "bilinear"}
   backbone             JSON backbone record (name, preprocessing, input size, weights id...)
   source               JSON {"kind": "head" | "fine-tuned", paths and fingerprints of what it was made from}
-  model_id             "<backbone>-<kind>-<12 hex of the graph's sha256>": stable for the same graph
+  model_id             "<backbone>-<kind>-<12 hex of graph_digest>": the same for the same computation
   transferkit_version  the version that exported it
   created              UTC time of the export
   quantization         JSON (int8 models only): method, calibration and the accuracy it was accepted at
@@ -67,9 +67,47 @@ def build_metadata(class_names: list[str], backbone: dict, source: dict) -> dict
     }
 
 
+def graph_digest(model: onnx.ModelProto) -> str:
+    """sha256 of what the graph computes: operators, attributes, wiring and weights, not the names.
+
+    tf2onnx numbers tensor and node names with process-wide counters, so converting the same model
+    twice gives other names; the digest numbers tensors by first use and hashes weights by content.
+    """
+    weights = {tensor.name: tensor for tensor in model.graph.initializer}
+    numbers: dict[str, int] = {}
+    digests: dict[str, str] = {}
+
+    def content(tensor: onnx.TensorProto) -> str:
+        anonymous = onnx.TensorProto()
+        anonymous.CopyFrom(tensor)
+        anonymous.name = ""
+        return hashlib.sha256(anonymous.SerializeToString(deterministic=True)).hexdigest()
+
+    def ref(name: str) -> str:
+        if name in weights:
+            if name not in digests:
+                digests[name] = content(weights[name])
+            return digests[name]
+        return str(numbers.setdefault(name, len(numbers)))
+
+    digest = hashlib.sha256()
+    for value in model.graph.input:
+        ref(value.name)
+    for node in model.graph.node:
+        attributes = []
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                attributes.append(f"{attribute.name}={content(attribute.t)}")
+            else:
+                attributes.append(attribute.SerializeToString(deterministic=True).hex())
+        digest.update(f"{node.domain}:{node.op_type}({','.join(map(ref, node.input))})"
+                      f"->{','.join(map(ref, node.output))}[{';'.join(attributes)}]\n".encode())
+    digest.update(",".join(ref(value.name) for value in model.graph.output).encode())
+    return digest.hexdigest()
+
+
 def graph_model_id(model: onnx.ModelProto, backbone: str, kind: str) -> str:
-    digest = hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
-    return f"{backbone}-{kind}-{digest[:12]}"
+    return f"{backbone}-{kind}-{graph_digest(model)[:12]}"
 
 
 def set_metadata(model: onnx.ModelProto, metadata: dict) -> None:

@@ -27,10 +27,11 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from export.data import LabelledImages, from_feature_set, from_folder, load_batch
 from classify.data import features_for_head
 from classify.persist import head_dir, load_head
-from export.keras_models import load_fine_tuned, rebuild_backbone
+from classify.predict import build_backbone_for_head
+from export.data import LabelledImages, from_feature_set, from_folder, load_batch
+from export.keras_models import load_fine_tuned
 from export.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, graph_model_id, path_fingerprint, set_metadata
 from export.parity import PROBABILITY_ATOL, ParityReport, check_parity
 from export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_TOLERANCE, QuantizationReport, int8_path, quantize_checked
@@ -111,7 +112,7 @@ def from_fine_tuned(model_path: str | Path, images_dir: str | Path | None, opset
         raise TransferKitError(f"the model's images are not at {root}; pass --images DIR with the folder it was trained on")
     images = from_folder(root, info["splits"], info["class_names"])
     source = {"kind": "fine-tuned", "model": str(Path(model_path).resolve()), "model_sha256": info["model_sha256"],
-              "head": info.get("head"), "store": info.get("store")}
+              "head": info["head"], "store": info["store"]}
     return Conversion(
         model=keras_graph(model, record["input_size"], opset),
         reference=lambda batch: np.asarray(model(batch, training=False)),
@@ -123,9 +124,8 @@ def from_fine_tuned(model_path: str | Path, images_dir: str | Path | None, opset
 def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None, weights: str | None,
               opset: int) -> Conversion:
     trained = load_head(head)
-    record = trained.backbone
     features = features_for_head(trained, store)
-    built = rebuild_backbone(record, weights)
+    built = build_backbone_for_head(trained, weights)
     source = {"kind": "head", "head_kind": trained.kind, "store": str(Path(store).resolve()),
               "store_sha256": path_fingerprint(store), "head": str(head_dir(head).resolve()),
               "head_fingerprint": path_fingerprint(head_dir(head))}
@@ -184,9 +184,9 @@ def export_onnx(
         raise TransferKitError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}")
     if parity_images < 1:
         raise TransferKitError("--parity-images must be at least 1")
-    out.parent.mkdir(parents=True, exist_ok=True)
     conversion = (from_fine_tuned(model, images, opset) if model is not None
                   else from_head(store, head, images, weights, opset))
+    out.parent.mkdir(parents=True, exist_ok=True)
     metadata, parity = write_checked(conversion, out, parity_images, threads)
     result = ExportResult(path=str(out), metadata=metadata, parity=parity)
     int8 = int8_path(out)

@@ -1,9 +1,7 @@
 """Keras vs onnxruntime parity on real images: every export is checked before it is kept.
 
 An export passes when the largest absolute difference between the two models' probabilities is at
-most ``PROBABILITY_ATOL`` (1e-4) and both pick the same top-1 class on every image. An image whose
-Keras top-2 probabilities are within ``2 * atol`` of each other is a tie: there the rounding of
-either runtime may pick either class, so a different top-1 on a tie is reported, not failed.
+most ``PROBABILITY_ATOL`` (1e-4) and both pick the same top-1 class on every image (100% agreement).
 """
 
 from __future__ import annotations
@@ -29,14 +27,12 @@ class ParityReport:
     images: int
     max_abs_diff: float
     top1_agreement: float  # fraction of images with the same top-1 class
-    ties: int  # images whose Keras top-2 margin is below 2 * atol
     atol: float
     ok: bool
 
     def summary(self) -> str:
-        ties = f", {self.ties} near-ties" if self.ties else ""
         return (f"parity on {self.images} images: max |p_keras - p_onnx| = {self.max_abs_diff:.2e} "
-                f"(tolerance {self.atol:.0e}), top-1 agreement {100 * self.top1_agreement:.1f}%{ties}")
+                f"(tolerance {self.atol:.0e}), top-1 agreement {100 * self.top1_agreement:.1f}% (required 100%)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,12 +43,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray, atol: float = PROBABIL
     if reference.shape != candidate.shape:
         raise ParityError(f"the ONNX model outputs shape {list(candidate.shape)}, Keras {list(reference.shape)}")
     diff = float(np.abs(reference - candidate).max()) if reference.size else 0.0
-    same = reference.argmax(axis=1) == candidate.argmax(axis=1)
-    top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else np.zeros((len(reference), 2))
-    tie = (top2[:, 1] - top2[:, 0]) <= 2 * atol
-    ok = bool(np.isfinite(diff) and diff <= atol and np.all(same | tie))
-    return ParityReport(images=len(reference), max_abs_diff=diff, top1_agreement=float(same.mean()) if len(same) else 1.0,
-                        ties=int(tie.sum()), atol=atol, ok=ok)
+    agreement = float(np.mean(reference.argmax(axis=1) == candidate.argmax(axis=1))) if len(reference) else 1.0
+    ok = bool(np.isfinite(diff) and diff <= atol and agreement == 1.0)
+    return ParityReport(images=len(reference), max_abs_diff=diff, top1_agreement=agreement, atol=atol, ok=ok)
 
 
 def check_parity(

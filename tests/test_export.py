@@ -1,0 +1,278 @@
+"""ONNX export: from store + head and from a fine-tuned model, parity, metadata, int8, refusals.
+
+Tiny models throughout: MobileNetV2 with random weights at 32 px on generated coloured squares.
+The store, the heads and the fine-tuned model are built once per session (``shared_workspace``,
+``shared_fine_tuned``) and shared with ``test_finetune.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from classify.data import fingerprint
+from classify.heads import make_head
+from classify.persist import TrainedHead, save_head
+from cli import cli
+from conftest import make_image_folder
+from export.data import from_feature_set
+from export.keras_models import load_fine_tuned, save_fine_tuned, sidecar_path
+from export.metadata import REQUIRED_KEYS, graph_model_id, read_metadata
+from export.onnx_export import Conversion, export_onnx, from_head, write_checked
+from export.parity import ParityError, compare
+from extract.errors import TransferKitError
+from extract.job import run_extraction
+from extract.store import FeatureStore
+
+STORE_SEED = 3  # not the default, so a split computed with default settings would differ
+
+
+@dataclass
+class Workspace:
+    root: Path
+    images: Path
+    store: Path
+    head: Path  # softmax head
+    mlp_head: Path
+
+    def features(self):
+        return FeatureStore(self.store).read("mobilenet_v2")
+
+
+_CACHE: dict[str, object] = {}
+
+
+def _fit_head(features, kind: str, out: Path) -> Path:
+    X, y = features.subset("train")
+    X_val, y_val = features.subset("validation")
+    head = make_head(kind, seed=0).fit(X, y, X_val, y_val)
+    store = {"path": "", "fingerprint": fingerprint(features)}  # no path: tests pass --store explicitly
+    return save_head(TrainedHead(head, features.class_names, features.backbone, store), out)
+
+
+def shared_workspace(tmp_path_factory) -> Workspace:
+    """Images, a store (random-init MobileNetV2, 32 px, split seed 3) and two heads, built once."""
+    if "workspace" not in _CACHE:
+        root = tmp_path_factory.mktemp("export-workspace")
+        images = make_image_folder(root / "images", per_class=20, size=40)
+        store = root / "features.h5"
+        run_extraction(images, store, backbone="mobilenet_v2", weights="none", input_size=32, seed=STORE_SEED,
+                       validation_split=0.2, test_split=0.2, engine="keras", progress=False)
+        features = FeatureStore(store).read("mobilenet_v2")
+        _CACHE["workspace"] = Workspace(root, images, store, _fit_head(features, "softmax", root / "head"),
+                                        _fit_head(features, "mlp", root / "mlp-head"))
+    return _CACHE["workspace"]
+
+
+def shared_fine_tuned(tmp_path_factory):
+    """A model fine-tuned for 2 epochs from the softmax head (and its FineTuneResult)."""
+    if "fine_tuned" not in _CACHE:
+        from export.finetune import fine_tune
+
+        ws = shared_workspace(tmp_path_factory)
+        out = ws.root / "fine" / "model.keras"
+        result = fine_tune(ws.images, None, out, head=ws.head, store=ws.store, epochs=2, batch_size=16,
+                           unfreeze="all", learning_rate=1e-4)
+        _CACHE["fine_tuned"] = (out, result)
+    return _CACHE["fine_tuned"]
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    return shared_workspace(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def head_conversion(workspace) -> Conversion:
+    return from_head(workspace.store, workspace.head, images_dir=None, weights=None, opset=17)
+
+
+@pytest.fixture(scope="session")
+def head_export(head_conversion, tmp_path_factory):
+    """The float export of store + head (export_onnx itself runs in the CLI tests)."""
+    out = tmp_path_factory.mktemp("head-export") / "model.onnx"
+    return out, write_checked(head_conversion, out, parity_images=64, threads=None)
+
+
+def test_head_export_parity_and_graph(head_export):
+    out, (_, parity) = head_export
+    assert parity.ok and parity.images == 60
+    assert parity.max_abs_diff <= 1e-4 and parity.top1_agreement == 1.0
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    (inp,), (outp,) = model.graph.input, model.graph.output
+    assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim] == ["N", 32, 32, 3]
+    assert outp.name == "probabilities" and outp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert not list(out.parent.glob(".*tmp*"))
+
+
+def test_head_export_predicts_like_the_head_on_store_features(head_export, workspace):
+    """The edge runner's view of the file: same classes and probabilities as the head on the stored features."""
+    from classify.persist import load_head
+    from edge.model import load_model
+    from export.data import load_batch
+
+    out, _ = head_export
+    edge = load_model(out, threads=1)
+    features = workspace.features()
+    trained = load_head(workspace.head)
+    assert edge.class_names == trained.class_names == features.class_names
+    images = from_feature_set(features)
+    batch, kept = load_batch(images.paths, 32)
+    assert len(kept) == len(images)
+    np.testing.assert_allclose(edge.predict(batch), trained.predict_proba(features.features), atol=1e-4)
+
+
+def test_metadata_round_trip(head_export, workspace):
+    out, (metadata, _) = head_export
+    meta = read_metadata(out)
+    assert set(REQUIRED_KEYS) <= set(meta)
+    raw = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    for key in ("class_names", "input_size", "preprocessing", "backbone", "source"):
+        assert json.loads(raw[key]) == meta[key]
+    features = workspace.features()
+    assert meta["class_names"] == features.class_names == ["blue", "green", "red"]
+    assert meta["input_size"] == [32, 32]
+    assert (meta["layout"], meta["input_dtype"]) == ("NHWC", "uint8")
+    assert meta["preprocessing"] == {"mode": "tf", "in_graph": True, "color": "RGB", "resize": "bilinear"}
+    assert meta["backbone"]["name"] == "mobilenet_v2"
+    assert meta["backbone"]["weights"]["id"] == f"random-init:seed={STORE_SEED}"
+    assert all(meta["backbone"][k] == features.backbone[k] for k in ("preprocessing", "input_size", "feature_dim"))
+    source = meta["source"]
+    assert source["kind"] == "head" and source["head_kind"] == "softmax"
+    assert Path(source["store"]) == workspace.store.resolve() and Path(source["head"]) == workspace.head.resolve()
+    assert re.fullmatch(r"[0-9a-f]{64}", source["store_sha256"]) and re.fullmatch(r"[0-9a-f]{64}", source["head_fingerprint"])
+    assert re.fullmatch(r"mobilenet_v2-head-[0-9a-f]{12}", meta["model_id"])
+    assert meta["model_id"] == graph_model_id(onnx.load(str(out)), "mobilenet_v2", "head")
+    assert meta["transferkit_version"] == "0.1.0"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["created"])
+    assert "quantization" not in meta and metadata == meta
+
+
+def test_int8_accepted_then_refused_via_cli(workspace, head_export, tmp_path):
+    out = tmp_path / "model.onnx"
+    runner = CliRunner()
+    accepted = runner.invoke(cli, ["export-onnx", "--store", str(workspace.store), "--head", str(workspace.head),
+                                   "--out", str(out), "--quantize", "int8", "--tolerance", "100"])
+    assert accepted.exit_code == 0, accepted.output
+    assert "float" in accepted.output and "int8" in accepted.output and "images/s" in accepted.output
+    int8 = tmp_path / "model.int8.onnx"
+    meta, float_meta = read_metadata(int8), read_metadata(out)
+    assert meta["quantization"]["format"] == "QDQ" and meta["quantization"]["calibration_images"] > 0
+    assert meta["quantization"]["float_model_id"] == float_meta["model_id"] != meta["model_id"]
+    assert meta["class_names"] == float_meta["class_names"] and meta["source"] == float_meta["source"]
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
+
+    refused = runner.invoke(cli, ["export-onnx", "--store", str(workspace.store), "--head", str(workspace.head),
+                                  "--out", str(out), "--quantize", "int8", "--tolerance", "-1"])
+    assert refused.exit_code == 1
+    assert "int8 refused" in refused.output and "kept the float model" in refused.output
+    assert out.is_file() and not int8.exists()  # the earlier int8 file belonged to another export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    # three conversions of the same store + head (tf2onnx names differ each time): one model_id
+    assert read_metadata(out)["model_id"] == float_meta["model_id"] == head_export[1][0]["model_id"]
+
+
+def test_export_from_fine_tuned_model(tmp_path_factory, tmp_path):
+    model_path, _ = shared_fine_tuned(tmp_path_factory)
+    out = tmp_path / "fine.onnx"
+    result = CliRunner().invoke(cli, ["export-onnx", "--model", str(model_path), "--out", str(out),
+                                      "--parity-images", "20"])
+    assert result.exit_code == 0, result.output
+    assert "parity on 20 images" in result.output
+    meta = read_metadata(out)
+    info = json.loads(sidecar_path(model_path).read_text())
+    assert meta["class_names"] == info["class_names"]
+    assert meta["source"]["kind"] == "fine-tuned" and meta["source"]["model_sha256"] == info["model_sha256"]
+    assert meta["source"]["head"]["kind"] == "softmax"
+    assert meta["model_id"].startswith("mobilenet_v2-fine-tuned-")
+    model, _ = load_fine_tuned(model_path)
+    from edge.model import load_model
+    from export.data import load_batch
+
+    images = from_feature_set(shared_workspace(tmp_path_factory).features())
+    batch, _ = load_batch(images.paths[:8], 32)
+    np.testing.assert_allclose(load_model(out, 1).predict(batch), np.asarray(model(batch)), atol=1e-4)
+
+
+def test_parity_failure_leaves_no_file(head_conversion, tmp_path):
+    c = head_conversion
+    off = Conversion(c.model, lambda batch: c.reference(batch) + 1e-3, c.metadata, c.images)
+    out = tmp_path / "model.onnx"
+    with pytest.raises(ParityError, match=r"export refused.*tolerance 1e-04"):
+        write_checked(off, out, parity_images=4, threads=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_needs_small_differences_and_the_same_top1():
+    reference = np.array([[0.5, 0.4, 0.1], [0.9, 0.1, 0.0]], np.float32)
+    assert compare(reference, reference + np.float32(5e-5)).ok
+    assert not compare(reference, reference + np.float32(2e-4)).ok
+    candidate = reference.copy()
+    candidate[0] = reference[0, [1, 0, 2]]
+    flipped = compare(reference, candidate, atol=1.0)
+    assert not flipped.ok and flipped.top1_agreement == 0.5
+
+
+def test_refuses_head_trained_on_other_weights(workspace, tmp_path):
+    config = json.loads((workspace.head / "head.json").read_text())
+    config["backbone"]["weights"]["id"] = "random-init:seed=99"
+    other = tmp_path / "head"
+    other.mkdir()
+    (other / "weights.npz").write_bytes((workspace.head / "weights.npz").read_bytes())
+    (other / "head.json").write_text(json.dumps(config))
+    with pytest.raises(TransferKitError, match="random-init:seed=99"):
+        export_onnx(tmp_path / "m.onnx", store=workspace.store, head=other)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_refuses_weights_other_than_the_heads(workspace, tmp_path):
+    weights_file = tmp_path / "other.weights.h5"
+    weights_file.write_bytes(b"not the weights the head was trained with")
+    with pytest.raises(TransferKitError, match=r"random-init:seed=3.*other\.weights\.h5"):
+        export_onnx(tmp_path / "m.onnx", store=workspace.store, head=workspace.head, weights=str(weights_file))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "m.onnx"], "give either --model"),
+    (["--out", "m.onnx", "--store", "STORE"], "--store and --head go together"),
+    (["--out", "m.txt", "--store", "STORE", "--head", "HEAD"], "must end in .onnx"),
+    (["--out", "m.onnx", "--model", "missing.keras"], "does not exist"),
+])
+def test_cli_refusals(workspace, tmp_path, args, message):
+    args = [str(workspace.store) if a == "STORE" else str(workspace.head) if a == "HEAD" else a for a in args]
+    result = CliRunner().invoke(cli, ["export-onnx", *args])
+    assert result.exit_code != 0 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_model_without_or_with_stale_sidecar_is_refused(tmp_path_factory, tmp_path):
+    model_path, _ = shared_fine_tuned(tmp_path_factory)
+    copy = tmp_path / "copy.keras"
+    copy.write_bytes(model_path.read_bytes())
+    with pytest.raises(TransferKitError, match="no copy.keras.json"):
+        export_onnx(tmp_path / "m.onnx", model=copy)
+    sidecar_path(copy).write_text(sidecar_path(model_path).read_text())
+    copy.write_bytes(model_path.read_bytes() + b"\0")
+    with pytest.raises(TransferKitError, match="describes another model file"):
+        load_fine_tuned(copy)
+
+
+def test_keras_files_load_in_safe_mode_only(tmp_path):
+    import keras
+
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+    path = tmp_path / "lambda.keras"
+    save_fine_tuned(keras.Model(inputs, outputs), path, {"class_names": ["a", "b"]})
+    with pytest.raises(TransferKitError, match="cannot load .* safely"):
+        load_fine_tuned(path)

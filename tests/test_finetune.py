@@ -1,0 +1,146 @@
+"""Fine-tuning: classifier initialised from a head, frozen BatchNorm, the store's split, report files, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from classify.persist import load_head
+from cli import cli
+from conftest import make_image_folder
+from export.data import from_feature_set, from_folder, load_batch, split_settings
+from export.finetune import fine_tune, parse_unfreeze, starting_point
+from export.keras_models import backbone_of, classifier_layers, classifier_model, load_fine_tuned, set_trainable
+from extract.models import build_backbone
+from extract.errors import TransferKitError
+from test_export import STORE_SEED, shared_fine_tuned, shared_workspace
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    return shared_workspace(tmp_path_factory)
+
+
+def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    return [layer for layer in backbone_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+@pytest.mark.parametrize("head_name", ["head", "mlp_head"])
+def test_classifier_starts_as_the_head(workspace, head_name):
+    head_path = getattr(workspace, head_name)
+    trained = load_head(head_path)
+    begin = starting_point(None, head_path, workspace.store, None, None, seed=0)
+    model = classifier_model(begin.built, 3, begin.layers, begin.dropout)
+    for (W, b), (W_head, b_head) in zip(classifier_layers(model), trained.head.network(), strict=True):
+        np.testing.assert_array_equal(W, W_head)
+        np.testing.assert_array_equal(b, b_head)
+    dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
+    assert dropouts == ([0.3] if head_name == "mlp_head" else [])
+    features = workspace.features()
+    images = from_feature_set(features)
+    batch, _ = load_batch(images.paths, 32)
+    probs = np.asarray(model.predict(batch, verbose=0))
+    np.testing.assert_allclose(probs, trained.predict_proba(features.features), atol=1e-4)
+    assert np.mean(probs.argmax(1) == features.labels) == np.mean(trained.head.predict(features.features) == features.labels)
+
+
+def test_unfreezing_never_touches_batch_norm():
+    model = classifier_model(build_backbone("mobilenet_v2", weights="none", input_size=32), 3)
+    assert set_trainable(model, None) > 0
+    assert not any(bn.trainable for bn in _batch_norms(model))
+    top = set_trainable(model, 10)
+    assert 0 < top <= 10 and not any(bn.trainable for bn in _batch_norms(model))
+    assert set_trainable(model, 0) == 0
+    assert set_trainable(model, 10_000) == set_trainable(model, None)  # more than there are: all
+
+
+def test_fine_tuned_model_files_and_frozen_statistics(tmp_path_factory, workspace):
+    out, result = shared_fine_tuned(tmp_path_factory)
+    report = out.parent / "model-report"
+    assert result.report_dir == str(report) and result.warmup_epochs == 0 and result.epochs_run == 2
+    assert (report / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "macro-F1" in (report / "test_report.txt").read_text()
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["test"]["images"] > 0 and 0 <= metrics["test"]["accuracy"] <= 1
+    assert len(metrics["history"]["val_loss"]) == 2
+    assert not (out.parent / "model.best.keras").exists()
+
+    # before any training step the model is the head: same validation accuracy
+    trained = load_head(workspace.head)
+    X_val, y_val = workspace.features().subset("validation")
+    assert result.validation_before["accuracy"] == pytest.approx(np.mean(trained.head.predict(X_val) == y_val))
+
+    model, info = load_fine_tuned(out)
+    assert info["class_names"] == ["blue", "green", "red"]
+    assert info["backbone"]["weights"]["id"] == f"random-init:seed={STORE_SEED}"
+    assert info["splits"] == split_settings(workspace.features().store_attrs)
+    assert info["head"]["kind"] == "softmax" and info["training"]["unfreeze"] == "all"
+    fresh = backbone_of(build_backbone("mobilenet_v2", weights="none", input_size=32, seed=STORE_SEED).model)
+    tuned = backbone_of(model)
+    batch_norms = _batch_norms(model)
+    assert batch_norms and not any(bn.trainable for bn in batch_norms)
+    for bn in batch_norms:  # gamma, beta, moving mean and variance untouched by training
+        for got, want in zip(bn.get_weights(), fresh.get_layer(bn.name).get_weights(), strict=True):
+            np.testing.assert_array_equal(got, want)
+    convs = [layer.name for layer in fresh.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert all(not np.array_equal(tuned.get_layer(name).get_weights()[0], fresh.get_layer(name).get_weights()[0])
+               for name in convs)  # --unfreeze all trained every convolution
+
+def test_split_is_the_stores(workspace):
+    features = workspace.features()
+    images = from_folder(workspace.images, split_settings(features.store_attrs), features.class_names)
+    by_path = dict(zip(images.relpaths, images.splits))
+    assert {p: by_path[p] for p in features.paths} == dict(zip(features.paths, features.splits))
+    default = from_folder(workspace.images, split_settings({}))
+    assert list(default.splits) != list(images.splits)  # the store's seed matters
+
+
+def test_cli_fine_tune_with_warm_up(workspace, tmp_path):
+    out = tmp_path / "warm.keras"
+    result = CliRunner().invoke(cli, [
+        "fine-tune", str(workspace.images), "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32",
+        "--store", str(workspace.store), "--epochs", "1", "--warmup-epochs", "1", "--unfreeze", "5",
+        "--batch-size", "16", "--out", str(out), "--report-dir", str(tmp_path / "report"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "after 1 warm-up epochs" in result.output and "test: accuracy" in result.output
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["warmup_epochs"] == 1 and len(metrics["history"]["loss"]) == 2
+    assert (tmp_path / "report" / "training_curves.png").is_file()
+    _, info = load_fine_tuned(out)
+    assert info["head"] is None and info["splits"]["seed"] == STORE_SEED
+
+
+def test_refusals(workspace, tmp_path):
+    runner = CliRunner()
+
+    def refused(*args):
+        result = runner.invoke(cli, ["fine-tune", *map(str, args)])
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        return result.output
+
+    images, head = workspace.images, workspace.head
+    assert "trained on mobilenet_v2 features, not resnet50" in refused(images, "--head", head, "--backbone", "resnet50",
+                                                                       "--out", tmp_path / "m.keras")
+    assert "trained on 32 px features, not 64 px" in refused(images, "--head", head, "--image-size", 64,
+                                                             "--out", tmp_path / "m.keras")
+    assert "--unfreeze must be" in refused(images, "--head", head, "--unfreeze", "top", "--out", tmp_path / "m.keras")
+    assert "must end in .keras" in refused(images, "--head", head, "--out", tmp_path / "m.h5")
+    other = make_image_folder(tmp_path / "other", per_class=3, classes={"cat": (1, 2, 3), "dog": (200, 100, 0)})
+    assert "has classes ['cat', 'dog']" in refused(other, "--head", head, "--store", workspace.store,
+                                                   "--out", tmp_path / "m.keras")
+    assert list(tmp_path.glob("*.keras")) == []
+    with pytest.raises(TransferKitError, match="needs train and validation images"):
+        fine_tune(make_image_folder(tmp_path / "tiny", per_class=1), "mobilenet_v2", tmp_path / "m.keras",
+                  weights="none", image_size=32, epochs=1)
+
+
+def test_parse_unfreeze():
+    assert parse_unfreeze("all") is None and parse_unfreeze("ALL") is None
+    assert parse_unfreeze("0") == 0 and parse_unfreeze(12) == 12
+    with pytest.raises(TransferKitError):
+        parse_unfreeze("-1")
