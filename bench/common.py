@@ -6,6 +6,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,3 +56,16 @@ def write_section(path: str | Path, text: str) -> None:
 def default_data(name: str) -> str | None:
     folder = DEFAULT_SHARED / name
     return str(folder) if folder.is_dir() else None
+
+
+def run_script(args: list[str]) -> tuple[float, list[str]]:
+    """Wall seconds and stdout lines of ``python ARGS`` in a fresh process, from the repository root.
+
+    A failure raises RuntimeError with the end of the process's stderr, so the benchmark says why.
+    """
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"`python {' '.join(args)}` failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+    return seconds, done.stdout.strip().splitlines()

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--store", default=None,
-                        help="store to create and keep, with the head beside it as STORE-head/ (default: a temporary folder)")
+                        help="store to create and keep, the head beside it as STORE-head/ (default: a temp folder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "heads.md"))
     args = parser.parse_args()
