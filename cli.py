@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ star
 import click  # noqa: E402
 
 from extract.errors import TransferKitError  # noqa: E402
+from extract.version import __version__  # noqa: E402
 
 
 class ToolGroup(click.Group):
@@ -28,7 +29,7 @@ class ToolGroup(click.Group):
 
 
 @click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option("0.1.0", prog_name="transferkit")
+@click.version_option(__version__, prog_name="transferkit")
 def cli():
     """Transfer learning as a tool: extract deep features from an image folder, train light heads
     on them, fine-tune, export to ONNX and classify on CPU-only edge machines.

@@ -190,9 +190,17 @@ def bench_folder(data: Path, shown_data: str, workdir: Path, cfg: argparse.Names
         def extraction() -> list[dict]:
             out = []
             for backbone, weights in runs:
+                folder = data
+                if backbone != cfg.backbone and cfg.throughput_limit_per_class:
+                    log(f"{data.name}: sampling at most {cfg.throughput_limit_per_class} images per class "
+                        f"for {backbone}")
+                    folder = subsample(data, cfg.throughput_limit_per_class, cfg.seed,
+                                       workdir / "throughput-sample" / data.name)
                 log(f"{data.name}: extraction benchmark, {backbone} (weights {weights})")
-                out.append(run_extract_benchmark(str(data), backbone=backbone, weights=weights,
-                                                 batch=cfg.batch_size, repeats=cfg.repeats, engine=cfg.engine))
+                run = run_extract_benchmark(str(folder), backbone=backbone, weights=weights,
+                                            batch=cfg.batch_size, repeats=cfg.repeats, engine=cfg.engine)
+                out.append({**run, "sampled_per_class": cfg.throughput_limit_per_class
+                            if folder != data else None})
             return out
 
         guarded(result, "extraction", extraction)
@@ -315,10 +323,14 @@ def extraction_markdown(runs: list[dict], folder: dict, cfg: dict) -> str:
 
     parts = []
     for run in runs:
-        command = shlex.join(["python", "bench/extract_bench.py", "--data", folder["data_shown"], "--backbone",
+        sampled = run.get("sampled_per_class")
+        data_shown = "THROUGHPUT_SAMPLE" if sampled else folder["data_shown"]
+        command = shlex.join(["python", "bench/extract_bench.py", "--data", data_shown, "--backbone",
                               run["backbone"], "--weights", run["weights"], "--batch-size", str(cfg["batch_size"]),
                               "--repeats", str(cfg["repeats"]), "--engine", cfg["engine"]])
-        parts.append(_demote(extract_markdown(run)) + f"\nStand-alone: `{command}`\n")
+        note = (f"\nTHROUGHPUT_SAMPLE: at most {sampled} images per class of {folder['name']} (seed "
+                f"{cfg['seed']}), copied to a temporary folder: a rate needs no more images.\n" if sampled else "")
+        parts.append(_demote(extract_markdown(run)) + note + f"\nStand-alone: `{command}`\n")
     return "\n".join(parts)
 
 
@@ -402,6 +414,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="second backbone for the extraction-speed section only, or none [default: resnet50]")
     parser.add_argument("--throughput-weights", metavar="W", default="none",
                         help="weights of --throughput-backbone (speed does not depend on them) [default: none]")
+    parser.add_argument("--throughput-limit-per-class", type=int, metavar="N", default=None,
+                        help="run --throughput-backbone on at most N images per class (a rate needs no more; "
+                             "resnet50 runs about 10 images/s here) [default: all]")
     parser.add_argument("--repeats", type=int, metavar="N", default=None, help="runs of each measurement [default: 3, --quick 1]")
     parser.add_argument("--epochs", type=int, metavar="N", default=None,
                         help="epochs of the tutorials' way [default: 5, where tutorial 001 stopped; --quick 2]")
@@ -435,8 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for folder in args.data:
         if not folder.is_dir():
             parser.error(f"--data {folder}: not a folder")
-    if min(args.repeats, args.epochs, args.fine_tune_epochs, args.limit_per_class or 1) < 1:
-        parser.error("--repeats, --epochs, --fine-tune-epochs and --limit-per-class must be at least 1")
+    if min(args.repeats, args.epochs, args.fine_tune_epochs, args.limit_per_class or 1,
+           args.throughput_limit_per_class or 1) < 1:
+        parser.error("--repeats, --epochs, --fine-tune-epochs and the --...-per-class limits must be at least 1")
     return args
 
 

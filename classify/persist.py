@@ -30,11 +30,12 @@ import numpy as np
 
 from classify.errors import HeadFileError
 from classify.heads import HEAD_KINDS, Head
+from extract.version import __version__
 
 if TYPE_CHECKING:
     import onnx
 
-TOOL_VERSION = "0.1.0"
+TOOL_VERSION = __version__
 HEAD_FORMAT = "transferkit-head"
 HEAD_FORMAT_VERSION = 1
 CONFIG_NAME = "head.json"

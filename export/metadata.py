@@ -25,9 +25,10 @@ from pathlib import Path
 import onnx
 
 from extract.errors import TransferKitError
+from extract.version import __version__
 from extract.weights import file_sha256
 
-TRANSFERKIT_VERSION = "0.1.0"  # keep in step with pyproject.toml
+TRANSFERKIT_VERSION = __version__
 REQUIRED_KEYS = ("class_names", "input_size", "layout", "input_dtype", "preprocessing", "backbone", "source",
                  "model_id", "transferkit_version", "created")
 JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization")

@@ -134,16 +134,4 @@ def list_backbones(pattern: str = "*") -> list[BackboneSpec]:
     return [_REGISTRY[n] for n in sorted(_REGISTRY) if fnmatch.fnmatch(n, pattern)]
 
 
-def spec_from_record(record: dict) -> BackboneSpec:
-    """The registered spec for a stored record; refuses a record that no longer matches."""
-    spec = get_backbone(record["name"])
-    current = spec.to_record()
-    diff = {k for k in current if k in record and record[k] != current[k]}
-    if diff:
-        raise ValueError(
-            f"backbone {spec.name!r} stored with {', '.join(sorted(diff))} that differ from this version"
-        )
-    return spec
-
-
 DEFAULT_BACKBONE = "resnet50"

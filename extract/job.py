@@ -63,8 +63,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def _library_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"python": platform.python_version()}
-    for package in ("transferkit", "tensorflow", "keras", "onnxruntime", "numpy", "h5py"):
+    from extract.version import __version__
+
+    versions = {"python": platform.python_version(), "transferkit": __version__}
+    for package in ("tensorflow", "keras", "onnxruntime", "numpy", "h5py"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

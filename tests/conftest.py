@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from classify.data import fingerprint
+from classify.heads import make_head
+from classify.persist import TrainedHead, save_head
+from extract.job import run_extraction
+from extract.store import BackboneRows, FeatureStore, empty_state, write_state
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -44,3 +51,87 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+# ------------------------------------------------------------------ synthetic feature stores (heads)
+
+CLASSES = ("café", "crème brûlée", "thé vert")
+SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
+
+
+def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, spread: float = 4.0,
+                       seed: int = 0, backbone: str = "mobilenet_v2", weights_id: str = "random-init:seed=0",
+                       images_root: str = "/nonexistent/images") -> Path:
+    """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large)."""
+    sizes = sizes or {name: SPLIT_SIZES for name in classes}
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (len(classes), dim)) * spread
+    state = empty_state(images_root=images_root, seed=0, validation_split=0.2, test_split=0.2, layout="class-folders")
+    state.classes = list(classes)
+    features = []
+    for index, name in enumerate(classes):
+        for split, count in sizes[name].items():
+            for i in range(count):
+                relpath = f"{name}/{split}_{i}.jpg"
+                for column, value in (("path", relpath), ("sha256", f"{index}-{split}-{i}"), ("class_name", name),
+                                      ("split", split), ("size", 100), ("mtime_ns", 0)):
+                    getattr(state.images, column).append(value)
+                features.append(centres[index] + rng.normal(0, 1, dim) + 3.0)
+    record = {"name": backbone, "preprocessing": "tf", "input_size": 32, "feature_dim": dim,
+              "weights": {"kind": "none", "id": weights_id, "sha256": None, "file": None}}
+    state.backbones[backbone] = BackboneRows(record=record, path=list(state.images.path),
+                                             sha256=list(state.images.sha256),
+                                             features=np.asarray(features, np.float32))
+    write_state(path, state)
+    return path
+
+
+# ------------------------------------------------- a real store and heads, built once (export, fine-tune)
+
+STORE_SEED = 3  # not the default, so a split computed with default settings would differ
+
+
+@dataclass
+class Workspace:
+    root: Path
+    images: Path
+    store: Path
+    head: Path  # softmax head
+    mlp_head: Path
+
+    def features(self):
+        return FeatureStore(self.store).read("mobilenet_v2")
+
+
+def _fit_head(features, kind: str, out: Path) -> Path:
+    X, y = features.subset("train")
+    X_val, y_val = features.subset("validation")
+    head = make_head(kind, seed=0).fit(X, y, X_val, y_val)
+    store = {"path": "", "fingerprint": fingerprint(features)}  # no path: tests pass --store explicitly
+    return save_head(TrainedHead(head, features.class_names, features.backbone, store), out)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    """Images, a store (random-init MobileNetV2, 32 px, split seed 3) and two heads, built once."""
+    root = tmp_path_factory.mktemp("export-workspace")
+    images = make_image_folder(root / "images", per_class=20, size=40)
+    store = root / "features.h5"
+    run_extraction(images, store, backbone="mobilenet_v2", weights="none", input_size=32, seed=STORE_SEED,
+                   validation_split=0.2, test_split=0.2, engine="keras", progress=False)
+    features = FeatureStore(store).read("mobilenet_v2")
+    return Workspace(root, images, store, _fit_head(features, "softmax", root / "head"),
+                     _fit_head(features, "mlp", root / "mlp-head"))
+
+
+@pytest.fixture(scope="session")
+def fine_tuned(workspace):
+    """A model fine-tuned for 2 epochs from the softmax head (and its FineTuneResult)."""
+    from export.finetune import fine_tune
+
+    out = workspace.root / "fine" / "model.keras"
+    result = fine_tune(workspace.images, None, out, head=workspace.head, store=workspace.store, epochs=2,
+                       batch_size=16, unfreeze="all", learning_rate=1e-4)
+    return out, result
+
+

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import CLASSES, make_feature_store, make_image_folder
 
 from classify.persist import CONFIG_NAME, load_head
 from classify.report import REPORT_FILES
 from cli import cli
-from conftest import make_image_folder
 from extract.job import run_extraction
 from extract.store import FeatureStore
-from test_heads import CLASSES, make_feature_store
 
 METRIC_KEYS = {"kind", "val_accuracy", "test_accuracy", "test_macro_f1", "fit_seconds", "n_train"}
 

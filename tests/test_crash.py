@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from conftest import make_image_folder
+
 from extract.store import FeatureStore, parts_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,12 @@ ARGS = ["--backbone", "mobilenet_v2", "--weights", "none", "--input-size", "32",
 def _extract(folder, store) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", str(folder), "--store", str(store),
                              *ARGS], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _finished(proc: subprocess.Popen) -> None:
+    """The job exited 0; otherwise fail showing its stderr."""
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr.decode(errors="replace")[-3000:]
 
 
 def _assert_consistent(store: Path, folder: Path) -> int:
@@ -44,7 +50,7 @@ def _assert_consistent(store: Path, folder: Path) -> int:
 def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=40, size=32)
     reference = tmp_path / "reference.h5"
-    assert _extract(folder, reference).wait(timeout=240) == 0
+    _finished(_extract(folder, reference))
 
     store = tmp_path / "killed.h5"
     rng = random.Random(1234)
@@ -66,7 +72,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
             _assert_consistent(store, folder)
     assert kills >= 2, "the job finished before it could be killed; make the folder larger"
 
-    assert _extract(folder, store).wait(timeout=240) == 0
+    _finished(_extract(folder, store))
     assert _assert_consistent(store, folder) == 120
     assert not parts_dir(store).exists() or not any(parts_dir(store).glob("*.h5"))
     got, ref = FeatureStore(store).read(), FeatureStore(reference).read()
@@ -89,7 +95,7 @@ def test_two_writer_processes(tmp_path):
     second = subprocess.run([sys.executable, str(ROOT / "cli.py"), "extract", str(folder), "--store", str(store),
                              *ARGS], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert first.poll() is None, "the first writer finished too early for this test"
-    assert first.wait(timeout=240) == 0
+    _finished(first)
     assert second.returncode == 1
     assert "is being written by pid" in second.stderr
     assert "Traceback" not in second.stderr

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import make_image_folder, write_image
+
 from extract.dataset import assign_split, discover
 from extract.errors import DatasetError
 

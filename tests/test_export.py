@@ -1,92 +1,30 @@
 """ONNX export: from store + head and from a fine-tuned model, parity, metadata, int8, refusals.
 
 Tiny models throughout: MobileNetV2 with random weights at 32 px on generated coloured squares.
-The store, the heads and the fine-tuned model are built once per session (``shared_workspace``,
-``shared_fine_tuned``) and shared with ``test_finetune.py``.
+The store, the heads and the fine-tuned model are session fixtures of ``conftest.py`` (``workspace``,
+``fine_tuned``), shared with ``test_finetune.py``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import STORE_SEED
 
-from classify.data import fingerprint
-from classify.heads import make_head
-from classify.persist import TrainedHead, save_head
 from cli import cli
-from conftest import make_image_folder
 from export.data import from_feature_set
 from export.keras_models import load_fine_tuned, save_fine_tuned, sidecar_path
 from export.metadata import REQUIRED_KEYS, graph_model_id, read_metadata
 from export.onnx_export import Conversion, export_onnx, from_head, write_checked
 from export.parity import ParityError, compare
 from extract.errors import TransferKitError
-from extract.job import run_extraction
-from extract.store import FeatureStore
-
-STORE_SEED = 3  # not the default, so a split computed with default settings would differ
-
-
-@dataclass
-class Workspace:
-    root: Path
-    images: Path
-    store: Path
-    head: Path  # softmax head
-    mlp_head: Path
-
-    def features(self):
-        return FeatureStore(self.store).read("mobilenet_v2")
-
-
-_CACHE: dict[str, object] = {}
-
-
-def _fit_head(features, kind: str, out: Path) -> Path:
-    X, y = features.subset("train")
-    X_val, y_val = features.subset("validation")
-    head = make_head(kind, seed=0).fit(X, y, X_val, y_val)
-    store = {"path": "", "fingerprint": fingerprint(features)}  # no path: tests pass --store explicitly
-    return save_head(TrainedHead(head, features.class_names, features.backbone, store), out)
-
-
-def shared_workspace(tmp_path_factory) -> Workspace:
-    """Images, a store (random-init MobileNetV2, 32 px, split seed 3) and two heads, built once."""
-    if "workspace" not in _CACHE:
-        root = tmp_path_factory.mktemp("export-workspace")
-        images = make_image_folder(root / "images", per_class=20, size=40)
-        store = root / "features.h5"
-        run_extraction(images, store, backbone="mobilenet_v2", weights="none", input_size=32, seed=STORE_SEED,
-                       validation_split=0.2, test_split=0.2, engine="keras", progress=False)
-        features = FeatureStore(store).read("mobilenet_v2")
-        _CACHE["workspace"] = Workspace(root, images, store, _fit_head(features, "softmax", root / "head"),
-                                        _fit_head(features, "mlp", root / "mlp-head"))
-    return _CACHE["workspace"]
-
-
-def shared_fine_tuned(tmp_path_factory):
-    """A model fine-tuned for 2 epochs from the softmax head (and its FineTuneResult)."""
-    if "fine_tuned" not in _CACHE:
-        from export.finetune import fine_tune
-
-        ws = shared_workspace(tmp_path_factory)
-        out = ws.root / "fine" / "model.keras"
-        result = fine_tune(ws.images, None, out, head=ws.head, store=ws.store, epochs=2, batch_size=16,
-                           unfreeze="all", learning_rate=1e-4)
-        _CACHE["fine_tuned"] = (out, result)
-    return _CACHE["fine_tuned"]
-
-
-@pytest.fixture(scope="session")
-def workspace(tmp_path_factory) -> Workspace:
-    return shared_workspace(tmp_path_factory)
+from extract.version import __version__
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +90,7 @@ def test_metadata_round_trip(head_export, workspace):
     assert re.fullmatch(r"[0-9a-f]{64}", source["store_sha256"]) and re.fullmatch(r"[0-9a-f]{64}", source["head_fingerprint"])
     assert re.fullmatch(r"mobilenet_v2-head-[0-9a-f]{12}", meta["model_id"])
     assert meta["model_id"] == graph_model_id(onnx.load(str(out)), "mobilenet_v2", "head")
-    assert meta["transferkit_version"] == "0.1.0"
+    assert meta["transferkit_version"] == __version__
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["created"])
     assert "quantization" not in meta and metadata == meta
 
@@ -181,8 +119,8 @@ def test_int8_accepted_then_refused_via_cli(workspace, head_export, tmp_path):
     assert read_metadata(out)["model_id"] == float_meta["model_id"] == head_export[1][0]["model_id"]
 
 
-def test_export_from_fine_tuned_model(tmp_path_factory, tmp_path):
-    model_path, _ = shared_fine_tuned(tmp_path_factory)
+def test_export_from_fine_tuned_model(fine_tuned, workspace, tmp_path):
+    model_path, _ = fine_tuned
     out = tmp_path / "fine.onnx"
     result = CliRunner().invoke(cli, ["export-onnx", "--model", str(model_path), "--out", str(out),
                                       "--parity-images", "20"])
@@ -198,7 +136,7 @@ def test_export_from_fine_tuned_model(tmp_path_factory, tmp_path):
     from edge.model import load_model
     from export.data import load_batch
 
-    images = from_feature_set(shared_workspace(tmp_path_factory).features())
+    images = from_feature_set(workspace.features())
     batch, _ = load_batch(images.paths[:8], 32)
     np.testing.assert_allclose(load_model(out, 1).predict(batch), np.asarray(model(batch)), atol=1e-4)
 
@@ -255,8 +193,8 @@ def test_cli_refusals(workspace, tmp_path, args, message):
     assert "Traceback" not in result.output
 
 
-def test_model_without_or_with_stale_sidecar_is_refused(tmp_path_factory, tmp_path):
-    model_path, _ = shared_fine_tuned(tmp_path_factory)
+def test_model_without_or_with_stale_sidecar_is_refused(fine_tuned, tmp_path):
+    model_path, _ = fine_tuned
     copy = tmp_path / "copy.keras"
     copy.write_bytes(model_path.read_bytes())
     with pytest.raises(TransferKitError, match="no copy.keras.json"):

@@ -8,10 +8,10 @@ import json
 import h5py
 import numpy as np
 import pytest
+from conftest import make_image_folder, write_image
 from PIL import Image
 
 import extract.models
-from conftest import make_image_folder, write_image
 from extract.errors import StoreError
 from extract.job import run_extraction
 from extract.store import FeatureStore, StoreWriter, merge_stores

@@ -8,21 +8,21 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import STORE_SEED, make_image_folder
 
 from classify.persist import load_head
 from cli import cli
-from conftest import make_image_folder
 from export.data import from_feature_set, from_folder, load_batch, split_settings
 from export.finetune import fine_tune, parse_unfreeze, starting_point
-from export.keras_models import backbone_of, classifier_layers, classifier_model, load_fine_tuned, set_trainable
-from extract.models import build_backbone
+from export.keras_models import (
+    backbone_of,
+    classifier_layers,
+    classifier_model,
+    load_fine_tuned,
+    set_trainable,
+)
 from extract.errors import TransferKitError
-from test_export import STORE_SEED, shared_fine_tuned, shared_workspace
-
-
-@pytest.fixture(scope="session")
-def workspace(tmp_path_factory):
-    return shared_workspace(tmp_path_factory)
+from extract.models import build_backbone
 
 
 def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -58,8 +58,8 @@ def test_unfreezing_never_touches_batch_norm():
     assert set_trainable(model, 10_000) == set_trainable(model, None)  # more than there are: all
 
 
-def test_fine_tuned_model_files_and_frozen_statistics(tmp_path_factory, workspace):
-    out, result = shared_fine_tuned(tmp_path_factory)
+def test_fine_tuned_model_files_and_frozen_statistics(fine_tuned, workspace):
+    out, result = fine_tuned
     report = out.parent / "model-report"
     assert result.report_dir == str(report) and result.warmup_epochs == 0 and result.epochs_run == 2
     assert (report / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

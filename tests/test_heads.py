@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import CLASSES, make_feature_store
 from PIL import Image
 
 from classify.data import fingerprint
@@ -20,37 +21,7 @@ from classify.persist import CONFIG_NAME, WEIGHTS_NAME, load_head
 from classify.report import REPORT_FILES, evaluate
 from classify.train import fit_heads
 from extract.errors import StoreError
-from extract.store import BackboneRows, FeatureStore, empty_state, write_state
-
-CLASSES = ("café", "crème brûlée", "thé vert")
-SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
-
-
-def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, spread: float = 4.0,
-                       seed: int = 0, backbone: str = "mobilenet_v2", weights_id: str = "random-init:seed=0",
-                       images_root: str = "/nonexistent/images") -> Path:
-    """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large)."""
-    sizes = sizes or {name: SPLIT_SIZES for name in classes}
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 1, (len(classes), dim)) * spread
-    state = empty_state(images_root=images_root, seed=0, validation_split=0.2, test_split=0.2, layout="class-folders")
-    state.classes = list(classes)
-    features = []
-    for index, name in enumerate(classes):
-        for split, count in sizes[name].items():
-            for i in range(count):
-                relpath = f"{name}/{split}_{i}.jpg"
-                for column, value in (("path", relpath), ("sha256", f"{index}-{split}-{i}"), ("class_name", name),
-                                      ("split", split), ("size", 100), ("mtime_ns", 0)):
-                    getattr(state.images, column).append(value)
-                features.append(centres[index] + rng.normal(0, 1, dim) + 3.0)
-    record = {"name": backbone, "preprocessing": "tf", "input_size": 32, "feature_dim": dim,
-              "weights": {"kind": "none", "id": weights_id, "sha256": None, "file": None}}
-    state.backbones[backbone] = BackboneRows(record=record, path=list(state.images.path),
-                                             sha256=list(state.images.sha256),
-                                             features=np.asarray(features, np.float32))
-    write_state(path, state)
-    return path
+from extract.store import FeatureStore
 
 
 @pytest.fixture
