@@ -29,14 +29,21 @@ import os, sys, time, json
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 start = time.perf_counter()
 import keras, numpy as np
-data, constructor, module, size, batch, weights = sys.argv[1:7]
+data, constructor, module, size, batch, weights, root = sys.argv[1:8]
 ds = keras.utils.image_dataset_from_directory(data, image_size=(int(size), int(size)), batch_size=int(batch),
                                               shuffle=False, label_mode="int")
-preprocess = getattr(keras.applications, module).preprocess_input
-ds = ds.map(lambda x, y: preprocess(x)).prefetch(2)
-model = getattr(keras.applications, constructor)(weights=None if weights == "none" else weights,
-                                                 include_top=False, pooling="avg",
-                                                 input_shape=(int(size), int(size), 3))
+if constructor == "registry":  # not in keras.applications: the tool's Keras model (uint8 in, preprocessing inside)
+    import tensorflow as tf
+    sys.path.insert(0, root)
+    from extract.models import build_backbone
+    model = build_backbone(module, weights=weights).model
+    ds = ds.map(lambda x, y: tf.cast(x, tf.uint8)).prefetch(2)
+else:
+    preprocess = getattr(keras.applications, module).preprocess_input
+    ds = ds.map(lambda x, y: preprocess(x)).prefetch(2)
+    model = getattr(keras.applications, constructor)(weights=None if weights == "none" else weights,
+                                                     include_top=False, pooling="avg",
+                                                     input_shape=(int(size), int(size), 3))
 t = time.perf_counter()
 features = model.predict(ds, verbose=0)
 predict_seconds = time.perf_counter() - t
@@ -91,8 +98,11 @@ def engine_alone_rate(data: str, backbone: str, weights: str, batch: int, engine
 
 
 def run_tutorial(data: str, backbone: str, weights: str, batch: int, size: int) -> dict:
-    constructor, module = KERAS_MODULES[backbone]
-    cmd = [sys.executable, "-c", TUTORIAL_SCRIPT, data, constructor, module, str(size), str(batch), weights]
+    """``image_dataset_from_directory`` + ``model.predict`` in a fresh process: the keras.applications
+    model with its ``preprocess_input`` or, for a backbone Keras does not ship (efficientnet_lite0),
+    the tool's own Keras model."""
+    constructor, module = KERAS_MODULES.get(backbone, ("registry", backbone))
+    cmd = [sys.executable, "-c", TUTORIAL_SCRIPT, data, constructor, module, str(size), str(batch), weights, str(ROOT)]
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -115,8 +125,7 @@ def run_extract_benchmark(data: str, backbone: str = "resnet50", weights: str = 
              for _ in range(repeats)]
     keras_alone = [engine_alone_rate(data, backbone, weights, batch, "keras", limit=alone_limit)
                    for _ in range(repeats)]
-    tutorial = [run_tutorial(data, backbone, weights, batch, size) for _ in range(repeats)] \
-        if backbone in KERAS_MODULES else []
+    tutorial = [run_tutorial(data, backbone, weights, batch, size) for _ in range(repeats)]
     images = runs[0]["images"]
     return {
         "data": data, "backbone": backbone, "weights": weights, "batch": batch, "images": images,
@@ -148,11 +157,17 @@ def to_markdown(r: dict) -> str:
         lines += [
             f"| tutorials' way whole process (s) | {fmt(r['tutorial_wall'])} |",
             f"| tutorials' way `model.predict` (images/s) | {fmt(r['tutorial_predict_rate'])} |",
-            "",
-            f"- extraction loop / engine alone: **{loop / alone:.0%}** (goal: within 10%)",
-            f"- whole process speed-up over the tutorials' way: "
-            f"**{r['tutorial_wall']['median'] / r['extract_wall']['median']:.2f}x** (goal: at least 2x)",
         ]
+    whole = r["extract_end_to_end_rate"]["median"]
+    lines += [
+        "",
+        f"- extraction loop / engine alone: **{loop / alone:.0%}**; whole process (start-up, hashing and "
+        f"store included) / engine alone: **{whole / alone:.0%}** (goal: within 10%). On 2 cores the "
+        f"decoding threads share the cores the engine alone has to itself.",
+    ]
+    if r["tutorial_wall"]:
+        lines.append(f"- whole process speed-up over the tutorials' way: "
+                     f"**{r['tutorial_wall']['median'] / r['extract_wall']['median']:.2f}x** (goal: at least 2x)")
     return "\n".join(lines) + "\n"
 
 
