@@ -71,6 +71,7 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         click.echo(f"  failed: {path}: {reason}")
     if len(summary.failures) > 10:
         click.echo(f"  ... and {len(summary.failures) - 10} more (see `python cli.py store info {store}`)")
+    _warn_copies(summary.copies_across_splits)
 
 
 @click.group("store")
@@ -107,6 +108,20 @@ def store_info_command(store, as_json):
     if info["pending_rows"]:
         click.echo(f"  {info['pending_rows']} rows from an interrupted run wait in segments; "
                    f"the next extract folds them in")
+    _warn_copies(info["copies_across_splits"])
+
+
+def _warn_copies(groups: list[list[str]], shown: int = 5) -> None:
+    """Identical files in two splits make test scores lie: say so, with the files to remove."""
+    if not groups:
+        return
+    files = sum(len(g) for g in groups)
+    click.echo(f"  warning: {files} files are copies of {len(groups)} image(s) and sit in different splits "
+               f"(the test score will be optimistic); keep one file of each group:", err=True)
+    for group in groups[:shown]:
+        click.echo("    " + " = ".join(group), err=True)
+    if len(groups) > shown:
+        click.echo(f"    ... and {len(groups) - shown} more (`store info --json` lists them all)", err=True)
 
 
 @store_group.command("merge")

@@ -42,6 +42,7 @@ class ExtractionSummary:
     seconds: float  # the whole run: scan, hashing, model build, compute, store writes
     images_per_second: float  # extracted / seconds spent in the decode+inference+write loop
     failures: list[tuple[str, str]] = field(default_factory=list)
+    copies_across_splits: list[list[str]] = field(default_factory=list)  # identical files in 2+ splits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,6 +224,7 @@ def run_extraction(
             failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
+            copies_across_splits=state.images.copies_across_splits(),
         )
 
 

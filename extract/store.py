@@ -44,6 +44,18 @@ class ImageTable:
     def __len__(self) -> int:
         return len(self.path)
 
+    def copies_across_splits(self) -> list[list[str]]:
+        """Groups of byte-identical files that sit in more than one split.
+
+        Splits are assigned per file path, so a photo saved twice under two names (common in
+        scraped data sets) can land in train and in test and inflate the test score.
+        """
+        groups: dict[str, list[int]] = {}
+        for i, sha in enumerate(self.sha256):
+            groups.setdefault(sha, []).append(i)
+        return [sorted(self.path[i] for i in rows) for rows in groups.values()
+                if len({self.split[i] for i in rows}) > 1]
+
     def index(self) -> dict[str, int]:
         return {p: i for i, p in enumerate(self.path)}
 
@@ -287,6 +299,7 @@ class FeatureStore:
                 for name, rows in sorted(s.backbones.items())
             },
             "failures": [{"path": p, "reason": r} for p, (_, r) in sorted(s.failed.items())],
+            "copies_across_splits": s.images.copies_across_splits(),
             "pending_rows": self.pending_rows(),
             "layout": s.attrs.get("layout"),
             "created": s.attrs.get("created"),
@@ -391,6 +404,10 @@ class StoreWriter:
         return self
 
     def __exit__(self, *exc) -> None:
+        try:
+            parts_dir(self.path).rmdir()  # only when empty: everything was folded in
+        except OSError:
+            pass
         self.lock.release()
 
     def write_segment(

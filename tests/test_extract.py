@@ -147,3 +147,36 @@ def test_onnx_engine_matches_keras(image_folder, tmp_path):
     k, o = _features_by_path(tmp_path / "k.h5"), _features_by_path(tmp_path / "o.h5")
     scale = max(np.abs(v).max() for v in k.values())
     assert max(np.abs(k[p] - o[p]).max() for p in k) / scale < 1e-3
+
+
+def test_identical_files_in_two_splits_are_reported(tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cli import cli
+    from extract.dataset import assign_split
+
+    root = make_image_folder(tmp_path / "images", per_class=4)
+    original = root / "red" / "img_0.jpg"
+    split = assign_split("red/img_0.jpg", 0, 0.3, 0.3)
+    # copies of one photo under other names: one lands in another split, one in the same split
+    names = [f"copy_{i}.jpg" for i in range(200)]
+    other = next(n for n in names if assign_split(f"red/{n}", 0, 0.3, 0.3) != split)
+    same = next(n for n in names if assign_split(f"red/{n}", 0, 0.3, 0.3) == split)
+    for name in (other, same):
+        shutil.copyfile(original, root / "red" / name)
+    store = tmp_path / "f.h5"
+    summary = run_extraction(root, store, validation_split=0.3, test_split=0.3, seed=0, **TINY)
+    expected = [sorted(["red/img_0.jpg", f"red/{other}", f"red/{same}"])]
+    assert summary.copies_across_splits == expected
+    assert FeatureStore(store).info()["copies_across_splits"] == expected
+
+    result = CliRunner().invoke(cli, ["store", "info", str(store)])
+    assert result.exit_code == 0
+    assert "warning: 3 files are copies of 1 image(s) and sit in different splits" in result.output
+    assert " = ".join(expected[0]) in result.output
+
+    (root / "red" / other).unlink()
+    (root / "red" / same).unlink()
+    assert run_extraction(root, store, **TINY).copies_across_splits == []
