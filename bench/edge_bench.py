@@ -155,7 +155,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="exported ONNX model (with metadata)")
     parser.add_argument("--images", required=True, help="folder of images (copied; the original is untouched)")
     parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8, help="as for the runner [default: 8, its default]")
     parser.add_argument("--poll-seconds", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "edge.md"))

@@ -225,7 +225,7 @@ def bench_folder(data: Path, shown_data: str, workdir: Path, cfg: argparse.Names
         model = workdir / "model.onnx"
         seconds, _ = run_script([str(ROOT / "cli.py"), "export-onnx", "--store", pipelines["tool"]["store"],
                                  "--head", pipelines["tool"]["head"], "--out", str(model)])
-        args = ["--model", str(model), "--images", str(data), "--batch-size", str(cfg.batch_size),
+        args = ["--model", str(model), "--images", str(data), "--batch-size", str(cfg.edge_batch_size),
                 "--repeats", str(cfg.repeats)]
         return {**run_bench_script("edge_bench", args, workdir, shown), "export_onnx_seconds": seconds}
 
@@ -427,7 +427,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="1 repeat, 2 epochs, 1 fine-tuning epoch, at most 20 images per class")
     parser.add_argument("--batch-size", type=int, metavar="N", default=32,
-                        help="batch of extraction, training and the edge runner [default: 32]")
+                        help="batch of extraction and training [default: 32]")
+    parser.add_argument("--edge-batch-size", type=int, metavar="N", default=8,
+                        help="batch of the edge runner [default: 8, the runner's default]")
     parser.add_argument("--input-size", type=int, metavar="PX", default=None, help="square input size [default: the backbone's]")
     parser.add_argument("--engine", choices=("auto", "onnx", "keras"), default="auto", help="extraction engine")
     parser.add_argument("--validation-split", type=float, metavar="SHARE", default=0.1,

@@ -39,7 +39,7 @@ class RunnerConfig:
     results: Path
     done: str | None = None
     quarantine: str | None = None
-    batch_size: int = 16
+    batch_size: int = 8
     poll_seconds: float = 1.0
     once: bool = False
     top: int = 3
