@@ -26,6 +26,9 @@ def _backbone_names() -> list[str]:
 @click.option("--test-split", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Share of images for test [default: 0.1, or the store's].")
 @click.option("--seed", type=int, default=None, help="Split seed [default: 0, or the store's].")
+@click.option("--split-group", default=None, metavar="REGEX",
+              help="Images whose paths are equal once REGEX matches are removed share a split, e.g. "
+                   "'_aug\\d+' keeps img1.jpg and img1_aug3.jpg together [default: none, or the store's].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
               help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails.")
@@ -36,7 +39,8 @@ def _backbone_names() -> list[str]:
               help="How often computed rows are folded into the store file while the job runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, dtype,
+def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
+                    dtype,
                     engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
@@ -53,7 +57,8 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
 
     summary = run_extraction(
         images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
-        validation_split=validation_split, test_split=test_split, seed=seed, dtype=dtype, engine=engine,
+        validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group, dtype=dtype,
+        engine=engine,
         input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
         progress=not quiet,
     )

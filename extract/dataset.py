@@ -2,7 +2,9 @@
 
 Two layouts are understood:
 - ``DIR/<class>/...`` (like ``keras.utils.image_dataset_from_directory``): splits are assigned per
-  image from a hash of its relative path and a seed, so adding images never moves an existing one.
+  image from a hash of its relative path and a seed, so adding images never moves an existing one
+  (with a ``split_group`` pattern, of the path with the pattern's matches removed, so that copies
+  of one photo share a split).
 - ``DIR/{train,validation,test}/<class>/...`` (``val``/``valid`` accepted for validation): the
   folders give the splits.
 
@@ -13,6 +15,7 @@ Class names are folder names (NFC-normalised, accents and spaces kept), sorted l
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -52,6 +55,23 @@ def _unit_hash(text: str) -> float:
     """A number in [0, 1) that depends only on ``text``."""
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_key(relpath: str, split_group: str) -> str:
+    """What an image's split is drawn from: its path, with every match of ``split_group`` removed.
+
+    With ``split_group="_aug\\d+"``, ``cat/img1.jpg`` and ``cat/img1_aug3.jpg`` share the key
+    ``cat/img1.jpg`` and so one split: augmented or re-saved copies of one photo cannot straddle
+    train and test.
+    """
+    return re.sub(split_group, "", relpath) if split_group else relpath
+
+
+def _compile_group(split_group: str) -> None:
+    try:
+        re.compile(split_group)
+    except re.error as exc:
+        raise DatasetError(f"--split-group {split_group!r} is not a valid regular expression: {exc}") from None
 
 
 def assign_split(relpath: str, seed: int, validation_split: float, test_split: float) -> str:
@@ -96,8 +116,11 @@ def discover(
     validation_split: float = 0.1,
     test_split: float = 0.1,
     seed: int = 0,
+    split_group: str = "",
 ) -> Dataset:
+    """Images and classes under ``root``; see the module docstring for layouts and splits."""
     root = Path(root)
+    _compile_group(split_group)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
     if not (0 <= validation_split < 1 and 0 <= test_split < 1 and validation_split + test_split < 1):
@@ -121,7 +144,8 @@ def discover(
                 if not is_image_name(rel):
                     ignored.append(relpath)
                     continue
-                entry_split = split or assign_split(relpath, seed, validation_split, test_split)
+                entry_split = split or assign_split(split_key(relpath, split_group), seed, validation_split,
+                                                    test_split)
                 entries.append(ImageEntry(relpath, class_name, entry_split))
     if not entries:
         raise DatasetError(

@@ -25,7 +25,7 @@ from extract.store import ImageTable, StoreState, StoreWriter, empty_state
 from extract.weights import backbone_record, file_sha256, resolve_weights
 
 DTYPES = ("float32", "float16")
-DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0}
+DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": ""}
 
 
 @dataclass
@@ -161,6 +161,7 @@ def run_extraction(
     validation_split: float | None = None,
     test_split: float | None = None,
     seed: int | None = None,
+    split_group: str | None = None,
     dtype: str = "float32",
     engine: str = "auto",
     input_size: int | None = None,
@@ -181,7 +182,8 @@ def run_extraction(
     workers = workers or max(2, min(8, (os.cpu_count() or 2)))
     with StoreWriter(store) as writer:
         settings = _split_settings(writer.state, {"validation_split": validation_split,
-                                                  "test_split": test_split, "seed": seed})
+                                                  "test_split": test_split, "seed": seed,
+                                                  "split_group": split_group})
         dataset = discover(root, **settings)
         entries = select_entries(dataset, shard_spec)
         state = writer.state or empty_state()

@@ -495,7 +495,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
     states = [read_state(p) for p in inputs]
     if not states:
         raise StoreError("nothing to merge: give at least one store")
-    keys = ("seed", "validation_split", "test_split", "layout")
+    keys = ("seed", "validation_split", "test_split", "split_group", "layout")
     first = states[0]
     for p, s in zip(inputs[1:], states[1:]):
         diff = [k for k in keys if s.attrs.get(k) != first.attrs.get(k)]

@@ -65,3 +65,22 @@ def test_adding_images_never_moves_existing_ones(tmp_path):
     after = {e.relpath: e.split for e in discover(root, 0.2, 0.2, seed=3).entries}
     assert len(after) == len(before) + 91
     assert all(after[p] == s for p, s in before.items())
+
+
+def test_split_group_keeps_copies_of_one_photo_in_one_split(tmp_path):
+    root = tmp_path / "images"
+    for i in range(40):
+        for suffix in ("", "_aug1", "_aug2"):
+            write_image(root / "chat" / f"img{i}{suffix}.jpg", (200, 30, 30), seed=i)
+    ungrouped = {e.relpath: e.split for e in discover(root, 0.3, 0.3, seed=0).entries}
+    straddling = [i for i in range(40) if len({ungrouped[f"chat/img{i}{s}.jpg"] for s in ("", "_aug1", "_aug2")}) > 1]
+    assert straddling, "without a group, copies land in different splits (the leakage this option prevents)"
+
+    grouped = {e.relpath: e.split for e in discover(root, 0.3, 0.3, seed=0, split_group=r"_aug\d+").entries}
+    for i in range(40):
+        assert grouped[f"chat/img{i}_aug1.jpg"] == grouped[f"chat/img{i}_aug2.jpg"] == grouped[f"chat/img{i}.jpg"]
+        assert grouped[f"chat/img{i}.jpg"] == ungrouped[f"chat/img{i}.jpg"]  # the original keeps its split
+    assert len(set(grouped.values())) == 3
+
+    with pytest.raises(DatasetError, match="not a valid regular expression"):
+        discover(root, split_group="(")

@@ -180,3 +180,28 @@ def test_identical_files_in_two_splits_are_reported(tmp_path):
     (root / "red" / other).unlink()
     (root / "red" / same).unlink()
     assert run_extraction(root, store, **TINY).copies_across_splits == []
+
+
+def test_store_remembers_split_group_and_fine_tune_uses_it(tmp_path):
+    from export.data import from_feature_set, from_folder, split_settings
+
+    root = make_image_folder(tmp_path / "images", per_class=8)
+    for path in list(root.rglob("*.jpg")):
+        (path.parent / f"{path.stem}_flip.jpg").write_bytes(path.read_bytes())  # a copy under another name
+    store = tmp_path / "f.h5"
+    summary = run_extraction(root, store, split_group="_flip", validation_split=0.3, test_split=0.3, **TINY)
+    assert summary.copies_across_splits == []  # grouped: no copy sits in another split
+    features = FeatureStore(store).read()
+    split = dict(zip(features.paths, features.splits))
+    pairs = [(p, p.replace("_flip", "")) for p in split if "_flip" in p]
+    assert pairs and all(split[a] == split[b] for a, b in pairs)
+
+    assert FeatureStore(store).state.attrs["split_group"] == "_flip"
+    run_extraction(root, store, **TINY)  # not given: the store's group is kept
+    with pytest.raises(StoreError, match="--split-group _flip"):
+        run_extraction(root, store, split_group="", **TINY)
+
+    settings = split_settings(FeatureStore(store).state.attrs)
+    assert settings["split_group"] == "_flip"
+    folder = from_folder(root, settings)
+    assert dict(zip(folder.relpaths, folder.splits)) == dict(zip(from_feature_set(features).relpaths, features.splits))
