@@ -34,6 +34,7 @@ from bench.common import ROOT, fmt, header, spread, write_section  # noqa: E402
 from edge.__main__ import default_threads  # noqa: E402
 from edge.imageio import ImageDecodeError, load_image  # noqa: E402
 from edge.model import load_model  # noqa: E402
+from edge.runner import RunnerConfig  # noqa: E402
 from edge.watch import scan  # noqa: E402
 
 
@@ -155,7 +156,8 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="exported ONNX model (with metadata)")
     parser.add_argument("--images", required=True, help="folder of images (copied; the original is untouched)")
     parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--batch-size", type=int, default=8, help="as for the runner [default: 8, its default]")
+    parser.add_argument("--batch-size", type=int, default=RunnerConfig.batch_size,
+                        help="as for the runner [default: %(default)s, its default]")
     parser.add_argument("--poll-seconds", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "edge.md"))

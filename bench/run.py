@@ -49,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, command_line, default_data, fmt, machine, run_script, spread  # noqa: E402
+from edge.runner import RunnerConfig  # noqa: E402
 from extract.backbones import list_backbones  # noqa: E402
 from extract.dataset import discover  # noqa: E402
 
@@ -428,8 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="1 repeat, 2 epochs, 1 fine-tuning epoch, at most 20 images per class")
     parser.add_argument("--batch-size", type=int, metavar="N", default=32,
                         help="batch of extraction and training [default: 32]")
-    parser.add_argument("--edge-batch-size", type=int, metavar="N", default=8,
-                        help="batch of the edge runner [default: 8, the runner's default]")
+    parser.add_argument("--edge-batch-size", type=int, metavar="N", default=RunnerConfig.batch_size,
+                        help="batch of the edge runner [default: %(default)s, the runner's default]")
     parser.add_argument("--input-size", type=int, metavar="PX", default=None, help="square input size [default: the backbone's]")
     parser.add_argument("--engine", choices=("auto", "onnx", "keras"), default="auto", help="extraction engine")
     parser.add_argument("--validation-split", type=float, metavar="SHARE", default=0.1,

@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive(int), default=default_threads(), metavar="N",
         help="onnxruntime intra-op threads (default: min(4, CPUs) = %(default)s)",
     )
-    parser.add_argument("--batch-size", type=_positive(int), default=8, metavar="B",
-                        help="images per inference (default: 8: on 2 cores as fast as larger batches, with less memory)")
+    parser.add_argument("--batch-size", type=_positive(int), default=RunnerConfig.batch_size, metavar="B",
+                        help="images per inference (default: %(default)s: on 2 cores as fast as larger batches, "
+                             "with less memory)")
     parser.add_argument(
         "--poll-seconds", type=_positive(float), default=1.0, metavar="S",
         help="poll interval, and how long a file must stay unchanged to count as complete (default: 1)",

@@ -15,14 +15,13 @@ import numpy as np
 from edge.imageio import ImageDecodeError, load_image
 from extract.dataset import discover
 from extract.errors import TransferKitError
-from extract.job import DEFAULT_SPLITS
-from extract.store import FeatureSet
+from extract.store import DEFAULT_SPLITS, FeatureSet
 
 SPLIT_ORDER = ("test", "validation", "train")
 
 
 def split_settings(attrs: dict | None) -> dict:
-    """``seed``, ``validation_split`` and ``test_split`` from store attributes (defaults where absent)."""
+    """The split settings (``DEFAULT_SPLITS`` keys) from store attributes (defaults where absent)."""
     attrs = attrs or {}
     return {key: type(default)(attrs.get(key, default)) for key, default in DEFAULT_SPLITS.items()}
 
@@ -56,7 +55,7 @@ class LabelledImages:
 
 
 def from_folder(images_dir: str | Path, settings: dict, class_names: list[str] | None = None) -> LabelledImages:
-    """Images of a class folder with ``settings`` (seed, validation_split, test_split) for its splits."""
+    """Images of a class folder with ``settings`` (``split_settings``) for their splits."""
     dataset = discover(images_dir, **settings)
     names = dataset.class_names
     if class_names is not None and names != list(class_names):

@@ -40,8 +40,7 @@ def _backbone_names() -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    dtype,
-                    engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
+                    dtype, engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -58,8 +57,7 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
     summary = run_extraction(
         images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
         validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group, dtype=dtype,
-        engine=engine,
-        input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
+        engine=engine, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
         progress=not quiet,
     )
     if as_json:

@@ -15,8 +15,8 @@ Class names are folder names (NFC-normalised, accents and spaces kept), sorted l
 from __future__ import annotations
 
 import hashlib
-import re
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,19 +57,21 @@ def _unit_hash(text: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_key(relpath: str, split_group: str) -> str:
-    """What an image's split is drawn from: its path, with every match of ``split_group`` removed.
+def split_key(relpath: str, group: re.Pattern | None) -> str:
+    """What an image's split is drawn from: its path, with every match of ``group`` removed.
 
-    With ``split_group="_aug\\d+"``, ``cat/img1.jpg`` and ``cat/img1_aug3.jpg`` share the key
+    With the pattern ``_aug\\d+``, ``cat/img1.jpg`` and ``cat/img1_aug3.jpg`` share the key
     ``cat/img1.jpg`` and so one split: augmented or re-saved copies of one photo cannot straddle
     train and test.
     """
-    return re.sub(split_group, "", relpath) if split_group else relpath
+    return group.sub("", relpath) if group else relpath
 
 
-def _compile_group(split_group: str) -> None:
+def _compile_group(split_group: str) -> re.Pattern | None:
+    if not split_group:
+        return None
     try:
-        re.compile(split_group)
+        return re.compile(split_group)
     except re.error as exc:
         raise DatasetError(f"--split-group {split_group!r} is not a valid regular expression: {exc}") from None
 
@@ -120,7 +122,7 @@ def discover(
 ) -> Dataset:
     """Images and classes under ``root``; see the module docstring for layouts and splits."""
     root = Path(root)
-    _compile_group(split_group)
+    group = _compile_group(split_group)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
     if not (0 <= validation_split < 1 and 0 <= test_split < 1 and validation_split + test_split < 1):
@@ -144,7 +146,7 @@ def discover(
                 if not is_image_name(rel):
                     ignored.append(relpath)
                     continue
-                entry_split = split or assign_split(split_key(relpath, split_group), seed, validation_split,
+                entry_split = split or assign_split(split_key(relpath, group), seed, validation_split,
                                                     test_split)
                 entries.append(ImageEntry(relpath, class_name, entry_split))
     if not entries:

@@ -21,11 +21,11 @@ from edge.imageio import ImageDecodeError, load_image
 from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.errors import StoreError, TransferKitError
-from extract.store import ImageTable, StoreState, StoreWriter, empty_state
+from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
+from extract.version import __version__
 from extract.weights import backbone_record, file_sha256, resolve_weights
 
 DTYPES = ("float32", "float16")
-DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": ""}
 
 
 @dataclass
@@ -63,8 +63,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 def _library_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
-
-    from extract.version import __version__
 
     versions = {"python": platform.python_version(), "transferkit": __version__}
     for package in ("tensorflow", "keras", "onnxruntime", "numpy", "h5py"):

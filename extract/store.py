@@ -24,6 +24,9 @@ import numpy as np
 
 from extract.errors import StoreError
 
+# Store attributes that decide which split each image is in (a run may not change them silently).
+DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": ""}
+
 FORMAT = "transferkit-feature-store"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
@@ -495,7 +498,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
     states = [read_state(p) for p in inputs]
     if not states:
         raise StoreError("nothing to merge: give at least one store")
-    keys = ("seed", "validation_split", "test_split", "split_group", "layout")
+    keys = (*DEFAULT_SPLITS, "layout")
     first = states[0]
     for p, s in zip(inputs[1:], states[1:]):
         diff = [k for k in keys if s.attrs.get(k) != first.attrs.get(k)]
