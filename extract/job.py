@@ -80,7 +80,8 @@ def _split_settings(state: StoreState | None, requested: dict) -> dict:
                 for k, v in DEFAULT_SPLITS.items()}
     clash = {k for k in stored if requested.get(k) is not None and requested[k] != stored[k]}
     if clash:
-        given = ", ".join(f"--{k.replace('_', '-')} {stored[k]}" for k in sorted(clash))
+        given = ", ".join(f"--{k.replace('_', '-')} {stored[k] if stored[k] != '' else repr('')}"
+                          for k in sorted(clash))
         raise StoreError(f"this store was built with {given}; pass the same values or use a new --store")
     return settings
 
