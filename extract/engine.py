@@ -42,13 +42,16 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def onnx_session(model_path: str | Path, threads: int | None = None):
+def onnx_session(model_path: str | Path, threads: int | None = None, spinning: bool | None = None):
+    """A CPU session; ``spinning`` None keeps onnxruntime's default (threads spin while waiting)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or default_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
