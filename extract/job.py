@@ -199,15 +199,15 @@ def run_extraction(
                     f"{previous_rows.record['input_size']} px; this run uses {weights_resolved.weights_id} at "
                     f"{size} px. Use another --store, or the same --weights/--input-size"
                 )
-            if str(previous_rows.features.dtype) != dtype:
-                raise StoreError(f"{store} holds {spec.name} features as {previous_rows.features.dtype}; "
-                                 f"pass --dtype {previous_rows.features.dtype}")
+            if previous_rows.dtype != dtype:
+                raise StoreError(f"{store} holds {spec.name} features as {previous_rows.dtype}; "
+                                 f"pass --dtype {previous_rows.dtype}")
         state.images = _hash_entries(root, entries, state.images, workers)
         state.classes = dataset.class_names
         dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
-        rows = state.backbones.get(spec.name)
-        kept = len(rows.path) if rows else 0
-        have = set(zip(rows.path, rows.sha256)) if rows else set()
+        paths, shas = writer.keys(spec.name)
+        kept = len(paths)
+        have = set(zip(paths, shas))
         failed_before = {(p, s) for p, (s, _) in state.failed.items()}
         todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
                 if (p, s) not in have and (p, s) not in failed_before]
@@ -221,7 +221,7 @@ def run_extraction(
         elapsed = time.perf_counter() - started
         return ExtractionSummary(
             store=str(store), backbone=spec.name, engine=engine_name,
-            images=len(rows.path) if rows else 0, extracted=extracted, reused=kept,
+            images=rows.rows if rows else 0, extracted=extracted, reused=kept,
             failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
