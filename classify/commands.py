@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import unicodedata
 
 import click
 
@@ -78,32 +77,6 @@ def evaluate_command(store, head, split, report_dir, as_json):
                f"report in {report_dir}")
 
 
-def json_line(value) -> str:
-    """One line of JSON that is always valid UTF-8: surrogate-escaped file names are shown readably.
-
-    Local stand-in until edge/imageio.py provides the shared strict JSON dumper.
-    """
-    def clean(item):
-        if isinstance(item, str):
-            return item.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        if isinstance(item, dict):
-            return {clean(k): clean(v) for k, v in item.items()}
-        if isinstance(item, (list, tuple)):
-            return [clean(v) for v in item]
-        return item
-
-    return json.dumps(clean(value), ensure_ascii=False, allow_nan=False)
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters (newlines included) escaped, so a file name cannot forge lines.
-
-    Local stand-in until edge/imageio.py provides the shared escaping.
-    """
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(repr(c)[1:-1] if unicodedata.category(c).startswith("C") else c for c in text)
-
-
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--head", type=click.Path(exists=True), default=None, help="Head folder written by fit-head.")
@@ -130,17 +103,19 @@ def predict_command(images, head, model, weights, engine, as_json, quiet):
       python cli.py predict --model model.onnx inbox/
     """
     from classify.classifiers import open_classifier
-    from classify.predict import collect_images, predict_images
+    from classify.predict import predict_images
+    from extract.inputs import collect_images
+    from edge.imageio import printable, strict_json
 
     files, failed = collect_images(list(images))
     classifier = open_classifier(head=head, model=model, weights=weights, engine=engine)
     if not quiet:
         click.echo(f"predict: {len(files)} images with {classifier.kind} {printable(classifier.name)}, "
                    f"engine {classifier.engine}", err=True)
-    rows = failed + predict_images(classifier, files)
+    rows = [{"image": arg, "error": reason} for arg, reason in failed] + predict_images(classifier, files)
     for row in rows:
         if as_json:
-            click.echo(json_line(row))
+            click.echo(strict_json(row))
         elif "error" in row:
             click.echo(f"{printable(row['image'])}: error: {printable(row['error'])}")
         else:

@@ -1,7 +1,7 @@
 """Classify new image files with a head, a fine-tuned model.keras or an exported model.onnx.
 
     >>> model = open_classifier(head="head/")
-    >>> files, failed = collect_images(["photos/", "extra/*.jpg"])
+    >>> files, failed = extract.inputs.collect_images(["photos/", "extra/*.jpg"])
     >>> for row in predict_images(model, files):
     ...     print(row["image"], row.get("label"), row.get("probability"), row.get("error"))
 
@@ -11,9 +11,6 @@ quoted glob patterns. Each file is classified or gets an ``error``; the CLI exit
 
 from __future__ import annotations
 
-import glob
-import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +18,8 @@ import numpy as np
 from classify.classifiers import Classifier, head_backbone
 from classify.persist import TrainedHead
 from edge.imageio import ImageDecodeError, load_image
-from extract.dataset import walk_image_files
-from extract.errors import TransferKitError
 
 TOP_K = 3
-GLOB_CHARACTERS = frozenset("*?[")
-
-
-class NoImagesMatched(TransferKitError):
-    """A glob or folder argument matched no image file."""
 
 
 def build_backbone_for_head(trained: TrainedHead, weights: str | None = None):
@@ -40,53 +30,9 @@ def build_backbone_for_head(trained: TrainedHead, weights: str | None = None):
     return build_backbone(need.spec.name, weights=need.weights, input_size=need.input_size, seed=need.seed)
 
 
-def collect_images(arguments: list[str]) -> tuple[list[str], list[dict]]:
-    """The image files named by ``arguments``, and a failed row per argument that names nothing usable.
-
-    A folder gives its image files (recursively, hidden ones skipped); a pattern with ``* ? [`` that
-    is not an existing path is expanded (recursive ``**`` allowed) and must match at least one file.
-    """
-    files: list[str] = []
-    failed: list[dict] = []
-    for argument in arguments:
-        if os.path.isdir(argument):
-            found = [os.path.join(argument, rel) for rel in walk_image_files(Path(argument))]
-            if not found:
-                failed.append({"image": argument, "error": "folder has no image files"})
-            files += found
-        elif not os.path.lexists(argument) and GLOB_CHARACTERS & set(argument):
-            matched = sorted(p for p in glob.glob(argument, recursive=True) if not os.path.isdir(p))
-            if not matched:
-                raise NoImagesMatched(f"no file matches {argument!r}")
-            files += matched
-        else:
-            files.append(argument)
-    return files, failed
-
-
-def _regular_file_reason(path: str) -> str | None:
-    """Why ``path`` cannot be read as an image without risk (a FIFO would block the open forever)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return "file not found"
-    except OSError as exc:
-        return exc.strerror or type(exc).__name__
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    if not stat.S_ISREG(mode):
-        return "not a regular file"
-    if not os.access(path, os.R_OK):
-        return "permission denied"
-    return None
-
-
 def _decode(path: str, size: int) -> np.ndarray | str:
-    reason = _regular_file_reason(path)
-    if reason:
-        return reason
     try:
-        return load_image(path, (size, size))
+        return load_image(path, (size, size))  # regular files only: a FIFO is refused, never opened
     except ImageDecodeError as exc:
         return str(exc)
 
