@@ -106,7 +106,8 @@ def write_segment_file(path: Path, backbone: str, record: dict, paths: list[str]
         f.attrs["backbone"] = backbone
         f.attrs["record"] = json.dumps(record, sort_keys=True)
         n, dim = len(paths), features.shape[1]
-        ds = f.create_dataset("features", shape=(n, dim), dtype=features.dtype, chunks=(min(n, 256), dim) if n else None)
+        ds = f.create_dataset("features", shape=(n, dim), dtype=features.dtype,
+                              chunks=(min(n, 256), dim) if n else None)
         if isinstance(features, np.ndarray):
             if n:
                 ds[...] = features

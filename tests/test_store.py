@@ -71,8 +71,8 @@ def test_every_way_of_building_reads_the_same_rows_and_fits_the_same_head(tmp_pa
         for (w, b), (w0, b0) in zip(layers, heads[0]):
             assert np.array_equal(w, w0) and np.array_equal(b, b0)
     test_only = FeatureStore(one).read(splits=("test",))
-    assert set(test_only.splits) == {"test"} and test_only.paths == [p for p, s in zip(reads[0].paths,
-                                                                                         reads[0].splits) if s == "test"]
+    expected = [p for p, s in zip(reads[0].paths, reads[0].splits) if s == "test"]
+    assert set(test_only.splits) == {"test"} and test_only.paths == expected
 
 
 def test_merge_is_a_view_and_survives_the_shards(tmp_path):

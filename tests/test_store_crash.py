@@ -1,5 +1,6 @@
 """SIGKILL inside a checkpoint and inside compaction: the store always opens with complete rows only,
-and the next run finishes it (kills land before and after the writer's file renames: batches, segments, compaction, the root)."""
+and the next run finishes it (kills land before and after the writer's file renames: batches,
+segments, compaction, the root)."""
 
 from __future__ import annotations
 
