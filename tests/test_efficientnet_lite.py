@@ -189,7 +189,7 @@ def test_sanity_photos_top1_and_identify(cache, tmp_path):
     assert human.output.splitlines()[1].endswith(" 954 banana")
     as_json = runner.invoke(identify_command, [str(SANITY / "banana.jpg"), str(broken), "--json", "--top", "1"])
     assert as_json.exit_code == 1
-    parsed = json.loads(as_json.output)
+    parsed = json.loads(as_json.stdout)
     assert parsed[0]["top"][0]["class_id"] == 954 and "error" in parsed[1]
 
 
