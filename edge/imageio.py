@@ -57,8 +57,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """Decode ``path`` into a ``(height, width, 3)`` uint8 RGB array.
+def load_image(path, size: tuple[int, int]) -> np.ndarray:
+    """Decode ``path`` (a path or a binary file object) into a ``(height, width, 3)`` uint8 RGB array.
 
     Raises ImageDecodeError with a short reason for anything that is not a complete, sane image.
     """
@@ -88,7 +88,7 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     except IsADirectoryError:
         raise ImageDecodeError("is a directory") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...)
-        if Path(path).exists() and Path(path).stat().st_size == 0:
+        if isinstance(path, (str, Path)) and Path(path).exists() and Path(path).stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)") from None
         reason = str(exc).strip() or type(exc).__name__
         raise ImageDecodeError(f"cannot decode image: {reason}") from None
