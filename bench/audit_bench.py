@@ -51,6 +51,48 @@ def _crop(img: Image.Image, keep: float = 0.92) -> Image.Image:
 
 TRANSFORMS = {"resized": lambda im: im.resize((im.width // 2, im.height // 2)), "jpeg40": lambda im: _jpeg(im, 40),
               "cropped": _crop, "mirrored": ImageOps.mirror}
+MEASURED = {**TRANSFORMS, "cropped80": lambda im: _crop(im, 0.8), "rotated10": lambda im: im.rotate(10),
+            "rotated90": lambda im: im.rotate(90)}
+
+
+def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0) -> dict:
+    """How copies score against their original: centred feature cosine and pixel-signature cosine
+    (best of direct and mirrored), median and 10th percentile over ``sample`` images per transform;
+    and the nearest other image's feature cosine in the set (what an unrelated photo scores)."""
+    from classify.audit_images import _one
+    from classify.neighbours import nearest_other
+    from extract.engine import OnnxEngine, onnx_engine_path
+    from extract.store import FeatureStore
+
+    features = FeatureStore(store).read()
+    record = features.backbone
+    engine = OnnxEngine(None, path=onnx_engine_path(record["name"], record["weights"]["id"], record["input_size"]))
+    mean = features.features.mean(axis=0)
+    size = record["input_size"]
+
+    def unit(vector):
+        vector = vector - mean
+        return vector / np.linalg.norm(vector)
+
+    rows = np.random.default_rng(seed).choice(len(features.paths), min(sample, len(features.paths)), replace=False)
+    scores: dict[str, dict[str, list[float]]] = {k: {"features": [], "pixels": []} for k in MEASURED}
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in rows:
+            with Image.open(images / features.paths[row]) as img:
+                img = img.convert("RGB")
+            original = unit(features.features[row])
+            _, signature, _ = _one(images / features.paths[row])
+            for kind, transform in MEASURED.items():
+                copy = transform(img).convert("RGB")
+                copy.save(Path(tmp) / "copy.jpg", quality=90)
+                batch = np.asarray(copy.resize((size, size), Image.BILINEAR))[None]
+                scores[kind]["features"].append(float(unit(engine(batch)[0]) @ original))
+                _, copy_signature, copy_mirror = _one(Path(tmp) / "copy.jpg")
+                scores[kind]["pixels"].append(float(max(signature @ copy_signature, signature @ copy_mirror)))
+    _, nearest = nearest_other(normalise(features.features))
+    quantiles = lambda values: {"median": float(np.median(values)), "p10": float(np.quantile(values, 0.1))}
+    return {"sample": len(rows), "copies": {k: {m: quantiles(v) for m, v in d.items()} for k, d in scores.items()},
+            "nearest_other_features": {q: float(np.quantile(nearest, q)) for q in (0.5, 0.9, 0.99)}}
 
 
 def _test_name(folder: str, stem: str) -> str:
@@ -137,6 +179,19 @@ def _group_line(group: dict) -> str:
     return f"- {images}{more}: {', '.join(group['evidence'])}, {group['max_similarity']}{flags}"
 
 
+def similarity_markdown(result: dict) -> list[str]:
+    lines = ["", f"How copies score against their original ({result['sample']} sampled images; median / 10th "
+             "percentile; features: centred cosine, pixels: 16x16 signature, best of direct and mirrored):", "",
+             "| copy | features | pixels |", "|---|---|---|"]
+    for kind, d in result["copies"].items():
+        lines.append(f"| {kind} | {d['features']['median']:.3f} / {d['features']['p10']:.3f} "
+                     f"| {d['pixels']['median']:.3f} / {d['pixels']['p10']:.3f} |")
+    near = result["nearest_other_features"]
+    lines.append(f"| nearest other image in the set (median / 90th / 99th percentile) | {near[0.5]:.3f} / "
+                 f"{near[0.9]:.3f} / {near[0.99]:.3f} | |")
+    return lines
+
+
 def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> str:
     s, effect = clean["summary"], clean["leak_effect"]
     lines = [f"### {name}", "", "| | as it is | with planted faults |", "|---|---|---|"]
@@ -158,6 +213,7 @@ def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> 
                      f"{effect['test_images']} test images, "
                      + (f"{without:.3f} without the {effect['leaked_test_images']} with a copy in train."
                         if without is not None else "none without a copy in train."))
+    lines += similarity_markdown(clean["copy_similarities"])
     lines += ["", "Groups in the unmodified set (first 12, conflicts and leaks first):", ""]
     lines += [_group_line(g) for g in clean["duplicate_groups"][:12]]
     return "\n".join(lines) + "\n"
@@ -185,11 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         for folder in args.data:
             name, work = Path(folder).name, Path(tmp)
             clean = extract_and_audit(Path(folder), work, name)
+            clean["copy_similarities"] = copy_similarities(work / f"{name}.h5", Path(folder))
             planted = plant(Path(folder), work / f"{name}-planted")
             planted_report = extract_and_audit(work / f"{name}-planted", work, f"{name}-planted")
             score = score_planted(planted_report, planted)
             results["data"][name] = {"folder": f"../shared/datasets/{name}", "as_is": clean["summary"],
-                                     "leak_effect": clean["leak_effect"], "planted": planted, "score": score,
+                                     "leak_effect": clean["leak_effect"],
+                                     "copy_similarities": clean["copy_similarities"], "planted": planted, "score": score,
                                      "planted_summary": planted_report["summary"],
                                      "groups": clean["duplicate_groups"],
                                      "suspects_planted_run": planted_report["mislabel_suspects"]}

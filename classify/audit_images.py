@@ -11,15 +11,13 @@ are centred and unit-length, so comparing two is one dot product.
 
 from __future__ import annotations
 
-import hashlib
-import io
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge.imageio import ImageDecodeError, load_image
+from edge.imageio import ImageDecodeError, decode_image, read_image_file
 
 SIGNATURE_SIZE = 16
 
@@ -41,12 +39,12 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 
 def _one(path: Path) -> tuple[str, np.ndarray, np.ndarray] | None:
     try:
-        data = path.read_bytes()
-        rgb = load_image(io.BytesIO(data), (SIGNATURE_SIZE, SIGNATURE_SIZE)).astype(np.float32)
+        content = read_image_file(path)
+        rgb = decode_image(content.data, (SIGNATURE_SIZE, SIGNATURE_SIZE)).astype(np.float32)
     except (OSError, ImageDecodeError):
         return None
     grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    return hashlib.sha256(data).hexdigest(), _unit(grey.ravel()), _unit(grey[:, ::-1].ravel())
+    return content.sha256, _unit(grey.ravel()), _unit(grey[:, ::-1].ravel())
 
 
 def read_images(root: str | Path, paths: list[str], workers: int = 4, progress=None) -> ImageSignatures:
