@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, default_data, header, run_script, write_section  # noqa: E402
 from classify.duplicates import FEATURE_THRESHOLD  # noqa: E402
+from classify.label_checks import leak_effect_sentence  # noqa: E402
 from classify.neighbours import block_rows_for, normalise, similar_pairs  # noqa: E402
 from extract.dataset import assign_split, discover  # noqa: E402
 
@@ -208,11 +209,7 @@ def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> 
               f"{score['copies_found']} of {COPIES} test-split copies grouped with their original "
               f"(by transform: {', '.join(f'{k} {v}' for k, v in score['copies_found_by_transform'].items())})."]
     if effect:
-        without = effect["accuracy_without_leaked"]
-        lines.append(f"Test accuracy ({effect['head']}): {effect['accuracy_all']:.3f} on all "
-                     f"{effect['test_images']} test images, "
-                     + (f"{without:.3f} without the {effect['leaked_test_images']} with a copy in train."
-                        if without is not None else "none without a copy in train."))
+        lines.append(f"{leak_effect_sentence(effect)} ({effect['head']}).")
     lines += similarity_markdown(clean["copy_similarities"])
     lines += ["", "Groups in the unmodified set (first 12, conflicts and leaks first):", ""]
     lines += [_group_line(g) for g in clean["duplicate_groups"][:12]]

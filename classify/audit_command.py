@@ -7,6 +7,7 @@ import json
 import click
 
 from classify.duplicates import FEATURE_THRESHOLD
+from classify.label_checks import leak_effect_sentence
 
 
 @click.command("audit")
@@ -40,9 +41,8 @@ def audit_command(store, backbone, report_dir, images, threshold, top, as_json, 
     click.echo(f"{report['images']} images: {s['duplicate_groups']} duplicate groups ({s['images_in_groups']} images), "
                f"{s['leak_groups']} across splits, {s['label_conflict_groups']} with conflicting labels; "
                f"{s['test_images_with_train_copy']} test images have a copy in train")
-    if effect and effect["accuracy_without_leaked"] is not None and effect["leaked_test_images"]:
-        click.echo(f"test accuracy {effect['accuracy_all']:.3f} on all {effect['test_images']} test images, "
-                   f"{effect['accuracy_without_leaked']:.3f} without the {effect['leaked_test_images']} leaked ones")
+    if effect and effect["leaked_test_images"]:
+        click.echo(leak_effect_sentence(effect))
     click.echo(f"{len(report['mislabel_suspects'])} mislabel suspects, {s['outliers']} outliers; "
                f"report in {report['files'][1]} ({s['seconds']} s)")
     if not report["image_files_read"]:

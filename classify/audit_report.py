@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from classify.label_checks import leak_effect_sentence
+
 THUMB_PX = 112
 SHOWN_GROUPS = 150
 
@@ -70,11 +72,7 @@ def _summary_html(report: dict) -> str:
         lines.append("image files not found: no file hashes, no pixel comparison, no thumbnails")
     effect = report.get("leak_effect")
     if effect:
-        without = effect["accuracy_without_leaked"]
-        lines.append(f"test accuracy of a {escape(effect['head'])}: {effect['accuracy_all']:.3f} on all "
-                     f"{effect['test_images']} test images, "
-                     + (f"{without:.3f} without the {effect['leaked_test_images']} that have a copy in train"
-                        if without is not None else "no test image without a copy in train"))
+        lines.append(f"{escape(leak_effect_sentence(effect))} ({escape(effect['head'])})")
     return "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"
 
 

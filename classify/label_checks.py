@@ -90,3 +90,11 @@ def leak_effect(features: np.ndarray, labels: np.ndarray, splits: np.ndarray, le
         "accuracy_without_leaked": float(correct[clean].mean()) if clean.any() else None,
         "accuracy_leaked_only": float(correct[~clean].mean()) if (~clean).any() else None,
     }
+
+
+def leak_effect_sentence(effect: dict) -> str:
+    """One line for people: the test accuracy with and without the leaked test images."""
+    without = effect["accuracy_without_leaked"]
+    return (f"test accuracy {effect['accuracy_all']:.3f} on all {effect['test_images']} test images, "
+            + (f"{without:.3f} without the {effect['leaked_test_images']} that have a copy in train"
+               if without is not None else "and none is without a copy in train"))
