@@ -8,8 +8,8 @@ copies grouped with their original. Last, the blockwise similarity search on syn
 (100,000 rows x 1280 by default): seconds and peak memory (tracemalloc) of the search alone.
 
 Example:
-    python bench/audit_bench.py --data ../shared/datasets/fruits ../shared/datasets/trashnet
-    python bench/audit_bench.py --synthetic-rows 20000 --data   # the 100k part only, smaller
+    python bench/audit_bench.py --synthetic-rows 0      # the shared sets -> docs/bench/audit.md
+    python bench/audit_bench.py --data --out docs/bench/audit-scale   # 100,000 synthetic rows only
 """
 
 from __future__ import annotations

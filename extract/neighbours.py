@@ -25,11 +25,11 @@ def normalise(features: np.ndarray, centre: bool = True) -> np.ndarray:
     Backbone features after ReLU are all positive, so raw cosines between unrelated images are
     already high (0.6-0.8); centring spreads them out and keeps the duplicate threshold meaningful.
     """
-    x = np.asarray(features, dtype=np.float32)
+    x = np.array(features, dtype=np.float32)  # one copy; everything below is in place
     if centre:
-        x = x - x.mean(axis=0, keepdims=True)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+        x -= x.mean(axis=0, keepdims=True)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
 
 
 def block_rows_for(n: int, block_bytes: int = BLOCK_BYTES) -> int:
