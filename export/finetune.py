@@ -135,26 +135,30 @@ def evaluate_test(model, dataset, class_names: list[str], report_dir: Path) -> d
     return {"accuracy": accuracy, "macro_f1": macro_f1, "images": int(len(y_true))}
 
 
-def plot_curves(history: dict[str, list[float]], warmup_epochs: int, path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation; a dashed line where fine-tuning starts."""
-    import matplotlib
+def plot_curves(history: dict[str, list[float]], warmup_epochs: int, best_epoch: int, path: Path) -> None:
+    """Loss and accuracy per epoch (integer ticks), train and validation; a dashed line where
+    fine-tuning starts and the kept (best) epoch marked. ``best_epoch`` counts fine-tuning epochs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
     epochs = np.arange(1, len(history["loss"]) + 1)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    best = warmup_epochs + best_epoch
+    for ax, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
         ax.plot(epochs, history[metric], marker="o", label="train")
         ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
         if warmup_epochs:
             ax.axvline(warmup_epochs + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
+        if 1 <= best <= len(epochs):
+            ax.axvline(best, color="tab:green", linestyle=":", label=f"kept: epoch {best}")
+            ax.plot([best], [history[f"val_{metric}"][best - 1]], marker="*", markersize=14, color="tab:green")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(metric)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        ax.legend(fontsize=8)
+    figure.savefig(path)
 
 
 @dataclass
@@ -285,7 +289,7 @@ def fine_tune(
 
     test_metrics = evaluate_test(model, image_dataset(test, size, batch_size, False, seed, skipped),
                                  images.class_names, report_dir)
-    plot_curves(history, warmup_epochs, report_dir / "training_curves.png")
+    plot_curves(history, warmup_epochs, stopper.best_epoch + 1, report_dir / "training_curves.png")
     result = FineTuneResult(
         model_path=str(out), report_dir=str(report_dir), trainable_layers=trainable, warmup_epochs=warmup_epochs,
         epochs_run=epochs_run, best_epoch=stopper.best_epoch + 1,
