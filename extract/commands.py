@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -52,14 +53,18 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --weights ~/resnet50_notop.h5
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
     """
-    from extract.job import run_extraction
+    from extract.job import ExtractionInterrupted, run_extraction
 
-    summary = run_extraction(
-        images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
-        validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group, dtype=dtype,
-        engine=engine, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
-        progress=not quiet,
-    )
+    try:
+        summary = run_extraction(
+            images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
+            validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
+            dtype=dtype, engine=engine, input_size=input_size, shard=shard, threads=threads,
+            checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+        )
+    except ExtractionInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)  # the shell's status for Ctrl-C
     if as_json:
         click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
         return
