@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 from pathlib import PurePosixPath
 
@@ -59,3 +60,23 @@ def fsync_dir(path: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+_H5_ERRNO = re.compile(r"errno = (\d+)")
+_H5_FILENAME = re.compile(r"filename = '([^']*)'")
+
+
+def no_space_reason(exc: BaseException) -> str | None:
+    """``"no space left on device while writing FILE"`` when ``exc`` is a full disk (or quota), as
+    Python's OSError or as h5py's error text (which carries ``errno = 28`` and the file name);
+    None for any other error."""
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code is None and (match := _H5_ERRNO.search(text)):
+        code = int(match.group(1))
+    if code not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    filename = getattr(exc, "filename", None)
+    if filename is None and (match := _H5_FILENAME.search(text)):
+        filename = match.group(1)
+    return "no space left on device" + (f" while writing {filename}" if filename else " while writing")

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 89_478_485  # Pillow's default bomb threshold, made explicit and enforced as an error
 MAX_FILE_BYTES = 512 * 1024 * 1024  # read whole into memory: refuse anything larger up front
@@ -157,8 +157,11 @@ def _open_failure(path: str | Path, exc: OSError) -> str:
     return f"cannot open file: {exc.strerror or exc}"
 
 
-def _regular_stat(path: str | Path) -> os.stat_result:
-    """``os.stat`` (links followed) of a regular file, else ImageDecodeError with the reason."""
+def stat_regular_file(path: str | Path) -> os.stat_result:
+    """``os.stat`` (links followed) of a regular file, else ImageDecodeError with the reason.
+
+    Cheap (reads nothing): callers that may reuse a hash computed earlier check size and mtime
+    with it, and call ``read_image_file`` only when they need the bytes."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -188,7 +191,7 @@ def read_image_file(path: str | Path) -> FileBytes:
     non-blocking (a FIFO swapped in after the check cannot hang the open) and checked again on the
     open descriptor. A file whose size or mtime changed while it was read raises FileChangedError.
     """
-    _regular_stat(path)  # refuse devices and FIFOs before opening them at all
+    stat_regular_file(path)  # refuse devices and FIFOs before opening them at all
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
@@ -313,6 +316,8 @@ def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:  # its message holds the repr of a BytesIO: say it plainly
+        raise ImageDecodeError("cannot decode image: not a format this Pillow can read") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...)
         reason = str(exc).strip() or type(exc).__name__
         raise ImageDecodeError(f"cannot decode image: {reason}") from None
