@@ -125,11 +125,23 @@ def strict_json(obj: Any, **kwargs: Any) -> str:
 
 @dataclass(frozen=True)
 class FileBytes:
-    """The whole content of a file as read once, with the size and mtime it had while read."""
+    """The whole content of a file as read once, with the identity it had while read (``same_file``
+    tells whether a path still holds exactly this version)."""
 
     data: bytes
     size: int
     mtime_ns: int
+    device: int = 0
+    inode: int = 0
+
+    def same_file(self, path: str | Path) -> bool:
+        """True when ``path`` (not followed if a symlink) is still this inode with this size and mtime."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (self.device, self.inode, self.size,
+                                                                       self.mtime_ns)
 
     @cached_property
     def sha256(self) -> str:
@@ -211,7 +223,7 @@ def read_image_file(path: str | Path) -> FileBytes:
         os.close(fd)
     if len(data) != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise FileChangedError("file changed while it was being read")
-    return FileBytes(data, before.st_size, before.st_mtime_ns)
+    return FileBytes(data, before.st_size, before.st_mtime_ns, before.st_dev, before.st_ino)
 
 
 # ------------------------------------------------------------------------------ decoding
