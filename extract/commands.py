@@ -8,7 +8,7 @@ import sys
 import click
 
 from edge.imageio import printable, strict_json
-from extract.backbones import DEFAULT_BACKBONE, list_backbones
+from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
 from extract.identify_command import identify_command
 
 
@@ -19,7 +19,10 @@ def _backbone_names() -> list[str]:
 @click.command("extract")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()),
+              help=f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
+                   f"need their Keras ImageNet weights file in ~/.keras/models, downloaded once "
+                   f"(`backbones` lists which are there).")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (Keras cache or the installed package), none (random, for tests/timing) or a weights file PATH.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
