@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
-from extract.backbones import DEFAULT_BACKBONE, list_backbones
+from edge.imageio import printable, strict_json
+from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
 from extract.dataset import GROUP_BY_CHOICES
 from extract.identify_command import identify_command
 
@@ -18,7 +20,10 @@ def _backbone_names() -> list[str]:
 @click.command("extract")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()),
+              help=f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
+                   f"need their Keras ImageNet weights file in ~/.keras/models, downloaded once "
+                   f"(`backbones` lists which are there).")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (Keras cache or the installed package), none (random, for tests/timing) or a weights file PATH.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -58,17 +63,20 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
       python cli.py extract photos/ --store leak-free.h5 --split-group-by near-duplicates
     """
-    from extract.job import run_extraction
+    from extract.job import ExtractionInterrupted, run_extraction
 
-    summary = run_extraction(
-        images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
-        validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
-        split_group_by=split_group_by, dtype=dtype,
-        engine=engine, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
-        progress=not quiet,
-    )
+    try:
+        summary = run_extraction(
+            images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
+            validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
+            split_group_by=split_group_by, dtype=dtype, engine=engine, input_size=input_size, shard=shard,
+            threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+        )
+    except ExtractionInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)  # the shell's status for Ctrl-C
     if as_json:
-        click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
+        click.echo(strict_json(summary.to_dict()))
         return
     click.echo(
         f"{summary.backbone}: {summary.images} images in {summary.store} "
@@ -81,7 +89,7 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         click.echo(f"  {summary.split_groups} near-duplicate groups kept in one split "
                    f"({summary.split_moved} images moved to their group's split)")
     for path, reason in summary.failures[:10]:
-        click.echo(f"  failed: {path}: {reason}")
+        click.echo(f"  failed: {printable(path)}: {printable(reason)}")
     if len(summary.failures) > 10:
         click.echo(f"  ... and {len(summary.failures) - 10} more (see `python cli.py store info {store}`)")
     _warn_copies(summary.copies_across_splits)
@@ -106,16 +114,16 @@ def store_info_command(store, as_json):
 
     info = FeatureStore(store).info()
     if as_json:
-        click.echo(json.dumps(info, ensure_ascii=False))
+        click.echo(strict_json(info))
         return
     click.echo(f"{info['path']}: {info['images']} images, {info['failed']} failed, {len(info['classes'])} classes")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
-    click.echo("  classes: " + ", ".join(info["classes"]))
+    click.echo("  classes: " + ", ".join(map(printable, info["classes"])))
     for name, b in info["backbones"].items():
         click.echo(f"  {name}: {b['rows']} rows x {b['dim']} {b['dtype']}, {b['input_size']} px, "
                    f"preprocessing {b['preprocessing']}, weights {b['weights']}")
     for failure in info["failures"][:10]:
-        click.echo(f"  failed: {failure['path']}: {failure['reason']}")
+        click.echo(f"  failed: {printable(failure['path'])}: {printable(failure['reason'])}")
     if len(info["failures"]) > 10:
         click.echo(f"  ... and {len(info['failures']) - 10} more failures (--json lists them all)")
     if info["pending_rows"]:
@@ -132,7 +140,7 @@ def _warn_copies(groups: list[list[str]], shown: int = 5) -> None:
     click.echo(f"  warning: {files} files are copies of {len(groups)} image(s) and sit in different splits "
                f"(the test score will be optimistic); keep one file of each group:", err=True)
     for group in groups[:shown]:
-        click.echo("    " + " = ".join(group), err=True)
+        click.echo("    " + " = ".join(map(printable, group)), err=True)
     if len(groups) > shown:
         click.echo(f"    ... and {len(groups) - shown} more (`store info --json` lists them all)", err=True)
 
