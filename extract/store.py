@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from extract.errors import StoreError
-from extract.store_files import data_dir, images_refs, iter_chunks, open_segment, parts_dir, read_images, read_root
+from extract.store_files import (data_dir, images_refs, iter_chunks, load_rows, open_segment, parts_dir, read_images,
+                                 read_root, strings)
 from extract.store_merge import merge_stores
 from extract.store_types import (DEFAULT_SPLITS, FORMAT, FORMAT_VERSION, SPLITS, BackboneMeta, BackboneRows,
                                  FeatureSet, ImageTable, StoreState)
@@ -21,7 +22,7 @@ from extract.store_writer import StoreLock, StoreWriter, empty_state, leftovers,
 
 __all__ = ["DEFAULT_SPLITS", "FORMAT", "FORMAT_VERSION", "SPLITS", "BackboneMeta", "BackboneRows", "FeatureSet",
            "FeatureStore", "ImageTable", "StoreLock", "StoreState", "StoreWriter", "data_dir", "empty_state",
-           "merge_stores", "parts_dir", "pending_batches", "write_state"]
+           "merge_stores", "parts_dir", "pending_batches", "read_state", "write_state"]
 
 
 def pending_batches(store: str | Path) -> dict[str, int]:
@@ -37,16 +38,35 @@ def pending_batches(store: str | Path) -> dict[str, int]:
     return found
 
 
+def read_state(path: str | Path) -> StoreState:
+    """The whole store in memory: root, image table and every backbone's rows (small stores, tests)."""
+    state = read_root(path)
+    state.images = read_images(Path(path), state)
+    state.backbones = {name: load_rows(Path(path), state, name) for name in state.backbones}
+    return state
+
+
 class FeatureStore:
-    """Read-only view of a store: opening reads the root file only (attributes, shapes, failures)."""
+    """Read-only view of a store: opening reads the root file only (attributes, shapes, failures).
+
+    ``root`` is that (its ``images`` left empty); ``state`` adds the image table, read on first use.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.state = read_root(self.path)
+        self.root = read_root(self.path)
+        self._state: StoreState | None = None
+
+    @property
+    def state(self) -> StoreState:
+        if self._state is None:
+            r = self.root
+            self._state = StoreState(r.attrs, r.classes, read_images(self.path, r), r.failed, r.backbones)
+        return self._state
 
     @property
     def backbones(self) -> list[str]:
-        return sorted(self.state.backbones)
+        return sorted(self.root.backbones)
 
     def pending_rows(self) -> int:
         """Rows a killed run left in batch files, folded in by the next run."""
@@ -54,21 +74,21 @@ class FeatureStore:
 
     def leftovers(self) -> list[str]:
         """Files a killed writer left (the next `extract` deletes them), and segment files that are missing."""
-        folder = self.path.parent / self.state.attrs["segments_folder"]
-        missing = [f"missing: {folder.name}/{name}" for name in sorted(referenced_files(self.state))
+        folder = self.path.parent / self.root.attrs["segments_folder"]
+        missing = [f"missing: {folder.name}/{name}" for name in sorted(referenced_files(self.root))
                    if not (folder / name).is_file()]
-        return [str(p.relative_to(self.path.parent)) for p in leftovers(self.path, self.state)] + missing
+        return [str(p.relative_to(self.path.parent)) for p in leftovers(self.path, self.root)] + missing
 
     def _backbone(self, backbone: str | None) -> str:
-        if not self.state.backbones:
+        if not self.root.backbones:
             raise StoreError(f"{self.path} holds no features yet; run `python cli.py extract` first")
         if backbone is None:
-            if len(self.state.backbones) > 1:
+            if len(self.root.backbones) > 1:
                 raise StoreError(
                     f"{self.path} holds several backbones ({', '.join(self.backbones)}); choose one with --backbone"
                 )
             return self.backbones[0]
-        if backbone not in self.state.backbones:
+        if backbone not in self.root.backbones:
             raise StoreError(
                 f"{self.path} has no features for backbone {backbone!r}; it has: {', '.join(self.backbones)}"
             )
@@ -81,31 +101,31 @@ class FeatureStore:
         memory is the float32 result plus one chunk and the path strings.
         """
         name = self._backbone(backbone)
-        meta = self.state.backbones[name]
-        table = read_images(self.path, self.state, columns=("path", "class_name", "split"))
-        folder = self.path.parent / self.state.attrs["segments_folder"]
+        meta = self.root.backbones[name]
+        table = read_images(self.path, self.root, columns=("path", "class_name", "split"))
+        folder = self.path.parent / self.root.attrs["segments_folder"]
         files = [open_segment(folder / seg.file) for seg in meta.segments]  # open now: compaction cannot pull them
         try:
-            paths = [p for f in files for p in f["path"].asstr()[()]]
+            paths = [p for f in files for p in strings(f["path"])]
             rank, image_rows, order = _canonical(paths, table, splits)
             features = _gather(files, order, len(paths), meta.dim)
         finally:
             for f in files:
                 f.close()
-        class_index = {c: i for i, c in enumerate(self.state.classes)}
+        class_index = {c: i for i, c in enumerate(self.root.classes)}
         rows = image_rows[order]
         return FeatureSet(
             features=features,
             labels=np.asarray([class_index[table.class_name[j]] for j in rows], dtype=np.int64),
             splits=np.asarray(SPLITS, dtype=str)[rank[order]] if len(order) else np.zeros(0, dtype=str),
             paths=[paths[i] for i in order],
-            class_names=list(self.state.classes),
+            class_names=list(self.root.classes),
             backbone=dict(meta.record),
-            store_attrs=dict(self.state.attrs),
+            store_attrs=dict(self.root.attrs),
         )
 
     def info(self) -> dict:
-        s = self.state
+        s = self.root
         images = sum(ref.rows for ref in images_refs(s))
         counts = json.loads(s.attrs.get("split_counts", "{}"))
         return {
@@ -144,7 +164,8 @@ def _canonical(paths: list[str], table: ImageTable, splits) -> tuple[np.ndarray,
     image_rank = np.asarray([SPLITS.index(s) for s in table.split], dtype=np.int64)
     rank = np.where(image_rows >= 0, image_rank[image_rows] if len(image_rank) else -1, -1)
     selected = np.flatnonzero(np.isin(rank, [SPLITS.index(s) for s in splits]))
-    keys = np.asarray(paths, dtype=np.dtypes.StringDType())[selected]
+    # UTF-8 bytes sort in code-point order; a non-UTF-8 name sorts by its original bytes
+    keys = np.asarray([paths[i].encode("utf-8", "surrogateescape") for i in selected], dtype=bytes)
     return rank, image_rows, selected[np.lexsort((keys, rank[selected]))]
 
 

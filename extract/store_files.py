@@ -8,6 +8,7 @@ store as one file and the folder holding both can be moved as a whole.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -18,7 +19,7 @@ import h5py
 import numpy as np
 
 from extract.errors import StoreError
-from extract.store_types import (FORMAT, FORMAT_VERSION, STR, BackboneMeta, ImageTable, SegmentRef,
+from extract.store_types import (FORMAT, FORMAT_VERSION, STR, BackboneMeta, BackboneRows, ImageTable, SegmentRef,
                                  StoreState)
 
 CHUNK_ROWS = 16384  # rows copied or read per step: bounds memory whatever the store's size
@@ -51,14 +52,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_h5_durably(tmp: Path, write, **options) -> None:
+    """Build the HDF5 file in memory with ``write(h5file)``, then write its bytes to ``tmp`` and fsync.
+
+    HDF5 never writes to disk itself: on a full disk h5py leaves objects that fail again when
+    garbage-collected (tracebacks, even a crash at exit); a plain ``write`` fails once, cleanly,
+    with ``OSError(ENOSPC, filename)``. Costs one in-memory copy of the file while it is written
+    (files are bounded: a checkpoint's rows, a compacted segment, the image table, the root).
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", **options) as f:
+        write(f)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(tmp)) from None
+
+
 def atomic_h5(path: Path, write) -> None:
-    """Call ``write(h5file)`` on a temp file, fsync it and rename it over ``path``."""
+    """Call ``write(h5file)`` for a temp file, fsync it and rename it over ``path``."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
-            write(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        write_h5_durably(tmp, write, libver="latest")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -66,18 +85,30 @@ def atomic_h5(path: Path, write) -> None:
 
 
 def put_strings(group, name: str, values) -> None:
-    group.create_dataset(name, data=np.array(list(values), dtype=object), dtype=STR)
+    """UTF-8 strings; a file name that is not valid UTF-8 (surrogate-escaped in Python) is kept
+    losslessly as its original bytes, which ``strings`` turns back into the same string."""
+    data = [v.encode("utf-8", "surrogateescape") for v in values]
+    group.create_dataset(name, data=np.array(data, dtype=object), dtype=STR)
 
 
 def strings(ds) -> list[str]:
-    return list(ds.asstr()[()]) if len(ds) else []
+    """Strings as written by ``put_strings`` (a non-UTF-8 file name comes back surrogate-escaped)."""
+    return list(ds.asstr(errors="surrogateescape")[()]) if len(ds) else []
+
+
+def attr_value(value):
+    """A non-UTF-8 path (``images_root`` surrogate-escaped) is stored as its bytes; ``attrs_dict``
+    turns it back into the same string."""
+    if isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value):
+        return value.encode("utf-8", "surrogateescape")
+    return value
 
 
 def attrs_dict(attrs) -> dict:
     out = {}
     for key, value in attrs.items():
         if isinstance(value, bytes):
-            value = value.decode()
+            value = value.decode("utf-8", "surrogateescape")
         elif isinstance(value, np.generic):
             value = value.item()
         out[key] = value
@@ -184,6 +215,20 @@ def read_images(store: Path, state: StoreState, columns=ImageTable.COLUMNS) -> I
     return table
 
 
+def load_rows(store: Path, state: StoreState, backbone: str) -> BackboneRows:
+    """Every row of ``backbone`` in memory, in stored order (near-duplicate search, small stores)."""
+    meta = state.backbones[backbone]
+    folder = store.parent / state.attrs["segments_folder"]
+    paths, shas, blocks = [], [], []
+    for seg in meta.segments:
+        with open_segment(folder / seg.file) as f:
+            paths += strings(f["path"])
+            shas += strings(f["sha256"])
+            blocks.append(f["features"][()])
+    features = np.concatenate(blocks) if blocks else np.zeros((0, meta.dim), meta.dtype)
+    return BackboneRows(dict(meta.record), paths, shas, features)
+
+
 def images_refs(state: StoreState) -> list[SegmentRef]:
     return [SegmentRef(f, n) for f, n in json.loads(state.attrs.get("images_files", "[]"))]
 
@@ -203,21 +248,21 @@ def _virtual(group, name: str, folder: str, refs: list[SegmentRef], source: str,
     group.create_virtual_dataset(name, layout)
 
 
-def write_root(store: Path, state: StoreState, images: list[SegmentRef], summary: dict) -> None:
+def write_root(store: Path, state: StoreState, images: list[SegmentRef], summary: dict) -> dict:
     """Replace the root atomically: attributes, classes, failures and virtual datasets over the segments.
 
     ``summary`` holds what ``store info`` shows without reading the image table (split counts,
-    copies across splits) and the parts files this commit folded in.
+    copies across splits) and the parts files this commit folded in. Returns the root's attributes.
     """
     folder = data_dir(store).name
+    attrs = {**state.attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "segments_folder": folder,
+             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             "images_files": json.dumps([[r.file, r.rows] for r in images])}
+    attrs.update({k: json.dumps(v) for k, v in summary.items()})
 
     def write(f: h5py.File) -> None:
-        attrs = {**state.attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "segments_folder": folder,
-                 "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "images_files": json.dumps([[r.file, r.rows] for r in images])}
-        attrs.update({k: json.dumps(v) for k, v in summary.items()})
         for key, value in attrs.items():
-            f.attrs[key] = value
+            f.attrs[key] = attr_value(value)
         put_strings(f, "classes", state.classes)
         g = f.create_group("images")
         for name, dtype in (("path", STR), ("sha256", STR), ("class_name", STR), ("split", STR),
@@ -238,6 +283,7 @@ def write_root(store: Path, state: StoreState, images: list[SegmentRef], summary
             _virtual(g, "sha256", folder, meta.segments, "sha256", (), STR)
 
     atomic_h5(store, write)
+    return attrs
 
 
 def check_format(attrs: dict, path: Path) -> None:

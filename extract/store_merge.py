@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 from extract.errors import StoreError
-from extract.store_files import data_dir, images_refs, open_segment, parts_dir, read_root, strings, write_root
+from extract.leak_free import ANCHORS_BACKBONE_ATTR, group_store_splits
+from extract.store_files import (data_dir, images_refs, load_rows, new_name, open_segment, parts_dir, read_images,
+                                 read_root, strings, write_images_file, write_root)
 from extract.store_types import DEFAULT_SPLITS, BackboneMeta, SegmentRef, StoreState
-from extract.store_writer import StoreLock, empty_state, leftovers
+from extract.store_writer import StoreLock, empty_state, leftovers, split_counts
 
 BACKBONE_KEYS = ("weights", "input_size", "dtype", "dim")
 
@@ -52,13 +54,33 @@ def merge_stores(out: str | Path, inputs: list[str | Path], force: bool = False,
                 target = merged.backbones.setdefault(name, BackboneMeta(meta.record, meta.dim, meta.dtype, []))
                 target.segments += [SegmentRef(_link(source / s.file, folder / f"s{i}-{s.file}", copy), s.rows)
                                     for s in meta.segments]
-        write_root(out, merged, images, _summary(states))
-        merged.attrs["images_files"] = json.dumps([[r.file, r.rows] for r in images])
+        summary = _summary(states)
+        if merged.attrs.get("split_group_by") == "near-duplicates" and merged.backbones:
+            images = _regroup_near_duplicates(out, merged, first, images)
+            summary.update(split_counts=split_counts(merged),
+                           copies_across_splits=merged.images.copies_across_splits())
+        merged.attrs.update(write_root(out, merged, images, summary))
         for stale in leftovers(out, merged):  # what a replaced OUT (--force) held
             stale.unlink(missing_ok=True)
     finally:
         lock.release()
     return merged
+
+
+def _regroup_near_duplicates(out: Path, merged: StoreState, first: StoreState,
+                             images: list[SegmentRef]) -> list[SegmentRef]:
+    """Shards found their near-duplicate groups each on its own rows: find them again on all rows
+    (in memory, as the search needs) and give OUT its own image table with the regrouped splits."""
+    merged.attrs.update(segments_folder=data_dir(out).name, images_files=json.dumps([[r.file, r.rows] for r in images]))
+    merged.images = read_images(out, merged)
+    backbone = first.attrs.get(ANCHORS_BACKBONE_ATTR) or sorted(merged.backbones)[0]
+    view = StoreState(merged.attrs, merged.classes, merged.images, merged.failed,
+                      {backbone: load_rows(out, merged, backbone)})
+    group_store_splits(view, backbone, {**DEFAULT_SPLITS, **{k: merged.attrs[k] for k in DEFAULT_SPLITS
+                                                             if k in merged.attrs}})
+    name = new_name("images")
+    write_images_file(data_dir(out) / name, merged.images)
+    return [SegmentRef(name, len(merged.images))]
 
 
 def _refuse_paths(out: Path, shards: list[Path], force: bool) -> None:

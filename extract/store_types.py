@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 
 # Store attributes that decide which split each image is in (a run may not change them silently).
-DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": ""}
+DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": "", "split_group_by": "none"}
 
 FORMAT = "transferkit-feature-store"
 FORMAT_VERSION = 2
@@ -40,7 +40,8 @@ class ImageTable:
         """
         groups: dict[str, list[int]] = {}
         for i, sha in enumerate(self.sha256):
-            groups.setdefault(sha, []).append(i)
+            if sha:  # "" is a file that could not be read: no content to compare
+                groups.setdefault(sha, []).append(i)
         return [sorted(self.path[i] for i in rows) for rows in groups.values()
                 if len(rows) > 1 and len({self.split[i] for i in rows}) > 1]
 

@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from extract.errors import StoreError
-from extract.store_files import (RowSource, data_dir, images_refs, new_name, open_segment, parts_dir, read_failed,
-                                 read_images, read_root, read_segment_keys, strings, write_images_file, write_root,
-                                 write_segment_file)
-from extract.store_types import FORMAT, FORMAT_VERSION, SPLITS, BackboneMeta, ImageTable, SegmentRef, StoreState
+from extract.store_files import (RowSource, data_dir, images_refs, load_rows, new_name, open_segment, parts_dir,
+                                 read_failed, read_images, read_root, read_segment_keys, strings, write_images_file,
+                                 write_root, write_segment_file)
+from extract.store_types import (FORMAT, FORMAT_VERSION, SPLITS, BackboneMeta, BackboneRows, ImageTable, SegmentRef,
+                                 StoreState)
 
 MAX_SEGMENTS = 16
-COMPACT_MAX_BYTES = 1 << 30
+COMPACT_MAX_BYTES = 256 << 20  # a merged segment is built in memory first (full-disk safety)
 
 
 def empty_state(**attrs) -> StoreState:
@@ -64,16 +65,25 @@ class StoreLock:
                 os.close(fd)
                 raise StoreError(f"{self.path.with_suffix('')} is being written by {holder}; wait for it to "
                                  f"finish or write to another --store") from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if self._still_at_path(fd):
                 break
+            os.close(fd)  # the previous holder removed this file on release: lock the new one
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError as exc:  # e.g. a full disk: leave no lock file behind, name the file
+            self.path.unlink(missing_ok=True)
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self.fd = fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -104,13 +114,19 @@ def referenced_files(state: StoreState) -> set[str]:
 
 
 class StoreWriter:
-    """Lock a store, append batches (``write_segment``) and checkpoint them (``commit``)."""
+    """Lock a store, append batches (``write_segment``) and checkpoint them (``commit``).
+
+    A store is created by its first checkpoint that has something to hold, and a run that fails
+    before any row reached a store it created removes it again: a failed first run leaves no store,
+    no ``STORE.d/`` and no lock file.
+    """
 
     def __init__(self, path: str | Path, max_segments: int = MAX_SEGMENTS):
         self.path = Path(path)
         self.lock = StoreLock(self.path)
         self.max_segments = max_segments
         self.state: StoreState | None = None
+        self._created = False  # this session made the store: a failure before any row removes it
         self._seq = 0
         self._images: tuple[ImageTable, list[SegmentRef], dict] | None = None  # as on disk, refs, path->sha
 
@@ -124,18 +140,39 @@ class StoreWriter:
                 self._images = (_copy(table), images_refs(self.state), table.wanted())
             for stale in leftovers(self.path, self.state):
                 stale.unlink(missing_ok=True)
+            self._created = not self.path.exists()
         except BaseException:
             self.lock.release()
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self._created and self._holds_nothing():
+            self.path.unlink(missing_ok=True)
+        folder = parts_dir(self.path)
+        for stale in folder.glob("*.tmp-*") if folder.is_dir() else []:  # a batch a failure interrupted
+            stale.unlink(missing_ok=True)
+        if not self.path.exists():  # a first checkpoint interrupted before its root: nothing references these
+            for stale in leftovers(self.path, None):
+                stale.unlink(missing_ok=True)
         for folder in (parts_dir(self.path), data_dir(self.path)):
             try:
                 folder.rmdir()  # only when empty: nothing waits in it
             except OSError:
                 pass
         self.lock.release()
+
+    def _holds_nothing(self) -> bool:
+        """No feature row committed and none waiting in batch files (failures are found again)."""
+        rows = self.state is not None and any(m.segments for m in self.state.backbones.values())
+        waiting = parts_dir(self.path).is_dir() and any(parts_dir(self.path).glob("*.h5"))
+        return not rows and not waiting
+
+    def rows(self, backbone: str) -> BackboneRows | None:
+        """Every committed row of ``backbone`` in memory (for the near-duplicate search), or None."""
+        if not self.state or backbone not in self.state.backbones:
+            return None
+        return load_rows(self.path, self.state, backbone)
 
     def keys(self, backbone: str) -> tuple[list[str], list[str]]:
         """(paths, sha256s) of the committed rows of ``backbone``."""
@@ -163,8 +200,8 @@ class StoreWriter:
         """
         done_before = set(json.loads(self.state.attrs.get("consumed_parts", "[]"))) if self.state else set()
         parts = sorted(parts_dir(self.path).glob("*.h5")) if parts_dir(self.path).is_dir() else []
-        if self.state is None and not parts:
-            return {}  # nothing computed yet: no empty store is created
+        if self.state is None and not parts and not state.failed:
+            return {}  # nothing to hold yet: no empty store is created
         data_dir(self.path).mkdir(exist_ok=True)
         fresh = [p for p in parts if p.name not in done_before]
         refs, wanted, changed = self._image_files(state)
@@ -175,9 +212,7 @@ class StoreWriter:
         state.failed = {p: v for p, v in state.failed.items() if wanted.get(p) == v[0]}
         summary = {"consumed_parts": [p.name for p in fresh], "split_counts": split_counts(state),
                    "copies_across_splits": state.images.copies_across_splits()}
-        write_root(self.path, state, refs, summary)
-        state.attrs.update({k: json.dumps(v) for k, v in summary.items()})
-        state.attrs["images_files"] = json.dumps([[r.file, r.rows] for r in refs])
+        state.attrs.update(write_root(self.path, state, refs, summary))
         for part in parts:
             part.unlink(missing_ok=True)
         for stale in leftovers(self.path, state):
