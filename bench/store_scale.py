@@ -72,7 +72,8 @@ def _subtable(table: ImageTable, rows: np.ndarray) -> ImageTable:
 
 
 def measured(args: list[str], mem_cap_gb: float | None = None, timeout: float = 1800) -> dict:
-    """Wall seconds, peak RSS (MB, of that process alone) and outcome of ``python cli.py ARGS``."""
+    """Wall seconds, peak RSS (MB, of that process alone) and outcome of ``python cli.py ARGS``
+    (``python ARGS`` when ARGS starts with ``-c``)."""
     cap = int(mem_cap_gb * 2**30) if mem_cap_gb else None
 
     def limit():
@@ -81,7 +82,8 @@ def measured(args: list[str], mem_cap_gb: float | None = None, timeout: float = 
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         began = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=out, stderr=err,
+        script = [] if args[0] == "-c" else [str(ROOT / "cli.py")]
+        proc = subprocess.Popen([sys.executable, *script, *args], cwd=ROOT, stdout=out, stderr=err,
                                 text=True, preexec_fn=limit, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
@@ -131,11 +133,7 @@ def run(rows: int, dim: int, backbones: int, work: Path, checkpoints: int, batch
         "feature_bytes": feature_bytes, "disk_bytes": disk_bytes(store),
     }
     result["disk_over_features"] = round(result["disk_bytes"] / feature_bytes, 3)
-    result["store_info"] = measured(["store", "info", str(store), "--json"])
-    began = time.perf_counter()
-    from extract.store import FeatureStore
-    FeatureStore(store).info()
-    result["store_info_in_process_seconds"] = round(time.perf_counter() - began, 3)
+    result.update(measure_info(store))
     one_backbone = rows * dim * 2
     for kind in ("svm", "softmax"):
         fit = measured(["fit-head", "--store", str(store), "--kind", kind, "--backbone", "synthetic0",
@@ -144,6 +142,21 @@ def run(rows: int, dim: int, backbones: int, work: Path, checkpoints: int, batch
         result[f"fit_{kind}"] = fit
     result["merge"] = _merge(work, table, dim, backbones, shards, batch, classes)
     return result
+
+
+def measure_info(store: Path) -> dict:
+    """`store info` as a command, and the library call alone in a fresh process (no CLI imports)."""
+    from extract.store import FeatureStore
+
+    began = time.perf_counter()
+    FeatureStore(store).info()
+    in_process = round(time.perf_counter() - began, 3)
+    return {"store_info": measured(["store", "info", str(store), "--json"]),
+            "store_info_library": measured(["-c", INFO_ONLY, str(store)]),
+            "store_info_in_process_seconds": in_process}
+
+
+INFO_ONLY = "import sys; from extract.store import FeatureStore; FeatureStore(sys.argv[1]).info()"
 
 
 def _merge(work: Path, table: ImageTable, dim: int, backbones: int, shards: int, batch: int, classes: int) -> dict:
@@ -185,8 +198,8 @@ def render(results: dict) -> str:
     lines = [header("Feature store at scale (synthetic float16 rows through the store's own writer)"),
              "Targets (issue 12): `store info` < 1 s and < 150 MB at 1M rows; last checkpoint <= 1.5x the first; "
              "merge < 1 s; fit-head peak RSS < 2.5x the backbone's feature bytes.\n",
-             "| rows x dim | build s | checkpoints (first / last s, ratio) | disk / features | store info s, MB "
-             "(in-process s) | fit svm s, MB (x features) | fit softmax s, MB (x features) | "
+             "| rows x dim | build s | checkpoints (first / last s, ratio) | disk / features | store info: command "
+             "s, MB; library alone s, MB (in-process s) | fit svm s, MB (x features) | fit softmax s, MB (x features) | "
              "merge of 4: s (in-process s), new bytes |",
              "|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=int):
@@ -196,17 +209,23 @@ def render(results: dict) -> str:
                 for f in (r["fit_svm"], r["fit_softmax"])]
         lines.append(f"| {r['rows']:,} x {r['dim']} | {r['build_seconds']} | {len(c)}: {c[0]} / {c[-1]} "
                      f"({r['last_over_first_checkpoint']}x) | {r['disk_over_features']} | {info['seconds']}, "
-                     f"{info['peak_rss_mb']} ({r['store_info_in_process_seconds']}) | {fits[0]} | {fits[1]} | "
+                     f"{info['peak_rss_mb']}; {_library_info(r)} ({r['store_info_in_process_seconds']}) | {fits[0]} | {fits[1]} | "
                      f"{merge['seconds']} ({merge['in_process_seconds']}), {merge['merged_disk_bytes_new']:,} |")
     lines.append("")
     for key in sorted(results, key=int):
         r = results[key]
         lines.append(f"- {r['rows']:,} rows: `{r['command']}`, {r['measured']}, load average "
-                     f"{r['load_average_at_start']:.1f} at start (a shared 2-core machine: other jobs ran meanwhile).")
+                     f"{r['load_average_at_start']:.1f} at start (a shared 2-core machine: other jobs ran meanwhile)"
+                     + (f"; `store info` re-measured with `{r['info_command']}`." if "info_command" in r else "."))
     lines.append("\nTimes of `store info`, `fit-head` and `store merge` are whole `python cli.py ...` processes "
                  "(start-up included); fit-head runs under an address-space cap (`--fit-mem-gb`) so a head "
                  "needing more memory than the machine has fails alone instead of taking the machine down.")
     return "\n".join(lines) + "\n"
+
+
+def _library_info(result: dict) -> str:
+    library = result.get("store_info_library")
+    return f"{library['seconds']}, {library['peak_rss_mb']}" if library else "not measured"
 
 
 def _note(fit: dict) -> str:
@@ -226,12 +245,20 @@ def main() -> None:
     parser.add_argument("--fit-mem-gb", type=float, default=8.0, help="Address-space cap of each fit-head process.")
     parser.add_argument("--fit-timeout", type=float, default=1200.0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--info-only", action="store_true",
+                        help="Only re-measure `store info` on the store kept in --work (updates that row).")
     args = parser.parse_args()
+    path = args.out / "store-scale.json"
+    if args.info_only:
+        results = json.loads(path.read_text())
+        results[str(args.rows)].update(measure_info(args.work / "store.h5"), info_command=command_line())
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        write_section(args.out / "store-scale.md", render(results))
+        return
     with tempfile.TemporaryDirectory(dir=args.work.parent if args.work else None) as tmp:
         work = args.work or Path(tmp)
         result = run(args.rows, args.dim, args.backbones, work, args.checkpoints, args.batch, args.classes,
                      args.shards, args.fit_mem_gb, args.fit_timeout)
-    path = args.out / "store-scale.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results[str(args.rows)] = result
     path.parent.mkdir(parents=True, exist_ok=True)
