@@ -78,14 +78,21 @@ def edge_command(ctx):
     """
     from edge.__main__ import main as edge_main
 
-    sys.exit(edge_main(list(ctx.args)))
+    sys.exit(edge_main(list(ctx.args), prog=ctx.command_path))
 
 
 _register_commands()
 
 
+def program_name(argv0: str) -> str:
+    """The command as the user typed it: ``python cli.py`` for the script, ``transferkit`` for the
+    console script (click would otherwise show the file name in both)."""
+    name = os.path.basename(argv0)
+    return "python cli.py" if name == "cli.py" else name or "transferkit"
+
+
 def main() -> None:
-    cli(prog_name="cli.py")
+    cli(prog_name=program_name(sys.argv[0]))
 
 
 if __name__ == "__main__":

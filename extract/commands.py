@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from edge.imageio import printable, strict_json
-from extract.backbones import DEFAULT_BACKBONE, list_backbones
+from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
+from extract.dataset import GROUP_BY_CHOICES
 from extract.identify_command import identify_command
 
 
@@ -18,7 +20,10 @@ def _backbone_names() -> list[str]:
 @click.command("extract")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()),
+              help=f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
+                   f"need their Keras ImageNet weights file in ~/.keras/models, downloaded once "
+                   f"(`backbones` lists which are there).")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (Keras cache or the installed package), none (random, for tests/timing) or a weights file PATH.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -30,6 +35,10 @@ def _backbone_names() -> list[str]:
 @click.option("--split-group", default=None, metavar="REGEX",
               help="Images whose paths are equal once REGEX matches are removed share a split, e.g. "
                    "'_aug\\d+' keeps img1.jpg and img1_aug3.jpg together [default: none, or the store's].")
+@click.option("--split-group-by", type=click.Choice(GROUP_BY_CHOICES), default=None,
+              help="near-duplicates: images whose files are identical or whose features are nearly identical "
+                   "(the audit's rule) share a split, found once the features are computed [default: none, or "
+                   "the store's].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
               help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails.")
@@ -41,7 +50,7 @@ def _backbone_names() -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    dtype, engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
+                    split_group_by, dtype, engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -52,15 +61,20 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store features.h5 --backbone efficientnet_lite0
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --weights ~/resnet50_notop.h5
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
+      python cli.py extract photos/ --store leak-free.h5 --split-group-by near-duplicates
     """
-    from extract.job import run_extraction
+    from extract.job import ExtractionInterrupted, run_extraction
 
-    summary = run_extraction(
-        images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
-        validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group, dtype=dtype,
-        engine=engine, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
-        progress=not quiet,
-    )
+    try:
+        summary = run_extraction(
+            images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
+            validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
+            split_group_by=split_group_by, dtype=dtype, engine=engine, input_size=input_size, shard=shard,
+            threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+        )
+    except ExtractionInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)  # the shell's status for Ctrl-C
     if as_json:
         click.echo(strict_json(summary.to_dict()))
         return
@@ -71,6 +85,9 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         f"in {summary.seconds:.1f} s"
         + (f", {summary.images_per_second:.1f} images/s with {summary.engine}" if summary.extracted else "")
     )
+    if summary.split_groups:
+        click.echo(f"  {summary.split_groups} near-duplicate groups kept in one split "
+                   f"({summary.split_moved} images moved to their group's split)")
     for path, reason in summary.failures[:10]:
         click.echo(f"  failed: {printable(path)}: {printable(reason)}")
     if len(summary.failures) > 10:

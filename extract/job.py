@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,8 @@ import numpy as np
 from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_regular_file
 from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
-from extract.errors import StoreError, TransferKitError
+from extract.errors import DatasetError, StoreError, TransferKitError
+from extract.leak_free import ANCHORS_ATTR, group_store_splits
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
 from extract.weights import backbone_record, resolve_weights
@@ -43,9 +45,21 @@ class ExtractionSummary:
     images_per_second: float  # extracted / seconds spent in the decode+inference+write loop
     failures: list[tuple[str, str]] = field(default_factory=list)
     copies_across_splits: list[list[str]] = field(default_factory=list)  # identical files in 2+ splits
+    split_groups: int = 0  # near-duplicate groups kept in one split (--split-group-by near-duplicates)
+    split_moved: int = 0  # images this run moved to their group's split
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ExtractionInterrupted(TransferKitError):
+    """Ctrl-C during extraction: the rows computed so far are kept; the same command resumes."""
+
+    def __init__(self, store: Path, extracted: int, todo: int):
+        self.extracted, self.todo = extracted, todo
+        super().__init__(
+            f"interrupted: the {extracted} images extracted in this run are kept in {store} "
+            f"({todo - extracted} of this run's {todo} still to compute); run the same command again to resume")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -175,6 +189,7 @@ def run_extraction(
     test_split: float | None = None,
     seed: int | None = None,
     split_group: str | None = None,
+    split_group_by: str | None = None,
     dtype: str = "float32",
     engine: str = "auto",
     input_size: int | None = None,
@@ -196,8 +211,12 @@ def run_extraction(
     with StoreWriter(store) as writer:
         settings = _split_settings(writer.state, {"validation_split": validation_split,
                                                   "test_split": test_split, "seed": seed,
-                                                  "split_group": split_group})
-        dataset = discover(root, **settings)
+                                                  "split_group": split_group, "split_group_by": split_group_by})
+        stored_anchors = writer.state.attrs.get(ANCHORS_ATTR, "") if writer.state else ""
+        dataset = discover(root, **settings, split_anchors=stored_anchors)
+        if settings["split_group_by"] != "none" and dataset.layout == "split-folders":
+            raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
+                               f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
         entries = select_entries(dataset, shard_spec)
         state = writer.state or empty_state()
         state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
@@ -232,6 +251,10 @@ def run_extraction(
             extracted, engine_name, loop_seconds = _compute(
                 writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
                 batch_size, workers, threads, checkpoint_seconds, progress)
+        split_groups = split_moved = 0
+        if settings["split_group_by"] == "near-duplicates":
+            split_groups, split_moved = group_store_splits(state, spec.name, settings)
+            writer.commit(state)
         rows = state.backbones.get(spec.name)
         elapsed = time.perf_counter() - started
         return ExtractionSummary(
@@ -241,6 +264,7 @@ def run_extraction(
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
             copies_across_splits=state.images.copies_across_splits(),
+            split_groups=split_groups, split_moved=split_moved,
         )
 
 
@@ -248,8 +272,11 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
              threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
     from tqdm import tqdm
 
-    from extract.engine import open_engine
+    from extract.engine import onnx_engine_path, open_engine
 
+    if progress and engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
+        print(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
+              f"cached for later runs, 10-60 s)...", file=sys.stderr, flush=True)
     run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
     name = spec.name
     record = {
@@ -268,8 +295,13 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
             if time.monotonic() - last_checkpoint > checkpoint_seconds:
                 writer.commit(state)
                 last_checkpoint = time.monotonic()
+    except KeyboardInterrupt:
+        bar.close()
+        writer.commit(state)  # fold in what was computed (a second Ctrl-C leaves it in segments: still kept)
+        raise ExtractionInterrupted(writer.path, extracted, len(todo)) from None
     finally:
         bar.close()
+    loop_seconds = time.monotonic() - loop_started  # the images/s reported: this loop's, not the final rewrite's
     writer.commit(state)
-    return extracted, run_engine.name, time.monotonic() - loop_started
+    return extracted, run_engine.name, loop_seconds
 
