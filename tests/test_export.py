@@ -179,7 +179,7 @@ def test_refuses_head_trained_on_other_weights(workspace, tmp_path):
 
 def test_refuses_weights_other_than_the_heads(workspace, tmp_path):
     weights_file = tmp_path / "other.weights.h5"
-    weights_file.write_bytes(b"not the weights the head was trained with")
+    weights_file.write_bytes(b"\x89HDF\r\n\x1a\n" + b"not the weights the head was trained with")  # passes the format check
     with pytest.raises(TransferKitError, match=r"random-init:seed=3.*other\.weights\.h5"):
         export_onnx(tmp_path / "m.onnx", store=workspace.store, head=workspace.head, weights=str(weights_file))
     assert not (tmp_path / "m.onnx").exists()
