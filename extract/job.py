@@ -22,6 +22,7 @@ from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
+from extract.steps import step
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
 from extract.weights import backbone_record, resolve_weights
