@@ -9,13 +9,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import CLASSES, make_feature_store, make_image_folder
 
+from classify.heads import HEAD_KINDS
 from classify.persist import CONFIG_NAME, load_head
 from classify.report import REPORT_FILES
 from cli import cli
 from extract.job import run_extraction
 from extract.store import FeatureStore
 
-METRIC_KEYS = {"kind", "val_accuracy", "test_accuracy", "test_macro_f1", "fit_seconds", "n_train"}
+METRIC_KEYS = {"kind", "cv_accuracy", "cv_std", "test_accuracy", "test_macro_f1", "fit_seconds", "n_train"}
 
 
 def invoke(*args):
@@ -30,10 +31,10 @@ def store(tmp_path) -> Path:
 def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
     result = invoke("fit-head", "--store", store, "--kind", "all", "--out", tmp_path / "head", "--json")
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.output.splitlines()]
-    assert [row["kind"] for row in rows] == ["svm", "softmax", "mlp"]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # the progress bar is on stderr
+    assert [row["kind"] for row in rows] == list(HEAD_KINDS)
     assert all(METRIC_KEYS <= set(row) for row in rows)
-    assert all(row["test_accuracy"] > 0.9 and row["n_train"] == 72 for row in rows)
+    assert all(row["test_accuracy"] > 0.9 and row["n_train"] == 72 and row["n_val"] == 24 for row in rows)
     assert sum(row["saved"] for row in rows) == 1
     assert load_head(tmp_path / "head").class_names == list(CLASSES)
 
@@ -41,10 +42,11 @@ def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
 def test_fit_head_prints_a_leaderboard(store, tmp_path):
     result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3)
     assert result.exit_code == 0, result.output
-    header, row, summary = result.output.splitlines()
-    assert header.split()[:3] == ["kind", "val", "acc"]
+    header, row, summary = result.stdout.splitlines()
+    assert "fit-head" in result.stderr  # the progress bar (off with --quiet)
+    assert header.split()[:3] == ["kind", "CV", "acc"]
     assert row.startswith("svm") and row.endswith("saved")
-    assert summary == f"svm head (72 training images) saved to {tmp_path / 'head'}"
+    assert summary == f"svm head (96 training images, 5-fold CV) saved to {tmp_path / 'head'}"
 
 
 def test_evaluate_writes_the_report(store, tmp_path):
@@ -95,7 +97,7 @@ BAD_INPUT = {
                    "--report-dir", p["tmp"] / "r"],
         "has no test images (its splits: train 15, validation 6, test 0)"),
     "single training image": (
-        lambda p: ["fit-head", "--store", _store_with(p["tmp"], a={"train": 1, "validation": 1, "test": 1},
+        lambda p: ["fit-head", "--store", _store_with(p["tmp"], a={"train": 1, "validation": 0, "test": 1},
                                                       b={"train": 4, "validation": 1, "test": 1}),
                    "--kind", "mlp", "--out", p["tmp"] / "h"],
         "class 'a' has 1 training image(s)"),
