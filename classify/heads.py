@@ -1,6 +1,7 @@
 """The head kinds, scikit-learn estimators whose hyper-parameters are chosen by cross-validation.
 
-- ``svm``: linear SVM, C by CV, probabilities calibrated on out-of-fold decisions (classify.svm);
+- ``svm``: linear SVM, C by CV, probabilities from its votes with a temperature fitted out of fold
+  (classify.svm);
 - ``softmax``: multinomial logistic regression, C by CV, warm-started along the C path;
 - ``mlp``: one or two ReLU layers with dropout, early stopping on a held-out tenth (classify.dense);
 - ``rbf``: RBF-kernel SVM on standardised features, C and gamma by CV (classify.rbf).
@@ -23,26 +24,25 @@ from typing import ClassVar
 import numpy as np
 from sklearn.utils._param_validation import Interval
 
-from classify.dense import Layers, train_dense
+from classify.dense import Layers, fold_standardisation, train_dense
 from classify.estimator import (DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, SEED_CONSTRAINT, Head,
                                 LinearHead, binary_to_two_columns, check_grid)
 from classify.kinds import KIND_CHOICES, KIND_NAMES  # noqa: F401  (KIND_CHOICES re-exported)
 from classify.rbf import RBFHead
 from classify.selection import best_index, holdout_split, stratified_folds
-from classify.svm import fit_calibration, fit_pair_svm, search
+from classify.svm import PairwiseHead, pair_signs, search
 
 
-class SVMHead(LinearHead):
+class SVMHead(PairwiseHead):
     """Linear SVM (libsvm one-vs-one on the linear Gram matrix); C by CV accuracy (ties: the smaller C).
 
-    Probabilities: a logistic layer on the pair decisions, fitted on the out-of-fold decisions of the
-    chosen C. The pair decisions are linear in x, so the whole head folds into one dense layer.
+    The pair decisions are linear in x: ``coef_`` (pairs, features) and ``intercept_`` on
+    standardised features, the standardisation folded into them for ONNX (classify.svm).
     """
 
     kind = "svm"
     _parameter_constraints: ClassVar[dict] = {"Cs": ["array-like"], "cv": FOLDS_CONSTRAINT,
                                               "n_jobs": POSITIVE_INT, "seed": SEED_CONSTRAINT}
-    learned_info = ("C_", "cv_accuracy_by_C_", "cv_scores_")
 
     def __init__(self, Cs=(3e-4, 1e-3, 3e-3, 1e-2), cv: int = DEFAULT_FOLDS, n_jobs: int = 1, seed: int = 0):
         self.Cs = Cs
@@ -54,18 +54,32 @@ class SVMHead(LinearHead):
         check_grid(type(self).__name__, "Cs", self.Cs)
 
     def _fit(self, X, y) -> None:
-        n_classes = len(self.classes_)
         K = X @ X.T
         found = search([K], y, check_grid("SVMHead", "Cs", self.Cs), stratified_folds(y, self.cv, self.seed),
-                       n_classes, self.n_jobs)
+                       len(self.classes_), self.n_jobs)
         self.C_ = found.settings[found.best][1]
-        self.cv_accuracy_by_C_ = {str(C): float(np.mean(s)) for (_, C), s in zip(found.settings, found.fold_scores)}
-        self.cv_scores_ = found.calibrated_scores
-        svm = fit_pair_svm(K, y, self.C_, n_classes)
-        W, b = fit_calibration(found.out_of_fold, y, n_classes)
-        pair_weights = X[svm.support].T @ svm.dual  # (features, pairs): decisions = x @ pair_weights + intercept
-        self.coef_ = (pair_weights @ W).T.astype(np.float32)
-        self.intercept_ = (svm.intercept @ W + b).astype(np.float32)
+        self.cv_accuracy_ = {f"C={C:g}": float(np.mean(s)) for (_, C), s in zip(found.settings, found.fold_scores)}
+        svm = self._finish(found, K, y)
+        self.coef_ = (X[svm.support].T @ svm.dual).T.astype(np.float32)  # decisions = x @ coef_.T + intercept_
+        self.intercept_ = svm.intercept.astype(np.float32)
+
+    def _decisions(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.coef_.T.astype(np.float64) + self.intercept_
+
+    def _layers(self) -> Layers:
+        """A dense layer for fine-tune to start from: the summed pair decisions without the votes
+        (the same classes on all but close calls)."""
+        S = pair_signs(len(self.classes_)) / self.temperature_
+        return [((self.coef_.T @ S).astype(np.float32), (self.intercept_ @ S).astype(np.float32))]
+
+    def _front_graph(self):
+        from classify.onnx_head import dense_nodes
+
+        return dense_nodes(fold_standardisation(self.mean_, self.scale_, [(self.coef_.T, self.intercept_)]))
+
+    def _shapes(self, n_features, n_classes, learned):
+        n_pairs = n_classes * (n_classes - 1) // 2
+        return {"coef_": (n_pairs, n_features), "intercept_": (n_pairs,), "temperature_": ()}
 
 
 class SoftmaxHead(LinearHead):
@@ -81,7 +95,7 @@ class SoftmaxHead(LinearHead):
     _parameter_constraints: ClassVar[dict] = {"Cs": ["array-like"], "cv": FOLDS_CONSTRAINT, "max_iter": POSITIVE_INT,
                                               "tol": [Interval(Real, 0, None, closed="neither")],
                                               "seed": SEED_CONSTRAINT}
-    learned_info = ("C_", "cv_accuracy_by_C_", "cv_scores_", "n_iter_")
+    learned_info = ("C_", "cv_accuracy_", "cv_scores_", "n_iter_")
 
     def __init__(self, Cs=(0.01, 0.1, 1.0), cv: int = DEFAULT_FOLDS, max_iter: int = 500, tol: float = 1e-3,
                  seed: int = 0):
@@ -114,7 +128,7 @@ class SoftmaxHead(LinearHead):
                            for train, held in folds]).T  # (Cs, folds)
         best = best_index(scores.mean(axis=1))
         self.C_ = Cs[best]
-        self.cv_accuracy_by_C_ = {str(C): float(s.mean()) for C, s in zip(Cs, scores)}
+        self.cv_accuracy_ = {f"C={C:g}": float(s.mean()) for C, s in zip(Cs, scores)}
         self.cv_scores_ = [float(s) for s in scores[best]]
         *_, model = self._path(X, y, Cs[:best + 1])
         self.n_iter_ = int(model.n_iter_.max())
@@ -133,7 +147,11 @@ def _hidden_ok(hidden) -> bool:
 
 class MLPHead(Head):
     """One or two hidden ReLU layers with dropout, then softmax; Adam with early stopping on a
-    stratified held-out ``validation_fraction`` of the rows, keeping the best epoch's weights."""
+    stratified held-out ``validation_fraction`` of the rows, keeping the best epoch's weights.
+
+    ``patience`` 5: on TrashNet features the best epoch came by the third, and 5-fold CV accuracy
+    was 0.863 at patience 5 vs 0.865 at 10 for 60 % of the CPU time.
+    """
 
     kind = "mlp"
     _parameter_constraints: ClassVar[dict] = {
@@ -148,7 +166,7 @@ class MLPHead(Head):
     learned_info = ("best_epoch_", "n_epochs_", "best_val_loss_")
 
     def __init__(self, hidden=(256,), dropout: float = 0.3, learning_rate: float = 1e-3, l2: float = 1e-4,
-                 batch_size: int = 64, max_epochs: int = 300, patience: int = 10,
+                 batch_size: int = 64, max_epochs: int = 300, patience: int = 5,
                  validation_fraction: float = 0.1, seed: int = 0):
         self.hidden = hidden
         self.dropout = dropout

@@ -4,8 +4,10 @@ Plain standard operators only, so any runtime runs them and the export step can 
 a backbone graph by renaming its input:
 - dense heads (svm, softmax, mlp), with the train-split standardisation folded into the first layer:
   ``MatMul -> Add (-> Relu -> MatMul -> Add)* -> Softmax``;
-- the RBF head: ``-gamma |x - s|^2 = 2 gamma x.s - gamma |x|^2 - gamma |s|^2`` puts the kernel on one
-  MatMul against the support vectors, then ``Exp -> MatMul -> Add -> Softmax``.
+- SVM heads (svm, rbf): pair decisions, then their vote scores ``Sign -> MatMul`` plus the squashed
+  summed decisions (classify.svm.class_scores), divided by the temperature, ``-> Softmax``; the RBF
+  head's decisions come from its kernel: ``-gamma |x - s|^2 = 2 gamma x.s - gamma |x|^2 - gamma |s|^2``
+  puts it on one MatMul against the support vectors, then ``Exp -> MatMul -> Add``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def _initializer(array, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array, np.float32), name)
 
 
-def _dense_nodes(layers: Layers, current: str, prefix: str = "") -> tuple[list, list, str]:
+def dense_nodes(layers: Layers, current: str = INPUT, prefix: str = "") -> tuple[list, list, str]:
     """MatMul + Add per layer, Relu between layers; returns (nodes, initializers, output name)."""
     nodes, initializers = [], []
     for i, (W, b) in enumerate(layers):
@@ -57,17 +59,14 @@ def _softmax_model(nodes: list, initializers: list, logits: str, n_features: int
 
 def dense_softmax_graph(layers: Layers, opset: int = 17, name: str = "head",
                         metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    nodes, initializers, logits = _dense_nodes(layers, INPUT)
+    nodes, initializers, logits = dense_nodes(layers)
     return _softmax_model(nodes, initializers, logits, layers[0][0].shape[0], layers[-1][0].shape[1], opset,
                           name, metadata)
 
 
-def rbf_softmax_graph(mean: np.ndarray, scale: np.ndarray, support_vectors: np.ndarray, gamma: float,
-                      output_layer: tuple[np.ndarray, np.ndarray], opset: int = 17, name: str = "rbf_head",
-                      metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """softmax(exp(-gamma |(x - mean) / scale - s|^2) @ coef + intercept) over the support vectors s."""
-    if opset < 13:
-        raise ValueError("the RBF head graph needs opset 13 or later (ReduceSum with axes as an input)")
+def rbf_kernel_nodes(mean: np.ndarray, scale: np.ndarray, support_vectors: np.ndarray,
+                     gamma: float) -> tuple[list, list, str]:
+    """exp(-gamma |(x - mean) / scale - s|^2) for every support vector s: (nodes, initializers, output)."""
     sv = np.asarray(support_vectors, np.float64)
     initializers = [
         _initializer(mean, "mean"), _initializer(scale, "scale"),
@@ -88,6 +87,28 @@ def rbf_softmax_graph(mean: np.ndarray, scale: np.ndarray, support_vectors: np.n
         helper.make_node("Min", ["exponent_raw", "zero"], ["exponent"]),  # |x - s|^2 >= 0, as in numpy
         helper.make_node("Exp", ["exponent"], ["kernel"]),
     ]
-    dense, dense_initializers, logits = _dense_nodes([output_layer], "kernel", prefix="out_")
-    return _softmax_model(nodes + dense, initializers + dense_initializers, logits, sv.shape[1],
-                          output_layer[0].shape[1], opset, name, metadata)
+    return nodes, initializers, "kernel"
+
+
+def pairwise_softmax_graph(nodes: list, initializers: list, decisions: str, n_features: int, pair_signs: np.ndarray,
+                           temperature: float, opset: int = 17, name: str = "svm_head",
+                           metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """softmax(class_scores(decisions) / temperature) after ``nodes`` computing the pair decisions."""
+    if opset < 13:
+        raise ValueError("SVM head graphs need opset 13 or later (ReduceSum with axes as an input)")
+    initializers = [*initializers, _initializer(pair_signs / 2, "half_signs"), _initializer(pair_signs, "signs"),
+                    _initializer(3.0, "three"), _initializer(1.0 / temperature, "inverse_temperature")]
+    nodes = [
+        *nodes,
+        helper.make_node("Sign", [decisions], ["pair_winners"]),
+        helper.make_node("MatMul", ["pair_winners", "half_signs"], ["votes"]),  # votes, up to a constant
+        helper.make_node("MatMul", [decisions, "signs"], ["confidence"]),
+        helper.make_node("Abs", ["confidence"], ["abs_confidence"]),
+        helper.make_node("Add", ["abs_confidence", "one"], ["abs_confidence_1"]),
+        helper.make_node("Mul", ["abs_confidence_1", "three"], ["squash"]),
+        helper.make_node("Div", ["confidence", "squash"], ["squashed"]),  # in (-1/3, 1/3): below one vote
+        helper.make_node("Add", ["votes", "squashed"], ["class_scores"]),
+        helper.make_node("Mul", ["class_scores", "inverse_temperature"], ["logits"]),
+    ]
+    initializers.append(_initializer(1.0, "one"))
+    return _softmax_model(nodes, initializers, "logits", n_features, pair_signs.shape[1], opset, name, metadata)

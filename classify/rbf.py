@@ -2,29 +2,27 @@
 
 On standardised features, ``K(x, s) = exp(-gamma * |x - s|^2)`` with gamma a multiple of
 ``1 / n_features`` (the ``gammas`` grid; 1.0 is scikit-learn's ``"scale"`` on standardised data).
-C and gamma are chosen by stratified k-fold CV on one Gram matrix per gamma (classify.svm), the
-libsvm one-vs-one machines and their calibration then reduce to
+C and gamma are chosen by stratified k-fold CV on one Gram matrix per gamma (classify.svm); the
+libsvm one-vs-one machines then reduce to
 
-    probabilities = softmax(K(x, support_vectors_) @ coef_ + intercept_)
+    decisions = K(x, support_vectors_) @ coef_ + intercept_      # one per pair of classes
 
-which ``predict_proba`` computes in numpy and ``to_onnx`` writes as plain ONNX operators (the
-kernel through one MatMul, no custom op). Its size and cost grow with the support vectors: about
-``n_support_vectors_ x n_features`` floats, and as many multiply-adds per image (on TrashNet with
-EfficientNet-Lite0 features: about 1,800 x 1,280, 9 MB and 2.4 MFLOP, against the backbone's 400).
+followed by the vote scoring of classify.svm, which ``predict_proba`` computes in numpy and
+``to_onnx`` writes as plain ONNX operators (the kernel through one MatMul, no custom op). Its size
+and cost grow with the support vectors: ``n_support_vectors_ x n_features`` floats, and as many
+multiply-adds per image (on TrashNet with EfficientNet-Lite0 features about 1,800 x 1,280: 9 MB
+and 2.4 MFLOP per image, against the backbone's 400 MFLOP; see docs/bench/accuracy.md).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from classify.estimator import DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, SEED_CONSTRAINT, Head, check_grid
+from classify.estimator import DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, SEED_CONSTRAINT, check_grid
 from classify.selection import stratified_folds
-from classify.svm import fit_calibration, fit_pair_svm, search, squared_distances
-
-if TYPE_CHECKING:
-    import onnx
+from classify.svm import PairwiseHead, search, squared_distances
 
 MAX_ROWS = 20_000  # the search holds one float64 Gram matrix per gamma: 20,000 rows is 3.2 GB each
 
@@ -33,9 +31,9 @@ def rbf_kernel(X: np.ndarray, support: np.ndarray, gamma: float) -> np.ndarray:
     return np.exp(-gamma * squared_distances(X, support))
 
 
-class RBFHead(Head):
+class RBFHead(PairwiseHead):
     """RBF-kernel SVM (libsvm one-vs-one) on standardised features; C and gamma by CV accuracy
-    (ties: the smaller gamma, then the smaller C); probabilities calibrated like the linear SVM's."""
+    (ties: the smaller gamma, then the smaller C); probabilities like the linear SVM's."""
 
     kind = "rbf"
     _parameter_constraints: ClassVar[dict] = {"Cs": ["array-like"], "gammas": ["array-like"], "cv": FOLDS_CONSTRAINT,
@@ -57,48 +55,49 @@ class RBFHead(Head):
         if len(X) > MAX_ROWS:
             raise ValueError(f"RBFHead: {len(X)} rows; the kernel search keeps {len(X)}^2 floats per gamma, "
                              f"so it stops at {MAX_ROWS} rows: use a linear head")
-        n_classes = len(self.classes_)
         gammas = [g / X.shape[1] for g in check_grid("RBFHead", "gammas", self.gammas)]
         d2 = squared_distances(X, X)
         kernels = [np.exp(-gamma * d2) for gamma in gammas]
         del d2
         found = search(kernels, y, check_grid("RBFHead", "Cs", self.Cs), stratified_folds(y, self.cv, self.seed),
-                       n_classes, self.n_jobs)
+                       len(self.classes_), self.n_jobs)
         k, self.C_ = found.settings[found.best]
         self.gamma_ = gammas[k]
         self.cv_accuracy_ = {f"gamma={gammas[i]:.4g},C={C:g}": float(np.mean(s))
                              for (i, C), s in zip(found.settings, found.fold_scores)}
-        self.cv_scores_ = found.calibrated_scores
-        svm = fit_pair_svm(kernels[k], y, self.C_, n_classes)
-        W, b = fit_calibration(found.out_of_fold, y, n_classes)
+        svm = self._finish(found, kernels[k], y)
         self.support_vectors_ = X[svm.support].astype(np.float32)
         self.n_support_vectors_ = len(svm.support)
-        self.coef_ = (svm.dual @ W).astype(np.float32)
-        self.intercept_ = (svm.intercept @ W + b).astype(np.float32)
+        self.coef_, self.intercept_ = svm.dual.astype(np.float32), svm.intercept.astype(np.float32)
 
-    def _logits(self, X: np.ndarray) -> np.ndarray:
-        kernel = rbf_kernel(self._standardise(X), self.support_vectors_, self.gamma_)
-        return kernel @ self.coef_.astype(np.float64) + self.intercept_
+    def _decisions(self, X: np.ndarray) -> np.ndarray:
+        return rbf_kernel(X, self.support_vectors_, self.gamma_) @ self.coef_.astype(np.float64) + self.intercept_
 
-    def to_onnx(self, opset: int = 17, metadata: dict[str, str] | None = None) -> "onnx.ModelProto":
-        from sklearn.utils.validation import check_is_fitted
+    def network(self):
+        from classify.errors import HeadMismatch
 
-        from classify.onnx_head import rbf_softmax_graph
+        raise HeadMismatch("an rbf head is a kernel machine, not dense layers a fine-tuned model can start "
+                           "from: fit a softmax or mlp head for fine-tuning (fit-head --kind softmax)")
 
-        check_is_fitted(self)
-        return rbf_softmax_graph(self.mean_, self.scale_, self.support_vectors_, self.gamma_,
-                                 (self.coef_, self.intercept_), opset, name="rbf_head", metadata=metadata)
+    def _front_graph(self):
+        from classify.onnx_head import dense_nodes, rbf_kernel_nodes
+
+        kernel_nodes, kernel_initializers, kernel = rbf_kernel_nodes(self.mean_, self.scale_, self.support_vectors_,
+                                                                     self.gamma_)
+        nodes, initializers, decisions = dense_nodes([(self.coef_, self.intercept_)], kernel, prefix="pairs_")
+        return kernel_nodes + nodes, kernel_initializers + initializers, decisions
 
     def _arrays(self):
-        return {"support_vectors_": self.support_vectors_, "coef_": self.coef_, "intercept_": self.intercept_}
+        return {**super()._arrays(), "support_vectors_": self.support_vectors_}
 
     def _shapes(self, n_features, n_classes, learned):
         n_support = learned.get("n_support_vectors_")
         if not isinstance(n_support, int) or n_support < 1:
             raise ValueError(f"n_support_vectors_ must be a positive integer, got {n_support!r}")
-        return {"support_vectors_": (n_support, n_features), "coef_": (n_support, n_classes),
-                "intercept_": (n_classes,)}
+        n_pairs = n_classes * (n_classes - 1) // 2
+        return {"support_vectors_": (n_support, n_features), "coef_": (n_support, n_pairs),
+                "intercept_": (n_pairs,), "temperature_": ()}
 
     def _set_arrays(self, arrays):
-        self.support_vectors_, self.coef_, self.intercept_ = (arrays["support_vectors_"], arrays["coef_"],
-                                                              arrays["intercept_"])
+        super()._set_arrays(arrays)
+        self.support_vectors_ = arrays["support_vectors_"]
