@@ -26,7 +26,7 @@ def _number(value: float | None) -> str:
               help="Cross-validation folds (fewer when a class has fewer labelled images).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same store: same head.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per head, one per line.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar (on stderr).")
 def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
     """Train a classifier head on the features of a store and save it.
 

@@ -62,8 +62,12 @@ def fit_candidates(kinds: list[str], X: np.ndarray, y: np.ndarray, folds: int, s
 
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(min(len(kinds), default_threads())) as pool, \
             tqdm(total=len(kinds), desc="fit-head", unit="head", disable=not progress, leave=False) as bar:
-        futures = [pool.submit(_fit_one, kind, X, y, folds, seed) for kind in kinds]
-        for _ in as_completed(futures):
+        futures = {pool.submit(_fit_one, kind, X, y, folds, seed): kind for kind in kinds}
+        running = list(kinds)
+        bar.set_postfix_str(f"fitting {', '.join(running)} on {len(y)} images")
+        for future in as_completed(futures):
+            running.remove(futures[future])
+            bar.set_postfix_str(f"fitting {', '.join(running)} on {len(y)} images" if running else "done")
             bar.update()
         return [future.result() for future in futures]
 
@@ -85,7 +89,9 @@ def _row(kind: str, head: Head, cv: list[float], seconds: float, features: Featu
 
 def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None, out: str | Path = "head",
               seed: int = 0, folds: int = DEFAULT_FOLDS, progress: bool = False) -> list[dict]:
-    """Fit ``kind`` (or every kind for ``"all"``), save the best to ``out``; one metrics dict per head."""
+    """Fit ``kind`` (or every kind for ``"all"``), save the best to ``out``; one metrics dict per head.
+
+    ``progress``: a bar over the kinds on stderr, naming the ones still being fitted."""
     if kind not in KIND_CHOICES:
         raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(KIND_CHOICES)}")
     features = FeatureStore(store).read(backbone)

@@ -39,6 +39,7 @@ def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]  # the progress bar is on stderr
     assert [row["kind"] for row in rows] == list(HEAD_KINDS)
+    assert "fitting svm, softmax, mlp, rbf on 96 images" in result.stderr  # the bar names the heads being fitted
     assert all(METRIC_KEYS <= set(row) for row in rows)
     assert all(row["test_accuracy"] > 0.9 and row["n_train"] == 72 and row["n_val"] == 24 for row in rows)
     assert sum(row["saved"] for row in rows) == 1
@@ -46,10 +47,9 @@ def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
 
 
 def test_fit_head_prints_a_leaderboard(store, tmp_path):
-    result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3)
-    assert result.exit_code == 0, result.output
-    header, row, summary = result.stdout.splitlines()
-    assert "fit-head" in result.stderr  # the progress bar (off with --quiet)
+    result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3, "--quiet")
+    assert result.exit_code == 0 and result.stderr == "", result.output
+    header, row, summary = result.output.splitlines()
     assert header.split()[:3] == ["kind", "CV", "acc"]
     assert row.startswith("svm") and row.endswith("saved")
     assert summary == f"svm head (96 training images, 5-fold CV) saved to {tmp_path / 'head'}"
