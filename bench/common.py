@@ -69,3 +69,41 @@ def run_script(args: list[str]) -> tuple[float, list[str]]:
     if done.returncode:
         raise RuntimeError(f"`python {' '.join(args)}` failed: {(done.stderr or done.stdout).strip()[-2000:]}")
     return seconds, done.stdout.strip().splitlines()
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid``, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def process_title(pid: int) -> str:
+    """The first word of a process's command line (Ray workers set it to ``ray::FUNCTION``); '' if gone."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (0 if it is gone)."""
+    try:
+        for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

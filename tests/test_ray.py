@@ -19,6 +19,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_image_folder, write_image
 
+from bench.common import descendants, process_title
+
 from extract.errors import TransferKitError
 from extract.job import run_extraction
 from extract.store import FeatureStore, parts_dir
@@ -105,18 +107,9 @@ def assert_same_store(got: Path, want: Path, exact: bool = True) -> None:
         np.testing.assert_allclose(a.features, b.features, rtol=1e-6, atol=1e-6)
 
 
-def own_task_workers() -> list:
-    """This module's Ray worker processes that are running an extraction task right now."""
-    import psutil
-
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.cmdline()[:1] == [TASK_TITLE]:
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
+def own_task_workers() -> list[int]:
+    """PIDs of this module's Ray worker processes that are running an extraction task right now."""
+    return [pid for pid in descendants(os.getpid()) if process_title(pid) == TASK_TITLE]
 
 
 def capture_results(monkeypatch) -> list[dict]:
@@ -242,12 +235,12 @@ def test_worker_killed_twice_is_retried_and_the_store_is_complete(on_ray, kill_f
     def kill_two_workers():
         deadline = time.monotonic() + 90
         while len(killed) < 2 and time.monotonic() < deadline:
-            busy = [p for p in own_task_workers() if p.pid not in killed]
+            busy = [pid for pid in own_task_workers() if pid not in killed]
             if busy:
                 time.sleep(0.3)  # let it write a few segments first
                 try:
-                    os.kill(busy[0].pid, signal.SIGKILL)
-                    killed.append(busy[0].pid)
+                    os.kill(busy[0], signal.SIGKILL)
+                    killed.append(busy[0])
                 except ProcessLookupError:
                     pass
             time.sleep(0.05)
