@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import shlex
@@ -107,3 +109,28 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def data_parser(doc: str, out_name: str, backbone: str = "efficientnet_lite0",
+                weights: str = "imagenet") -> argparse.ArgumentParser:
+    """The options of a benchmark on one image folder: --data (default: ../shared trashnet), --backbone,
+    --weights and --out (default: docs/bench/OUT_NAME); check the result with ``parse_data_args``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=default_data("trashnet"), help="image folder (default: ../shared trashnet)")
+    parser.add_argument("--backbone", default=backbone)
+    parser.add_argument("--weights", default=weights)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / out_name))
+    return parser
+
+
+def parse_data_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if not args.data:
+        parser.error("--data is required when ../shared/datasets is absent")
+    return args
+
+
+def write_results(out: str | Path, markdown: str, result: dict) -> None:
+    """A benchmark's markdown at ``out`` and its raw results as JSON beside it."""
+    write_section(out, markdown)
+    Path(out).with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
@@ -31,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (ROOT, default_data, descendants, fmt, header, process_title, rss_mib,  # noqa: E402
-                          spread, write_section)
+from bench.common import (ROOT, data_parser, descendants, fmt, header, parse_data_args, process_title,  # noqa: E402
+                          rss_mib, spread, write_results)
 
 PR_SET_CHILD_SUBREAPER = 36
 TASK_TITLE = "ray::run_shard_task"  # what a Ray worker calls itself while it runs an extraction task
@@ -168,21 +167,14 @@ def to_markdown(r: dict, title: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=default_data("trashnet"), help="image folder (default: ../shared trashnet)")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--weights", default="imagenet")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "ray.md"))
-    args = parser.parse_args()
-    if not args.data:
-        parser.error("--data is required when ../shared/datasets is absent")
+    parser = data_parser(__doc__, "ray.md")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved")
+    args = parse_data_args(parser)
     become_subreaper()
     with tempfile.TemporaryDirectory() as work:  # commands run from the repository root: absolute data path
         result = run_benchmark(str(Path(args.data).resolve()), args.backbone, args.weights, args.repeats, Path(work))
-    data_name = Path(args.data).name
-    write_section(args.out, to_markdown(result, f"Ray runner vs local runner: {args.backbone}, {data_name}"))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    title = f"Ray runner vs local runner: {args.backbone}, {Path(args.data).name}"
+    write_results(args.out, to_markdown(result, title), result)
 
 
 if __name__ == "__main__":
