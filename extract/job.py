@@ -257,6 +257,14 @@ def run_extraction(
         )
 
 
+def extraction_record(spec, resolved, size: int, dtype: str, engine_name: str) -> dict:
+    """The backbone record that every row computed by this run carries (local runner and Ray tasks)."""
+    return {
+        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": engine_name,
+        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
              threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
     from tqdm import tqdm
@@ -265,10 +273,7 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
 
     run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
     name = spec.name
-    record = {
-        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": run_engine.name,
-        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    record = extraction_record(spec, resolved, size, dtype, run_engine.name)
     extracted = 0
     loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)

@@ -135,22 +135,20 @@ def prepare_engine(spec, weights, resolved, size: int, seed: int) -> Path:
     return path
 
 
-def ray_record(base: dict, engine_sha256: str, options: RayOptions, shards: int, versions: dict) -> dict:
-    """The backbone record plus how Ray computed the rows (every worker is checked against ``versions``)."""
+def runner_record(engine_sha256: str, options: RayOptions, shards: int, versions: dict) -> dict:
+    """How Ray computed the rows, for the backbone record (every worker is checked against ``versions``)."""
     import ray
 
-    runner = {"name": "ray", "ray_version": ray.__version__, "engine_sha256": engine_sha256, "shards": shards,
-              "cpus_per_task": options.cpus_per_task, "intra_op_threads": options.cpus_per_task,
-              "decode_workers": options.cpus_per_task, "worker_versions": versions}
-    return {**base, "engine": "onnx", "runner": runner}
+    return {"name": "ray", "ray_version": ray.__version__, "engine_sha256": engine_sha256, "shards": shards,
+            "cpus_per_task": options.cpus_per_task, "intra_op_threads": options.cpus_per_task,
+            "decode_workers": options.cpus_per_task, "worker_versions": versions}
 
 
 def compute_on_ray(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size,
                    workers, threads, checkpoint_seconds, progress, *, options: RayOptions) -> tuple[int, str, float]:
     """Compute ``todo`` on Ray into segments of ``writer``'s store; same contract as ``job._compute``."""
-    from extract.job import _library_versions
+    from extract.job import extraction_record
     from extract.ray_task import ShardTask, worker_versions
-    from extract.weights import backbone_record
 
     engine_path = prepare_engine(spec, weights, resolved, size, seed)
     engine_sha = file_sha256(engine_path)
@@ -160,9 +158,8 @@ def compute_on_ray(writer, state, root, todo, spec, weights, resolved, size, see
         slots = task_slots(options.cpus_per_task)
         shards = plan_shards(todo, min(options.shards or SHARDS_PER_SLOT * slots, len(todo)))
         versions = worker_versions()
-        base = {**backbone_record(spec, resolved, size), "dtype": dtype, "versions": _library_versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        record = ray_record(base, engine_sha, options, len(shards), versions)
+        record = {**extraction_record(spec, resolved, size, dtype, "onnx"),
+                  "runner": runner_record(engine_sha, options, len(shards), versions)}
         engine_ref = ray.put(engine_path.read_bytes())
         tasks = [ShardTask(str(writer.path.resolve()), str(Path(root).resolve()), items, spec.name,
                            spec.feature_dim, record, size, dtype, batch_size, options.cpus_per_task, engine_sha,
