@@ -14,6 +14,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ star
 
 import click  # noqa: E402
 
+from edge.files import no_space_reason  # noqa: E402
+from edge.imageio import printable  # noqa: E402
 from extract.errors import TransferKitError  # noqa: E402
 from extract.version import __version__  # noqa: E402
 
@@ -25,7 +27,13 @@ class ToolGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (TransferKitError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(str(exc))) from None
+        except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
+            reason = no_space_reason(exc)
+            if reason is None:
+                raise
+            raise click.ClickException(printable(f"{reason} (work written before is kept; free some space and "
+                                                 f"run the command again)")) from None
 
 
 @click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from .files import FolderLocked, lock_watch_folder, no_space_reason
+from .imageio import printable
 from .model import ModelError, load_model
 from .results import ResultLog, ResultsLocked
 from .runner import Runner, RunnerConfig
@@ -37,8 +39,15 @@ walks the whole tree: for folders of tens of thousands of files prefer --done). 
 fsynced per batch; after a crash, power loss or kill, run the same command again: every file
 still gets exactly one line.
 
+Log (stderr, one line per event, control characters in names escaped): start and stop, a stats
+line every --stats-seconds, each skipped entry once (symlinks, FIFOs, devices: never followed or
+read), files left for the next pass because they changed after being read, lines of --results
+ignored because they point outside the runner's folders.
+
 Exit status: 0 finished (also after SIGTERM/SIGINT, which finish the current batch first);
-1 failure while running (e.g. disk full); 2 bad arguments or unusable model.
+1 failure while running, one "Error: ..." line (e.g. "Error: no space left on device while
+writing results.jsonl"; nothing is lost: run the same command again); 2 bad arguments, unusable
+model, or another runner on the same watch folder or results file ("edge: error: ...").
 """
 
 
@@ -142,11 +151,20 @@ def _config(args: argparse.Namespace) -> RunnerConfig:
     )
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Escapes control characters in every message: a newline in a file name or a model id cannot
+    forge log lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("edge")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        formatter = logging.Formatter("%(asctime)sZ edge: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        formatter = _OneLineFormatter("%(asctime)sZ edge: %(message)s", "%Y-%m-%dT%H:%M:%S")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
         logger.addHandler(handler)
@@ -163,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args)
         model = load_model(args.model, args.threads)
+        watch_lock = lock_watch_folder(config.watch)
         results = ResultLog(config.results, config.watch)
-    except (UsageError, ModelError, ResultsLocked, OSError) as exc:
-        print(f"edge: error: {exc}", file=sys.stderr)
+    except (UsageError, ModelError, ResultsLocked, FolderLocked, OSError) as exc:
+        print(f"edge: error: {printable(no_space_reason(exc) or str(exc))}", file=sys.stderr)
         return 2
     runner = Runner(model, config, results)
 
@@ -178,10 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runner.run()
     except (ModelError, OSError) as exc:
-        print(f"edge: error: {exc}", file=sys.stderr)
+        print(f"Error: {printable(no_space_reason(exc) or str(exc))}", file=sys.stderr)
         return 1
     finally:
         results.close()
+        for fd in watch_lock:
+            os.close(fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from edge.imageio import printable, strict_json
 from extract.backbones import DEFAULT_BACKBONE, list_backbones
 from extract.identify_command import identify_command
 
@@ -73,7 +74,7 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         progress=not quiet, ray_options=ray_options,
     )
     if as_json:
-        click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
+        click.echo(strict_json(summary.to_dict()))
         return
     click.echo(
         f"{summary.backbone}: {summary.images} images in {summary.store} "
@@ -83,7 +84,7 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         + (f", {summary.images_per_second:.1f} images/s with {summary.engine}" if summary.extracted else "")
     )
     for path, reason in summary.failures[:10]:
-        click.echo(f"  failed: {path}: {reason}")
+        click.echo(f"  failed: {printable(path)}: {printable(reason)}")
     if len(summary.failures) > 10:
         click.echo(f"  ... and {len(summary.failures) - 10} more (see `python cli.py store info {store}`)")
     _warn_copies(summary.copies_across_splits)
@@ -121,16 +122,16 @@ def store_info_command(store, as_json):
 
     info = FeatureStore(store).info()
     if as_json:
-        click.echo(json.dumps(info, ensure_ascii=False))
+        click.echo(strict_json(info))
         return
     click.echo(f"{info['path']}: {info['images']} images, {info['failed']} failed, {len(info['classes'])} classes")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
-    click.echo("  classes: " + ", ".join(info["classes"]))
+    click.echo("  classes: " + ", ".join(map(printable, info["classes"])))
     for name, b in info["backbones"].items():
         click.echo(f"  {name}: {b['rows']} rows x {b['dim']} {b['dtype']}, {b['input_size']} px, "
                    f"preprocessing {b['preprocessing']}, weights {b['weights']}")
     for failure in info["failures"][:10]:
-        click.echo(f"  failed: {failure['path']}: {failure['reason']}")
+        click.echo(f"  failed: {printable(failure['path'])}: {printable(failure['reason'])}")
     if len(info["failures"]) > 10:
         click.echo(f"  ... and {len(info['failures']) - 10} more failures (--json lists them all)")
     if info["pending_rows"]:
@@ -147,7 +148,7 @@ def _warn_copies(groups: list[list[str]], shown: int = 5) -> None:
     click.echo(f"  warning: {files} files are copies of {len(groups)} image(s) and sit in different splits "
                f"(the test score will be optimistic); keep one file of each group:", err=True)
     for group in groups[:shown]:
-        click.echo("    " + " = ".join(group), err=True)
+        click.echo("    " + " = ".join(map(printable, group)), err=True)
     if len(groups) > shown:
         click.echo(f"    ... and {len(groups) - shown} more (`store info --json` lists them all)", err=True)
 

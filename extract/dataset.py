@@ -52,8 +52,11 @@ class Dataset:
 
 
 def _unit_hash(text: str) -> float:
-    """A number in [0, 1) that depends only on ``text``."""
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    """A number in [0, 1) that depends only on ``text``.
+
+    A file name that is not valid UTF-8 arrives surrogate-escaped (``os.fsdecode``); it is hashed
+    as its original bytes, so such a file gets a split like any other."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.imageio import ImageDecodeError, load_image
+from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_regular_file
 from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.errors import StoreError, TransferKitError
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
-from extract.weights import backbone_record, file_sha256, resolve_weights
+from extract.weights import backbone_record, resolve_weights
 
 DTYPES = ("float32", "float16")
 
@@ -87,21 +87,28 @@ def _split_settings(state: StoreState | None, requested: dict) -> dict:
     return settings
 
 
-def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, workers: int) -> ImageTable:
-    """Content hashes, reusing the stored one when size and mtime are unchanged."""
+def _fingerprint(path: Path, known: tuple[str, int, int] | None) -> tuple[str, int, int, str | None]:
+    """``(sha256, size, mtime_ns, None)`` of one file, reusing the stored hash when size and mtime are
+    unchanged; ``("", -1, -1, reason)`` for an entry that is not a readable regular file (FIFO,
+    device, dangling link, link loop, permission denied, changed while read)."""
+    try:
+        st = stat_regular_file(path)
+        if known and known[0] and (known[1], known[2]) == (st.st_size, st.st_mtime_ns):
+            return known[0], st.st_size, st.st_mtime_ns, None
+        file = read_image_file(path)
+        return file.sha256, file.size, file.mtime_ns, None
+    except ImageDecodeError as exc:
+        return "", -1, -1, str(exc)
+
+
+def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable,
+                  workers: int) -> tuple[ImageTable, dict[str, tuple[str, str]]]:
+    """Content hashes, and ``path -> ("", reason)`` for the entries that cannot be read."""
     known = {p: (s, size, m) for p, s, size, m in
              zip(previous.path, previous.sha256, previous.size, previous.mtime_ns)}
-
-    def one(entry: ImageEntry) -> tuple[str, int, int]:
-        st = os.stat(root / entry.relpath)
-        old = known.get(entry.relpath)
-        if old and old[1] == st.st_size and old[2] == st.st_mtime_ns:
-            return old[0], st.st_size, st.st_mtime_ns
-        return file_sha256(root / entry.relpath), st.st_size, st.st_mtime_ns
-
     with ThreadPoolExecutor(workers) as pool:
-        hashed = list(pool.map(one, entries))
-    return ImageTable(
+        hashed = list(pool.map(lambda e: _fingerprint(root / e.relpath, known.get(e.relpath)), entries))
+    table = ImageTable(
         path=[e.relpath for e in entries],
         sha256=[h[0] for h in hashed],
         class_name=[e.class_name for e in entries],
@@ -109,11 +116,18 @@ def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, w
         size=[h[1] for h in hashed],
         mtime_ns=[h[2] for h in hashed],
     )
+    unreadable = {e.relpath: ("", h[3]) for e, h in zip(entries, hashed) if h[3] is not None}
+    return table, unreadable
 
 
-def _decode(root: Path, relpath: str, size: int) -> np.ndarray | str:
+def _decode(root: Path, relpath: str, sha256: str, size: int) -> np.ndarray | str:
+    """Read the file once and decode those bytes, only if they are the content the row is keyed by
+    (a file replaced after hashing is a failure now and gets extracted by the next run)."""
     try:
-        return load_image(root / relpath, (size, size))
+        file = read_image_file(root / relpath)
+        if file.sha256 != sha256:
+            return "file changed since it was hashed; run extract again to extract its new content"
+        return decode_image(file.data, (size, size))
     except ImageDecodeError as exc:
         return str(exc)
 
@@ -124,13 +138,13 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for chunk in chunks[:2]:
-            pending.append((chunk, [pool.submit(_decode, root, p, size) for p, _ in chunk]))
+            pending.append((chunk, [pool.submit(_decode, root, p, s, size) for p, s in chunk]))
         next_chunk = 2
         while pending:
             chunk, futures = pending.popleft()
             if next_chunk < len(chunks):
                 c = chunks[next_chunk]
-                pending.append((c, [pool.submit(_decode, root, p, size) for p, _ in c]))
+                pending.append((c, [pool.submit(_decode, root, p, s, size) for p, s in c]))
                 next_chunk += 1
             paths, shas, arrays, failures = [], [], [], {}
             for (path, sha), future in zip(chunk, futures):
@@ -225,7 +239,8 @@ def run_extraction(
             if str(previous_rows.features.dtype) != dtype:
                 raise StoreError(f"{store} holds {spec.name} features as {previous_rows.features.dtype}; "
                                  f"pass --dtype {previous_rows.features.dtype}")
-        state.images = _hash_entries(root, entries, state.images, workers)
+        state.images, unreadable = _hash_entries(root, entries, state.images, workers)
+        state.failed.update(unreadable)
         state.classes = dataset.class_names
         dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
         rows = state.backbones.get(spec.name)

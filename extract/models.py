@@ -41,7 +41,7 @@ def build_base(spec: BackboneSpec, weights: ResolvedWeights, size: int, include_
         raise TransferKitError(f"the ImageNet top of {spec.name} needs input size {spec.input_size}")
     try:
         return constructor(weights=str(weights.path) if weights.path else None, **kwargs)
-    except ValueError as exc:  # e.g. a weights file for another architecture
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # weights of another architecture, a broken file
         raise TransferKitError(f"cannot load weights into {spec.name}: {exc}") from None
 
 

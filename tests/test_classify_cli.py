@@ -170,7 +170,7 @@ def test_predict_labels_new_images_like_the_head_on_stored_features(image_store,
 def test_predict_refuses_other_weights(image_store, tmp_path):
     images, store = image_store
     other = tmp_path / "other.weights.h5"
-    other.write_bytes(b"weights of another model")
+    other.write_bytes(b"\x89HDF\r\n\x1a\n" + b"weights of another model")  # passes the format check
     result = invoke("predict", "--head", store.parent / "head", next(images.rglob("*.jpg")), "--weights", other)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "the head was trained on mobilenet_v2 features from weights random-init:seed=0" in result.output

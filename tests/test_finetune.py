@@ -68,6 +68,9 @@ def test_fine_tuned_model_files_and_frozen_statistics(fine_tuned, workspace):
     assert metrics["test"]["images"] > 0 and 0 <= metrics["test"]["accuracy"] <= 1
     assert len(metrics["history"]["val_loss"]) == 2
     assert not (out.parent / "model.best.keras").exists()
+    X_test, y_test = workspace.features().subset("test")  # the head's score on the same split, for comparison
+    assert result.head_test == {"accuracy": pytest.approx(np.mean(load_head(workspace.head).head.predict(X_test) == y_test)),
+                                "macro_f1": pytest.approx(result.head_test["macro_f1"]), "images": len(y_test)}
 
     # before any training step the model is the head: same validation accuracy
     trained = load_head(workspace.head)
@@ -113,6 +116,37 @@ def test_cli_fine_tune_with_warm_up(workspace, tmp_path):
     assert (tmp_path / "report" / "training_curves.png").is_file()
     _, info = load_fine_tuned(out)
     assert info["head"] is None and info["splits"]["seed"] == STORE_SEED
+
+
+def test_cli_fine_tune_from_a_head_shows_progress_and_compares_with_the_head(workspace, tmp_path):
+    result = CliRunner().invoke(cli, [
+        "fine-tune", str(workspace.images), "--head", str(workspace.head), "--store", str(workspace.store),
+        "--epochs", "1", "--unfreeze", "2", "--batch-size", "16", "--out", str(tmp_path / "m.keras")])
+    assert result.exit_code == 0, result.output
+    X_test, y_test = workspace.features().subset("test")
+    head_accuracy = 100 * np.mean(load_head(workspace.head).head.predict(X_test) == y_test)
+    comparison = next(line for line in result.stdout.splitlines() if line.startswith("compared with the head: "))
+    assert f"vs {head_accuracy:.2f}% head on the same test split ({len(y_test)} images in the store)" in comparison
+    assert "fine-tuning epoch 1/1 (" in result.stderr and "val_accuracy" in result.stderr  # progress on stderr
+    assert "fine-tuning epoch" not in result.stdout
+
+
+def test_ctrl_c_during_fine_tuning_leaves_no_checkpoint_and_no_report(workspace, tmp_path, monkeypatch):
+    from export.progress import EpochProgress
+
+    original = EpochProgress.on_epoch_begin
+
+    def interrupt_second_epoch(self, epoch, logs=None):
+        if epoch == 1:  # the first epoch's checkpoint is on disk by now
+            assert (tmp_path / "m.best.keras").is_file()
+            raise KeyboardInterrupt
+        original(self, epoch, logs)
+
+    monkeypatch.setattr(EpochProgress, "on_epoch_begin", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(workspace.images, None, tmp_path / "m.keras", head=workspace.head, store=workspace.store,
+                  epochs=2, batch_size=16, unfreeze="2", progress=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no m.best.keras, no m-report/, no m.keras
 
 
 def test_refusals(workspace, tmp_path):
