@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from edge.imageio import printable, strict_json
-from extract.backbones import DEFAULT_BACKBONE, list_backbones
+from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
 from extract.identify_command import identify_command
 
 
@@ -18,7 +19,10 @@ def _backbone_names() -> list[str]:
 @click.command("extract")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()),
+              help=f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
+                   f"need their Keras ImageNet weights file in ~/.keras/models, downloaded once "
+                   f"(`backbones` lists which are there).")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (Keras cache or the installed package), none (random, for tests/timing) or a weights file PATH.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -63,16 +67,19 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
       python cli.py extract photos/ --store features.h5 --runner ray --ray-address auto
     """
-    from extract.job import run_extraction
+    from extract.job import ExtractionInterrupted, run_extraction
 
     ray_options = _ray_options(runner, ray_address, shards, cpus_per_task)
-
-    summary = run_extraction(
-        images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
-        validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group, dtype=dtype,
-        engine=engine, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
-        progress=not quiet, ray_options=ray_options,
-    )
+    try:
+        summary = run_extraction(
+            images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
+            validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
+            dtype=dtype, engine=engine, input_size=input_size, shard=shard, threads=threads,
+            checkpoint_seconds=checkpoint_seconds, progress=not quiet, ray_options=ray_options,
+        )
+    except ExtractionInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)  # the shell's status for Ctrl-C
     if as_json:
         click.echo(strict_json(summary.to_dict()))
         return

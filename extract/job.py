@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,16 @@ class ExtractionSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ExtractionInterrupted(TransferKitError):
+    """Ctrl-C during extraction: the rows computed so far are kept; the same command resumes."""
+
+    def __init__(self, store: Path, extracted: int, todo: int):
+        self.extracted, self.todo = extracted, todo
+        super().__init__(
+            f"interrupted: the {extracted} images extracted in this run are kept in {store} "
+            f"({todo - extracted} of this run's {todo} still to compute); run the same command again to resume")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -280,12 +291,22 @@ def extraction_record(spec, resolved, size: int, dtype: str, engine_name: str) -
     }
 
 
+def announce_conversion(spec, resolved, size: int, engine: str, progress: bool) -> None:
+    """Say on stderr when this run first converts the backbone to ONNX (the wait is otherwise unexplained)."""
+    from extract.engine import onnx_engine_path
+
+    if progress and engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
+        print(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
+              f"cached for later runs, 10-60 s)...", file=sys.stderr, flush=True)
+
+
 def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
              threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
     from tqdm import tqdm
 
     from extract.engine import open_engine
 
+    announce_conversion(spec, resolved, size, engine, progress)
     run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
     name = spec.name
     record = extraction_record(spec, resolved, size, dtype, run_engine.name)
@@ -300,8 +321,13 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
             if time.monotonic() - last_checkpoint > checkpoint_seconds:
                 writer.commit(state)
                 last_checkpoint = time.monotonic()
+    except KeyboardInterrupt:
+        bar.close()
+        writer.commit(state)  # fold in what was computed (a second Ctrl-C leaves it in segments: still kept)
+        raise ExtractionInterrupted(writer.path, extracted, len(todo)) from None
     finally:
         bar.close()
+    loop_seconds = time.monotonic() - loop_started  # the images/s reported: this loop's, not the final rewrite's
     writer.commit(state)
-    return extracted, run_engine.name, time.monotonic() - loop_started
+    return extracted, run_engine.name, loop_seconds
 

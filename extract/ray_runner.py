@@ -147,9 +147,10 @@ def runner_record(engine_sha256: str, options: RayOptions, shards: int, versions
 def compute_on_ray(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size,
                    workers, threads, checkpoint_seconds, progress, *, options: RayOptions) -> tuple[int, str, float]:
     """Compute ``todo`` on Ray into segments of ``writer``'s store; same contract as ``job._compute``."""
-    from extract.job import extraction_record
+    from extract.job import announce_conversion, extraction_record
     from extract.ray_task import ShardTask, worker_versions
 
+    announce_conversion(spec, resolved, size, engine, progress)
     engine_path = prepare_engine(spec, weights, resolved, size, seed)
     engine_sha = file_sha256(engine_path)
     with ray_session(options):
@@ -196,9 +197,22 @@ def _run_tasks(tasks: list, options: RayOptions, writer, state, checkpoint_secon
             if time.monotonic() - last_checkpoint > checkpoint_seconds:
                 writer.commit(state)
                 last_checkpoint = time.monotonic()
+    except KeyboardInterrupt:  # like the local runner: keep what was computed, say how to resume
+        from extract.job import ExtractionInterrupted
+
+        _cancel(pending)
+        writer.commit(state)
+        raise ExtractionInterrupted(writer.path, extracted, total) from None
     finally:
         bar.close()
     return extracted
+
+
+def _cancel(pending) -> None:
+    import ray
+
+    for ref in pending:
+        ray.cancel(ref, force=True)
 
 
 def _result(ref, pending: dict) -> dict:
@@ -208,8 +222,7 @@ def _result(ref, pending: dict) -> dict:
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:
-        for other in pending:
-            ray.cancel(other, force=True)
+        _cancel(pending)
         cause = getattr(exc, "cause", None)
         reason = str(cause) if isinstance(cause, TransferKitError) else str(exc).strip().splitlines()[-1]
         raise TransferKitError(f"a Ray task failed, the run stops (rows computed so far are kept): "

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from extract.backbones import BackboneSpec
+from extract.backbones import BackboneSpec, offline_backbones
 from extract.errors import WeightsUnavailable
 from extract.paths import keras_models_dir
 
@@ -95,10 +95,10 @@ def resolve_weights(
         if path is None or not path.is_file():
             url = f"{spec.weights_url_base}{path.name if path else ''}"
             raise WeightsUnavailable(
-                f"ImageNet weights for {spec.name} are not in the Keras cache: put {url} at {path} "
-                f"(set KERAS_HOME to use another cache), or pass --weights PATH to a local weights file, "
-                f"or --weights none for random weights, or use --backbone efficientnet_lite0 whose "
-                f"weights install with the tool"
+                f"no ImageNet weights for {spec.name} here; --backbone {offline_backbones()[0]} works offline "
+                f"(its weights install with the tool). For {spec.name}: put {url} at {path} (set KERAS_HOME "
+                f"to use another cache), or pass --weights PATH to a local weights file, or --weights none for "
+                f"random weights"
             )
     sha = file_sha256(path)
     return ResolvedWeights("imagenet", path, f"imagenet:{sha[:16]}", sha)
