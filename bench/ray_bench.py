@@ -163,6 +163,10 @@ def to_markdown(r: dict, title: str) -> str:
                  f"**{u['wall_seconds']:.2f} s** wall, {u['cpu_seconds']:.2f} CPU-s (no Ray started)")
     lines.append(f"- `fit-head --kind all` on the local store and on the 2-worker Ray store: same numbers: "
                  f"**{r['fit_head_all']['same']}**")
+    if not all(p["same_order"] for p in r["parity"].values()):
+        lines.append("- the stores hold the same rows but read them in the order they were written, and the "
+                     "stochastic heads (softmax, MLP) depend on row order: reading in one canonical order is "
+                     "what makes the heads equal")
     return "\n".join(lines) + "\n"
 
 

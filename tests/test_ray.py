@@ -95,21 +95,25 @@ def store_summary(store: Path) -> dict:
 
 
 def assert_same_store(got: Path, want: Path, exact: bool = True) -> None:
-    """Same images, failures and splits, the same rows in the canonical order, features equal.
+    """Same images, failures and splits, the same rows (each image once), equal features, labels, splits.
 
-    ``exact``: tolerance 0 (same batch size as the reference); otherwise 1e-6 relative (the kill tests
-    compare batch-1 rows with a batch-32 reference; onnxruntime gave 0.0 difference here too).
+    Rows are compared image by image: the order rows are read in is the store's to make canonical
+    (FeatureStore.read), whichever runner wrote them. ``exact``: tolerance 0 (same batch size as the
+    reference); otherwise 1e-6 (the kill tests compare batch-1 rows with a batch-32 reference;
+    onnxruntime gave 0.0 difference here too).
     """
     assert store_summary(got) == store_summary(want)
     a, b = FeatureStore(got).read(), FeatureStore(want).read()  # what fit-head trains on
-    assert a.paths == b.paths and len(set(a.paths)) == len(a.paths)
+    assert len(set(a.paths)) == len(a.paths) and sorted(a.paths) == sorted(b.paths)
+    row = {p: i for i, p in enumerate(a.paths)}
+    order = [row[p] for p in b.paths]
     assert a.class_names == b.class_names
-    np.testing.assert_array_equal(a.labels, b.labels)
-    np.testing.assert_array_equal(a.splits, b.splits)
+    np.testing.assert_array_equal(a.labels[order], b.labels)
+    np.testing.assert_array_equal(a.splits[order], b.splits)
     if exact:
-        np.testing.assert_array_equal(a.features, b.features)
+        np.testing.assert_array_equal(a.features[order], b.features)
     else:
-        np.testing.assert_allclose(a.features, b.features, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a.features[order], b.features, rtol=1e-6, atol=1e-6)
 
 
 def own_task_workers() -> list[int]:
