@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ start-up chatter off the terminal
+from extract import quiet  # noqa: E402
+
+quiet.install()  # keep TensorFlow's start-up chatter off the terminal (before anything imports it)
 
 import click  # noqa: E402
 
@@ -78,14 +80,21 @@ def edge_command(ctx):
     """
     from edge.__main__ import main as edge_main
 
-    sys.exit(edge_main(list(ctx.args)))
+    sys.exit(edge_main(list(ctx.args), prog=ctx.command_path))
 
 
 _register_commands()
 
 
+def program_name(argv0: str) -> str:
+    """The command as the user typed it: ``python cli.py`` for the script, ``transferkit`` for the
+    console script (click would otherwise show the file name in both)."""
+    name = os.path.basename(argv0)
+    return "python cli.py" if name == "cli.py" else name or "transferkit"
+
+
 def main() -> None:
-    cli(prog_name="cli.py")
+    cli(prog_name=program_name(sys.argv[0]))
 
 
 if __name__ == "__main__":

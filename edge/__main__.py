@@ -57,7 +57,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"edge: error: {message} (see --help)\n")
+        self.exit(2, f"edge: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive(kind: type):
@@ -87,9 +87,10 @@ def default_threads() -> int:
     return min(4, cpus)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m edge") -> argparse.ArgumentParser:
+    """``prog``: the command as the user typed it (``python cli.py edge`` when forwarded)."""
     parser = _Parser(
-        prog="python -m edge",
+        prog=prog,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -172,9 +173,9 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m edge") -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog).parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else 2
     _setup_logging()

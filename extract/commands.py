@@ -9,6 +9,7 @@ import click
 
 from edge.imageio import printable, strict_json
 from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
+from extract.dataset import GROUP_BY_CHOICES
 from extract.identify_command import identify_command
 
 
@@ -34,6 +35,10 @@ def _backbone_names() -> list[str]:
 @click.option("--split-group", default=None, metavar="REGEX",
               help="Images whose paths are equal once REGEX matches are removed share a split, e.g. "
                    "'_aug\\d+' keeps img1.jpg and img1_aug3.jpg together [default: none, or the store's].")
+@click.option("--split-group-by", type=click.Choice(GROUP_BY_CHOICES), default=None,
+              help="near-duplicates: images whose files are identical or whose features are nearly identical "
+                   "(the audit's rule) share a split, found once the features are computed [default: none, or "
+                   "the store's].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
               help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails.")
@@ -53,8 +58,8 @@ def _backbone_names() -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    dtype, engine, input_size, shard, threads, checkpoint_seconds, runner, ray_address, shards,
-                    cpus_per_task, as_json, quiet):
+                    split_group_by, dtype, engine, input_size, shard, threads, checkpoint_seconds, runner, ray_address,
+                    shards, cpus_per_task, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -65,6 +70,7 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store features.h5 --backbone efficientnet_lite0
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --weights ~/resnet50_notop.h5
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
+      python cli.py extract photos/ --store leak-free.h5 --split-group-by near-duplicates
       python cli.py extract photos/ --store features.h5 --runner ray --ray-address auto
     """
     from extract.job import ExtractionInterrupted, run_extraction
@@ -74,8 +80,8 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         summary = run_extraction(
             images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
             validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
-            dtype=dtype, engine=engine, input_size=input_size, shard=shard, threads=threads,
-            checkpoint_seconds=checkpoint_seconds, progress=not quiet, ray_options=ray_options,
+            split_group_by=split_group_by, dtype=dtype, engine=engine, input_size=input_size, shard=shard,
+            threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet, ray_options=ray_options,
         )
     except ExtractionInterrupted as exc:
         click.echo(str(exc), err=True)
@@ -90,6 +96,9 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         f"in {summary.seconds:.1f} s"
         + (f", {summary.images_per_second:.1f} images/s with {summary.engine}" if summary.extracted else "")
     )
+    if summary.split_groups:
+        click.echo(f"  {summary.split_groups} near-duplicate groups kept in one split "
+                   f"({summary.split_moved} images moved to their group's split)")
     for path, reason in summary.failures[:10]:
         click.echo(f"  failed: {printable(path)}: {printable(reason)}")
     if len(summary.failures) > 10:

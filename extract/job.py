@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,9 @@ import numpy as np
 from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_regular_file
 from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
-from extract.errors import StoreError, TransferKitError
+from extract.errors import DatasetError, StoreError, TransferKitError
+from extract.leak_free import ANCHORS_ATTR, group_store_splits
+from extract.steps import step
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
 from extract.weights import backbone_record, resolve_weights
@@ -45,6 +46,8 @@ class ExtractionSummary:
     images_per_second: float  # extracted / seconds spent in the decode+inference+write loop
     failures: list[tuple[str, str]] = field(default_factory=list)
     copies_across_splits: list[list[str]] = field(default_factory=list)  # identical files in 2+ splits
+    split_groups: int = 0  # near-duplicate groups kept in one split (--split-group-by near-duplicates)
+    split_moved: int = 0  # images this run moved to their group's split
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,6 +202,7 @@ def run_extraction(
     test_split: float | None = None,
     seed: int | None = None,
     split_group: str | None = None,
+    split_group_by: str | None = None,
     dtype: str = "float32",
     engine: str = "auto",
     input_size: int | None = None,
@@ -230,8 +234,12 @@ def run_extraction(
     with StoreWriter(store) as writer:
         settings = _split_settings(writer.state, {"validation_split": validation_split,
                                                   "test_split": test_split, "seed": seed,
-                                                  "split_group": split_group})
-        dataset = discover(root, **settings)
+                                                  "split_group": split_group, "split_group_by": split_group_by})
+        stored_anchors = writer.state.attrs.get(ANCHORS_ATTR, "") if writer.state else ""
+        dataset = discover(root, **settings, split_anchors=stored_anchors)
+        if settings["split_group_by"] != "none" and dataset.layout == "split-folders":
+            raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
+                               f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
         entries = select_entries(dataset, shard_spec)
         state = writer.state or empty_state()
         state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
@@ -271,6 +279,10 @@ def run_extraction(
             extracted, engine_name, loop_seconds = compute(
                 writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
                 batch_size, workers, threads, checkpoint_seconds, progress)
+        split_groups = split_moved = 0
+        if settings["split_group_by"] == "near-duplicates":
+            split_groups, split_moved = group_store_splits(state, spec.name, settings)
+            writer.commit(state)
         rows = state.backbones.get(spec.name)
         elapsed = time.perf_counter() - started
         return ExtractionSummary(
@@ -280,6 +292,7 @@ def run_extraction(
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
             copies_across_splits=state.images.copies_across_splits(),
+            split_groups=split_groups, split_moved=split_moved,
         )
 
 
@@ -295,9 +308,9 @@ def announce_conversion(spec, resolved, size: int, engine: str, progress: bool) 
     """Say on stderr when this run first converts the backbone to ONNX (the wait is otherwise unexplained)."""
     from extract.engine import onnx_engine_path
 
-    if progress and engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
-        print(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
-              f"cached for later runs, 10-60 s)...", file=sys.stderr, flush=True)
+    if engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
+        step(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
+             f"cached for later runs, 10-60 s)", progress)
 
 
 def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,

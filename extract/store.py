@@ -24,9 +24,10 @@ import h5py
 import numpy as np
 
 from extract.errors import StoreError
+from extract.leak_free import ANCHORS_BACKBONE_ATTR, group_store_splits
 
 # Store attributes that decide which split each image is in (a run may not change them silently).
-DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": ""}
+DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": "", "split_group_by": "none"}
 
 FORMAT = "transferkit-feature-store"
 FORMAT_VERSION = 1
@@ -565,6 +566,15 @@ def prune(state: StoreState) -> dict[str, int]:
     return dropped
 
 
+def _regroup_merged(merged: StoreState, first: StoreState) -> None:
+    """Shards found their near-duplicate groups each on its own rows: find them again on all rows."""
+    if merged.attrs.get("split_group_by") != "near-duplicates" or not merged.backbones:
+        return
+    backbone = first.attrs.get(ANCHORS_BACKBONE_ATTR) or sorted(merged.backbones)[0]
+    settings = {**DEFAULT_SPLITS, **{k: merged.attrs[k] for k in DEFAULT_SPLITS if k in merged.attrs}}
+    group_store_splits(merged, backbone, settings)
+
+
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
     """Merge shard stores (``extract --shard I/N``) into one store; refuses mismatched settings."""
     states = [read_state(p) for p in inputs]
@@ -600,6 +610,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
             current.sha256 += rows.sha256
             current.features = np.concatenate([current.features, rows.features.astype(current.features.dtype)])
     prune(merged)
+    _regroup_merged(merged, first)
     out = Path(out)
     with StoreWriter(out):
         write_state(out, merged)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from classify.audit import run_audit
-from classify.neighbours import connected_groups, nearest_other, normalise, similar_pairs
+from extract.neighbours import connected_groups, nearest_other, normalise, similar_pairs
 from cli import cli
 from edge.imageio import load_image
 from extract.store import BackboneRows, empty_state, write_state
