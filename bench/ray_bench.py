@@ -154,10 +154,9 @@ def to_markdown(r: dict, title: str) -> str:
         rss = f"{v['worker_peak_rss_mib']:.0f} MiB" if v["worker_peak_rss_mib"] else "–"
         lines.append(f"| {names[name]} | {fmt(v['wall'])} | {fmt(v['cpu'])} | "
                      f"{1000 * v['cpu']['median'] / n:.1f} | {fmt(v['loop_rate'])} | {rss} |")
-    lines.append("")
-    for name, p in r["parity"].items():
-        lines.append(f"- {names[name]} vs local runner: same rows **{p['same_rows']}**, in the same order "
-                     f"**{p['same_order']}**, max |feature difference| **{p['max_abs_diff']}**")
+    lines += ["", *(f"- {names[name]} vs local runner: same rows **{p['same_rows']}**, in the same order "
+                    f"**{p['same_order']}**, max |feature difference| **{p['max_abs_diff']}**"
+                    for name, p in r["parity"].items())]
     u = r["unchanged_rerun"]
     lines.append(f"- unchanged folder again with `--runner ray`: {u['extracted']} computed in "
                  f"**{u['wall_seconds']:.2f} s** wall, {u['cpu_seconds']:.2f} CPU-s (no Ray started)")
