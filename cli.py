@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ start-up chatter off the terminal
+from extract import quiet  # noqa: E402
+
+quiet.install()  # keep TensorFlow's start-up chatter off the terminal (before anything imports it)
 
 import click  # noqa: E402
 

@@ -95,8 +95,9 @@ def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, 
               help="Real images on which Keras and onnxruntime must agree.")
 @click.option("--calibration-images", default=300, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: all cores].")
+@click.option("--quiet", is_flag=True, help="Do not say what each step is doing (on stderr).")
 def export_onnx_command(out, model, store, head, images, weights, opset, quantize, tolerance, parity_images,
-                        calibration_images, threads):
+                        calibration_images, threads, quiet):
     """Export a fine-tuned model, or a frozen backbone with a trained head, to one ONNX file.
 
     The model takes uint8 RGB images [N, H, W, 3] (named "image") and outputs "probabilities";
@@ -112,7 +113,7 @@ def export_onnx_command(out, model, store, head, images, weights, opset, quantiz
 
     result = export_onnx(out, model=model, store=store, head=head, images=images, weights=weights, opset=opset,
                          quantize=quantize, tolerance=tolerance, parity_images=parity_images,
-                         calibration_images=calibration_images, threads=threads)
+                         calibration_images=calibration_images, threads=threads, progress=not quiet)
     click.echo(f"{result.path}: model_id {result.metadata['model_id']}, "
                f"{len(result.metadata['class_names'])} classes, input uint8 {result.metadata['input_size']} NHWC")
     click.echo(result.parity.summary())

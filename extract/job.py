@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
+from extract.steps import step
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
 from extract.weights import backbone_record, resolve_weights
@@ -274,9 +274,9 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
 
     from extract.engine import onnx_engine_path, open_engine
 
-    if progress and engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
-        print(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
-              f"cached for later runs, 10-60 s)...", file=sys.stderr, flush=True)
+    if engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
+        step(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
+             f"cached for later runs, 10-60 s)", progress)
     run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
     name = spec.name
     record = {

@@ -43,3 +43,26 @@ def test_console_script_shows_its_own_name():
     result = run("--help", argv0="/somewhere/bin/transferkit")
     assert result.returncode == 0 and result.stdout.startswith("Usage: transferkit [OPTIONS] COMMAND")
     assert run("--help").stdout.startswith("Usage: python cli.py [OPTIONS] COMMAND")
+
+
+def test_tensorflow_commands_print_no_start_up_chatter(tmp_path):
+    from conftest import make_image_folder
+
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    env = {k: v for k, v in ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # the CLI must not rely on the caller
+    result = subprocess.run([sys.executable, "cli.py", "extract", str(images), "--store", str(tmp_path / "s.h5"),
+                             "--backbone", "mobilenet_v2", "--weights", "none", "--input-size", "32", "--engine",
+                             "keras", "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # no absl/oneDNN/CUDA lines
+    assert result.stdout.startswith("mobilenet_v2: 6 images in ")
+
+
+def test_warnings_and_weight_loading_errors_are_one_line():
+    from extract.models import first_sentence
+    from extract.quiet import one_line_warning
+
+    layers = "Layer count mismatch when loading weights from file. Model expected 106 layers, found 116 saved layers."
+    assert first_sentence(ValueError(layers + "\n\nReceived: " + "layer, " * 2000)) == layers
+    assert len(first_sentence(ValueError("x" * 5000))) == 200
+    line = one_line_warning(UserWarning("`input_shape` is undefined\nsecond line"), UserWarning, "keras.py", 7)
+    assert line == "warning: `input_shape` is undefined\n"

@@ -178,3 +178,23 @@ def test_parse_unfreeze():
     assert parse_unfreeze("0") == 0 and parse_unfreeze(12) == 12
     with pytest.raises(TransferKitError):
         parse_unfreeze("-1")
+
+
+def test_predict_and_evaluate_accept_the_fine_tuned_model(fine_tuned, workspace, tmp_path):
+    out, result = fine_tuned
+    report = CliRunner().invoke(cli, ["evaluate", "--model", str(out), "--store", str(workspace.store),
+                                      "--report-dir", str(tmp_path / "r"), "--json", "--quiet"])
+    assert report.exit_code == 0, report.output
+    metrics = json.loads(report.stdout)
+    assert metrics["kind"] == "fine-tuned" and metrics["n"] == result.test["images"]
+    assert metrics["accuracy"] == pytest.approx(result.test["accuracy"])  # the same test split as fine-tune's
+    assert (tmp_path / "r" / "confusion_matrix.png").is_file() and (tmp_path / "r" / "tsne.png").is_file()
+
+    image = workspace.images / workspace.features().paths[0]
+    predicted = CliRunner().invoke(cli, ["predict", "--model", str(out), str(image), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    assert "engine Keras (model.keras)" in predicted.stderr
+    model, _ = load_fine_tuned(out)
+    batch, _ = load_batch([str(image)], 32)
+    expected = np.asarray(model(batch, training=False))[0]
+    assert json.loads(predicted.stdout)["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
