@@ -10,8 +10,9 @@ libsvm one-vs-one machines then reduce to
 followed by the vote scoring of classify.svm, which ``predict_proba`` computes in numpy and
 ``to_onnx`` writes as plain ONNX operators (the kernel through one MatMul, no custom op). Its size
 and cost grow with the support vectors: ``n_support_vectors_ x n_features`` floats, and as many
-multiply-adds per image (on TrashNet with EfficientNet-Lite0 features about 1,800 x 1,280: 9 MB
-and 2.4 MFLOP per image, against the backbone's 400 MFLOP; see docs/bench/accuracy.md).
+multiply-adds per image (on TrashNet with EfficientNet-Lite0 features 1,640 x 1,280: an 8.5 MB
+weights file and 2.1 M multiply-adds per image, about 1 ms in onnxruntime against the backbone's
+7 core-ms; see docs/bench/accuracy.md).
 """
 
 from __future__ import annotations
