@@ -127,6 +127,7 @@ class StoreWriter:
         self.max_segments = max_segments
         self.state: StoreState | None = None
         self._created = False  # this session made the store: a failure before any row removes it
+        self._seen: dict[str, set[str]] = {}  # backbone -> "path\0sha256" of the rows committed
         self._seq = 0
         self._images: tuple[ImageTable, list[SegmentRef], dict] | None = None  # as on disk, refs, path->sha
 
@@ -206,7 +207,7 @@ class StoreWriter:
         fresh = [p for p in parts if p.name not in done_before]
         refs, wanted, changed = self._image_files(state)
         dropped = _prune(self.path, state, wanted) if changed else {}
-        _fold(self.path, state, fresh, wanted)
+        _fold(self.path, state, fresh, wanted, lambda backbone: self._committed(state, backbone))
         for name, meta in state.backbones.items():
             _compact(self.path, name, meta, self.max_segments)
         state.failed = {p: v for p, v in state.failed.items() if wanted.get(p) == v[0]}
@@ -219,6 +220,18 @@ class StoreWriter:
             stale.unlink(missing_ok=True)
         self.state = state
         return dropped
+
+    def _committed(self, state: StoreState, backbone: str) -> set[str]:
+        """Keys of ``backbone``'s committed rows, read once per session: a row computed twice (a retried
+        Ray task, a batch written again after a kill) is folded in once."""
+        if backbone not in self._seen:
+            meta = state.backbones.get(backbone)
+            keys = set()
+            for seg in meta.segments if meta else []:
+                paths, shas = read_segment_keys(data_dir(self.path) / seg.file)
+                keys.update(f"{p}\0{s}" for p, s in zip(paths, shas))
+            self._seen[backbone] = keys
+        return self._seen[backbone]
 
     def _image_files(self, state: StoreState) -> tuple[list[SegmentRef], dict, bool]:
         """The image files for ``state.images`` (a new one if the table changed), path->sha, changed?"""
@@ -243,8 +256,9 @@ def split_counts(state: StoreState) -> dict[str, int]:
     return counts
 
 
-def _fold(store: Path, state: StoreState, parts: list[Path], wanted: dict[str, str]) -> None:
-    """Copy the rows of ``parts`` that match the image table into one new segment per backbone."""
+def _fold(store: Path, state: StoreState, parts: list[Path], wanted: dict[str, str], committed) -> None:
+    """Copy the rows of ``parts`` that match the image table and are not in the store yet (``committed(backbone)``:
+    the keys already there, updated here) into one new segment per backbone."""
     picked: dict[str, list] = {}  # backbone -> [(file, rows, paths, shas)]
     for part in parts:
         with open_segment(part) as f:
@@ -257,7 +271,13 @@ def _fold(store: Path, state: StoreState, parts: list[Path], wanted: dict[str, s
             meta = state.backbones[backbone] = BackboneMeta(record, dim, dtype, [])
         if meta.weights_id != record.get("weights", {}).get("id"):
             continue  # a batch from other weights than the store's: never mixed in
-        keep = np.asarray([i for i, (p, s) in enumerate(zip(paths, shas)) if wanted.get(p) == s], dtype=np.int64)
+        seen = committed(backbone)
+        keep = []
+        for i, (p, s) in enumerate(zip(paths, shas)):
+            if wanted.get(p) == s and f"{p}\0{s}" not in seen:
+                seen.add(f"{p}\0{s}")
+                keep.append(i)
+        keep = np.asarray(keep, dtype=np.int64)
         if len(keep):
             picked.setdefault(backbone, []).append((part, keep, [paths[i] for i in keep], [shas[i] for i in keep]))
     for backbone, picks in picked.items():
