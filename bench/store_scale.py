@@ -199,7 +199,8 @@ def render(results: dict) -> str:
              "Targets (issue 12): `store info` < 1 s and < 150 MB at 1M rows; last checkpoint <= 1.5x the first; "
              "merge < 1 s; fit-head peak RSS < 2.5x the backbone's feature bytes.\n",
              "| rows x dim | build s | checkpoints (first / last s, ratio) | disk / features | store info: command "
-             "s, MB; library alone s, MB (in-process s) | fit svm s, MB (x features) | fit softmax s, MB (x features) | "
+             "s, MB; library alone s, MB (in-process s) | fit svm s, MB (x features) | "
+             "fit softmax s, MB (x features) | "
              "merge of 4: s (in-process s), new bytes |",
              "|---|---|---|---|---|---|---|---|"]
     for key in sorted(results, key=int):
@@ -209,7 +210,8 @@ def render(results: dict) -> str:
                 for f in (r["fit_svm"], r["fit_softmax"])]
         lines.append(f"| {r['rows']:,} x {r['dim']} | {r['build_seconds']} | {len(c)}: {c[0]} / {c[-1]} "
                      f"({r['last_over_first_checkpoint']}x) | {r['disk_over_features']} | {info['seconds']}, "
-                     f"{info['peak_rss_mb']}; {_library_info(r)} ({r['store_info_in_process_seconds']}) | {fits[0]} | {fits[1]} | "
+                     f"{info['peak_rss_mb']}; {_library_info(r)} ({r['store_info_in_process_seconds']}) | "
+                     f"{fits[0]} | {fits[1]} | "
                      f"{merge['seconds']} ({merge['in_process_seconds']}), {merge['merged_disk_bytes_new']:,} |")
     lines.append("")
     for key in sorted(results, key=int):

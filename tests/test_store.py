@@ -65,8 +65,7 @@ def test_every_way_of_building_reads_the_same_rows_and_fits_the_same_head(tmp_pa
     heads = []
     for features in reads:
         X, y = features.subset("train")
-        X_val, y_val = features.subset("validation")
-        heads.append(make_head("mlp", seed=0).fit(X, y, X_val, y_val).network())
+        heads.append(make_head("mlp", seed=0).fit(X, y).network())
     for layers in heads[1:]:
         for (w, b), (w0, b0) in zip(layers, heads[0]):
             assert np.array_equal(w, w0) and np.array_equal(b, b0)
