@@ -40,9 +40,9 @@ def colour_features(per_class: int = 20, seed: int = 0) -> tuple[np.ndarray, np.
     return np.concatenate(rows), np.asarray(labels)
 
 
-def build_ood_model(path: Path, scorer=None, metadata: bool = True) -> tuple[Path, float]:
+def build_ood_model(path: Path, scorer=None, metadata: bool = True, batch: int | str = "N") -> tuple[Path, float]:
     """The tiny model plus the ``ood_score`` output (and, unless ``metadata=False``, its ``ood`` key)."""
-    build_model(path)
+    build_model(path, batch=batch)
     if scorer is None:
         scorer = MahalanobisScorer().fit(*colour_features())
     model = onnx.load(str(path))
@@ -228,3 +228,19 @@ def test_predict_reports_unknown_images_like_the_edge(tmp_path: Path, inbox: Pat
     off = [json.loads(line) for line in predict("--json", "--quiet", "--unknown", "off").stdout.splitlines()]
     assert all("unknown" not in r and "ood_score" not in r for r in off)
     assert {Path(r["image"]).name: r["label"] for r in off}["grey.png"] == "red"
+
+
+def test_fixed_batch_models_score_every_image(tmp_path: Path):
+    from edge.model import load_model
+
+    scorer = MahalanobisScorer().fit(*colour_features())
+    images = np.stack([np.full((16, 16, 3), c, np.uint8) for c in [*COLOURS.values(), GREY, GREY]])
+    scores = {}
+    for batch in ("N", 2):
+        path, _ = build_ood_model(tmp_path / f"b{batch}.onnx", scorer, batch=batch)
+        probs, scores[batch] = load_model(path, threads=1).predict_scores(images)
+        assert probs.shape == (5, 3)
+    assert scores[2].shape == (5,)
+    np.testing.assert_allclose(scores[2], scores["N"], rtol=1e-5)
+    np.testing.assert_allclose(scores["N"], scorer.score_samples(images.mean(axis=(1, 2))), rtol=1e-3)
+    assert (scores["N"][3:] > scorer.threshold_).all() and (scores["N"][:3] <= scorer.threshold_).all()
