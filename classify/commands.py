@@ -6,7 +6,8 @@ import json
 
 import click
 
-from classify.heads import KIND_CHOICES
+from classify.kinds import KIND_CHOICES
+from classify.selection import DEFAULT_FOLDS
 
 SPLIT_CHOICES = ("train", "validation", "test")
 
@@ -18,36 +19,41 @@ def _number(value: float | None) -> str:
 @click.command("fit-head")
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--kind", required=True, type=click.Choice(KIND_CHOICES),
-              help="svm, softmax, mlp, or all (fit every kind, keep the best on validation accuracy).")
+              help="svm, softmax, mlp, rbf, or all (fit every kind, keep the best cross-validation accuracy).")
 @click.option("--backbone", default=None, help="Backbone whose features to use [default: the store's only one].")
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
+@click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=click.IntRange(min=2),
+              help="Cross-validation folds (fewer when a class has fewer labelled images).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same store: same head.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per head, one per line.")
 @click.option("--quiet", is_flag=True, help="No progress bar (on stderr).")
-def fit_head_command(store, kind, backbone, out, seed, as_json, quiet):
+def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
     """Train a classifier head on the features of a store and save it.
 
-    The features are standardised on the train split; C (svm) and early stopping (softmax, mlp)
-    use the validation split; the test split is only reported.
+    Heads are fitted on the train and validation images together; hyper-parameters (C, gamma)
+    and, for --kind all, the kind are chosen by stratified k-fold cross-validation on them. The
+    test split is read only after the choice, to report it.
 
     \b
     Example:
       python cli.py fit-head --store features.h5 --kind all --out head
-      python cli.py fit-head --store features.h5 --kind svm --backbone resnet50 --out head-svm --json
+      python cli.py fit-head --store features.h5 --kind rbf --backbone resnet50 --out head-rbf --json
     """
     from classify.train import fit_heads
 
-    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, progress=not quiet)
+    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, folds=folds, progress=not quiet)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, ensure_ascii=False))
         return
-    click.echo(f"{'kind':<9}{'val acc':>9}{'test acc':>10}{'test F1':>9}{'fit s':>8}")
+    click.echo(f"{'kind':<9}{'CV acc':>15}{'test acc':>10}{'test F1':>9}{'fit s':>8}")
     for row in rows:
-        click.echo(f"{row['kind']:<9}{_number(row['val_accuracy']):>9}{_number(row['test_accuracy']):>10}"
+        cv = f"{row['cv_accuracy']:.3f} ± {row['cv_std']:.3f}"
+        click.echo(f"{row['kind']:<9}{cv:>15}{_number(row['test_accuracy']):>10}"
                    f"{_number(row['test_macro_f1']):>9}{row['fit_seconds']:>8.2f}{'  saved' if row['saved'] else ''}")
     best = next(row for row in rows if row["saved"])
-    click.echo(f"{best['kind']} head ({best['n_train']} training images) saved to {best['head']}")
+    click.echo(f"{best['kind']} head ({best['n_train'] + best['n_val']} training images, {best['cv_folds']}-fold CV) "
+               f"saved to {best['head']}")
 
 
 @click.command("evaluate")

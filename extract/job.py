@@ -13,6 +13,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,18 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
             yield paths, shas, batch, failures
 
 
+def extract_segments(run_engine, writer: StoreWriter, name: str, record: dict, feature_dim: int, root: Path,
+                     todo: list[tuple[str, str]], size: int, dtype: str, batch_size: int, workers: int):
+    """The extraction loop: decode, infer, write one segment per batch; yields (computed, failed) per batch.
+
+    The local runner and every Ray task (extract/ray_task.py) run this same loop, so both write the same rows.
+    """
+    for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
+        features = run_engine(batch) if len(batch) else np.zeros((0, feature_dim), np.float32)
+        writer.write_segment(name, record, paths, shas, features.astype(dtype), failures)
+        yield len(paths), len(failures)
+
+
 def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[ImageEntry]:
     if shard is None:
         return dataset.entries
@@ -198,7 +211,13 @@ def run_extraction(
     threads: int | None = None,
     checkpoint_seconds: float = 60.0,
     progress: bool = True,
+    ray_options=None,
 ) -> ExtractionSummary:
+    """Extract features for the new or changed images of ``images_dir`` into ``store``.
+
+    ``ray_options`` (an ``extract.ray_runner.RayOptions``) spreads the compute over Ray tasks; everything
+    that decides what to compute runs here first, so an unchanged folder never starts Ray.
+    """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
     if dtype not in DTYPES:
@@ -207,6 +226,10 @@ def run_extraction(
         raise TransferKitError("--batch-size must be at least 1")
     spec = get_backbone(backbone)
     shard_spec = parse_shard(shard)
+    if ray_options is not None:
+        from extract.ray_runner import check_ray_run  # imports no Ray: only checks that it is installed
+
+        check_ray_run(engine, shard)
     workers = workers or max(2, min(8, (os.cpu_count() or 2)))
     with StoreWriter(store) as writer:
         settings = _split_settings(writer.state, {"validation_split": validation_split,
@@ -248,7 +271,12 @@ def run_extraction(
         removed = dropped.get(spec.name, 0)
         extracted, engine_name, loop_seconds = 0, "none (nothing to compute)", 0.0
         if todo:
-            extracted, engine_name, loop_seconds = _compute(
+            compute = _compute
+            if ray_options is not None:
+                from extract.ray_runner import compute_on_ray
+
+                compute = partial(compute_on_ray, options=ray_options)
+            extracted, engine_name, loop_seconds = compute(
                 writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
                 batch_size, workers, threads, checkpoint_seconds, progress)
         split_groups = split_moved = 0
@@ -268,30 +296,41 @@ def run_extraction(
         )
 
 
-def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
-             threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
-    from tqdm import tqdm
+def extraction_record(spec, resolved, size: int, dtype: str, engine_name: str) -> dict:
+    """The backbone record that every row computed by this run carries (local runner and Ray tasks)."""
+    return {
+        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": engine_name,
+        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
-    from extract.engine import onnx_engine_path, open_engine
+
+def announce_conversion(spec, resolved, size: int, engine: str, progress: bool) -> None:
+    """Say on stderr when this run first converts the backbone to ONNX (the wait is otherwise unexplained)."""
+    from extract.engine import onnx_engine_path
 
     if engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
         step(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
              f"cached for later runs, 10-60 s)", progress)
+
+
+def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
+             threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
+    from tqdm import tqdm
+
+    from extract.engine import open_engine
+
+    announce_conversion(spec, resolved, size, engine, progress)
     run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
     name = spec.name
-    record = {
-        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": run_engine.name,
-        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    record = extraction_record(spec, resolved, size, dtype, run_engine.name)
     extracted = 0
     loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)
     try:
-        for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
-            features = run_engine(batch) if len(batch) else np.zeros((0, spec.feature_dim), np.float32)
-            writer.write_segment(name, record, paths, shas, features.astype(dtype), failures)
-            extracted += len(paths)
-            bar.update(len(paths) + len(failures))
+        for computed, failed in extract_segments(run_engine, writer, name, record, spec.feature_dim, root, todo,
+                                                 size, dtype, batch_size, workers):
+            extracted += computed
+            bar.update(computed + failed)
             if time.monotonic() - last_checkpoint > checkpoint_seconds:
                 writer.commit(state)
                 last_checkpoint = time.monotonic()

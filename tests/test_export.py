@@ -164,7 +164,7 @@ def test_export_from_fine_tuned_model(fine_tuned, workspace, tmp_path):
 
     images = from_feature_set(workspace.features())
     batch, _ = load_batch(images.paths[:8], 32)
-    np.testing.assert_allclose(load_model(out, 1).predict(batch), np.asarray(model(batch)), atol=1e-4)
+    np.testing.assert_allclose(load_model(out, 1).predict(batch), np.asarray(model(batch, training=False)), atol=1e-4)
 
 
 def test_parity_failure_leaves_no_file(head_conversion, tmp_path):
