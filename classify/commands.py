@@ -115,13 +115,19 @@ def evaluate_command(store, head, model, images, split, report_dir, as_json, qui
               help="Backbone engine for --head. auto: the cached ONNX engine (no TensorFlow), else converted "
                    "once, Keras if that fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
+@click.option("--unknown", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Label images far from every class 'unknown' (models exported with an unknown score).")
 @click.option("--quiet", is_flag=True, help="Do not say which engine runs (on stderr).")
-def predict_command(images, head, model, weights, engine, as_json, quiet):
+def predict_command(images, head, model, weights, engine, as_json, unknown, quiet):
     """Classify IMAGES (files, folders searched recursively, or quoted glob patterns) with a head or a model.
 
     Preprocessing, input size and class order come from the head or model. A file that cannot be
     read or decoded gets an error line and the others are still classified; the exit status is
     then 1. A pattern or folder that matches no image is an error.
+
+    A model.onnx exported from a store and head also scores how far each image is from every
+    class: --json lines get ood_score and unknown, and an image above the calibrated threshold is
+    labelled "unknown" (its best class stays first in top). --unknown off ignores the score.
 
     \b
     Example:
@@ -138,18 +144,31 @@ def predict_command(images, head, model, weights, engine, as_json, quiet):
     classifier = open_classifier(head=head, model=model, weights=weights, engine=engine)
     if not quiet:
         click.echo(f"predict: {len(files)} images with {classifier.kind} {printable(classifier.name)}, "
-                   f"engine {classifier.engine}", err=True)
-    rows = [{"image": arg, "error": reason} for arg, reason in failed] + predict_images(classifier, files)
+                   f"engine {classifier.engine}{_unknown_note(classifier, unknown == 'on')}", err=True)
+    rows = [{"image": arg, "error": reason} for arg, reason in failed] + predict_images(
+        classifier, files, unknown=unknown == "on")
     for row in rows:
         if as_json:
             click.echo(strict_json(row))
         elif "error" in row:
             click.echo(f"{printable(row['image'])}: error: {printable(row['error'])}")
+        elif row.get("unknown"):
+            best = row["top"][0]
+            click.echo(f"{printable(row['image'])}: unknown (best {printable(best['label'])} "
+                       f"{best['probability']:.3f}, ood_score {row['ood_score']:.4g})")
         else:
             click.echo(f"{printable(row['image'])}: {printable(row['label'])} ({row['probability']:.3f})")
     errors = sum("error" in row for row in rows)
     if errors:
         raise click.ClickException(f"{errors} of {len(rows)} images could not be classified")
+
+
+def _unknown_note(classifier, on: bool) -> str:
+    if classifier.ood is None:
+        return ""
+    if not on:
+        return "; unknown detection off (--unknown off)"
+    return f"; unknown when ood_score > {float(classifier.ood['threshold']):.4g}"
 
 
 COMMANDS = [fit_head_command, evaluate_command, predict_command]

@@ -48,12 +48,14 @@ def _check_counts(features: FeatureSet, store: str | Path) -> None:
     if len(names) < 2:
         raise TrainingDataError(f"{store} has {len(names)} class ({', '.join(names)}); a head needs at least 2")
     labelled = Counter(features.labels[features.splits != "test"].tolist())
+    remedy = ("add images to its train/ folder (split folders give the splits)"
+              if features.store_attrs.get("layout") == "split-folders"
+              else "add images, or re-extract into a new --store with a smaller --test-split")
     for index, name in enumerate(names):
         if labelled.get(index, 0) < 2:
             raise TrainingDataError(
                 f"class {name!r} has {labelled.get(index, 0)} training image(s) in {store}; a head needs at "
-                f"least 2 per class (train and validation splits together): add images, or re-extract into "
-                f"a new --store with a smaller --test-split"
+                f"least 2 per class (train and validation splits together): {remedy}"
             )
 
 

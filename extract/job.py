@@ -88,6 +88,16 @@ def _library_versions() -> dict:
     return versions
 
 
+def refuse_hash_options(root: Path, requested: dict) -> None:
+    """Split folders give every image's split: options that draw splits by hash would be ignored."""
+    given = [f"--{key.replace('_', '-')}" for key, value in requested.items() if value is not None]
+    if given:
+        raise DatasetError(
+            f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {root} has split folders "
+            f"(train/, validation/ or val/, test/), which give every image's split; drop "
+            f"{'it' if len(given) == 1 else 'them'}, or move the images into DIR/<class>/ to split by hash")
+
+
 def _split_settings(state: StoreState | None, requested: dict) -> dict:
     """The store remembers its split settings; a run may not silently change them."""
     stored = {k: state.attrs[k] for k in DEFAULT_SPLITS if state and k in state.attrs}
@@ -231,12 +241,16 @@ def run_extraction(
 
         check_ray_run(engine, shard)
     workers = workers or max(2, min(8, (os.cpu_count() or 2)))
+    hash_options = {"validation_split": validation_split, "test_split": test_split, "seed": seed,
+                    "split_group": split_group}
     with StoreWriter(store) as writer:
-        settings = _split_settings(writer.state, {"validation_split": validation_split,
-                                                  "test_split": test_split, "seed": seed,
-                                                  "split_group": split_group, "split_group_by": split_group_by})
+        if writer.state and writer.state.attrs.get("layout") == "split-folders":
+            refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
+        settings = _split_settings(writer.state, {**hash_options, "split_group_by": split_group_by})
         stored_anchors = writer.state.attrs.get(ANCHORS_ATTR, "") if writer.state else ""
         dataset = discover(root, **settings, split_anchors=stored_anchors)
+        if dataset.layout == "split-folders":
+            refuse_hash_options(root, hash_options)
         if settings["split_group_by"] != "none" and dataset.layout == "split-folders":
             raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
                                f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
