@@ -26,6 +26,7 @@ from bench.common import ROOT, default_data, header, spread, write_section  # no
 from edge.imageio import ImageDecodeError, load_image  # noqa: E402
 from extract.backbones import get_backbone  # noqa: E402
 from extract.dataset import discover  # noqa: E402
+from extract.splits import SplitSettings  # noqa: E402
 from extract.engine import default_threads, onnx_session, open_engine  # noqa: E402
 from extract.weights import resolve_weights  # noqa: E402
 
@@ -46,7 +47,7 @@ def engine_rate(path: Path, batch: int, spinning: bool, seconds: float, threads:
 def decode_ms(data: str, size: int, limit: int) -> float:
     """CPU milliseconds per image of ``load_image`` (decode, EXIF, RGB, resize) on one thread."""
     root = Path(data)
-    entries = discover(root, 0, 0).entries[:limit]
+    entries = discover(root, SplitSettings(0, 0)).entries[:limit]
     start = time.process_time()
     for entry in entries:
         try:

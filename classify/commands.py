@@ -7,8 +7,7 @@ import json
 import click
 
 from classify.heads import KIND_CHOICES
-
-SPLIT_CHOICES = ("train", "validation", "test")
+from extract.options import backbone_option, engine_option, json_option, split_option, weights_option
 
 
 def _number(value: float | None) -> str:
@@ -19,10 +18,10 @@ def _number(value: float | None) -> str:
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--kind", required=True, type=click.Choice(KIND_CHOICES),
               help="svm, softmax, mlp, or all (fit every kind, keep the best on validation accuracy).")
-@click.option("--backbone", default=None, help="Backbone whose features to use [default: the store's only one].")
+@backbone_option(help="Backbone whose features to use [default: the store's only one].")
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same store: same head.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per head, one per line.")
+@json_option("Print one JSON object per head, one per line.")
 def fit_head_command(store, kind, backbone, out, seed, as_json):
     """Train a classifier head on the features of a store and save it.
 
@@ -52,9 +51,9 @@ def fit_head_command(store, kind, backbone, out, seed, as_json):
 @click.command("evaluate")
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--head", required=True, type=click.Path(exists=True), help="Head folder written by fit-head.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(SPLIT_CHOICES))
+@split_option(default="test")
 @click.option("--report-dir", required=True, type=click.Path(file_okay=False), help="Folder for the report files.")
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
+@json_option("Print metrics.json to stdout.")
 def evaluate_command(store, head, split, report_dir, as_json):
     """Evaluate a head on one split of a store and write a report.
 
@@ -80,11 +79,9 @@ def evaluate_command(store, head, split, report_dir, as_json):
 @click.command("predict")
 @click.option("--head", required=True, type=click.Path(exists=True), help="Head folder written by fit-head.")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--weights", default=None,
-              help="imagenet, none or a weights file PATH [default: the kind the head was trained with].")
-@click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
-              help="auto: onnxruntime (converted once and cached), Keras if that fails.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
+@weights_option(help="imagenet, none or a weights file PATH [default: the kind the head was trained with].")
+@engine_option
+@json_option("Print one JSON object per image, one per line.")
 def predict_command(head, images, weights, engine, as_json):
     """Classify image files with the backbone and head: label and probability per image.
 

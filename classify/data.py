@@ -11,12 +11,8 @@ import numpy as np
 
 from classify.errors import HeadMismatch, TrainingDataError
 from classify.persist import TrainedHead
-from extract.store import SPLITS, FeatureSet, FeatureStore
-
-
-def split_counts(features: FeatureSet) -> dict[str, int]:
-    counts = Counter(features.splits.tolist())
-    return {split: counts.get(split, 0) for split in SPLITS}
+from extract.splits import SPLITS, split_counts
+from extract.store import FeatureSet, FeatureStore
 
 
 def check_trainable(features: FeatureSet, store: str | Path) -> None:
@@ -24,7 +20,7 @@ def check_trainable(features: FeatureSet, store: str | Path) -> None:
     names = features.class_names
     if len(names) < 2:
         raise TrainingDataError(f"{store} has {len(names)} class ({', '.join(names)}); a head needs at least 2")
-    train_counts = Counter(features.labels[features.splits == "train"].tolist())
+    train_counts = Counter(features.labels[features.split == "train"].tolist())
     for index, name in enumerate(names):
         if train_counts.get(index, 0) < 2:
             raise TrainingDataError(
@@ -32,7 +28,7 @@ def check_trainable(features: FeatureSet, store: str | Path) -> None:
                 f"least 2 per class: add images, or re-extract into a new --store with smaller "
                 f"--validation-split/--test-split"
             )
-    if not split_counts(features)["validation"]:
+    if not split_counts(features.split)["validation"]:
         raise TrainingDataError(
             f"{store} has no validation images, which heads need to choose C and stop early; re-extract into "
             f"a new --store with --validation-split > 0 (or add a validation/ folder)"
@@ -43,9 +39,9 @@ def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.
     """Features, labels and image paths of one split; refuses an empty split."""
     if split not in SPLITS:
         raise TrainingDataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    mask = features.splits == split
+    mask = features.split == split
     if not mask.any():
-        counts = ", ".join(f"{k} {v}" for k, v in split_counts(features).items())
+        counts = ", ".join(f"{k} {v}" for k, v in split_counts(features.split).items())
         raise TrainingDataError(f"{store} has no {split} images (its splits: {counts})")
     paths = [p for p, keep in zip(features.paths, mask) if keep]
     return features.features[mask], features.labels[mask], paths
@@ -54,37 +50,29 @@ def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.
 def fingerprint(features: FeatureSet) -> str:
     """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({
-        "backbone": features.backbone.get("name"),
-        "weights": features.backbone.get("weights", {}).get("id"),
+    digest.update(json.dumps({  # the keys are part of the fingerprints already in head files: keep them
+        "backbone": features.backbone.name,
+        "weights": features.backbone.weights.id,
         "classes": features.class_names,
         "paths": features.paths,
-        "splits": features.splits.tolist(),
+        "splits": features.split.tolist(),
         "labels": features.labels.tolist(),
     }, ensure_ascii=False).encode())
     digest.update(np.ascontiguousarray(features.features, dtype=np.float32).tobytes())
     return "sha256:" + digest.hexdigest()
 
 
-def _weights_id(record: dict) -> str | None:
-    return record.get("weights", {}).get("id")
-
-
 def features_for_head(trained: TrainedHead, store: str | Path) -> FeatureSet:
     """The store's features of the head's backbone; refuses other weights, input size or classes."""
-    name = trained.backbone.get("name")
+    name = trained.backbone.name
     reader = FeatureStore(store)
     if name not in reader.backbones:
         raise HeadMismatch(f"the head was trained on {name} features; {store} has features for "
                            f"{', '.join(reader.backbones) or 'no backbone'}")
     features = reader.read(name)
-    want, have = trained.backbone, features.backbone
-    if (_weights_id(want), want.get("input_size")) != (_weights_id(have), have.get("input_size")) \
-            or features.features.shape[1] != trained.n_features:
-        raise HeadMismatch(
-            f"the head was trained on {name} features from weights {_weights_id(want)} at {want.get('input_size')} "
-            f"px; {store} holds {name} features from {_weights_id(have)} at {have.get('input_size')} px"
-        )
+    if not trained.backbone.same_features(features.backbone) or features.features.shape[1] != trained.n_features:
+        raise HeadMismatch(f"the head was trained on {trained.backbone.describe()}; "
+                           f"{store} holds {features.backbone.describe()}")
     if features.class_names != trained.class_names:
         raise HeadMismatch(f"the head knows classes [{', '.join(trained.class_names)}]; {store} has "
                            f"[{', '.join(features.class_names)}]")

@@ -17,7 +17,7 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from classify import plots
 from classify.data import features_for_head, fingerprint, split_rows
 from classify.persist import head_dir, load_head
-from classify.train import scores
+from classify.scoring import scores
 
 REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "per_class.csv", "tsne.png",
                 "misclassified.png", "metrics.json")
@@ -44,7 +44,7 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
     names = trained.class_names
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{trained.kind} head on {features.backbone['name']} features, {split} split ({len(y)} images)"
+    title = f"{trained.kind} head on {features.backbone.name} features, {split} split ({len(y)} images)"
 
     labels = list(range(len(names)))
     (out / "classification_report.txt").write_text(
@@ -59,7 +59,7 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
         writer.writerows(per_class)
     matrix = confusion_matrix(y, pred, labels=labels)
     plots.confusion_matrix_png(matrix, names, out / "confusion_matrix.png", title)
-    plots.tsne_png(X, y, names, out / "tsne.png", f"t-SNE of {features.backbone['name']} features, {split} split",
+    plots.tsne_png(X, y, names, out / "tsne.png", f"t-SNE of {features.backbone.name} features, {split} split",
                    seed=seed)
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-probabilities[wrong, pred[wrong]], kind="stable")]
@@ -75,7 +75,7 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
         "kind": trained.kind,
         "store": str(store),
         "same_store_as_training": fingerprint(features) == trained.store.get("fingerprint"),
-        "backbone": features.backbone["name"],
+        "backbone": features.backbone.name,
         "class_names": names,
         "per_class": per_class,
         "confusion_matrix": matrix.tolist(),

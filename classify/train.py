@@ -13,21 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
 
-from classify.data import check_trainable, fingerprint, split_counts
+from classify.data import check_trainable, fingerprint
 from classify.heads import HEAD_KINDS, KIND_CHOICES, make_head
 from classify.persist import TrainedHead, save_head
+from classify.scoring import scores
+from extract.splits import split_counts
 from extract.store import FeatureStore
-
-
-def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 over the classes present in the split or predicted (an absent class
-    would count as F1 0 and pull a perfect split below 1)."""
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
 
 
 def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None, out: str | Path = "head",
@@ -55,7 +47,7 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
             "test_macro_f1": test.get("macro_f1"),
             "fit_seconds": round(seconds, 3),
             "n_train": len(y), "n_val": len(y_val), "n_test": len(y_test),
-            "backbone": features.backbone["name"],
+            "backbone": features.backbone.name,
             "seed": seed,
             "params": head.get_params(),
             "learned": head.get_learned_info(),
@@ -65,7 +57,7 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
     saved = save_head(TrainedHead(
         head=head, class_names=features.class_names, backbone=features.backbone,
         store={"path": str(Path(store).resolve()), "fingerprint": fingerprint(features),
-               "splits": split_counts(features)},
+               "split_counts": split_counts(features.split)},
         metrics=metrics,
     ), out)
     return [{**m, "saved": i == best, "head": str(saved) if i == best else None} for i, (_, m) in enumerate(fitted)]

@@ -27,6 +27,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 TRANSPARENCY_BACKGROUND = (255, 255, 255)
+COLOR = "RGB"  # channel order of every decoded array
+RESIZE = "bilinear"  # the resize policy, named in backbone records and ONNX metadata
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -77,7 +79,7 @@ def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
                 img = ImageOps.exif_transpose(img) or img
                 img = to_rgb(img)
                 if img.size != (width, height):
-                    img = img.resize((width, height), Image.BILINEAR)
+                    img = img.resize((width, height), Image.Resampling[RESIZE.upper()])
                 return np.asarray(img, dtype=np.uint8).copy()
     except ImageDecodeError:
         raise

@@ -7,7 +7,9 @@ The export step writes these ``metadata_props``:
   preprocessing JSON object whose "in_graph" must be true     (required: the runner feeds raw RGB 0..255)
   input_dtype  "uint8" or "float32"                          (optional; must match the graph input)
   model_id     string written into every result line         (optional; default: sha256 of the file)
-  backbone, source                                           (informational)
+  backbone     JSON backbone record, as in the feature store and head file (optional, informational;
+               its shape is documented in extract/record.py, read here as plain JSON)
+  source                                                     (informational)
 
 The runner hands ``predict`` a uint8 NHWC batch of raw RGB pixels; this module transposes and casts
 it to what the graph declares, and splits or pads it when the graph has a fixed batch size.
@@ -43,6 +45,7 @@ class EdgeModel:
     input_dtype: str
     model_id: str
     fixed_batch: int | None  # None when the batch axis is dynamic
+    backbone: dict | None = None  # the backbone record from the metadata, unchanged
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, C]`` for a uint8 ``[N, H, W, 3]`` batch of raw RGB images."""
@@ -165,6 +168,7 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
         input_dtype=dtype,
         model_id=model_id,
         fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None,
+        backbone=_json_field(meta, "backbone", path) if "backbone" in meta else None,
     )
     # One run now: checks the output against class_names before any file is touched, and warms up.
     model.predict(np.zeros((1, size[0], size[1], 3), np.uint8))

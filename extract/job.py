@@ -8,7 +8,6 @@ inference, so the backbone is never waiting on JPEG decoding.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from edge.imageio import ImageDecodeError, load_image
-from extract.backbones import DEFAULT_BACKBONE, get_backbone
+from extract.backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.errors import StoreError, TransferKitError
-from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
-from extract.version import __version__
-from extract.weights import backbone_record, file_sha256, resolve_weights
-
-DTYPES = ("float32", "float16")
+from extract.files import file_sha256
+from extract.record import FEATURE_DTYPES, BackboneRecord
+from extract.splits import SplitSettings
+from extract.store import BackboneRows, ImageTable, StoreState, StoreWriter, empty_state
+from extract.weights import resolve_weights
 
 
 @dataclass
@@ -59,31 +58,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 0 <= index < count:
         raise TransferKitError(f"--shard {text}: I must be between 0 and N-1")
     return index, count
-
-
-def _library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version(), "transferkit": __version__}
-    for package in ("tensorflow", "keras", "onnxruntime", "numpy", "h5py"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def _split_settings(state: StoreState | None, requested: dict) -> dict:
-    """The store remembers its split settings; a run may not silently change them."""
-    stored = {k: state.attrs[k] for k in DEFAULT_SPLITS if state and k in state.attrs}
-    settings = {k: requested[k] if requested.get(k) is not None else stored.get(k, v)
-                for k, v in DEFAULT_SPLITS.items()}
-    clash = {k for k in stored if requested.get(k) is not None and requested[k] != stored[k]}
-    if clash:
-        given = ", ".join(f"--{k.replace('_', '-')} {stored[k] if stored[k] != '' else repr('')}"
-                          for k in sorted(clash))
-        raise StoreError(f"this store was built with {given}; pass the same values or use a new --store")
-    return settings
 
 
 def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, workers: int) -> ImageTable:
@@ -151,6 +125,24 @@ def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[Imag
     return [e for e in dataset.entries if shard_of(e.relpath, count) == index]
 
 
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the features of the images to do are computed and written."""
+
+    engine: str = "auto"
+    batch_size: int = 32
+    workers: int = 4  # decoding and hashing threads
+    threads: int | None = None  # inference threads (None: all cores)
+    checkpoint_seconds: float = 60.0
+    progress: bool = True
+
+    def check(self, dtype: str) -> None:
+        if dtype not in FEATURE_DTYPES:
+            raise TransferKitError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}")
+        if self.batch_size < 1:
+            raise TransferKitError("--batch-size must be at least 1")
+
+
 def run_extraction(
     images_dir: str | Path,
     store: str | Path,
@@ -170,91 +162,100 @@ def run_extraction(
     checkpoint_seconds: float = 60.0,
     progress: bool = True,
 ) -> ExtractionSummary:
+    """Compute ``backbone`` features for the images of ``images_dir`` (or of one ``shard``) that
+    ``store`` lacks, and fold them into it; see the module docstring.
+
+    Split settings left as None are the store's (the defaults for a new store); other values than
+    the store's are refused. ``weights`` none initialises randomly from the split seed.
+    """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
-    if dtype not in DTYPES:
-        raise TransferKitError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if batch_size < 1:
-        raise TransferKitError("--batch-size must be at least 1")
-    spec = get_backbone(backbone)
-    shard_spec = parse_shard(shard)
-    workers = workers or max(2, min(8, (os.cpu_count() or 2)))
+    spec, shard_spec = get_backbone(backbone), parse_shard(shard)
+    options = ComputeOptions(engine, batch_size, workers or max(2, min(8, (os.cpu_count() or 2))), threads,
+                             checkpoint_seconds, progress)
+    options.check(dtype)
     with StoreWriter(store) as writer:
-        settings = _split_settings(writer.state, {"validation_split": validation_split,
-                                                  "test_split": test_split, "seed": seed,
-                                                  "split_group": split_group})
-        dataset = discover(root, **settings)
-        entries = select_entries(dataset, shard_spec)
+        settings = SplitSettings.resolve(writer.state.attrs if writer.state else None, seed=seed,
+                                         validation_split=validation_split, test_split=test_split,
+                                         split_group=split_group)
+        dataset = discover(root, settings)
         state = writer.state or empty_state()
-        state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
+        state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
                            shard=shard or "")
-        previous_rows = state.backbones.get(spec.name)
-        weights_resolved = resolve_weights(spec, weights, seed=settings["seed"])
-        size = int(input_size or (previous_rows.record["input_size"] if previous_rows else spec.input_size))
-        if previous_rows:
-            stored_id = previous_rows.record.get("weights", {}).get("id")
-            if stored_id != weights_resolved.weights_id or previous_rows.record["input_size"] != size:
-                raise StoreError(
-                    f"{store} holds {spec.name} features from weights {stored_id} at "
-                    f"{previous_rows.record['input_size']} px; this run uses {weights_resolved.weights_id} at "
-                    f"{size} px. Use another --store, or the same --weights/--input-size"
-                )
-            if str(previous_rows.features.dtype) != dtype:
-                raise StoreError(f"{store} holds {spec.name} features as {previous_rows.features.dtype}; "
-                                 f"pass --dtype {previous_rows.features.dtype}")
-        state.images = _hash_entries(root, entries, state.images, workers)
+        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, state.backbones.get(spec.name),
+                                 store)
+        state.images = _hash_entries(root, select_entries(dataset, shard_spec), state.images, options.workers)
         state.classes = dataset.class_names
-        dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
-        rows = state.backbones.get(spec.name)
-        kept = len(rows.path) if rows else 0
-        have = set(zip(rows.path, rows.sha256)) if rows else set()
-        failed_before = {(p, s) for p, (s, _) in state.failed.items()}
-        todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
-                if (p, s) not in have and (p, s) not in failed_before]
-        removed = dropped.get(spec.name, 0)
+        removed = writer.commit(state).get(spec.name, 0)  # folds what a killed run left, drops deleted/changed files
+        todo, reused = _todo(state, spec.name)
         extracted, engine_name, loop_seconds = 0, "none (nothing to compute)", 0.0
         if todo:
-            extracted, engine_name, loop_seconds = _compute(
-                writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
-                batch_size, workers, threads, checkpoint_seconds, progress)
+            extracted, engine_name, loop_seconds = _compute(writer, state, root, todo, record, weights, options)
         rows = state.backbones.get(spec.name)
-        elapsed = time.perf_counter() - started
         return ExtractionSummary(
             store=str(store), backbone=spec.name, engine=engine_name,
-            images=len(rows.path) if rows else 0, extracted=extracted, reused=kept,
-            failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
+            images=len(rows.path) if rows else 0, extracted=extracted, reused=reused,
+            failed=len(state.failed), removed=removed, ignored=len(dataset.ignored),
+            seconds=time.perf_counter() - started,
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
             copies_across_splits=state.images.copies_across_splits(),
         )
 
 
-def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
-             threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
+def _record_for_run(spec: BackboneSpec, weights: str, seed: int, input_size: int | None, dtype: str,
+                    previous: BackboneRows | None, store: Path) -> BackboneRecord:
+    """The record of the features this run computes; refuses one that cannot join the store's rows."""
+    resolved = resolve_weights(spec, weights, seed=seed)
+    size = int(input_size or (previous.record.input_size if previous else spec.input_size))
+    record = BackboneRecord.create(spec, resolved.record(), size, dtype=dtype)
+    if previous is None:
+        return record
+    if not previous.record.same_features(record):
+        raise StoreError(f"{store} holds {previous.record.describe()}; this run uses {record.describe()}. "
+                         f"Use another --store, or the same --weights/--input-size")
+    if str(previous.features.dtype) != dtype:
+        raise StoreError(f"{store} holds {spec.name} features as {previous.features.dtype}; "
+                         f"pass --dtype {previous.features.dtype}")
+    return record
+
+
+def _todo(state: StoreState, backbone: str) -> tuple[list[tuple[str, str]], int]:
+    """(path, sha256) of the images without a row or an earlier failure, and how many rows are kept."""
+    rows = state.backbones.get(backbone)
+    have = set(zip(rows.path, rows.sha256)) if rows else set()
+    failed_before = {(p, s) for p, (s, _) in state.failed.items()}
+    todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
+            if (p, s) not in have and (p, s) not in failed_before]
+    return todo, len(rows.path) if rows else 0
+
+
+def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tuple[str, str]],
+             record: BackboneRecord, weights: str, options: ComputeOptions) -> tuple[int, str, float]:
+    """Decode, run and write ``todo`` in batches, folding into the store every checkpoint.
+
+    Returns (images extracted, engine name, seconds in the loop).
+    """
     from tqdm import tqdm
 
     from extract.engine import open_engine
 
-    run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
-    name = spec.name
-    record = {
-        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": run_engine.name,
-        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    extracted = 0
+    run_engine = open_engine(record, weights, options.engine, options.threads)
+    record = record.with_engine(run_engine.name)
+    size, extracted = record.input_size, 0
     loop_started = last_checkpoint = time.monotonic()
-    bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {record.name}", disable=not options.progress,
+               smoothing=0.1)
     try:
-        for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
-            features = run_engine(batch) if len(batch) else np.zeros((0, spec.feature_dim), np.float32)
-            writer.write_segment(name, record, paths, shas, features.astype(dtype), failures)
+        for paths, shas, batch, failures in decoded_batches(root, todo, size, options.batch_size, options.workers):
+            features = run_engine(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
+            writer.write_segment(record.name, record, paths, shas, features.astype(record.dtype), failures)
             extracted += len(paths)
             bar.update(len(paths) + len(failures))
-            if time.monotonic() - last_checkpoint > checkpoint_seconds:
+            if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
                 writer.commit(state)
                 last_checkpoint = time.monotonic()
     finally:
         bar.close()
     writer.commit(state)
     return extracted, run_engine.name, time.monotonic() - loop_started
-

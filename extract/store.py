@@ -22,15 +22,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from extract.clock import utc_now
 from extract.errors import StoreError
-
-# Store attributes that decide which split each image is in (a run may not change them silently).
-DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": ""}
+from extract.files import atomic_write
+from extract.record import BackboneRecord
+from extract.splits import SplitSettings, split_counts
 
 FORMAT = "transferkit-feature-store"
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ImageTable:
 class BackboneRows:
     """Features of one backbone; row i was computed from file ``path[i]`` with content ``sha256[i]``."""
 
-    record: dict
+    record: BackboneRecord
     path: list[str]
     sha256: list[str]
     features: np.ndarray
@@ -92,14 +92,14 @@ class FeatureSet:
 
     features: np.ndarray  # (n, dim) float32
     labels: np.ndarray  # (n,) int index into class_names
-    splits: np.ndarray  # (n,) str: train / validation / test
+    split: np.ndarray  # (n,) str: each row's split, train / validation / test (the store's column)
     paths: list[str]
     class_names: list[str]
-    backbone: dict  # the backbone record (name, preprocessing, input size, weights...)
+    backbone: BackboneRecord  # the store's record of these features
     store_attrs: dict
 
     def subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        mask = self.splits == split
+        mask = self.split == split
         return self.features[mask], self.labels[mask]
 
 
@@ -152,7 +152,7 @@ def read_state(path: str | Path) -> StoreState:
         backbones = {}
         for name, group in f["backbones"].items():
             backbones[name] = BackboneRows(
-                record=json.loads(group.attrs["record"]),
+                record=BackboneRecord.from_dict(json.loads(group.attrs["record"])),
                 path=_strings(group["path"]),
                 sha256=_strings(group["sha256"]),
                 features=group["features"][()],
@@ -164,31 +164,14 @@ def read_state(path: str | Path) -> StoreState:
 
 
 def empty_state(**attrs) -> StoreState:
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    base = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": now}
+    base = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": utc_now()}
     return StoreState(attrs={**base, **attrs}, classes=[], images=ImageTable(), failed={}, backbones={})
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_h5(path: Path, write) -> None:
     """Call ``write(h5file)`` on a temp file, fsync it and rename it over ``path``."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w", libver="latest") as f:
-            write(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
+        write(f)
 
 
 def _put_strings(group, name: str, values: list[str]) -> None:
@@ -200,7 +183,7 @@ def write_state(path: str | Path, state: StoreState) -> None:
 
     def write(f: h5py.File) -> None:
         attrs = dict(state.attrs)
-        attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        attrs["updated"] = utc_now()
         for key, value in attrs.items():
             f.attrs[key] = value
         _put_strings(f, "classes", state.classes)
@@ -217,11 +200,14 @@ def write_state(path: str | Path, state: StoreState) -> None:
         bb = f.create_group("backbones")
         for name, rows in sorted(state.backbones.items()):
             g = bb.create_group(name)
-            g.attrs["record"] = json.dumps(rows.record, sort_keys=True)
-            for key in ("name", "preprocessing", "input_size", "feature_dim", "dtype", "created"):
-                if key in rows.record:
-                    g.attrs[key] = rows.record[key]
-            g.attrs["weights_id"] = rows.record.get("weights", {}).get("id", "")
+            record = rows.record
+            g.attrs["record"] = json.dumps(record.to_dict(), sort_keys=True)
+            plain = {"name": record.name, "preprocessing": record.preprocessing.mode, "input_size": record.input_size,
+                     "feature_dim": record.feature_dim, "dtype": record.dtype, "created": record.created,
+                     "weights_id": record.weights.id}
+            for key, value in plain.items():
+                if value is not None:
+                    g.attrs[key] = value
             chunk_rows = max(1, min(len(rows.path), 256))
             g.create_dataset("features", data=rows.features, chunks=(chunk_rows, rows.features.shape[1]))
             _put_strings(g, "path", rows.path)
@@ -270,34 +256,30 @@ class FeatureStore:
         return FeatureSet(
             features=np.asarray(rows.features[keep], dtype=np.float32),
             labels=np.asarray([class_index[images.class_name[j]] for j in image_rows], dtype=np.int64),
-            splits=np.asarray([images.split[j] for j in image_rows], dtype=object).astype(str),
+            split=np.asarray([images.split[j] for j in image_rows], dtype=object).astype(str),
             paths=[rows.path[i] for i in keep],
             class_names=list(self.state.classes),
-            backbone=dict(rows.record),
+            backbone=rows.record,
             store_attrs=dict(self.state.attrs),
         )
 
     def info(self) -> dict:
         s = self.state
         failed = set(s.failed)
-        splits = dict.fromkeys(SPLITS, 0)
-        for p, split in zip(s.images.path, s.images.split):
-            if p not in failed:
-                splits[split] += 1
         return {
             "path": str(self.path),
             "images": len(s.images) - len(failed),
             "failed": len(failed),
             "classes": list(s.classes),
-            "splits": splits,
+            "split_counts": split_counts(split for p, split in zip(s.images.path, s.images.split) if p not in failed),
             "backbones": {
                 name: {
                     "rows": len(rows.path),
                     "dim": rows.dim,
                     "dtype": str(rows.features.dtype),
-                    "weights": rows.record.get("weights", {}).get("id"),
-                    "input_size": rows.record.get("input_size"),
-                    "preprocessing": rows.record.get("preprocessing"),
+                    "weights": rows.record.weights.id,
+                    "input_size": rows.record.input_size,
+                    "preprocessing": rows.record.preprocessing.mode,
                 }
                 for name, rows in sorted(s.backbones.items())
             },
@@ -317,7 +299,7 @@ class FeatureStore:
 class Segment:
     path: Path
     backbone: str
-    record: dict
+    record: BackboneRecord
     rows_path: list[str]
     rows_sha256: list[str]
     features: np.ndarray
@@ -345,7 +327,7 @@ def read_segments(store: Path) -> list[Segment]:
                     Segment(
                         path=seg_path,
                         backbone=f.attrs["backbone"],
-                        record=json.loads(f.attrs["record"]),
+                        record=BackboneRecord.from_dict(json.loads(f.attrs["record"])),
                         rows_path=_strings(f["path"]),
                         rows_sha256=_strings(f["sha256"]),
                         features=f["features"][()],
@@ -414,17 +396,17 @@ class StoreWriter:
         self.lock.release()
 
     def write_segment(
-        self, backbone: str, record: dict, paths: list[str], shas: list[str], features: np.ndarray,
+        self, backbone: str, record: BackboneRecord, paths: list[str], shas: list[str], features: np.ndarray,
         failed: dict[str, tuple[str, str]],
     ) -> None:
         folder = parts_dir(self.path)
         folder.mkdir(exist_ok=True)
         self._seq += 1
         final = folder / f"{time.time_ns()}-{os.getpid()}-{self._seq:06d}.h5"
-        tmp = final.with_suffix(".tmp")
-        with h5py.File(tmp, "w") as f:
+        # the ".tmp" suffix keeps a half-written segment out of read_segments' "*.h5"
+        with atomic_write(final, suffix=".tmp") as tmp, h5py.File(tmp, "w") as f:
             f.attrs["backbone"] = backbone
-            f.attrs["record"] = json.dumps(record, sort_keys=True)
+            f.attrs["record"] = json.dumps(record.to_dict(), sort_keys=True)
             f.create_dataset("features", data=features)
             _put_strings(f, "path", paths)
             _put_strings(f, "sha256", shas)
@@ -433,10 +415,6 @@ class StoreWriter:
             _put_strings(fl, "path", [p for p, _ in items])
             _put_strings(fl, "sha256", [s for _, (s, _) in items])
             _put_strings(fl, "reason", [r for _, (_, r) in items])
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(folder)
 
     def commit(self, state: StoreState) -> dict[str, int]:
         """Fold every segment into ``state``, keep rows matching the image table, write, drop segments.
@@ -465,7 +443,7 @@ def fold_segments(state: StoreState, segments: list[Segment]) -> None:
                 record=seg.record, path=list(seg.rows_path), sha256=list(seg.rows_sha256), features=seg.features
             )
             continue
-        if current.record.get("weights", {}).get("id") != seg.record.get("weights", {}).get("id"):
+        if not current.record.same_features(seg.record):
             continue
         current.path += seg.rows_path
         current.sha256 += seg.rows_sha256
@@ -498,7 +476,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
     states = [read_state(p) for p in inputs]
     if not states:
         raise StoreError("nothing to merge: give at least one store")
-    keys = (*DEFAULT_SPLITS, "layout")
+    keys = (*SplitSettings.keys(), "layout")
     first = states[0]
     for p, s in zip(inputs[1:], states[1:]):
         diff = [k for k in keys if s.attrs.get(k) != first.attrs.get(k)]
@@ -519,10 +497,10 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
         for name, rows in s.backbones.items():
             current = merged.backbones.get(name)
             if current is None:
-                merged.backbones[name] = BackboneRows(dict(rows.record), list(rows.path), list(rows.sha256),
+                merged.backbones[name] = BackboneRows(rows.record, list(rows.path), list(rows.sha256),
                                                       rows.features)
                 continue
-            if current.record.get("weights", {}).get("id") != rows.record.get("weights", {}).get("id"):
+            if not current.record.same_features(rows.record):
                 raise StoreError(f"shards hold {name} features from different weights; cannot merge")
             current.path += rows.path
             current.sha256 += rows.sha256

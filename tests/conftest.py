@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,9 @@ from PIL import Image
 from classify.data import fingerprint
 from classify.heads import make_head
 from classify.persist import TrainedHead, save_head
+from extract.backbones import get_backbone
 from extract.job import run_extraction
+from extract.record import BackboneRecord, WeightsRecord, random_init_id
 from extract.store import BackboneRows, FeatureStore, empty_state, write_state
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -60,9 +62,10 @@ SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
 
 
 def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, spread: float = 4.0,
-                       seed: int = 0, backbone: str = "mobilenet_v2", weights_id: str = "random-init:seed=0",
+                       seed: int = 0, backbone: str = "mobilenet_v2", weights_seed: int = 0,
                        images_root: str = "/nonexistent/images") -> Path:
-    """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large)."""
+    """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large),
+    recorded as ``dim``-wide features of ``backbone`` with random weights from ``weights_seed``."""
     sizes = sizes or {name: SPLIT_SIZES for name in classes}
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (len(classes), dim)) * spread
@@ -77,8 +80,8 @@ def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, s
                                       ("split", split), ("size", 100), ("mtime_ns", 0)):
                     getattr(state.images, column).append(value)
                 features.append(centres[index] + rng.normal(0, 1, dim) + 3.0)
-    record = {"name": backbone, "preprocessing": "tf", "input_size": 32, "feature_dim": dim,
-              "weights": {"kind": "none", "id": weights_id, "sha256": None, "file": None}}
+    weights = WeightsRecord(kind="none", id=random_init_id(weights_seed), seed=weights_seed)
+    record = replace(BackboneRecord.create(get_backbone(backbone), weights, 32, dtype="float32"), feature_dim=dim)
     state.backbones[backbone] = BackboneRows(record=record, path=list(state.images.path),
                                              sha256=list(state.images.sha256),
                                              features=np.asarray(features, np.float32))

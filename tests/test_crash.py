@@ -81,7 +81,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
     idx = [order[p] for p in ref.paths]
     np.testing.assert_allclose(got.features[idx], ref.features, rtol=1e-4, atol=1e-12)
     np.testing.assert_array_equal(got.labels[idx], ref.labels)
-    np.testing.assert_array_equal(got.splits[idx], ref.splits)
+    np.testing.assert_array_equal(got.split[idx], ref.split)
 
 
 def test_two_writer_processes(tmp_path):
