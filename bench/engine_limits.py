@@ -26,8 +26,9 @@ from bench.common import ROOT, default_data, header, spread, write_section  # no
 from edge.imageio import ImageDecodeError, load_image  # noqa: E402
 from extract.backbones import get_backbone  # noqa: E402
 from extract.dataset import discover  # noqa: E402
-from extract.splits import SplitSettings  # noqa: E402
 from extract.engine import default_threads, onnx_session, open_engine  # noqa: E402
+from extract.record import BackboneRecord  # noqa: E402
+from extract.splits import SplitSettings  # noqa: E402
 from extract.weights import resolve_weights  # noqa: E402
 
 
@@ -61,7 +62,8 @@ def run(data: str, backbone: str, weights: str, batches: list[int], seconds: flo
         decode_images: int, extract_batch: int = 32) -> dict:
     """``extract_batch``: the batch ``extract`` runs at (its default), which the loop bound is for."""
     spec = get_backbone(backbone)
-    engine = open_engine(spec, weights, resolve_weights(spec, weights), spec.input_size, engine="onnx")
+    record = BackboneRecord.create(spec, resolve_weights(spec, weights).record(), spec.input_size)
+    engine = open_engine(record, weights, engine="onnx")
     threads = default_threads()
     rates = {f"batch {b}, spinning {'on' if spin else 'off'}": spread(
         [engine_rate(engine.path, b, spin, seconds, threads) for _ in range(repeats)])

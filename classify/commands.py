@@ -49,59 +49,96 @@ def fit_head_command(store, kind, backbone, out, seed, as_json):
 
 
 @click.command("evaluate")
-@click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
-@click.option("--head", required=True, type=click.Path(exists=True), help="Head folder written by fit-head.")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="HDF5 feature store: its split (and, for --model, the images behind its rows).")
+@click.option("--head", type=click.Path(exists=True), default=None, help="Head folder written by fit-head.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Instead of --head: a fine-tuned MODEL.keras or an exported MODEL.onnx, run on the images.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Where the images are now, if they moved since extraction; with --model and no --store, "
+                   "the image folder to evaluate on.")
 @split_option(default="test")
 @click.option("--report-dir", required=True, type=click.Path(file_okay=False), help="Folder for the report files.")
 @json_option("Print metrics.json to stdout.")
-def evaluate_command(store, head, split, report_dir, as_json):
-    """Evaluate a head on one split of a store and write a report.
+@click.option("--quiet", is_flag=True, help="No progress bar (--model runs over the images).")
+def evaluate_command(store, head, model, images, split, report_dir, as_json, quiet):
+    """Evaluate a head, a fine-tuned model or an exported ONNX model on one split and write a report.
 
-    Writes classification_report.txt, confusion_matrix.png, per_class.csv, tsne.png,
-    misclassified.png and metrics.json into --report-dir.
+    Writes classification_report.txt, confusion_matrix.png (counts and row-normalised),
+    per_class.csv, misclassified.png, metrics.json and tsne.png (where the store has features)
+    into --report-dir. A head is scored on the store's features, a model on the images behind the
+    store's rows: same split, same files, comparable reports.
 
     \b
     Example:
       python cli.py evaluate --store features.h5 --head head --report-dir report
-      python cli.py evaluate --store other.h5 --head head --split validation --report-dir report-val
+      python cli.py evaluate --store features.h5 --model model.onnx --report-dir report-onnx
+      python cli.py evaluate --model model.keras --images photos/ --report-dir report-ft
     """
-    from classify.report import evaluate
+    from classify.report import evaluate, evaluate_model
 
-    metrics = evaluate(store, head, split=split, report_dir=report_dir)
+    if (head is None) == (model is None):
+        raise click.UsageError("give either --head HEAD or --model MODEL.onnx|MODEL.keras")
+    if head is not None:
+        if store is None:
+            raise click.UsageError("--head needs --store (the head is scored on the store's features)")
+        metrics = evaluate(store, head, split=split, report_dir=report_dir, images=images)
+    else:
+        metrics = evaluate_model(model, split=split, report_dir=report_dir, store=store, images=images,
+                                 progress=not quiet)
     if as_json:
         click.echo(json.dumps(metrics, ensure_ascii=False))
         return
-    click.echo(f"{metrics['kind']} head on {metrics['n']} {split} images: accuracy {metrics['accuracy']:.3f}, "
-               f"macro-F1 {metrics['macro_f1']:.3f}, {len(metrics['misclassified'])} misclassified; "
-               f"report in {report_dir}")
+    click.echo(f"{metrics['kind']} {'head' if head else 'model'} on {metrics['n']} {split} images: "
+               f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+               f"{len(metrics['misclassified'])} misclassified; report in {report_dir}")
+    for path, reason in list(metrics.get("unreadable", {}).items())[:5]:
+        click.echo(f"  unreadable: {path}: {reason}", err=True)
 
 
 @click.command("predict")
-@click.option("--head", required=True, type=click.Path(exists=True), help="Head folder written by fit-head.")
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True)
+@click.option("--head", type=click.Path(exists=True), default=None, help="Head folder written by fit-head.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Instead of --head: a fine-tuned MODEL.keras or an exported MODEL.onnx.")
 @weights_option(help="imagenet, none or a weights file PATH [default: the kind the head was trained with].")
 @engine_option
 @json_option("Print one JSON object per image, one per line.")
-def predict_command(head, images, weights, engine, as_json):
-    """Classify image files with the backbone and head: label and probability per image.
+@click.option("--quiet", is_flag=True, help="Do not say which engine runs (on stderr).")
+def predict_command(images, head, model, weights, engine, as_json, quiet):
+    """Classify IMAGES (files, folders searched recursively, or quoted glob patterns) with a head or a model.
 
-    Preprocessing, input size and class order come from the head. An image that cannot be
-    decoded gets an error line; the others are still classified.
+    Preprocessing, input size and class order come from the head or model. A file that cannot be
+    read or decoded gets an error line and the others are still classified; the exit status is
+    then 1. A pattern or folder that matches no image is an error.
 
     \b
     Example:
       python cli.py predict --head head photo1.jpg photo2.png
-      python cli.py predict --head head --weights ~/resnet50_notop.h5 --json inbox/*.jpg
+      python cli.py predict --head head inbox/ 'more/*.jpg' --json
+      python cli.py predict --model model.onnx inbox/
     """
+    from classify.classifiers import open_classifier
     from classify.predict import predict_images
+    from extract.inputs import collect_images
+    from edge.imageio import printable, strict_json
 
-    for row in predict_images(head, list(images), weights=weights, engine=engine):
+    files, failed = collect_images(list(images))
+    classifier = open_classifier(head=head, model=model, weights=weights, engine=engine)
+    if not quiet:
+        click.echo(f"predict: {len(files)} images with {classifier.kind} {printable(classifier.name)}, "
+                   f"engine {classifier.engine}", err=True)
+    rows = [{"image": arg, "error": reason} for arg, reason in failed] + predict_images(classifier, files)
+    for row in rows:
         if as_json:
-            click.echo(json.dumps(row, ensure_ascii=False))
+            click.echo(strict_json(row))
         elif "error" in row:
-            click.echo(f"{row['image']}: error: {row['error']}")
+            click.echo(f"{printable(row['image'])}: error: {printable(row['error'])}")
         else:
-            click.echo(f"{row['image']}: {row['label']} ({row['probability']:.3f})")
+            click.echo(f"{printable(row['image'])}: {printable(row['label'])} ({row['probability']:.3f})")
+    errors = sum("error" in row for row in rows)
+    if errors:
+        raise click.ClickException(f"{errors} of {len(rows)} images could not be classified")
 
 
 COMMANDS = [fit_head_command, evaluate_command, predict_command]

@@ -1,10 +1,12 @@
-"""Classify new image files with a saved head: backbone (rebuilt from the head's record) + head.
+"""Classify new image files with a head, a fine-tuned model.keras or an exported model.onnx.
 
-    >>> for row in predict_images("head/", ["photo.jpg"]):
+    >>> model = open_classifier(head="head/")
+    >>> files, failed = extract.inputs.collect_images(["photos/", "extra/*.jpg"])
+    >>> for row in predict_images(model, files):
     ...     print(row["image"], row.get("label"), row.get("probability"), row.get("error"))
 
-The backbone is built with the preprocessing, input size and weights the head was trained on; the
-weights available now must have the same id (same file hash, or the same random-init seed).
+Arguments are files, folders (searched recursively for image extensions, like ``extract``) or
+quoted glob patterns. Each file is classified or gets an ``error``; the CLI exits 1 when any failed.
 """
 
 from __future__ import annotations
@@ -13,33 +15,53 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.persist import load_head
+from classify.classifiers import Classifier
 from edge.imageio import ImageDecodeError, load_image
 
 TOP_K = 3
 
 
-def predict_images(head: str | Path, images: list[str | Path], weights: str | None = None, engine: str = "auto",
-                   batch_size: int = 32) -> list[dict]:
-    """One dict per image, in order: ``label``, ``probability`` and ``top`` classes, or ``error``."""
-    trained = load_head(head)
-    run = trained.open_engine(weights, engine)
-    size = (trained.backbone.input_size, trained.backbone.input_size)
-    results: list[dict] = []
-    for start in range(0, len(images), batch_size):
-        rows, arrays = [], []
-        for path in images[start:start + batch_size]:
-            results.append(row := {"image": str(path)})
-            try:
-                arrays.append(load_image(path, size))
-                rows.append(row)
-            except ImageDecodeError as exc:
-                row["error"] = str(exc)
-        if not arrays:
+def _decode(path: str, size: int) -> np.ndarray | str:
+    try:
+        return load_image(path, (size, size))  # regular files only: a FIFO is refused, never opened
+    except ImageDecodeError as exc:
+        return str(exc)
+
+
+def _label_rows(model: Classifier, rows: list[dict], arrays: list[np.ndarray], keep: bool) -> None:
+    for row, p in zip(rows, model.predict_proba(np.stack(arrays))):
+        if not np.all(np.isfinite(p)):
+            row["error"] = "model produced non-finite output"
             continue
-        for row, p in zip(rows, trained.predict_proba(run(np.stack(arrays)))):
-            order = np.argsort(-p, kind="stable")[:TOP_K]
-            row["label"] = trained.class_names[order[0]]
-            row["probability"] = float(p[order[0]])
-            row["top"] = [{"label": trained.class_names[i], "probability": float(p[i])} for i in order]
+        order = np.argsort(-p, kind="stable")[:TOP_K]
+        row["label"] = model.class_names[order[0]]
+        row["probability"] = float(p[order[0]])
+        row["top"] = [{"label": model.class_names[i], "probability": float(p[i])} for i in order]
+        if keep:
+            row["probabilities"] = p
+
+
+def predict_images(model: Classifier, images: list[str | Path], batch_size: int = 32, progress: bool = False,
+                   keep_probabilities: bool = False) -> list[dict]:
+    """One dict per image, in order: ``label``, ``probability`` and ``top`` classes, or ``error``.
+
+    ``keep_probabilities`` adds every class's probability (``probabilities``, an array) for reports.
+    """
+    from tqdm import tqdm
+
+    results: list[dict] = []
+    with tqdm(total=len(images), unit="img", desc="classify", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            rows, arrays = [], []
+            for path in images[start:start + batch_size]:
+                results.append(row := {"image": str(path)})
+                decoded = _decode(str(path), model.input_size)
+                if isinstance(decoded, str):
+                    row["error"] = decoded
+                else:
+                    rows.append(row)
+                    arrays.append(decoded)
+            if arrays:
+                _label_rows(model, rows, arrays, keep_probabilities)
+            bar.update(len(images[start:start + batch_size]))
     return results

@@ -39,7 +39,7 @@ from export.metadata import TRANSFERKIT_VERSION, path_fingerprint
 from extract.clock import utc_now
 from extract.errors import TransferKitError
 from extract.models import BuiltBackbone, build_backbone
-from extract.splits import SplitSettings
+from extract.splits import SPLITS, SplitSettings
 from extract.store import FeatureStore
 
 DEFAULT_UNFREEZE = "20"
@@ -319,7 +319,7 @@ def fine_tune(
     if begin.head is not None:
         settings = replace(settings, warmup_epochs=0)  # the head already is a trained classifier (linear probe)
     images = begin.images
-    train_images, validation, test = (images.subset(s) for s in ("train", "validation", "test"))
+    train_images, validation, test = (images.subset(s) for s in SPLITS)
     _check_trainable(train_images, validation, images_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +13,9 @@ from PIL import Image
 from classify.data import fingerprint
 from classify.heads import make_head
 from classify.persist import TrainedHead, save_head
-from extract.backbones import get_backbone
+from extract.backbones import UnknownBackbone, get_backbone
 from extract.job import run_extraction
-from extract.record import BackboneRecord, WeightsRecord, random_init_id
+from extract.record import BackboneRecord, Preprocessing, WeightsRecord, random_init_id
 from extract.store import BackboneRows, FeatureStore, empty_state, write_state
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -81,7 +81,13 @@ def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, s
                     getattr(state.images, column).append(value)
                 features.append(centres[index] + rng.normal(0, 1, dim) + 3.0)
     weights = WeightsRecord(kind="none", id=random_init_id(weights_seed), seed=weights_seed)
-    record = replace(BackboneRecord.create(get_backbone(backbone), weights, 32, dtype="float32"), feature_dim=dim)
+    try:
+        spec = get_backbone(backbone)
+        constructor, source = spec.constructor, spec.weights_source
+    except UnknownBackbone:  # a name only these tests know
+        constructor, source = "tests:unregistered", "none"
+    record = BackboneRecord(name=backbone, constructor=constructor, feature_dim=dim, weights_source=source,
+                            input_size=32, preprocessing=Preprocessing("tf"), weights=weights, dtype="float32")
     state.backbones[backbone] = BackboneRows(record=record, path=list(state.images.path),
                                              sha256=list(state.images.sha256),
                                              features=np.asarray(features, np.float32))
