@@ -8,8 +8,8 @@ copies grouped with their original. Last, the blockwise similarity search on syn
 (100,000 rows x 1280 by default): seconds and peak memory (tracemalloc) of the search alone.
 
 Example:
-    python bench/audit_bench.py --data ../shared/datasets/fruits ../shared/datasets/trashnet
-    python bench/audit_bench.py --synthetic-rows 20000 --data   # the 100k part only, smaller
+    python bench/audit_bench.py --synthetic-rows 0      # the shared sets -> docs/bench/audit.md
+    python bench/audit_bench.py --data --out docs/bench/audit-scale   # 100,000 synthetic rows only
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, default_data, header, run_script, write_section  # noqa: E402
 from classify.duplicates import FEATURE_THRESHOLD  # noqa: E402
 from classify.label_checks import leak_effect_sentence  # noqa: E402
-from classify.neighbours import block_rows_for, normalise, similar_pairs  # noqa: E402
+from extract.neighbours import block_rows_for, normalise, similar_pairs  # noqa: E402
 from extract.dataset import assign_split, discover  # noqa: E402
 
 SWAPS, COPIES, TOP = 20, 15, 40
@@ -61,7 +61,7 @@ def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0
     (best of direct and mirrored), median and 10th percentile over ``sample`` images per transform;
     and the nearest other image's feature cosine in the set (what an unrelated photo scores)."""
     from classify.audit_images import _one
-    from classify.neighbours import nearest_other
+    from extract.neighbours import nearest_other
     from extract.engine import OnnxEngine, onnx_engine_path
     from extract.store import FeatureStore
 

@@ -40,6 +40,7 @@ class Classifier:
     features: Callable[[np.ndarray], np.ndarray] | None = None
     head: TrainedHead | None = None
     split_settings: SplitSettings | None = None  # the settings it was trained with, when known
+    split_anchors: str = ""  # and its store's near-duplicate anchors (JSON, see extract/leak_free.py)
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.run(batch), dtype=np.float64)
@@ -83,7 +84,8 @@ def keras_classifier(path: str | Path) -> Classifier:
     return Classifier(name=str(path), kind="fine-tuned", class_names=list(info["class_names"]),
                       input_size=record.input_size, engine=f"Keras ({Path(path).name})", backbone=record.name,
                       run=lambda batch: np.asarray(model(batch, training=False)),
-                      split_settings=SplitSettings.resolve(info["split_settings"]))
+                      split_settings=SplitSettings.resolve(info["split_settings"]),
+                      split_anchors=info.get("split_anchors", ""))
 
 
 def open_classifier(head: str | Path | None = None, model: str | Path | None = None, weights: str | None = None,

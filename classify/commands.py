@@ -22,7 +22,8 @@ def _number(value: float | None) -> str:
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same store: same head.")
 @json_option("Print one JSON object per head, one per line.")
-def fit_head_command(store, kind, backbone, out, seed, as_json):
+@click.option("--quiet", is_flag=True, help="No progress bar (on stderr).")
+def fit_head_command(store, kind, backbone, out, seed, as_json, quiet):
     """Train a classifier head on the features of a store and save it.
 
     The features are standardised on the train split; C (svm) and early stopping (softmax, mlp)
@@ -35,7 +36,7 @@ def fit_head_command(store, kind, backbone, out, seed, as_json):
     """
     from classify.train import fit_heads
 
-    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed)
+    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, progress=not quiet)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, ensure_ascii=False))

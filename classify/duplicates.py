@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from classify.audit_images import ImageSignatures
-from classify.neighbours import connected_groups, normalise, similar_pairs
+from extract.neighbours import NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, normalise, similar_pairs
 from extract.splits import SPLITS
 
-FEATURE_THRESHOLD = 0.90
+FEATURE_THRESHOLD = NEAR_DUPLICATE_COSINE
 PIXEL_THRESHOLD = 0.99
 
 
@@ -45,19 +45,6 @@ class DuplicateGroup:
     @property
     def conflict(self) -> bool:
         return len(self.labels) > 1
-
-
-def exact_pairs(sha256: list[str | None]) -> np.ndarray:
-    first: dict[str, int] = {}
-    pairs = []
-    for i, sha in enumerate(sha256):
-        if sha is None:
-            continue
-        if sha in first:
-            pairs.append((first[sha], i, 1.0))
-        else:
-            first[sha] = i
-    return np.asarray(pairs, dtype=np.float64).reshape(-1, 3)
 
 
 def _with_mirror(unit: np.ndarray, mirrored: np.ndarray, threshold: float, progress=None) -> np.ndarray:

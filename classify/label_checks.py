@@ -19,7 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from classify.neighbours import normalise
+from extract.neighbours import normalise
 
 MISLABEL_C = 0.1
 FOLDS = 5

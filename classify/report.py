@@ -135,7 +135,7 @@ def _labelled_images(classifier, store, images, split: str):
                                else reader.backbones[0])
         labelled = from_feature_set(features, images)
     elif images is not None:
-        labelled = from_folder(images, classifier.split_settings or SplitSettings())
+        labelled = from_folder(images, classifier.split_settings or SplitSettings(), anchors=classifier.split_anchors)
     else:
         raise TransferKitError("give --store (its split and images) or --images DIR to evaluate a model on")
     unknown = sorted(set(labelled.class_names) - set(classifier.class_names))

@@ -49,10 +49,11 @@ class LabelledImages:
         return self.take(sorted(range(len(self)), key=lambda i: SPLIT_ORDER.index(self.split[i]))[:count])
 
 
-def from_folder(images_dir: str | Path, settings: SplitSettings,
-                class_names: list[str] | None = None) -> LabelledImages:
-    """Images of a folder that has no store, split by ``settings``."""
-    dataset = discover(images_dir, settings)
+def from_folder(images_dir: str | Path, settings: SplitSettings, class_names: list[str] | None = None,
+                anchors: str | dict = "") -> LabelledImages:
+    """Images of a folder that has no store, split by ``settings`` (and the near-duplicate ``anchors``
+    of a ``--split-group-by near-duplicates`` store, see ``extract/leak_free.py``)."""
+    dataset = discover(images_dir, settings, split_anchors=anchors)
     names = dataset.class_names
     if class_names is not None and names != list(class_names):
         raise TransferKitError(

@@ -36,8 +36,10 @@ from edge.imageio import ImageDecodeError, load_image
 from export.data import LabelledImages, from_feature_set, from_folder, from_store
 from export.keras_models import classifier_model, save_fine_tuned, set_trainable
 from export.metadata import TRANSFERKIT_VERSION, path_fingerprint
+from export.progress import EpochProgress
 from extract.clock import utc_now
 from extract.errors import TransferKitError
+from extract.leak_free import ANCHORS_ATTR
 from extract.models import BuiltBackbone, build_backbone
 from extract.splits import SPLITS, SplitSettings
 from extract.store import FeatureStore
@@ -72,6 +74,7 @@ class FineTuneResult:
     test: dict  # accuracy, macro_f1, images
     skipped: dict[str, str] = field(default_factory=dict)  # undecodable images -> reason
     seconds: float = 0.0
+    head_test: dict | None = None  # the starting head on the same test split (accuracy, macro_f1, images)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,26 +140,45 @@ def evaluate_test(model, dataset, class_names: list[str], report_dir: Path) -> d
     return {"accuracy": accuracy, "macro_f1": macro_f1, "images": int(len(y_true))}
 
 
-def plot_curves(history: dict[str, list[float]], warmup_epochs: int, path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation; a dashed line where fine-tuning starts."""
-    import matplotlib
+def plot_curves(history: dict[str, list[float]], warmup_epochs: int, best_epoch: int, path: Path) -> None:
+    """Loss and accuracy per epoch (integer ticks), train and validation; a dashed line where
+    fine-tuning starts and the kept (best) epoch marked. ``best_epoch`` counts fine-tuning epochs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
     epochs = np.arange(1, len(history["loss"]) + 1)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    best = warmup_epochs + best_epoch
+    for ax, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
         ax.plot(epochs, history[metric], marker="o", label="train")
         ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
         if warmup_epochs:
             ax.axvline(warmup_epochs + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
+        if 1 <= best <= len(epochs):
+            ax.axvline(best, color="tab:green", linestyle=":", label=f"kept: epoch {best}")
+            ax.plot([best], [history[f"val_{metric}"][best - 1]], marker="*", markersize=14, color="tab:green")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(metric)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        ax.legend(fontsize=8)
+    figure.savefig(path)
+
+
+def head_test_score(head: str | Path | None, store: dict | None) -> dict | None:
+    """The head's accuracy on the store's test split: what the fine-tuned model has to beat."""
+    from classify.data import split_rows
+    from classify.errors import TrainingDataError
+
+    if head is None or store is None:
+        return None
+    trained = load_head(head)
+    try:
+        X, y, _ = split_rows(features_for_head(trained, store["path"]), "test", store["path"])
+    except TrainingDataError:  # no test split
+        return None
+    return {**scores(y, trained.predict_proba(X).argmax(axis=1)), "images": int(len(y))}
 
 
 @dataclass
@@ -166,6 +188,7 @@ class StartingPoint:
     built: BuiltBackbone
     images: LabelledImages  # with the store's split column, or splits drawn from split_settings
     split_settings: SplitSettings
+    split_anchors: str = ""  # the store's near-duplicate anchors (JSON), see extract/leak_free.py
     layers: list | None = None  # the head's dense layers (standardisation folded in)
     dropout: float = 0.0
     store: dict | None = None  # path and sha256 of the store
@@ -173,13 +196,14 @@ class StartingPoint:
 
 
 def labelled_images(images_dir: str | Path, trained: TrainedHead | None, store: str | Path | None,
-                    seed: int) -> tuple[LabelledImages, SplitSettings, dict | None]:
+                    seed: int) -> tuple[LabelledImages, SplitSettings, str, dict | None]:
     """The images with their split: the store's column when there is a store (refused if its weights
-    or classes differ from the head's), else drawn with the default settings and ``seed``."""
+    or classes differ from the head's), else drawn with the default settings and ``seed``. Also the
+    split settings, the store's near-duplicate anchors and the store's path and hash."""
     class_names = trained.class_names if trained is not None else None
     if store is None:
         settings = SplitSettings(seed=seed)
-        return from_folder(images_dir, settings, class_names), settings, None
+        return from_folder(images_dir, settings, class_names), settings, "", None
     if trained is not None:
         features = features_for_head(trained, store)
         images, attrs = from_feature_set(features, images_dir), features.store_attrs
@@ -187,7 +211,7 @@ def labelled_images(images_dir: str | Path, trained: TrainedHead | None, store: 
         state = FeatureStore(store).state
         images, attrs = from_store(state, images_dir), state.attrs
     store_info = {"path": str(Path(store).resolve()), "sha256": path_fingerprint(store)}
-    return images, SplitSettings.resolve(attrs), store_info
+    return images, SplitSettings.resolve(attrs), str(attrs.get(ANCHORS_ATTR, "")), store_info
 
 
 def starting_point(images_dir: str | Path, backbone: str | None, head: str | Path | None,
@@ -205,13 +229,13 @@ def starting_point(images_dir: str | Path, backbone: str | None, head: str | Pat
             raise TransferKitError(f"the head was trained on {record.name} features, not {backbone}")
         if image_size not in (None, record.input_size):
             raise TransferKitError(f"the head was trained on {record.input_size} px features, not {image_size} px")
-    images, settings, store_info = labelled_images(images_dir, trained, store, seed)
+    images, settings, anchors, store_info = labelled_images(images_dir, trained, store, seed)
     if trained is None:
         built = build_backbone(backbone, weights=weights or "imagenet", input_size=image_size, seed=seed)
-        return StartingPoint(built, images, settings, store=store_info)
+        return StartingPoint(built, images, settings, anchors, store=store_info)
     folder = head_dir(head)
     return StartingPoint(
-        built=trained.build_backbone(weights), images=images, split_settings=settings,
+        built=trained.build_backbone(weights), images=images, split_settings=settings, split_anchors=anchors,
         layers=trained.head.network(), dropout=float(getattr(trained.head, "dropout", 0.0)), store=store_info,
         head={"path": str(folder.resolve()), "kind": trained.kind, "fingerprint": path_fingerprint(folder)},
     )
@@ -229,6 +253,7 @@ class TrainingSettings:
     patience: int = 3
     warmup_epochs: int = 2
     verbose: int = 0
+    progress: bool = False  # a bar per epoch on stderr
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -252,32 +277,41 @@ class TrainingRun:
     validation_before: dict
 
 
-def train(model: keras.Model, train_ds, val_ds, settings: TrainingSettings, checkpoint: Path) -> TrainingRun:
+def train(model: keras.Model, train_ds, val_ds, settings: TrainingSettings, checkpoint: Path,
+          batches: int) -> TrainingRun:
     """Warm up the classifier on the frozen backbone (``warmup_epochs``), then fine-tune the top
-    layers with early stopping that restores the best epoch (checkpointed to ``checkpoint`` meanwhile)."""
+    layers with early stopping that restores the best epoch (checkpointed to ``checkpoint`` meanwhile;
+    removed again if training fails or is interrupted). ``batches``: per epoch, for the progress bars."""
     history: dict[str, list[float]] = {k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
 
     def record_history(fit) -> None:
         for key in history:
             history[key] += [float(v) for v in fit.history[key]]
 
+    def bars(label: str) -> list:
+        return [EpochProgress(batches, label)] if settings.progress else []
+
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
                                             restore_best_weights=True)
-    with warnings.catch_warnings():
-        # the datasets' length is unknown (undecodable files are filtered out), which Keras reports
-        # as "ran out of data" at the end of every epoch
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        if settings.warmup_epochs:
-            set_trainable(model, 0)
-            _compile(model, WARMUP_LEARNING_RATE)
-            record_history(model.fit(train_ds, validation_data=val_ds, epochs=settings.warmup_epochs,
-                                     shuffle=False, verbose=settings.verbose))
-        trainable = set_trainable(model, parse_unfreeze(settings.unfreeze))
-        _compile(model, settings.learning_rate)  # after changing `trainable`, or the change is ignored
-        loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
-        callbacks = [stopper, keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True)]
-        fit = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs, callbacks=callbacks,
-                        shuffle=False, verbose=settings.verbose)
+    callbacks = [stopper, keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True)]
+    try:
+        with warnings.catch_warnings():
+            # the datasets' length is unknown (undecodable files are filtered out), which Keras reports
+            # as "ran out of data" at the end of every epoch
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            if settings.warmup_epochs:
+                set_trainable(model, 0)
+                _compile(model, WARMUP_LEARNING_RATE)
+                record_history(model.fit(train_ds, validation_data=val_ds, epochs=settings.warmup_epochs,
+                                         shuffle=False, verbose=settings.verbose, callbacks=bars("warm-up")))
+            trainable = set_trainable(model, parse_unfreeze(settings.unfreeze))
+            _compile(model, settings.learning_rate)  # after changing `trainable`, or the change is ignored
+            loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
+            fit = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs,
+                            callbacks=callbacks + bars("fine-tuning"), shuffle=False, verbose=settings.verbose)
+    except BaseException:  # Ctrl-C included: no half-trained checkpoint left behind
+        checkpoint.unlink(missing_ok=True)
+        raise
     record_history(fit)
     return TrainingRun(history=history, trainable_layers=trainable, epochs_run=len(fit.history["loss"]),
                        best_epoch=stopper.best_epoch + 1,
@@ -301,18 +335,21 @@ def fine_tune(
     report_dir: str | Path | None = None,
     warmup_epochs: int = 2,
     verbose: int = 0,
+    progress: bool = False,
 ) -> FineTuneResult:
     """Fine-tune ``backbone`` on ``images_dir`` and write ``out`` (.keras + sidecar) and a report folder.
 
     ``head`` initialises the classifier (no warm-up then) and fixes backbone, weights and input
     size. ``store`` gives each image's split (otherwise splits are drawn with ``seed``). ``weights``:
-    None means the head's weights, or ImageNet without a head.
+    None means the head's weights, or ImageNet without a head. ``progress``: a bar per epoch on stderr.
+    An interrupted run (Ctrl-C) leaves neither the best-epoch checkpoint nor an empty report folder.
     """
     started = time.perf_counter()
     out = Path(out)
     if out.suffix != ".keras":
         raise TransferKitError(f"--out must end in .keras, got {out.name}")
-    settings = TrainingSettings(unfreeze, epochs, learning_rate, batch_size, seed, patience, warmup_epochs, verbose)
+    settings = TrainingSettings(unfreeze, epochs, learning_rate, batch_size, seed, patience, warmup_epochs, verbose,
+                                progress)
     settings.check()
     report_dir = Path(report_dir) if report_dir else out.with_name(f"{out.stem}-report")
     begin = starting_point(images_dir, backbone, head, store, weights, image_size, seed)
@@ -321,7 +358,6 @@ def fine_tune(
     images = begin.images
     train_images, validation, test = (images.subset(s) for s in SPLITS)
     _check_trainable(train_images, validation, images_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(seed)
@@ -329,14 +365,17 @@ def fine_tune(
     size, skipped = begin.built.input_size, {}
     checkpoint = out.with_name(f"{out.stem}.best.keras")
     run = train(model, image_dataset(train_images, size, batch_size, True, seed, skipped),
-                image_dataset(validation, size, batch_size, False, seed, skipped), settings, checkpoint)
+                image_dataset(validation, size, batch_size, False, seed, skipped), settings, checkpoint,
+                batches=-(-len(train_images) // batch_size))
+    report_dir.mkdir(parents=True, exist_ok=True)
     test_metrics = evaluate_test(model, image_dataset(test, size, batch_size, False, seed, skipped),
                                  images.class_names, report_dir)
-    plot_curves(run.history, settings.warmup_epochs, report_dir / "training_curves.png")
+    plot_curves(run.history, settings.warmup_epochs, run.best_epoch, report_dir / "training_curves.png")
     result = FineTuneResult(
         model_path=str(out), report_dir=str(report_dir), trainable_layers=run.trainable_layers,
         warmup_epochs=settings.warmup_epochs, epochs_run=run.epochs_run, best_epoch=run.best_epoch,
         validation_before=run.validation_before, test=test_metrics, skipped=dict(skipped),
+        head_test=head_test_score(head, begin.store),
     )
     save_fine_tuned(model, out, sidecar_info(begin, images_dir, settings, run, test_metrics))
     checkpoint.unlink(missing_ok=True)
@@ -360,6 +399,7 @@ def sidecar_info(begin: StartingPoint, images_dir: str | Path, settings: Trainin
         "class_names": begin.images.class_names,
         "backbone": begin.built.record.to_dict(),
         "split_settings": begin.split_settings.to_attrs(),
+        "split_anchors": begin.split_anchors,
         "images_root": str(Path(images_dir).resolve()),
         "store": begin.store,
         "head": begin.head,

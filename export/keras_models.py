@@ -134,8 +134,9 @@ def read_sidecar(path: str | Path) -> dict:
         raise TransferKitError(f"{side} was written by a newer transferkit")
     if info.get("model_sha256") != file_sha256(path):
         raise TransferKitError(f"{side} describes another model file than {path.name} (sha256 differs)")
-    if "split_settings" not in info:  # written before the key was renamed
+    if "split_settings" not in info:  # written before the key was renamed (anchors were inside it)
         info["split_settings"] = info.pop("splits", {})
+        info.setdefault("split_anchors", info["split_settings"].get("split_anchors", ""))
     return info
 
 

@@ -34,6 +34,7 @@ from export.metadata import graph_model_id, set_metadata
 from extract.engine import onnx_session
 from extract.errors import TransferKitError
 from extract.files import atomic_write
+from extract.steps import step
 
 DEFAULT_CALIBRATION_IMAGES = 300
 DEFAULT_TOLERANCE = 1.0  # accuracy points the int8 model may lose
@@ -47,20 +48,28 @@ def int8_path(float_path: Path) -> Path:
 class ImageCalibrationReader(CalibrationDataReader):
     """Feeds uint8 image batches (the model's real input) to the calibrator."""
 
-    def __init__(self, images: LabelledImages, size: int, input_name: str, batch_size: int = 16):
+    def __init__(self, images: LabelledImages, size: int, input_name: str, batch_size: int = 16,
+                 progress: bool = False):
+        from tqdm import tqdm
+
         self.images = 0
         self._input_name = input_name
         self._batches = iter_batches(images, size, batch_size)
+        self._bar = tqdm(total=len(images), unit="img", desc="int8 calibration", disable=not progress,
+                         leave=False)
 
     def get_next(self) -> dict | None:
         batch = next(self._batches, None)
         if batch is None:
+            self._bar.close()
             return None
         self.images += len(batch[0])
+        self._bar.update(len(batch[0]))
         return {self._input_name: batch[0]}
 
 
-def quantize_int8(float_path: Path, out_path: Path, calibration: LabelledImages, size: int) -> int:
+def quantize_int8(float_path: Path, out_path: Path, calibration: LabelledImages, size: int,
+                  progress: bool = False) -> int:
     """Write the int8 model of ``float_path`` to ``out_path``; returns the number of calibration images."""
     model = onnx.load(str(float_path))
     input_name = model.graph.input[0].name
@@ -70,7 +79,7 @@ def quantize_int8(float_path: Path, out_path: Path, calibration: LabelledImages,
         # ONNX shape inference and graph optimisation; the symbolic pass (for dynamic shapes in
         # transformers) needs sympy, which is not a dependency and adds nothing for CNNs.
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        reader = ImageCalibrationReader(calibration, size, input_name)
+        reader = ImageCalibrationReader(calibration, size, input_name, progress=progress)
         quantize_static(
             str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
             reduce_range=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -89,19 +98,25 @@ class Score:
 
 
 def score_models(paths: dict[str, Path], images: LabelledImages, size: int, threads: int | None = None,
-                 batch_size: int = 32) -> dict[str, Score]:
+                 batch_size: int = 32, progress: bool = False) -> dict[str, Score]:
     """Test accuracy and throughput (batches of ``batch_size``, decode excluded) of ONNX files on the same images."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(images), unit="img", desc=f"scoring {' and '.join(paths)}", disable=not progress,
+               leave=False)
     sessions = {key: onnx_session(path, threads) for key, path in paths.items()}
     predicted: dict[str, list[np.ndarray]] = {key: [] for key in paths}
     seconds = dict.fromkeys(paths, 0.0)
     truth: list[np.ndarray] = []
     for batch, labels in iter_batches(images, size, batch_size):
         truth.append(labels)
+        bar.update(len(labels))
         for key, session in sessions.items():
             started = time.perf_counter()
             probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
             seconds[key] += time.perf_counter() - started
             predicted[key].append(probs.argmax(axis=1))
+    bar.close()
     if not truth:
         raise TransferKitError("no test image could be decoded to measure accuracy")
     y, total = np.concatenate(truth), sum(len(t) for t in truth)
@@ -145,6 +160,7 @@ def quantize_checked(
     tolerance: float = DEFAULT_TOLERANCE,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     threads: int | None = None,
+    progress: bool = False,
 ) -> QuantizationReport:
     """Quantize, measure both models on ``test`` and keep the int8 file only if it loses at most ``tolerance`` points."""
     if not len(train):
@@ -153,8 +169,10 @@ def quantize_checked(
         raise TransferKitError("checking the int8 model needs test images; the folder has none in its test split")
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:
-        calibrated = quantize_int8(float_path, tmp, _spread(train, calibration_images), size)
-        scores = score_models({"float": float_path, "int8": tmp}, test, size, threads)
+        step(f"export-onnx: quantizing to int8 (calibrating on up to {calibration_images} train images)", progress)
+        calibrated = quantize_int8(float_path, tmp, _spread(train, calibration_images), size, progress)
+        step(f"export-onnx: measuring float and int8 on {len(test)} test images", progress)
+        scores = score_models({"float": float_path, "int8": tmp}, test, size, threads, progress=progress)
         report = QuantizationReport(scores["float"], scores["int8"], tolerance, accepted=False, path="",
                                     calibration_images=calibrated)
         report.accepted = report.drop <= tolerance

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
-from extract.backbones import DEFAULT_BACKBONE, list_backbones
+from edge.imageio import printable, strict_json
+from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
 from extract.identify_command import identify_command
 from extract.options import backbone_option, dtype_option, engine_option, json_option, weights_option
-from extract.splits import SplitSettings
+from extract.splits import GROUP_BY_CHOICES, SplitSettings
 
 SPLIT_DEFAULTS = SplitSettings()
+BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
+                 f"need their Keras ImageNet weights file in ~/.keras/models, downloaded once "
+                 f"(`backbones` lists which are there).")
 
 
 @click.command("extract")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
-@backbone_option(default=DEFAULT_BACKBONE)
+@backbone_option(default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
 @weights_option(default="imagenet")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--validation-split", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -29,6 +34,10 @@ SPLIT_DEFAULTS = SplitSettings()
 @click.option("--split-group", default=None, metavar="REGEX",
               help="Images whose paths are equal once REGEX matches are removed share a split, e.g. "
                    "'_aug\\d+' keeps img1.jpg and img1_aug3.jpg together [default: none, or the store's].")
+@click.option("--split-group-by", type=click.Choice(GROUP_BY_CHOICES), default=None,
+              help="near-duplicates: images whose files are identical or whose features are nearly identical "
+                   "(the audit's rule) share a split, found once the features are computed [default: none, or "
+                   "the store's].")
 @dtype_option
 @engine_option
 @click.option("--input-size", type=int, default=None, help="Square input size [default: the backbone's native size].")
@@ -39,7 +48,7 @@ SPLIT_DEFAULTS = SplitSettings()
 @json_option("Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    dtype, engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
+                    split_group_by, dtype, engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -50,17 +59,22 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store features.h5 --backbone efficientnet_lite0
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --weights ~/resnet50_notop.h5
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
+      python cli.py extract photos/ --store leak-free.h5 --split-group-by near-duplicates
     """
-    from extract.job import run_extraction
+    from extract.job import ExtractionInterrupted, run_extraction
 
-    summary = run_extraction(
-        images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
-        validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group, dtype=dtype,
-        engine=engine, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
-        progress=not quiet,
-    )
+    try:
+        summary = run_extraction(
+            images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
+            validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
+            split_group_by=split_group_by, dtype=dtype, engine=engine, input_size=input_size, shard=shard,
+            threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+        )
+    except ExtractionInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)  # the shell's status for Ctrl-C
     if as_json:
-        click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
+        click.echo(strict_json(summary.to_dict()))
         return
     click.echo(
         f"{summary.backbone}: {summary.images} images in {summary.store} "
@@ -69,8 +83,11 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         f"in {summary.seconds:.1f} s"
         + (f", {summary.images_per_second:.1f} images/s with {summary.engine}" if summary.extracted else "")
     )
+    if summary.split_groups:
+        click.echo(f"  {summary.split_groups} near-duplicate groups kept in one split "
+                   f"({summary.split_moved} images moved to their group's split)")
     for path, reason in summary.failures[:10]:
-        click.echo(f"  failed: {path}: {reason}")
+        click.echo(f"  failed: {printable(path)}: {printable(reason)}")
     if len(summary.failures) > 10:
         click.echo(f"  ... and {len(summary.failures) - 10} more (see `python cli.py store info {store}`)")
     _warn_copies(summary.copies_across_splits)
@@ -95,16 +112,16 @@ def store_info_command(store, as_json):
 
     info = FeatureStore(store).info()
     if as_json:
-        click.echo(json.dumps(info, ensure_ascii=False))
+        click.echo(strict_json(info))
         return
     click.echo(f"{info['path']}: {info['images']} images, {info['failed']} failed, {len(info['classes'])} classes")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in info["split_counts"].items()))
-    click.echo("  classes: " + ", ".join(info["classes"]))
+    click.echo("  classes: " + ", ".join(map(printable, info["classes"])))
     for name, b in info["backbones"].items():
         click.echo(f"  {name}: {b['rows']} rows x {b['dim']} {b['dtype']}, {b['input_size']} px, "
                    f"preprocessing {b['preprocessing']}, weights {b['weights']}")
     for failure in info["failures"][:10]:
-        click.echo(f"  failed: {failure['path']}: {failure['reason']}")
+        click.echo(f"  failed: {printable(failure['path'])}: {printable(failure['reason'])}")
     if len(info["failures"]) > 10:
         click.echo(f"  ... and {len(info['failures']) - 10} more failures (--json lists them all)")
     if info["pending_rows"]:
@@ -121,7 +138,7 @@ def _warn_copies(groups: list[list[str]], shown: int = 5) -> None:
     click.echo(f"  warning: {files} files are copies of {len(groups)} image(s) and sit in different splits "
                f"(the test score will be optimistic); keep one file of each group:", err=True)
     for group in groups[:shown]:
-        click.echo("    " + " = ".join(group), err=True)
+        click.echo("    " + " = ".join(map(printable, group)), err=True)
     if len(groups) > shown:
         click.echo(f"    ... and {len(groups) - shown} more (`store info --json` lists them all)", err=True)
 

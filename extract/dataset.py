@@ -15,6 +15,7 @@ Class names are folder names (NFC-normalised, accents and spaces kept), sorted l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import unicodedata
@@ -49,8 +50,11 @@ class Dataset:
 
 
 def _unit_hash(text: str) -> float:
-    """A number in [0, 1) that depends only on ``text``."""
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    """A number in [0, 1) that depends only on ``text``.
+
+    A file name that is not valid UTF-8 arrives surrogate-escaped (``os.fsdecode``); it is hashed
+    as its original bytes, so such a file gets a split like any other."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -64,7 +68,7 @@ def split_key(relpath: str, group: re.Pattern | None) -> str:
     return group.sub("", relpath) if group else relpath
 
 
-def _compile_group(split_group: str) -> re.Pattern | None:
+def compile_group(split_group: str) -> re.Pattern | None:
     if not split_group:
         return None
     try:
@@ -115,10 +119,15 @@ def _norm(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def discover(root: str | Path, settings: SplitSettings = SplitSettings()) -> Dataset:
-    """Images and classes under ``root``; see the module docstring for layouts and splits."""
+def discover(root: str | Path, settings: SplitSettings = SplitSettings(), split_anchors: str | dict = "") -> Dataset:
+    """Images and classes under ``root``; see the module docstring for layouts and splits.
+
+    ``split_anchors`` (``{path: anchor}``, or its JSON): an image listed there takes its anchor's
+    split (``extract --split-group-by near-duplicates``, see ``extract/leak_free.py``).
+    """
     root = Path(root)
-    group = _compile_group(settings.split_group)
+    group = compile_group(settings.split_group)
+    anchors = json.loads(split_anchors or "{}") if isinstance(split_anchors, str) else split_anchors
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
     top = _class_dirs(root)
@@ -140,7 +149,7 @@ def discover(root: str | Path, settings: SplitSettings = SplitSettings()) -> Dat
                 if not is_image_name(rel):
                     ignored.append(relpath)
                     continue
-                entry_split = split or assign_split(split_key(relpath, group), settings)
+                entry_split = split or assign_split(split_key(anchors.get(relpath, relpath), group), settings)
                 entries.append(ImageEntry(relpath, class_name, entry_split))
     if not entries:
         raise DatasetError(

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.imageio import ImageDecodeError, load_image
+from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_regular_file
 from extract.backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
-from extract.errors import StoreError, TransferKitError
-from extract.files import file_sha256
+from extract.errors import DatasetError, StoreError, TransferKitError
+from extract.leak_free import ANCHORS_ATTR, group_store_splits
 from extract.record import FEATURE_DTYPES, BackboneRecord
 from extract.splits import SplitSettings
+from extract.steps import step
 from extract.store import BackboneRows, ImageTable, StoreState, StoreWriter, empty_state
 from extract.weights import resolve_weights
 
@@ -42,9 +43,21 @@ class ExtractionSummary:
     images_per_second: float  # extracted / seconds spent in the decode+inference+write loop
     failures: list[tuple[str, str]] = field(default_factory=list)
     copies_across_splits: list[list[str]] = field(default_factory=list)  # identical files in 2+ splits
+    split_groups: int = 0  # near-duplicate groups kept in one split (--split-group-by near-duplicates)
+    split_moved: int = 0  # images this run moved to their group's split
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ExtractionInterrupted(TransferKitError):
+    """Ctrl-C during extraction: the rows computed so far are kept; the same command resumes."""
+
+    def __init__(self, store: Path, extracted: int, todo: int):
+        self.extracted, self.todo = extracted, todo
+        super().__init__(
+            f"interrupted: the {extracted} images extracted in this run are kept in {store} "
+            f"({todo - extracted} of this run's {todo} still to compute); run the same command again to resume")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -60,21 +73,28 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, workers: int) -> ImageTable:
-    """Content hashes, reusing the stored one when size and mtime are unchanged."""
+def _fingerprint(path: Path, known: tuple[str, int, int] | None) -> tuple[str, int, int, str | None]:
+    """``(sha256, size, mtime_ns, None)`` of one file, reusing the stored hash when size and mtime are
+    unchanged; ``("", -1, -1, reason)`` for an entry that is not a readable regular file (FIFO,
+    device, dangling link, link loop, permission denied, changed while read)."""
+    try:
+        st = stat_regular_file(path)
+        if known and known[0] and (known[1], known[2]) == (st.st_size, st.st_mtime_ns):
+            return known[0], st.st_size, st.st_mtime_ns, None
+        file = read_image_file(path)
+        return file.sha256, file.size, file.mtime_ns, None
+    except ImageDecodeError as exc:
+        return "", -1, -1, str(exc)
+
+
+def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable,
+                  workers: int) -> tuple[ImageTable, dict[str, tuple[str, str]]]:
+    """Content hashes, and ``path -> ("", reason)`` for the entries that cannot be read."""
     known = {p: (s, size, m) for p, s, size, m in
              zip(previous.path, previous.sha256, previous.size, previous.mtime_ns)}
-
-    def one(entry: ImageEntry) -> tuple[str, int, int]:
-        st = os.stat(root / entry.relpath)
-        old = known.get(entry.relpath)
-        if old and old[1] == st.st_size and old[2] == st.st_mtime_ns:
-            return old[0], st.st_size, st.st_mtime_ns
-        return file_sha256(root / entry.relpath), st.st_size, st.st_mtime_ns
-
     with ThreadPoolExecutor(workers) as pool:
-        hashed = list(pool.map(one, entries))
-    return ImageTable(
+        hashed = list(pool.map(lambda e: _fingerprint(root / e.relpath, known.get(e.relpath)), entries))
+    table = ImageTable(
         path=[e.relpath for e in entries],
         sha256=[h[0] for h in hashed],
         class_name=[e.class_name for e in entries],
@@ -82,11 +102,18 @@ def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, w
         size=[h[1] for h in hashed],
         mtime_ns=[h[2] for h in hashed],
     )
+    unreadable = {e.relpath: ("", h[3]) for e, h in zip(entries, hashed) if h[3] is not None}
+    return table, unreadable
 
 
-def _decode(root: Path, relpath: str, size: int) -> np.ndarray | str:
+def _decode(root: Path, relpath: str, sha256: str, size: int) -> np.ndarray | str:
+    """Read the file once and decode those bytes, only if they are the content the row is keyed by
+    (a file replaced after hashing is a failure now and gets extracted by the next run)."""
     try:
-        return load_image(root / relpath, (size, size))
+        file = read_image_file(root / relpath)
+        if file.sha256 != sha256:
+            return "file changed since it was hashed; run extract again to extract its new content"
+        return decode_image(file.data, (size, size))
     except ImageDecodeError as exc:
         return str(exc)
 
@@ -97,13 +124,13 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for chunk in chunks[:2]:
-            pending.append((chunk, [pool.submit(_decode, root, p, size) for p, _ in chunk]))
+            pending.append((chunk, [pool.submit(_decode, root, p, s, size) for p, s in chunk]))
         next_chunk = 2
         while pending:
             chunk, futures = pending.popleft()
             if next_chunk < len(chunks):
                 c = chunks[next_chunk]
-                pending.append((c, [pool.submit(_decode, root, p, size) for p, _ in c]))
+                pending.append((c, [pool.submit(_decode, root, p, s, size) for p, s in c]))
                 next_chunk += 1
             paths, shas, arrays, failures = [], [], [], {}
             for (path, sha), future in zip(chunk, futures):
@@ -153,6 +180,7 @@ def run_extraction(
     test_split: float | None = None,
     seed: int | None = None,
     split_group: str | None = None,
+    split_group_by: str | None = None,
     dtype: str = "float32",
     engine: str = "auto",
     input_size: int | None = None,
@@ -175,22 +203,25 @@ def run_extraction(
                              checkpoint_seconds, progress)
     options.check(dtype)
     with StoreWriter(store) as writer:
+        state = writer.state or empty_state()
         settings = SplitSettings.resolve(writer.state.attrs if writer.state else None, seed=seed,
                                          validation_split=validation_split, test_split=test_split,
-                                         split_group=split_group)
-        dataset = discover(root, settings)
-        state = writer.state or empty_state()
+                                         split_group=split_group, split_group_by=split_group_by)
+        dataset = _discover(root, settings, state.attrs.get(ANCHORS_ATTR, ""))
         state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
                            shard=shard or "")
         record = _record_for_run(spec, weights, settings.seed, input_size, dtype, state.backbones.get(spec.name),
                                  store)
-        state.images = _hash_entries(root, select_entries(dataset, shard_spec), state.images, options.workers)
+        state.images, unreadable = _hash_entries(root, select_entries(dataset, shard_spec), state.images,
+                                                 options.workers)
+        state.failed.update(unreadable)
         state.classes = dataset.class_names
         removed = writer.commit(state).get(spec.name, 0)  # folds what a killed run left, drops deleted/changed files
         todo, reused = _todo(state, spec.name)
         extracted, engine_name, loop_seconds = 0, "none (nothing to compute)", 0.0
         if todo:
             extracted, engine_name, loop_seconds = _compute(writer, state, root, todo, record, weights, options)
+        split_groups, split_moved = _group_splits(writer, state, spec.name, settings)
         rows = state.backbones.get(spec.name)
         return ExtractionSummary(
             store=str(store), backbone=spec.name, engine=engine_name,
@@ -200,7 +231,17 @@ def run_extraction(
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
             copies_across_splits=state.images.copies_across_splits(),
+            split_groups=split_groups, split_moved=split_moved,
         )
+
+
+def _discover(root: Path, settings: SplitSettings, anchors: str) -> Dataset:
+    """The folder's images with their splits (near-duplicate ``anchors`` from the store applied)."""
+    dataset = discover(root, settings, split_anchors=anchors)
+    if settings.split_group_by != "none" and dataset.layout == "split-folders":
+        raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
+                           f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
+    return dataset
 
 
 def _record_for_run(spec: BackboneSpec, weights: str, seed: int, input_size: int | None, dtype: str,
@@ -230,24 +271,37 @@ def _todo(state: StoreState, backbone: str) -> tuple[list[tuple[str, str]], int]
     return todo, len(rows.path) if rows else 0
 
 
+def _group_splits(writer: StoreWriter, state: StoreState, backbone: str, settings: SplitSettings) -> tuple[int, int]:
+    """With ``--split-group-by near-duplicates``: move copies to one split; (groups, images moved)."""
+    if settings.split_group_by != "near-duplicates":
+        return 0, 0
+    groups, moved = group_store_splits(state, backbone, settings)
+    writer.commit(state)
+    return groups, moved
+
+
 def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tuple[str, str]],
              record: BackboneRecord, weights: str, options: ComputeOptions) -> tuple[int, str, float]:
     """Decode, run and write ``todo`` in batches, folding into the store every checkpoint.
 
-    Returns (images extracted, engine name, seconds in the loop).
+    Returns (images extracted, engine name, seconds in the loop). Ctrl-C keeps what was computed.
     """
     from tqdm import tqdm
 
-    from extract.engine import open_engine
+    from extract.engine import onnx_engine_path, open_engine
 
+    if options.engine != "keras" and not onnx_engine_path(record).exists():
+        step(f"extract: converting {record.name} to an onnxruntime engine (once per backbone, weights and size; "
+             f"cached for later runs, 10-60 s)", options.progress)
     run_engine = open_engine(record, weights, options.engine, options.threads)
     record = record.with_engine(run_engine.name)
-    size, extracted = record.input_size, 0
+    extracted = 0
     loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {record.name}", disable=not options.progress,
                smoothing=0.1)
     try:
-        for paths, shas, batch, failures in decoded_batches(root, todo, size, options.batch_size, options.workers):
+        for paths, shas, batch, failures in decoded_batches(root, todo, record.input_size, options.batch_size,
+                                                            options.workers):
             features = run_engine(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
             writer.write_segment(record.name, record, paths, shas, features.astype(record.dtype), failures)
             extracted += len(paths)
@@ -255,7 +309,12 @@ def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tupl
             if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
                 writer.commit(state)
                 last_checkpoint = time.monotonic()
+    except KeyboardInterrupt:
+        bar.close()
+        writer.commit(state)  # fold in what was computed (a second Ctrl-C leaves it in segments: still kept)
+        raise ExtractionInterrupted(writer.path, extracted, len(todo)) from None
     finally:
         bar.close()
+    loop_seconds = time.monotonic() - loop_started  # the images/s reported: this loop's, not the final rewrite's
     writer.commit(state)
-    return extracted, run_engine.name, time.monotonic() - loop_started
+    return extracted, run_engine.name, loop_seconds

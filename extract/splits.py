@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from extract.errors import DatasetError, StoreError
 
 SPLITS = ("train", "validation", "test")
+GROUP_BY_CHOICES = ("none", "near-duplicates")  # --split-group-by (see extract/leak_free.py)
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,15 @@ class SplitSettings:
     test_split: float = 0.1  # share of images for test
     seed: int = 0
     split_group: str = ""  # regex removed from paths before hashing, so copies share a split ("" = none)
+    split_group_by: str = "none"  # "near-duplicates": copies found in the features share a split
 
     def __post_init__(self) -> None:
         v, t = self.validation_split, self.test_split
         if not (0 <= v < 1 and 0 <= t < 1 and v + t < 1):
             raise DatasetError("--validation-split and --test-split must be in [0, 1) and sum to less than 1")
+        if self.split_group_by not in GROUP_BY_CHOICES:
+            raise DatasetError(f"--split-group-by must be one of {', '.join(GROUP_BY_CHOICES)}, "
+                               f"got {self.split_group_by!r}")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ kernel drops the lock when a writer dies, so no stale lock survives a crash.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import time
@@ -25,6 +26,7 @@ import numpy as np
 from extract.clock import utc_now
 from extract.errors import StoreError
 from extract.files import atomic_write
+from extract.leak_free import ANCHORS_BACKBONE_ATTR, group_store_splits
 from extract.record import BackboneRecord
 from extract.splits import SplitSettings, split_counts
 
@@ -55,7 +57,8 @@ class ImageTable:
         """
         groups: dict[str, list[int]] = {}
         for i, sha in enumerate(self.sha256):
-            groups.setdefault(sha, []).append(i)
+            if sha:  # "" is a file that could not be read: no content to compare
+                groups.setdefault(sha, []).append(i)
         return [sorted(self.path[i] for i in rows) for rows in groups.values()
                 if len({self.split[i] for i in rows}) > 1]
 
@@ -107,14 +110,15 @@ class FeatureSet:
 
 
 def _strings(ds) -> list[str]:
-    return list(ds.asstr()[()]) if len(ds) else []
+    """Strings as written by ``_put_strings`` (a non-UTF-8 file name comes back surrogate-escaped)."""
+    return list(ds.asstr(errors="surrogateescape")[()]) if len(ds) else []
 
 
 def _attrs_dict(attrs) -> dict:
     out = {}
     for key, value in attrs.items():
         if isinstance(value, bytes):
-            value = value.decode()
+            value = value.decode("utf-8", "surrogateescape")
         elif isinstance(value, np.generic):
             value = value.item()
         out[key] = value
@@ -168,14 +172,42 @@ def empty_state(**attrs) -> StoreState:
     return StoreState(attrs={**base, **attrs}, classes=[], images=ImageTable(), failed={}, backbones={})
 
 
-def atomic_h5(path: Path, write) -> None:
-    """Call ``write(h5file)`` on a temp file, fsync it and rename it over ``path``."""
-    with atomic_write(path) as tmp, h5py.File(tmp, "w", libver="latest") as f:
+def write_h5_durably(path: Path, write, suffix: str | None = None, **options) -> None:
+    """Build the HDF5 file in memory with ``write(h5file)``, then replace ``path`` with its bytes
+    atomically and durably (``extract.files.atomic_write``).
+
+    HDF5 never writes to disk itself: on a full disk h5py leaves objects that fail again when
+    garbage-collected (tracebacks, even a crash at exit); a plain ``write`` fails once, cleanly,
+    with ``OSError(ENOSPC, filename)``. Costs one in-memory copy of the file while it is written.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", **options) as f:
         write(f)
+    with atomic_write(path, suffix=suffix) as tmp:
+        try:
+            tmp.write_bytes(buffer.getbuffer())
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from None
+
+
+def atomic_h5(path: Path, write) -> None:
+    """Call ``write(h5file)`` for a new file that replaces ``path`` whole (see ``write_h5_durably``)."""
+    write_h5_durably(path, write, libver="latest")
 
 
 def _put_strings(group, name: str, values: list[str]) -> None:
-    group.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
+    """UTF-8 strings; a file name that is not valid UTF-8 (surrogate-escaped in Python) is kept
+    losslessly as its original bytes, which ``_strings`` turns back into the same string."""
+    data = [v.encode("utf-8", "surrogateescape") for v in values]
+    group.create_dataset(name, data=np.array(data, dtype=object), dtype=STR)
+
+
+def _attr_value(value):
+    """A non-UTF-8 path (``images_root`` surrogate-escaped) is stored as its bytes; ``_attrs_dict``
+    turns it back into the same string."""
+    if isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value):
+        return value.encode("utf-8", "surrogateescape")
+    return value
 
 
 def write_state(path: str | Path, state: StoreState) -> None:
@@ -185,7 +217,7 @@ def write_state(path: str | Path, state: StoreState) -> None:
         attrs = dict(state.attrs)
         attrs["updated"] = utc_now()
         for key, value in attrs.items():
-            f.attrs[key] = value
+            f.attrs[key] = _attr_value(value)
         _put_strings(f, "classes", state.classes)
         img = f.create_group("images")
         for name in ("path", "sha256", "class_name", "split"):
@@ -340,7 +372,12 @@ def read_segments(store: Path) -> list[Segment]:
 
 
 class StoreLock:
-    """Exclusive, crash-safe writer lock (``flock`` is released by the kernel when a process dies)."""
+    """Exclusive, crash-safe writer lock (``flock`` is released by the kernel when a process dies).
+
+    The lock file is removed on release (while still locked), so no ``.lock`` is left behind; a
+    process that opened the file just before it was removed notices that its file is no longer
+    the one at the path and tries again, so two writers never both believe they hold the lock.
+    """
 
     def __init__(self, store: Path):
         self.path = store.with_name(store.name + ".lock")
@@ -348,34 +385,57 @@ class StoreLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise StoreError(
+                    f"{self.path.with_suffix('')} is being written by {holder}; wait for it to finish "
+                    f"or write to another --store"
+                ) from None
+            if self._still_at_path(fd):
+                break
+            os.close(fd)  # the previous holder removed this file on release: lock the new one
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError as exc:  # e.g. a full disk: leave no lock file behind, name the file
+            self.path.unlink(missing_ok=True)
             os.close(fd)
-            raise StoreError(
-                f"{self.path.with_suffix('')} is being written by {holder}; wait for it to finish "
-                f"or write to another --store"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self.fd = fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self) -> None:
         if self.fd is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 
 
 class StoreWriter:
-    """The only way to change a store: lock, append segments, fold them in atomically."""
+    """The only way to change a store: lock, append segments, fold them in atomically.
+
+    A run that fails before any row reached a store it created removes that store again, so a
+    failed first run (bad weights, disk full...) leaves nothing behind.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.lock = StoreLock(self.path)
         self._seq = 0
+        self._created = False
 
     def __enter__(self) -> "StoreWriter":
         self.lock.acquire()
@@ -385,15 +445,27 @@ class StoreWriter:
         if parts.is_dir():
             for stale in parts.glob("*.tmp"):
                 stale.unlink(missing_ok=True)
+        self._created = not self.path.exists()
         self.state = read_state(self.path) if self.path.exists() else None
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        parts = parts_dir(self.path)
+        if parts.is_dir():
+            for stale in parts.glob("*.tmp"):  # a segment a failure interrupted
+                stale.unlink(missing_ok=True)
         try:
-            parts_dir(self.path).rmdir()  # only when empty: everything was folded in
+            parts.rmdir()  # only when empty: everything was folded in
         except OSError:
             pass
+        if exc_type is not None and self._created and self._holds_nothing():
+            self.path.unlink(missing_ok=True)
         self.lock.release()
+
+    def _holds_nothing(self) -> bool:
+        """No feature row in the store file or in pending segments (failures are found again)."""
+        rows = self.state is not None and any(len(r.path) for r in self.state.backbones.values())
+        return not rows and not parts_dir(self.path).exists()
 
     def write_segment(
         self, backbone: str, record: BackboneRecord, paths: list[str], shas: list[str], features: np.ndarray,
@@ -403,8 +475,8 @@ class StoreWriter:
         folder.mkdir(exist_ok=True)
         self._seq += 1
         final = folder / f"{time.time_ns()}-{os.getpid()}-{self._seq:06d}.h5"
-        # the ".tmp" suffix keeps a half-written segment out of read_segments' "*.h5"
-        with atomic_write(final, suffix=".tmp") as tmp, h5py.File(tmp, "w") as f:
+
+        def write(f: h5py.File) -> None:
             f.attrs["backbone"] = backbone
             f.attrs["record"] = json.dumps(record.to_dict(), sort_keys=True)
             f.create_dataset("features", data=features)
@@ -415,6 +487,9 @@ class StoreWriter:
             _put_strings(fl, "path", [p for p, _ in items])
             _put_strings(fl, "sha256", [s for _, (s, _) in items])
             _put_strings(fl, "reason", [r for _, (_, r) in items])
+
+        # the ".tmp" suffix keeps a half-written segment out of read_segments' "*.h5"
+        write_h5_durably(final, write, suffix=".tmp")
 
     def commit(self, state: StoreState) -> dict[str, int]:
         """Fold every segment into ``state``, keep rows matching the image table, write, drop segments.
@@ -471,6 +546,14 @@ def prune(state: StoreState) -> dict[str, int]:
     return dropped
 
 
+def _regroup_merged(merged: StoreState, first: StoreState) -> None:
+    """Shards found their near-duplicate groups each on its own rows: find them again on all rows."""
+    if merged.attrs.get("split_group_by") != "near-duplicates" or not merged.backbones:
+        return
+    backbone = first.attrs.get(ANCHORS_BACKBONE_ATTR) or sorted(merged.backbones)[0]
+    group_store_splits(merged, backbone, SplitSettings.resolve(merged.attrs))
+
+
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
     """Merge shard stores (``extract --shard I/N``) into one store; refuses mismatched settings."""
     states = [read_state(p) for p in inputs]
@@ -506,6 +589,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
             current.sha256 += rows.sha256
             current.features = np.concatenate([current.features, rows.features.astype(current.features.dtype)])
     prune(merged)
+    _regroup_merged(merged, first)
     out = Path(out)
     with StoreWriter(out):
         write_state(out, merged)

@@ -57,6 +57,21 @@ def image_folder(tmp_path) -> Path:
 
 # ------------------------------------------------------------------ synthetic feature stores (heads)
 
+
+def fake_record(backbone: str, dim: int, input_size: int = 32, dtype: str = "float32", preprocessing: str = "tf",
+                weights_seed: int = 0) -> BackboneRecord:
+    """A real backbone record for made-up features (``dim`` wide, random weights from ``weights_seed``);
+    ``backbone`` may be a name the registry does not know."""
+    weights = WeightsRecord(kind="none", id=random_init_id(weights_seed), seed=weights_seed)
+    try:
+        spec = get_backbone(backbone)
+        constructor, source = spec.constructor, spec.weights_source
+    except UnknownBackbone:  # a name only these tests know
+        constructor, source = "tests:unregistered", "none"
+    return BackboneRecord(name=backbone, constructor=constructor, feature_dim=dim, weights_source=source,
+                          input_size=input_size, preprocessing=Preprocessing(preprocessing), weights=weights,
+                          dtype=dtype)
+
 CLASSES = ("café", "crème brûlée", "thé vert")
 SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
 
@@ -80,14 +95,7 @@ def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, s
                                       ("split", split), ("size", 100), ("mtime_ns", 0)):
                     getattr(state.images, column).append(value)
                 features.append(centres[index] + rng.normal(0, 1, dim) + 3.0)
-    weights = WeightsRecord(kind="none", id=random_init_id(weights_seed), seed=weights_seed)
-    try:
-        spec = get_backbone(backbone)
-        constructor, source = spec.constructor, spec.weights_source
-    except UnknownBackbone:  # a name only these tests know
-        constructor, source = "tests:unregistered", "none"
-    record = BackboneRecord(name=backbone, constructor=constructor, feature_dim=dim, weights_source=source,
-                            input_size=32, preprocessing=Preprocessing("tf"), weights=weights, dtype="float32")
+    record = fake_record(backbone, dim, weights_seed=weights_seed)
     state.backbones[backbone] = BackboneRows(record=record, path=list(state.images.path),
                                              sha256=list(state.images.sha256),
                                              features=np.asarray(features, np.float32))

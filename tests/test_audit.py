@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from classify.audit import run_audit
-from classify.neighbours import connected_groups, nearest_other, normalise, similar_pairs
+from extract.neighbours import connected_groups, nearest_other, normalise, similar_pairs
 from cli import cli
 from edge.imageio import load_image
 from extract.files import file_sha256
-from extract.record import BackboneRecord, Preprocessing, WeightsRecord, random_init_id
+from conftest import fake_record
 from extract.store import BackboneRows, empty_state, write_state
 
 CLASSES = {"rouge": (200, 40, 40), "vert": (40, 180, 60), "bleu": (40, 60, 200)}
@@ -88,9 +88,7 @@ def write_toy_store(root: Path, store: Path, rows: list[tuple[str, str, str]]) -
                               ("split", split), ("size", 1), ("mtime_ns", 0)):
             getattr(state.images, column).append(value)
     features = np.stack([toy_features(root / p) for p, _, _ in rows])
-    record = BackboneRecord(name="toy", constructor="tests:toy_features", feature_dim=features.shape[1],
-                            weights_source="none", input_size=12, preprocessing=Preprocessing("raw"),
-                            weights=WeightsRecord(kind="none", id=random_init_id(0), seed=0), dtype=str(features.dtype))
+    record = fake_record("toy", features.shape[1], input_size=12, dtype=str(features.dtype), preprocessing="raw")
     state.backbones["toy"] = BackboneRows(record, list(state.images.path), list(state.images.sha256), features)
     write_state(store, state)
 

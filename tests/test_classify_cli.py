@@ -36,8 +36,9 @@ def store(tmp_path) -> Path:
 def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
     result = invoke("fit-head", "--store", store, "--kind", "all", "--out", tmp_path / "head", "--json")
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.output.splitlines()]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["kind"] for row in rows] == ["svm", "softmax", "mlp"]
+    assert "fitting mlp on 72 images" in result.stderr  # the progress bar names the head being fitted
     assert all(METRIC_KEYS <= set(row) for row in rows)
     assert all(row["test_accuracy"] > 0.9 and row["n_train"] == 72 for row in rows)
     assert sum(row["saved"] for row in rows) == 1
@@ -45,8 +46,8 @@ def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
 
 
 def test_fit_head_prints_a_leaderboard(store, tmp_path):
-    result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3)
-    assert result.exit_code == 0, result.output
+    result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3, "--quiet")
+    assert result.exit_code == 0 and result.stderr == "", result.output
     header, row, summary = result.output.splitlines()
     assert header.split()[:3] == ["kind", "val", "acc"]
     assert row.startswith("svm") and row.endswith("saved")
@@ -170,7 +171,7 @@ def test_predict_labels_new_images_like_the_head_on_stored_features(image_store,
 def test_predict_refuses_other_weights(image_store, tmp_path):
     images, store = image_store
     other = tmp_path / "other.weights.h5"
-    other.write_bytes(b"weights of another model")
+    other.write_bytes(b"\x89HDF\r\n\x1a\n" + b"weights of another model")  # passes the format check
     result = invoke("predict", "--head", store.parent / "head", next(images.rglob("*.jpg")), "--weights", other)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "the head was trained on mobilenet_v2 features from weights random-init:seed=0" in result.output

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 BLOCK_BYTES = 64 * 2**20  # one block of similarities: 64 MiB whatever the number of rows
+NEAR_DUPLICATE_COSINE = 0.90  # centred features; measured in bench/audit_bench.py (see classify/duplicates.py)
 
 
 def normalise(features: np.ndarray, centre: bool = True) -> np.ndarray:
@@ -24,11 +25,11 @@ def normalise(features: np.ndarray, centre: bool = True) -> np.ndarray:
     Backbone features after ReLU are all positive, so raw cosines between unrelated images are
     already high (0.6-0.8); centring spreads them out and keeps the duplicate threshold meaningful.
     """
-    x = np.asarray(features, dtype=np.float32)
+    x = np.array(features, dtype=np.float32)  # one copy; everything below is in place
     if centre:
-        x = x - x.mean(axis=0, keepdims=True)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+        x -= x.mean(axis=0, keepdims=True)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
 
 
 def block_rows_for(n: int, block_bytes: int = BLOCK_BYTES) -> int:
@@ -98,3 +99,17 @@ def connected_groups(n: int, pairs) -> list[list[int]]:
     for i in range(n):
         members.setdefault(root(i), []).append(i)
     return sorted((g for g in members.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def exact_pairs(sha256: list[str | None]) -> np.ndarray:
+    """Pairs ``(first row with this hash, row, 1.0)`` for rows whose content hash repeats (None skipped)."""
+    first: dict[str, int] = {}
+    pairs = []
+    for i, sha in enumerate(sha256):
+        if sha is None:
+            continue
+        if sha in first:
+            pairs.append((first[sha], i, 1.0))
+        else:
+            first[sha] = i
+    return np.asarray(pairs, dtype=np.float64).reshape(-1, 3)
