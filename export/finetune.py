@@ -345,16 +345,12 @@ def fine_tune(
     An interrupted run (Ctrl-C) leaves neither the best-epoch checkpoint nor an empty report folder.
     """
     started = time.perf_counter()
-    out = Path(out)
-    if out.suffix != ".keras":
-        raise TransferKitError(f"--out must end in .keras, got {out.name}")
+    out, report_dir = _outputs(out, report_dir)
     settings = TrainingSettings(unfreeze, epochs, learning_rate, batch_size, seed, patience, warmup_epochs, verbose,
                                 progress)
     settings.check()
-    report_dir = Path(report_dir) if report_dir else out.with_name(f"{out.stem}-report")
     begin = starting_point(images_dir, backbone, head, store, weights, image_size, seed)
-    if begin.head is not None:
-        settings = replace(settings, warmup_epochs=0)  # the head already is a trained classifier (linear probe)
+    settings = replace(settings, warmup_epochs=0) if begin.head else settings  # a head is a trained classifier
     images = begin.images
     train_images, validation, test = (images.subset(s) for s in SPLITS)
     _check_trainable(train_images, validation, images_dir)
@@ -382,6 +378,14 @@ def fine_tune(
     result.seconds = time.perf_counter() - started
     (report_dir / "metrics.json").write_text(json.dumps({**result.to_dict(), "history": run.history}, indent=2))
     return result
+
+
+def _outputs(out: str | Path, report_dir: str | Path | None) -> tuple[Path, Path]:
+    """The model path (must end in .keras) and the report folder (default: MODEL-report/ beside it)."""
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise TransferKitError(f"--out must end in .keras, got {out.name}")
+    return out, Path(report_dir) if report_dir else out.with_name(f"{out.stem}-report")
 
 
 def _check_trainable(train_images: LabelledImages, validation: LabelledImages, images_dir: str | Path) -> None:

@@ -212,15 +212,10 @@ def run_extraction(
                            shard=shard or "")
         record = _record_for_run(spec, weights, settings.seed, input_size, dtype, state.backbones.get(spec.name),
                                  store)
-        state.images, unreadable = _hash_entries(root, select_entries(dataset, shard_spec), state.images,
-                                                 options.workers)
-        state.failed.update(unreadable)
-        state.classes = dataset.class_names
+        _scan(state, root, dataset, select_entries(dataset, shard_spec), options.workers)
         removed = writer.commit(state).get(spec.name, 0)  # folds what a killed run left, drops deleted/changed files
         todo, reused = _todo(state, spec.name)
-        extracted, engine_name, loop_seconds = 0, "none (nothing to compute)", 0.0
-        if todo:
-            extracted, engine_name, loop_seconds = _compute(writer, state, root, todo, record, weights, options)
+        extracted, engine_name, loop_seconds = _compute(writer, state, root, todo, record, weights, options)
         split_groups, split_moved = _group_splits(writer, state, spec.name, settings)
         rows = state.backbones.get(spec.name)
         return ExtractionSummary(
@@ -261,6 +256,13 @@ def _record_for_run(spec: BackboneSpec, weights: str, seed: int, input_size: int
     return record
 
 
+def _scan(state: StoreState, root: Path, dataset: Dataset, entries: list[ImageEntry], workers: int) -> None:
+    """Put the folder's images (hashed; unreadable ones as failures) and classes into ``state``."""
+    state.images, unreadable = _hash_entries(root, entries, state.images, workers)
+    state.failed.update(unreadable)
+    state.classes = dataset.class_names
+
+
 def _todo(state: StoreState, backbone: str) -> tuple[list[tuple[str, str]], int]:
     """(path, sha256) of the images without a row or an earlier failure, and how many rows are kept."""
     rows = state.backbones.get(backbone)
@@ -286,6 +288,8 @@ def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tupl
 
     Returns (images extracted, engine name, seconds in the loop). Ctrl-C keeps what was computed.
     """
+    if not todo:  # nothing to compute: the backbone is not even built
+        return 0, "none (nothing to compute)", 0.0
     from tqdm import tqdm
 
     from extract.engine import onnx_engine_path, open_engine

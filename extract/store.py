@@ -185,7 +185,8 @@ def write_h5_durably(path: Path, write, suffix: str | None = None, **options) ->
         write(f)
     with atomic_write(path, suffix=suffix) as tmp:
         try:
-            tmp.write_bytes(buffer.getbuffer())
+            with open(tmp, "wb") as fh:
+                fh.write(buffer.getbuffer())
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(tmp)) from None
 
