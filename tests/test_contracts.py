@@ -109,7 +109,8 @@ def test_head_file_with_a_damaged_record_is_refused(tmp_path):
 
 def test_split_defaults_are_defined_once_and_stored_settings_win():
     assert SplitSettings() == SplitSettings.resolve(None) == SplitSettings.resolve({})
-    assert SplitSettings().to_attrs() == {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": ""}
+    assert SplitSettings().to_attrs() == {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": "",
+                                          "split_group_by": "none"}
     stored = {"validation_split": 0.3, "test_split": 0.2, "seed": 5, "format": "x"}  # an old store: no split_group
     assert SplitSettings.resolve(stored) == SplitSettings(0.3, 0.2, 5, "")
     assert SplitSettings.resolve(stored, seed=5, split_group=None) == SplitSettings(0.3, 0.2, 5, "")
