@@ -77,6 +77,7 @@ def engine_alone_rate(data: str, backbone: str, weights: str, batch: int, engine
 
     from edge.imageio import ImageDecodeError, load_image
     from extract.dataset import discover
+    from extract.splits import SplitSettings
     from extract.engine import make_engine
     from extract.models import build_backbone
 
@@ -84,7 +85,7 @@ def engine_alone_rate(data: str, backbone: str, weights: str, batch: int, engine
     run = make_engine(built, engine)
     size = built.input_size
     images = []
-    for entry in discover(data, 0, 0).entries[:limit]:
+    for entry in discover(data, SplitSettings(0, 0)).entries[:limit]:
         try:
             images.append(load_image(Path(data) / entry.relpath, (size, size)))
         except ImageDecodeError:

@@ -8,8 +8,7 @@ import click
 
 from classify.kinds import KIND_CHOICES
 from classify.selection import DEFAULT_FOLDS
-
-SPLIT_CHOICES = ("train", "validation", "test")
+from extract.options import backbone_option, engine_option, json_option, split_option, weights_option
 
 
 def _number(value: float | None) -> str:
@@ -20,12 +19,12 @@ def _number(value: float | None) -> str:
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--kind", required=True, type=click.Choice(KIND_CHOICES),
               help="svm, softmax, mlp, rbf, or all (fit every kind, keep the best cross-validation accuracy).")
-@click.option("--backbone", default=None, help="Backbone whose features to use [default: the store's only one].")
+@backbone_option(help="Backbone whose features to use [default: the store's only one].")
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
 @click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=click.IntRange(min=2),
               help="Cross-validation folds (fewer when a class has fewer labelled images).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same store: same head.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per head, one per line.")
+@json_option("Print one JSON object per head, one per line.")
 @click.option("--quiet", is_flag=True, help="No progress bar (on stderr).")
 def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
     """Train a classifier head on the features of a store and save it.
@@ -65,9 +64,9 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
               help="Where the images are now, if they moved since extraction; with --model and no --store, "
                    "the image folder to evaluate on.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(SPLIT_CHOICES))
+@split_option(default="test")
 @click.option("--report-dir", required=True, type=click.Path(file_okay=False), help="Folder for the report files.")
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
+@json_option("Print metrics.json to stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar (--model runs over the images).")
 def evaluate_command(store, head, model, images, split, report_dir, as_json, quiet):
     """Evaluate a head, a fine-tuned model or an exported ONNX model on one split and write a report.
@@ -109,12 +108,9 @@ def evaluate_command(store, head, model, images, split, report_dir, as_json, qui
 @click.option("--head", type=click.Path(exists=True), default=None, help="Head folder written by fit-head.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Instead of --head: a fine-tuned MODEL.keras or an exported MODEL.onnx.")
-@click.option("--weights", default=None,
-              help="imagenet, none or a weights file PATH [default: the kind the head was trained with].")
-@click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
-              help="Backbone engine for --head. auto: the cached ONNX engine (no TensorFlow), else converted "
-                   "once, Keras if that fails.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
+@weights_option(help="imagenet, none or a weights file PATH [default: the kind the head was trained with].")
+@engine_option
+@json_option("Print one JSON object per image, one per line.")
 @click.option("--unknown", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Label images far from every class 'unknown' (models exported with an unknown score).")
 @click.option("--quiet", is_flag=True, help="Do not say which engine runs (on stderr).")

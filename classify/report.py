@@ -22,8 +22,9 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from classify import plots
 from classify.data import features_for_head, fingerprint, split_rows
 from classify.persist import head_dir, load_head
-from classify.train import scores
+from classify.scoring import scores
 from extract.errors import TransferKitError
+from extract.splits import SplitSettings
 
 REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "per_class.csv", "tsne.png",
                 "misclassified.png", "metrics.json")
@@ -105,7 +106,7 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
     trained = load_head(head)
     features = features_for_head(trained, store)
     X, y, paths = split_rows(features, split, store)
-    name = features.backbone["name"]
+    name = features.backbone.name
     result = Predictions(
         split=split, y=y, probabilities=trained.predict_proba(X), class_names=trained.class_names, paths=paths,
         images_root=str(images) if images else features.store_attrs.get("images_root"),
@@ -122,7 +123,7 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
 def _labelled_images(classifier, store, images, split: str):
     """The images of ``split``: the store's rows (read from ``images`` or where they were extracted),
     or the folder ``images`` with the model's split settings; plus store features for the t-SNE."""
-    from export.data import LabelledImages, from_feature_set, from_folder, split_settings
+    from export.data import LabelledImages, from_feature_set, from_folder
     from extract.store import FeatureStore
 
     features = None
@@ -134,7 +135,7 @@ def _labelled_images(classifier, store, images, split: str):
                                else reader.backbones[0])
         labelled = from_feature_set(features, images)
     elif images is not None:
-        labelled = from_folder(images, split_settings(classifier.split_settings))
+        labelled = from_folder(images, classifier.split_settings or SplitSettings(), anchors=classifier.split_anchors)
     else:
         raise TransferKitError("give --store (its split and images) or --images DIR to evaluate a model on")
     unknown = sorted(set(labelled.class_names) - set(classifier.class_names))
@@ -142,13 +143,13 @@ def _labelled_images(classifier, store, images, split: str):
         raise TransferKitError(f"the model knows classes [{', '.join(classifier.class_names)}]; the images also "
                                f"have [{', '.join(unknown)}]")
     order = np.asarray([classifier.class_names.index(name) for name in labelled.class_names], dtype=np.int64)
-    labelled = LabelledImages(labelled.root, labelled.relpaths, order[labelled.labels], labelled.splits,
+    labelled = LabelledImages(labelled.root, labelled.relpaths, order[labelled.labels], labelled.split,
                               list(classifier.class_names))  # labels in the model's class order
-    keep = np.flatnonzero(labelled.splits == split)
+    keep = np.flatnonzero(labelled.split == split)
     if not len(keep):
         raise TransferKitError(f"no {split} images in {store or images}")
     tsne = None
-    if features is not None and features.backbone.get("name") == classifier.backbone:
+    if features is not None and features.backbone.name == classifier.backbone:
         tsne = features.features[keep]
     return labelled.take(keep), tsne
 

@@ -28,10 +28,12 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from classify.scoring import scores
 from export.data import LabelledImages, iter_batches
 from export.metadata import graph_model_id, set_metadata
 from extract.engine import onnx_session
 from extract.errors import TransferKitError
+from extract.files import atomic_write
 from extract.steps import step
 
 DEFAULT_CALIBRATION_IMAGES = 300
@@ -90,7 +92,7 @@ def quantize_int8(float_path: Path, out_path: Path, calibration: LabelledImages,
 
 @dataclass
 class Score:
-    accuracy: float  # percent
+    accuracy: float  # a fraction in [0, 1], like every accuracy in transferkit
     images_per_second: float
     images: int
 
@@ -103,21 +105,23 @@ def score_models(paths: dict[str, Path], images: LabelledImages, size: int, thre
     bar = tqdm(total=len(images), unit="img", desc=f"scoring {' and '.join(paths)}", disable=not progress,
                leave=False)
     sessions = {key: onnx_session(path, threads) for key, path in paths.items()}
-    correct = dict.fromkeys(paths, 0)
+    predicted: dict[str, list[np.ndarray]] = {key: [] for key in paths}
     seconds = dict.fromkeys(paths, 0.0)
-    total = 0
+    truth: list[np.ndarray] = []
     for batch, labels in iter_batches(images, size, batch_size):
-        total += len(labels)
+        truth.append(labels)
         bar.update(len(labels))
         for key, session in sessions.items():
             started = time.perf_counter()
             probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
             seconds[key] += time.perf_counter() - started
-            correct[key] += int((probs.argmax(axis=1) == labels).sum())
+            predicted[key].append(probs.argmax(axis=1))
     bar.close()
-    if not total:
+    if not truth:
         raise TransferKitError("no test image could be decoded to measure accuracy")
-    return {key: Score(100.0 * correct[key] / total, total / max(seconds[key], 1e-9), total) for key in paths}
+    y, total = np.concatenate(truth), sum(len(t) for t in truth)
+    return {key: Score(scores(y, np.concatenate(predicted[key]))["accuracy"], total / max(seconds[key], 1e-9), total)
+            for key in paths}
 
 
 @dataclass
@@ -131,14 +135,15 @@ class QuantizationReport:
 
     @property
     def drop(self) -> float:
-        return self.float_score.accuracy - self.int8_score.accuracy
+        """Accuracy points lost (percentage points, as ``tolerance``)."""
+        return 100 * (self.float_score.accuracy - self.int8_score.accuracy)
 
     def table(self) -> str:
         f, q = self.float_score, self.int8_score
         return "\n".join([
             f"{'model':<8}{'test accuracy':>15}{'images/s':>11}   ({f.images} test images, batch 32)",
-            f"{'float':<8}{f.accuracy:>14.2f}%{f.images_per_second:>11.1f}",
-            f"{'int8':<8}{q.accuracy:>14.2f}%{q.images_per_second:>11.1f}",
+            f"{'float':<8}{100 * f.accuracy:>14.2f}%{f.images_per_second:>11.1f}",
+            f"{'int8':<8}{100 * q.accuracy:>14.2f}%{q.images_per_second:>11.1f}",
         ])
 
     def to_dict(self) -> dict:
@@ -176,14 +181,14 @@ def quantize_checked(
             quantization = {
                 "method": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8 per-channel, 7-bit range",
                 "activations": "int8", "calibration": "MinMax", "calibration_images": calibrated,
-                "float_model_id": metadata["model_id"], "test_accuracy_float": round(report.float_score.accuracy, 2),
-                "test_accuracy_int8": round(report.int8_score.accuracy, 2), "test_images": report.int8_score.images,
+                "float_model_id": metadata["model_id"], "test_accuracy_float": round(report.float_score.accuracy, 4),
+                "test_accuracy_int8": round(report.int8_score.accuracy, 4), "test_images": report.int8_score.images,
             }
             kind = metadata["source"]["kind"]
             set_metadata(model, {**metadata, "quantization": quantization,
                                  "model_id": graph_model_id(model, metadata["backbone"]["name"], f"{kind}-int8")})
-            onnx.save(model, str(tmp))
-            os.replace(tmp, out_path)
+            with atomic_write(out_path) as final:
+                onnx.save(model, str(final))
             report.path = str(out_path)
         return report
     finally:

@@ -8,7 +8,6 @@ inference, so the backbone is never waiting on JPEG decoding.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -19,16 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_regular_file
-from extract.backbones import DEFAULT_BACKBONE, get_backbone
+from extract.backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
+from extract.record import FEATURE_DTYPES, BackboneRecord
+from extract.splits import SplitSettings
 from extract.steps import step
-from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
-from extract.version import __version__
-from extract.weights import backbone_record, resolve_weights
-
-DTYPES = ("float32", "float16")
+from extract.store import BackboneMeta, ImageTable, StoreState, StoreWriter, empty_state
+from extract.weights import resolve_weights
 
 
 @dataclass
@@ -76,18 +74,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def _library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version(), "transferkit": __version__}
-    for package in ("tensorflow", "keras", "onnxruntime", "numpy", "h5py"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def refuse_hash_options(root: Path, requested: dict) -> None:
     """Split folders give every image's split: options that draw splits by hash would be ignored."""
     given = [f"--{key.replace('_', '-')}" for key, value in requested.items() if value is not None]
@@ -96,19 +82,6 @@ def refuse_hash_options(root: Path, requested: dict) -> None:
             f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {root} has split folders "
             f"(train/, validation/ or val/, test/), which give every image's split; drop "
             f"{'it' if len(given) == 1 else 'them'}, or move the images into DIR/<class>/ to split by hash")
-
-
-def _split_settings(state: StoreState | None, requested: dict) -> dict:
-    """The store remembers its split settings; a run may not silently change them."""
-    stored = {k: state.attrs[k] for k in DEFAULT_SPLITS if state and k in state.attrs}
-    settings = {k: requested[k] if requested.get(k) is not None else stored.get(k, v)
-                for k, v in DEFAULT_SPLITS.items()}
-    clash = {k for k in stored if requested.get(k) is not None and requested[k] != stored[k]}
-    if clash:
-        given = ", ".join(f"--{k.replace('_', '-')} {stored[k] if stored[k] != '' else repr('')}"
-                          for k in sorted(clash))
-        raise StoreError(f"this store was built with {given}; pass the same values or use a new --store")
-    return settings
 
 
 def _fingerprint(path: Path, known: tuple[str, int, int] | None) -> tuple[str, int, int, str | None]:
@@ -183,15 +156,16 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
             yield paths, shas, batch, failures
 
 
-def extract_segments(run_engine, writer: StoreWriter, name: str, record: dict, feature_dim: int, root: Path,
-                     todo: list[tuple[str, str]], size: int, dtype: str, batch_size: int, workers: int):
+def extract_segments(run_engine, writer: StoreWriter, record: BackboneRecord, root: Path, todo: list[tuple[str, str]],
+                     batch_size: int, workers: int):
     """The extraction loop: decode, infer, write one segment per batch; yields (computed, failed) per batch.
 
     The local runner and every Ray task (extract/ray_task.py) run this same loop, so both write the same rows.
     """
-    for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
-        features = run_engine(batch) if len(batch) else np.zeros((0, feature_dim), np.float32)
-        writer.write_segment(name, record, paths, shas, features.astype(dtype), failures)
+    data = record.to_dict()
+    for paths, shas, batch, failures in decoded_batches(root, todo, record.input_size, batch_size, workers):
+        features = run_engine(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
+        writer.write_segment(record.name, data, paths, shas, features.astype(record.dtype), failures)
         yield len(paths), len(failures)
 
 
@@ -200,6 +174,24 @@ def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[Imag
         return dataset.entries
     index, count = shard
     return [e for e in dataset.entries if shard_of(e.relpath, count) == index]
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the features of the images to do are computed and written."""
+
+    engine: str = "auto"
+    batch_size: int = 32
+    workers: int = 4  # decoding and hashing threads
+    threads: int | None = None  # inference threads (None: all cores)
+    checkpoint_seconds: float = 60.0
+    progress: bool = True
+
+    def check(self, dtype: str) -> None:
+        if dtype not in FEATURE_DTYPES:
+            raise TransferKitError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}")
+        if self.batch_size < 1:
+            raise TransferKitError("--batch-size must be at least 1")
 
 
 def run_extraction(
@@ -223,84 +215,49 @@ def run_extraction(
     progress: bool = True,
     ray_options=None,
 ) -> ExtractionSummary:
-    """Extract features for the new or changed images of ``images_dir`` into ``store``.
+    """Compute ``backbone`` features for the images of ``images_dir`` (or of one ``shard``) that
+    ``store`` lacks, and fold them into it; see the module docstring.
 
+    Split settings left as None are the store's (the defaults for a new store); other values than
+    the store's are refused. ``weights`` none initialises randomly from the split seed.
     ``ray_options`` (an ``extract.ray_runner.RayOptions``) spreads the compute over Ray tasks; everything
     that decides what to compute runs here first, so an unchanged folder never starts Ray.
     """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
-    if dtype not in DTYPES:
-        raise TransferKitError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if batch_size < 1:
-        raise TransferKitError("--batch-size must be at least 1")
-    spec = get_backbone(backbone)
-    shard_spec = parse_shard(shard)
+    spec, shard_spec = get_backbone(backbone), parse_shard(shard)
+    options = ComputeOptions(engine, batch_size, workers or max(2, min(8, (os.cpu_count() or 2))), threads,
+                             checkpoint_seconds, progress)
+    options.check(dtype)
     if ray_options is not None:
         from extract.ray_runner import check_ray_run  # imports no Ray: only checks that it is installed
 
         check_ray_run(engine, shard)
-    workers = workers or max(2, min(8, (os.cpu_count() or 2)))
     hash_options = {"validation_split": validation_split, "test_split": test_split, "seed": seed,
                     "split_group": split_group}
     with StoreWriter(store) as writer:
+        state = writer.state or empty_state()
         if writer.state and writer.state.attrs.get("layout") == "split-folders":
             refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
-        settings = _split_settings(writer.state, {**hash_options, "split_group_by": split_group_by})
-        stored_anchors = writer.state.attrs.get(ANCHORS_ATTR, "") if writer.state else ""
-        dataset = discover(root, **settings, split_anchors=stored_anchors)
-        if dataset.layout == "split-folders":
-            refuse_hash_options(root, hash_options)
-        if settings["split_group_by"] != "none" and dataset.layout == "split-folders":
-            raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
-                               f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
-        entries = select_entries(dataset, shard_spec)
-        state = writer.state or empty_state()
-        state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
+        settings = SplitSettings.resolve(writer.state.attrs if writer.state else None,
+                                         split_group_by=split_group_by, **hash_options)
+        dataset = _discover(root, settings, state.attrs.get(ANCHORS_ATTR, ""), hash_options)
+        state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
                            shard=shard or "")
-        previous_rows = state.backbones.get(spec.name)
-        weights_resolved = resolve_weights(spec, weights, seed=settings["seed"])
-        size = int(input_size or (previous_rows.record["input_size"] if previous_rows else spec.input_size))
-        if previous_rows:
-            stored_id = previous_rows.record.get("weights", {}).get("id")
-            if stored_id != weights_resolved.weights_id or previous_rows.record["input_size"] != size:
-                raise StoreError(
-                    f"{store} holds {spec.name} features from weights {stored_id} at "
-                    f"{previous_rows.record['input_size']} px; this run uses {weights_resolved.weights_id} at "
-                    f"{size} px. Use another --store, or the same --weights/--input-size"
-                )
-            if previous_rows.dtype != dtype:
-                raise StoreError(f"{store} holds {spec.name} features as {previous_rows.dtype}; "
-                                 f"pass --dtype {previous_rows.dtype}")
-        state.images, unreadable = _hash_entries(root, entries, state.images, workers)
-        state.failed.update(unreadable)
-        state.classes = dataset.class_names
-        dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
-        paths, shas = writer.keys(spec.name)
-        kept, have = len(paths), set(zip(paths, shas))
-        failed_before = {(p, s) for p, (s, _) in state.failed.items()}
-        todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
-                if (p, s) not in have and (p, s) not in failed_before]
-        removed = dropped.get(spec.name, 0)
-        extracted, engine_name, loop_seconds = 0, "none (nothing to compute)", 0.0
-        if todo:
-            compute = _compute
-            if ray_options is not None:
-                from extract.ray_runner import compute_on_ray
-
-                compute = partial(compute_on_ray, options=ray_options)
-            extracted, engine_name, loop_seconds = compute(
-                writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
-                batch_size, workers, threads, checkpoint_seconds, progress)
-        split_groups = split_moved = 0
-        if settings["split_group_by"] == "near-duplicates":
-            split_groups, split_moved = _group_splits(writer, state, spec.name, settings)
+        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, state.backbones.get(spec.name),
+                                 store)
+        _scan(state, root, dataset, select_entries(dataset, shard_spec), options.workers)
+        removed = writer.commit(state).get(spec.name, 0)  # folds what a killed run left, drops deleted/changed files
+        todo, reused = _todo(writer, state, spec.name)
+        compute = _compute if ray_options is None else _ray_compute(ray_options)
+        extracted, engine_name, loop_seconds = compute(writer, state, root, todo, record, weights, options)
+        split_groups, split_moved = _group_splits(writer, state, spec.name, settings)
         rows = state.backbones.get(spec.name)
-        elapsed = time.perf_counter() - started
         return ExtractionSummary(
             store=str(store), backbone=spec.name, engine=engine_name,
-            images=rows.rows if rows else 0, extracted=extracted, reused=kept,
-            failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
+            images=rows.rows if rows else 0, extracted=extracted, reused=reused,
+            failed=len(state.failed), removed=removed, ignored=len(dataset.ignored),
+            seconds=time.perf_counter() - started,
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
             copies_across_splits=state.images.copies_across_splits(),
@@ -308,17 +265,63 @@ def run_extraction(
         )
 
 
-def extraction_record(spec, resolved, size: int, dtype: str, engine_name: str) -> dict:
-    """The backbone record that every row computed by this run carries (local runner and Ray tasks)."""
-    return {
-        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": engine_name,
-        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+def _ray_compute(ray_options):
+    """``_compute``'s stand-in that runs the work on Ray (extract/ray_runner.py)."""
+    from extract.ray_runner import compute_on_ray
+
+    return partial(compute_on_ray, ray_options=ray_options)
 
 
-def _group_splits(writer: StoreWriter, state: StoreState, backbone: str, settings: dict) -> tuple[int, int]:
+def _discover(root: Path, settings: SplitSettings, anchors: str, hash_options: dict) -> Dataset:
+    """The folder's images with their splits (near-duplicate ``anchors`` from the store applied)."""
+    dataset = discover(root, settings, split_anchors=anchors)
+    if dataset.layout == "split-folders":
+        refuse_hash_options(root, hash_options)
+    if settings.split_group_by != "none" and dataset.layout == "split-folders":
+        raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
+                           f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
+    return dataset
+
+
+def _record_for_run(spec: BackboneSpec, weights: str, seed: int, input_size: int | None, dtype: str,
+                    previous: BackboneMeta | None, store: Path) -> BackboneRecord:
+    """The record of the features this run computes; refuses one that cannot join the store's rows."""
+    resolved = resolve_weights(spec, weights, seed=seed)
+    stored = BackboneRecord.from_dict(previous.record) if previous else None
+    size = int(input_size or (stored.input_size if stored else spec.input_size))
+    record = BackboneRecord.create(spec, resolved.record(), size, dtype=dtype)
+    if stored is None:
+        return record
+    if not stored.same_features(record):
+        raise StoreError(f"{store} holds {stored.describe()}; this run uses {record.describe()}. "
+                         f"Use another --store, or the same --weights/--input-size")
+    if previous.dtype != dtype:
+        raise StoreError(f"{store} holds {spec.name} features as {previous.dtype}; pass --dtype {previous.dtype}")
+    return record
+
+
+def _scan(state: StoreState, root: Path, dataset: Dataset, entries: list[ImageEntry], workers: int) -> None:
+    """Put the folder's images (hashed; unreadable ones as failures) and classes into ``state``."""
+    state.images, unreadable = _hash_entries(root, entries, state.images, workers)
+    state.failed.update(unreadable)
+    state.classes = dataset.class_names
+
+
+def _todo(writer: StoreWriter, state: StoreState, backbone: str) -> tuple[list[tuple[str, str]], int]:
+    """(path, sha256) of the images without a row or an earlier failure, and how many rows are kept."""
+    paths, shas = writer.keys(backbone)
+    have = set(zip(paths, shas))
+    failed_before = {(p, s) for p, (s, _) in state.failed.items()}
+    todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
+            if (p, s) not in have and (p, s) not in failed_before]
+    return todo, len(paths)
+
+
+def _group_splits(writer: StoreWriter, state: StoreState, backbone: str, settings: SplitSettings) -> tuple[int, int]:
     """--split-group-by near-duplicates: find copies among ``backbone``'s rows (all of them in memory,
     as the search needs) and move images to their group's split; a checkpoint stores both."""
+    if settings.split_group_by != "near-duplicates":
+        return 0, 0
     rows = writer.rows(backbone)
     view = StoreState(state.attrs, state.classes, state.images, state.failed, {backbone: rows} if rows else {})
     groups, moved = group_store_splits(view, backbone, settings)  # updates state.attrs and state.images
@@ -326,34 +329,40 @@ def _group_splits(writer: StoreWriter, state: StoreState, backbone: str, setting
     return groups, moved
 
 
-def announce_conversion(spec, resolved, size: int, engine: str, progress: bool) -> None:
+def announce_conversion(record: BackboneRecord, engine: str, progress: bool) -> None:
     """Say on stderr when this run first converts the backbone to ONNX (the wait is otherwise unexplained)."""
     from extract.engine import onnx_engine_path
 
-    if engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
-        step(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
+    if engine != "keras" and not onnx_engine_path(record).exists():
+        step(f"extract: converting {record.name} to an onnxruntime engine (once per backbone, weights and size; "
              f"cached for later runs, 10-60 s)", progress)
 
 
-def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
-             threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
+def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tuple[str, str]],
+             record: BackboneRecord, weights: str, options: ComputeOptions) -> tuple[int, str, float]:
+    """Decode, run and write ``todo`` in batches, folding into the store every checkpoint.
+
+    Returns (images extracted, engine name, seconds in the loop). Ctrl-C keeps what was computed.
+    """
+    if not todo:  # nothing to compute: the backbone is not even built
+        return 0, "none (nothing to compute)", 0.0
     from tqdm import tqdm
 
     from extract.engine import open_engine
 
-    announce_conversion(spec, resolved, size, engine, progress)
-    run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
-    name = spec.name
-    record = extraction_record(spec, resolved, size, dtype, run_engine.name)
+    announce_conversion(record, options.engine, options.progress)
+    run_engine = open_engine(record, weights, options.engine, options.threads)
+    record = record.with_engine(run_engine.name)
     extracted = 0
     loop_started = last_checkpoint = time.monotonic()
-    bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {record.name}", disable=not options.progress,
+               smoothing=0.1)
     try:
-        for computed, failed in extract_segments(run_engine, writer, name, record, spec.feature_dim, root, todo,
-                                                 size, dtype, batch_size, workers):
+        for computed, failed in extract_segments(run_engine, writer, record, root, todo, options.batch_size,
+                                                 options.workers):
             extracted += computed
             bar.update(computed + failed)
-            if time.monotonic() - last_checkpoint > checkpoint_seconds:
+            if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
                 writer.commit(state)
                 last_checkpoint = time.monotonic()
     except KeyboardInterrupt:
@@ -365,4 +374,3 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
     loop_seconds = time.monotonic() - loop_started  # the images/s reported: this loop's, not the final rewrite's
     writer.commit(state)
     return extracted, run_engine.name, loop_seconds
-

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from extract.errors import TransferKitError
 from extract.paths import cache_dir
+from extract.record import BackboneRecord
 from extract.weights import file_sha256
 
 # What every worker must share with the driver for its features to be the driver's features.
@@ -38,11 +39,7 @@ class ShardTask:
     store: str  # the store path, as the workers see it (a shared filesystem)
     root: str  # the images folder, as the workers see it
     items: tuple[tuple[str, str], ...]  # (relative path, sha256) to compute, in path order
-    backbone: str
-    feature_dim: int
-    record: dict  # the backbone record every segment carries
-    input_size: int
-    dtype: str
+    record: BackboneRecord  # the backbone record every segment carries (with its Ray ``runner`` block)
     batch_size: int
     threads: int  # onnxruntime intra-op threads and decode threads: the task's CPU allotment
     engine_sha256: str
@@ -98,8 +95,8 @@ def run_shard_task(task: ShardTask) -> dict:
     engine = OnnxEngine(None, task.threads, path=local_engine(task.engine_sha256, task.engine_path, task.engine_ref))
     writer = StoreWriter(task.store)  # segments only: the driver holds the store's lock and folds them
     computed = failed = 0
-    for done, bad in extract_segments(engine, writer, task.backbone, task.record, task.feature_dim, Path(task.root),
-                                      list(task.items), task.input_size, task.dtype, task.batch_size, task.threads):
+    for done, bad in extract_segments(engine, writer, task.record, Path(task.root), list(task.items),
+                                      task.batch_size, task.threads):
         computed += done
         failed += bad
     return {
