@@ -9,8 +9,9 @@ import click
 
 from edge.imageio import printable, strict_json
 from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
+from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 from extract.identify_command import identify_command
-from extract.options import backbone_option, dtype_option, engine_option, json_option, weights_option
+from extract.options import backbone_option, dtype_option, json_option, weights_option
 from extract.splits import GROUP_BY_CHOICES, SplitSettings
 
 SPLIT_DEFAULTS = SplitSettings()
@@ -24,7 +25,7 @@ BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(off
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
 @backbone_option(default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
 @weights_option(default="imagenet")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
 @click.option("--validation-split", type=click.FloatRange(0, 1, max_open=True), default=None,
               help=f"Share of images for validation when folders do not give splits "
                    f"[default: {SPLIT_DEFAULTS.validation_split:g}, or the store's].")
@@ -39,7 +40,13 @@ BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(off
                    "(the audit's rule) share a split, found once the features are computed [default: none, or "
                    "the store's].")
 @dtype_option
-@engine_option
+@click.option("--engine", type=click.Choice(["auto", "onnx", "keras", "onnx-int8"]), default="auto", show_default=True,
+              help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails; "
+                   "on a store holding only int8 rows of the backbone, int8. onnx-int8: the backbone quantized "
+                   "once (calibrated on the folder's train images, cached), features under BACKBONE@int8; "
+                   "refused (fp32 used, and said why) if a linear head loses more than --tolerance points.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
+              help="Accuracy points int8 features may lose against fp32 (onnx-int8 only).")
 @click.option("--input-size", type=int, default=None, help="Square input size [default: the backbone's native size].")
 @click.option("--shard", default=None, metavar="I/N", help="Extract only shard I of N (each shard to its own --store; merge with `store merge`).")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
@@ -56,8 +63,8 @@ BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(off
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    split_group_by, dtype, engine, input_size, shard, threads, checkpoint_seconds, runner, ray_address,
-                    shards, cpus_per_task, as_json, quiet):
+                    split_group_by, dtype, engine, tolerance, input_size, shard, threads, checkpoint_seconds, runner,
+                    ray_address, shards, cpus_per_task, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -69,6 +76,7 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --weights ~/resnet50_notop.h5
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
       python cli.py extract photos/ --store leak-free.h5 --split-group-by near-duplicates
+      python cli.py extract photos/ --store features.h5 --backbone resnet50 --engine onnx-int8
       python cli.py extract photos/ --store features.h5 --runner ray --ray-address auto
     """
     from extract.job import ExtractionInterrupted, run_extraction
@@ -78,12 +86,15 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         summary = run_extraction(
             images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
             validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
-            split_group_by=split_group_by, dtype=dtype, engine=engine, input_size=input_size, shard=shard,
-            threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet, ray_options=ray_options,
+            split_group_by=split_group_by, dtype=dtype, engine=engine, tolerance=tolerance, input_size=input_size,
+            shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+            ray_options=ray_options,
         )
     except ExtractionInterrupted as exc:
         click.echo(str(exc), err=True)
         sys.exit(130)  # the shell's status for Ctrl-C
+    for note in summary.notes:
+        click.echo(note, err=True)
     if as_json:
         click.echo(strict_json(summary.to_dict()))
         return

@@ -7,12 +7,13 @@ inference, so the backbone is never waiting on JPEG decoding.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial, wraps
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,13 @@ import numpy as np
 from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_regular_file
 from extract.backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
+from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
+from extract.engine import ENGINES
 from extract.errors import DatasetError, StoreError, TransferKitError
+from extract.int8 import INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
 from extract.record import FEATURE_DTYPES, BackboneRecord
+from extract.segments import BackgroundSegments
 from extract.splits import SplitSettings
 from extract.steps import step
 from extract.store import BackboneMeta, ImageTable, StoreState, StoreWriter, empty_state
@@ -44,6 +49,7 @@ class ExtractionSummary:
     images_per_second: float  # extracted / seconds spent in the decode+inference+write loop
     failures: list[tuple[str, str]] = field(default_factory=list)
     copies_across_splits: list[list[str]] = field(default_factory=list)  # identical files in 2+ splits
+    notes: list[str] = field(default_factory=list)  # the int8 gate's verdict, when int8 was asked for
     split_groups: int = 0  # near-duplicate groups kept in one split (--split-group-by near-duplicates)
     split_moved: int = 0  # images this run moved to their group's split
 
@@ -156,16 +162,16 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
             yield paths, shas, batch, failures
 
 
-def extract_segments(run_engine, writer: StoreWriter, record: BackboneRecord, root: Path, todo: list[tuple[str, str]],
-                     batch_size: int, workers: int):
-    """The extraction loop: decode, infer, write one segment per batch; yields (computed, failed) per batch.
+def extract_segments(run_engine, segments: BackgroundSegments, record: BackboneRecord, root: Path,
+                     todo: list[tuple[str, str]], batch_size: int, workers: int):
+    """The extraction loop: decode, infer, hand the rows to ``segments`` (written off this thread);
+    yields (computed, failed) per batch.
 
     The local runner and every Ray task (extract/ray_task.py) run this same loop, so both write the same rows.
     """
-    data = record.to_dict()
     for paths, shas, batch, failures in decoded_batches(root, todo, record.input_size, batch_size, workers):
         features = run_engine(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
-        writer.write_segment(record.name, data, paths, shas, features.astype(record.dtype), failures)
+        segments.add(paths, shas, features.astype(record.dtype), failures)
         yield len(paths), len(failures)
 
 
@@ -181,7 +187,7 @@ class ComputeOptions:
     """How the features of the images to do are computed and written."""
 
     engine: str = "auto"
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = 4  # decoding and hashing threads
     threads: int | None = None  # inference threads (None: all cores)
     checkpoint_seconds: float = 60.0
@@ -192,14 +198,35 @@ class ComputeOptions:
             raise TransferKitError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}")
         if self.batch_size < 1:
             raise TransferKitError("--batch-size must be at least 1")
+        if self.engine not in (*ENGINES, INT8_ENGINE):
+            raise TransferKitError(f"unknown engine {self.engine!r}; choose one of {', '.join((*ENGINES, INT8_ENGINE))}")
 
 
+
+def _fp32_when_int8_is_refused(extract):
+    """Run ``extract`` again for fp32 features when its int8 engine is refused; the notes say why."""
+
+    @wraps(extract)
+    def run(*args, **kwargs) -> ExtractionSummary:
+        try:
+            return extract(*args, **kwargs)
+        except Int8Refused as refusal:
+            call = inspect.signature(extract).bind(*args, **kwargs)
+            call.arguments.update(engine="auto", int8_allowed=False)
+            summary = extract(*call.args, **call.kwargs)
+            summary.notes.insert(0, f"{refusal}; computed fp32 features ({summary.backbone}) instead")
+            return summary
+
+    return run
+
+
+@_fp32_when_int8_is_refused
 def run_extraction(
     images_dir: str | Path,
     store: str | Path,
     backbone: str = DEFAULT_BACKBONE,
     weights: str = "imagenet",
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     validation_split: float | None = None,
     test_split: float | None = None,
     seed: int | None = None,
@@ -207,12 +234,14 @@ def run_extraction(
     split_group_by: str | None = None,
     dtype: str = "float32",
     engine: str = "auto",
+    tolerance: float = DEFAULT_TOLERANCE,
     input_size: int | None = None,
     shard: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
     checkpoint_seconds: float = 60.0,
     progress: bool = True,
+    int8_allowed: bool = True,
     ray_options=None,
 ) -> ExtractionSummary:
     """Compute ``backbone`` features for the images of ``images_dir`` (or of one ``shard``) that
@@ -222,6 +251,10 @@ def run_extraction(
     the store's are refused. ``weights`` none initialises randomly from the split seed.
     ``ray_options`` (an ``extract.ray_runner.RayOptions``) spreads the compute over Ray tasks; everything
     that decides what to compute runs here first, so an unchanged folder never starts Ray.
+    ``engine`` onnx-int8 (or auto on a store that holds only int8 rows of the backbone) computes
+    int8 features under ``BACKBONE@int8`` when the int8 engine passes its accuracy gate
+    (``tolerance`` points, see ``extract.int8``); when it does not, fp32 features are computed and
+    the summary's notes say why. ``int8_allowed`` False never computes int8 features.
     """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
@@ -244,17 +277,23 @@ def run_extraction(
         dataset = _discover(root, settings, state.attrs.get(ANCHORS_ATTR, ""), hash_options)
         state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
                            shard=shard or "")
-        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, state.backbones.get(spec.name),
-                                 store)
+        name, int8 = _features_name(spec.name, engine, state, int8_allowed)
+        if int8 and ray_options is not None:
+            raise TransferKitError("int8 features are computed by --runner local only (the Ray tasks run the "
+                                   "fp32 engine); use --runner local, or --engine auto for fp32 features")
+        previous = state.backbones.get(name)
+        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, previous, store)
         _scan(state, root, dataset, select_entries(dataset, shard_spec), options.workers)
-        removed = writer.commit(state).get(spec.name, 0)  # folds what a killed run left, drops deleted/changed files
-        todo, reused = _todo(writer, state, spec.name)
-        compute = _compute if ray_options is None else _ray_compute(ray_options)
+        removed = writer.commit(state).get(name, 0)  # folds what a killed run left, drops deleted/changed files
+        todo, reused = _todo(writer, state, name)
+        notes: list[str] = []
+        int8_gate = (dataset, previous, tolerance, notes) if int8 else None
+        compute = partial(_compute, int8_gate=int8_gate) if ray_options is None else _ray_compute(ray_options)
         extracted, engine_name, loop_seconds = compute(writer, state, root, todo, record, weights, options)
-        split_groups, split_moved = _group_splits(writer, state, spec.name, settings)
-        rows = state.backbones.get(spec.name)
+        split_groups, split_moved = _group_splits(writer, state, name, settings)
+        rows = state.backbones.get(name)
         return ExtractionSummary(
-            store=str(store), backbone=spec.name, engine=engine_name,
+            store=str(store), backbone=name, engine=engine_name, notes=notes,
             images=rows.rows if rows else 0, extracted=extracted, reused=reused,
             failed=len(state.failed), removed=removed, ignored=len(dataset.ignored),
             seconds=time.perf_counter() - started,
@@ -270,6 +309,15 @@ def _ray_compute(ray_options):
     from extract.ray_runner import compute_on_ray
 
     return partial(compute_on_ray, ray_options=ray_options)
+
+
+def _features_name(backbone: str, engine: str, state: StoreState | None, int8_allowed: bool) -> tuple[str, bool]:
+    """Where this run's features go, and whether they are int8: ``onnx-int8`` asks for int8, and
+    ``auto`` keeps int8 on a store that holds only int8 rows of the backbone."""
+    held = state.backbones if state else {}
+    int8 = int8_allowed and (engine == INT8_ENGINE or (
+        engine == "auto" and features_name(backbone, True) in held and backbone not in held))
+    return features_name(backbone, int8), int8
 
 
 def _discover(root: Path, settings: SplitSettings, anchors: str, hash_options: dict) -> Dataset:
@@ -338,33 +386,50 @@ def announce_conversion(record: BackboneRecord, engine: str, progress: bool) -> 
              f"cached for later runs, 10-60 s)", progress)
 
 
+def _open_engine(record: BackboneRecord, weights: str, options: ComputeOptions, int8_gate):
+    """The run's engine and its quantization facts (None for fp32); ``int8_gate`` as in ``_compute``."""
+    from extract.engine import open_engine
+
+    if not int8_gate:
+        announce_conversion(record, options.engine, options.progress)
+        return open_engine(record, weights, options.engine, options.threads), None
+    dataset, previous, tolerance, notes = int8_gate
+    choice = int8_engine_for_store(
+        dataset, record.name, record.weights.id, record.input_size, previous.record if previous else None,
+        lambda: open_engine(record, weights, "onnx", options.threads).path, tolerance, options.threads,
+        options.workers)
+    notes.append(choice.report.describe(tolerance) + (" (cached)" if choice.cached else ""))
+    return choice.engine, choice.record
+
+
 def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tuple[str, str]],
-             record: BackboneRecord, weights: str, options: ComputeOptions) -> tuple[int, str, float]:
+             record: BackboneRecord, weights: str, options: ComputeOptions, int8_gate=None) -> tuple[int, str, float]:
     """Decode, run and write ``todo`` in batches, folding into the store every checkpoint.
 
+    ``int8_gate``: (dataset, the store's int8 rows, tolerance, notes) for an int8 run, else None.
     Returns (images extracted, engine name, seconds in the loop). Ctrl-C keeps what was computed.
     """
     if not todo:  # nothing to compute: the backbone is not even built
         return 0, "none (nothing to compute)", 0.0
     from tqdm import tqdm
 
-    from extract.engine import open_engine
-
-    announce_conversion(record, options.engine, options.progress)
-    run_engine = open_engine(record, weights, options.engine, options.threads)
-    record = record.with_engine(run_engine.name)
+    run_engine, quantization = _open_engine(record, weights, options, int8_gate)
+    name = features_name(record.name, bool(int8_gate))
+    record = replace(record.with_engine(run_engine.name), quantization=quantization)
     extracted = 0
     loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {record.name}", disable=not options.progress,
                smoothing=0.1)
     try:
-        for computed, failed in extract_segments(run_engine, writer, record, root, todo, options.batch_size,
-                                                 options.workers):
-            extracted += computed
-            bar.update(computed + failed)
-            if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
-                writer.commit(state)
-                last_checkpoint = time.monotonic()
+        with BackgroundSegments(writer, name, record.to_dict()) as segments:
+            for computed, failed in extract_segments(run_engine, segments, record, root, todo, options.batch_size,
+                                                     options.workers):
+                extracted += computed
+                bar.update(computed + failed)
+                if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
+                    segments.flush()
+                    writer.commit(state)
+                    last_checkpoint = time.monotonic()
     except KeyboardInterrupt:
         bar.close()
         writer.commit(state)  # fold in what was computed (a second Ctrl-C leaves it in segments: still kept)

@@ -86,6 +86,7 @@ def run_shard_task(task: ShardTask) -> dict:
     """Compute one shard into segments; returns what the driver counts and records."""
     from extract.engine import OnnxEngine
     from extract.job import extract_segments
+    from extract.segments import BackgroundSegments
     from extract.store import StoreWriter
 
     started = time.monotonic()
@@ -95,10 +96,11 @@ def run_shard_task(task: ShardTask) -> dict:
     engine = OnnxEngine(None, task.threads, path=local_engine(task.engine_sha256, task.engine_path, task.engine_ref))
     writer = StoreWriter(task.store)  # segments only: the driver holds the store's lock and folds them
     computed = failed = 0
-    for done, bad in extract_segments(engine, writer, task.record, Path(task.root), list(task.items),
-                                      task.batch_size, task.threads):
-        computed += done
-        failed += bad
+    with BackgroundSegments(writer, task.record.name, task.record.to_dict()) as segments:
+        for done, bad in extract_segments(engine, segments, task.record, Path(task.root), list(task.items),
+                                          task.batch_size, task.threads):
+            computed += done
+            failed += bad
     return {
         "computed": computed, "failed": failed, "seconds": time.monotonic() - started, "worker": where,
         "versions": versions, "intra_op_threads": engine.session.get_session_options().intra_op_num_threads,
