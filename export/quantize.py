@@ -1,12 +1,9 @@
-"""Static int8 quantization of an exported model, kept only if it keeps its test accuracy.
+"""Int8 export models, kept only if they keep their test accuracy.
 
-Setting (the one reported to keep ResNet-50 within about a point): onnxruntime ``quant_pre_process``,
-then ``quantize_static`` in QDQ format with per-channel int8 weights and int8 activations, MinMax
-ranges calibrated on a few hundred real images of the train split. The final Softmax stays float so
-probabilities keep their resolution. Weights use a 7-bit range (``reduce_range``): on x86 CPUs
-without VNNI (AVX2, most small edge boxes) onnxruntime multiplies int8 pairs with VPMADDUBSW, whose
-16-bit sums saturate with full-range weights, which costs accuracy (seen with EfficientNet-Lite0 on
-the fruits set).
+The quantization itself (static QDQ, per-channel weights, MinMax calibration on a few hundred train
+images) is ``extract.quantization.quantize_int8``, shared with the int8 extraction engine; this module
+calibrates it on the train split, scores float and int8 models on the test split and keeps the int8
+file only when it loses at most ``tolerance`` points.
 
 Example::
 
@@ -18,20 +15,19 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from export.data import LabelledImages, iter_batches
 from export.metadata import graph_model_id, set_metadata
 from extract.engine import onnx_session
 from extract.errors import TransferKitError
+from extract.quantization import SETTINGS as QUANTIZATION_SETTINGS
+from extract.quantization import quantize_int8
 
 DEFAULT_CALIBRATION_IMAGES = 300
 DEFAULT_TOLERANCE = 1.0  # accuracy points the int8 model may lose
@@ -42,41 +38,10 @@ def int8_path(float_path: Path) -> Path:
     return float_path.with_name(float_path.stem + ".int8" + float_path.suffix)
 
 
-class ImageCalibrationReader(CalibrationDataReader):
-    """Feeds uint8 image batches (the model's real input) to the calibrator."""
-
-    def __init__(self, images: LabelledImages, size: int, input_name: str, batch_size: int = 16):
-        self.images = 0
-        self._input_name = input_name
-        self._batches = iter_batches(images, size, batch_size)
-
-    def get_next(self) -> dict | None:
-        batch = next(self._batches, None)
-        if batch is None:
-            return None
-        self.images += len(batch[0])
-        return {self._input_name: batch[0]}
-
-
-def quantize_int8(float_path: Path, out_path: Path, calibration: LabelledImages, size: int) -> int:
-    """Write the int8 model of ``float_path`` to ``out_path``; returns the number of calibration images."""
-    model = onnx.load(str(float_path))
-    input_name = model.graph.input[0].name
-    keep_float = [n.name for n in model.graph.node if n.op_type == "Softmax"]
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        # ONNX shape inference and graph optimisation; the symbolic pass (for dynamic shapes in
-        # transformers) needs sympy, which is not a dependency and adds nothing for CNNs.
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
-        reader = ImageCalibrationReader(calibration, size, input_name)
-        quantize_static(
-            str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            reduce_range=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_float,
-        )
-    if not reader.images:
-        raise TransferKitError("no train image could be decoded to calibrate the int8 model")
-    return reader.images
+def calibrate_int8(float_path: Path, out_path: Path, calibration: LabelledImages, size: int) -> int:
+    """Write the int8 model of ``float_path`` calibrated on ``calibration``; returns the images used."""
+    batches = (batch for batch, _ in iter_batches(calibration, size, batch_size=16))
+    return quantize_int8(float_path, out_path, batches)
 
 
 @dataclass
@@ -148,7 +113,7 @@ def quantize_checked(
         raise TransferKitError("checking the int8 model needs test images; the folder has none in its test split")
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:
-        calibrated = quantize_int8(float_path, tmp, _spread(train, calibration_images), size)
+        calibrated = calibrate_int8(float_path, tmp, _spread(train, calibration_images), size)
         scores = score_models({"float": float_path, "int8": tmp}, test, size, threads)
         report = QuantizationReport(scores["float"], scores["int8"], tolerance, accepted=False, path="",
                                     calibration_images=calibrated)
@@ -156,8 +121,7 @@ def quantize_checked(
         if report.accepted:
             model = onnx.load(str(tmp))
             quantization = {
-                "method": "onnxruntime quantize_static", "format": "QDQ", "weights": "int8 per-channel, 7-bit range",
-                "activations": "int8", "calibration": "MinMax", "calibration_images": calibrated,
+                **QUANTIZATION_SETTINGS, "calibration_images": calibrated,
                 "float_model_id": metadata["model_id"], "test_accuracy_float": round(report.float_score.accuracy, 2),
                 "test_accuracy_int8": round(report.int8_score.accuracy, 2), "test_images": report.int8_score.images,
             }
