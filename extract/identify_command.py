@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from extract.backbones import list_backbones
 
 
 @click.command("identify")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
 @click.option("--backbone", default="efficientnet_lite0", show_default=True,
               type=click.Choice([spec.name for spec in list_backbones()]))
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1, 1000), help="Classes to show per image.")
@@ -22,25 +20,31 @@ def identify_command(images, backbone, top, weights, as_json):
     """Name what is in each IMAGE with a backbone's ImageNet classifier.
 
     A quick check that a backbone's weights and preprocessing are right before extracting features
-    with it. Images are centre-cropped (ImageNet evaluation view). A file that cannot be decoded is
-    reported and the others are still classified; the exit status is then 1.
+    with it. IMAGES are files, folders (searched recursively) or quoted glob patterns. Images are
+    centre-cropped (ImageNet evaluation view). A file that cannot be read or decoded is reported
+    and the others are still classified; the exit status is then 1.
 
     \b
     Example:
       python cli.py identify photo.jpg
       python cli.py identify *.jpg --backbone resnet50 --top 3 --json
     """
+    from edge.imageio import printable, strict_json
     from extract.identify import identify
+    from extract.inputs import collect_images
 
-    results = identify(images, backbone=backbone, top=top, weights=weights)
+    files, failed = collect_images(list(images))
+    results = [{"path": arg, "error": reason} for arg, reason in failed]
+    results += identify(files, backbone=backbone, top=top, weights=weights) if files else []
     if as_json:
-        click.echo(json.dumps(results, ensure_ascii=False))
+        click.echo(strict_json(results))
     else:
         for result in results:
-            click.echo(result["path"])
+            click.echo(printable(result["path"]))
             if "error" in result:
-                click.echo(f"  error: {result['error']}")
+                click.echo(f"  error: {printable(result['error'])}")
             for guess in result.get("top", []):
                 click.echo(f"  {guess['probability']:.3f} {guess['class_id']:>4d} {guess['name']}")
-    if any("error" in result for result in results):
-        click.get_current_context().exit(1)
+    errors = sum("error" in result for result in results)
+    if errors:
+        raise click.ClickException(f"{errors} of {len(results)} images could not be classified")

