@@ -8,6 +8,7 @@ import click
 
 from extract.backbones import DEFAULT_BACKBONE, list_backbones
 from extract.identify_command import identify_command
+from extract.int8 import DEFAULT_TOLERANCE
 
 
 def _backbone_names() -> list[str]:
@@ -30,8 +31,13 @@ def _backbone_names() -> list[str]:
               help="Images whose paths are equal once REGEX matches are removed share a split, e.g. "
                    "'_aug\\d+' keeps img1.jpg and img1_aug3.jpg together [default: none, or the store's].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
-              help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails.")
+@click.option("--engine", type=click.Choice(["auto", "onnx", "keras", "onnx-int8"]), default="auto", show_default=True,
+              help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails; "
+                   "on a store holding only int8 rows of the backbone, int8. onnx-int8: the backbone quantized "
+                   "once (calibrated on the folder's train images, cached), features under BACKBONE@int8; "
+                   "refused (fp32 used, and said why) if a linear head loses more than --tolerance points.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
+              help="Accuracy points int8 features may lose against fp32 (onnx-int8 only).")
 @click.option("--input-size", type=int, default=None, help="Square input size [default: the backbone's native size].")
 @click.option("--shard", default=None, metavar="I/N", help="Extract only shard I of N (each shard to its own --store; merge with `store merge`).")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
@@ -40,7 +46,7 @@ def _backbone_names() -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    dtype, engine, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
+                    dtype, engine, tolerance, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -51,15 +57,18 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store features.h5 --backbone efficientnet_lite0
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --weights ~/resnet50_notop.h5
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
+      python cli.py extract photos/ --store features.h5 --backbone resnet50 --engine onnx-int8
     """
     from extract.job import run_extraction
 
     summary = run_extraction(
         images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
         validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group, dtype=dtype,
-        engine=engine, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
+        engine=engine, tolerance=tolerance, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
         progress=not quiet,
     )
+    for note in summary.notes:
+        click.echo(note, err=True)
     if as_json:
         click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
         return

@@ -20,7 +20,9 @@ import numpy as np
 from edge.imageio import ImageDecodeError, load_image
 from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
+from extract.engine import ENGINES
 from extract.errors import StoreError, TransferKitError
+from extract.int8 import DEFAULT_TOLERANCE, INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
 from extract.weights import backbone_record, file_sha256, resolve_weights
@@ -43,6 +45,7 @@ class ExtractionSummary:
     images_per_second: float  # extracted / seconds spent in the decode+inference+write loop
     failures: list[tuple[str, str]] = field(default_factory=list)
     copies_across_splits: list[list[str]] = field(default_factory=list)  # identical files in 2+ splits
+    notes: list[str] = field(default_factory=list)  # the int8 gate's verdict, when int8 was asked for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +166,7 @@ def run_extraction(
     split_group: str | None = None,
     dtype: str = "float32",
     engine: str = "auto",
+    tolerance: float = DEFAULT_TOLERANCE,
     input_size: int | None = None,
     shard: str | None = None,
     workers: int | None = None,
@@ -170,12 +174,51 @@ def run_extraction(
     checkpoint_seconds: float = 60.0,
     progress: bool = True,
 ) -> ExtractionSummary:
+    """Features of ``backbone`` for the images of ``images_dir`` that ``store`` lacks.
+
+    ``engine`` onnx-int8 (or auto on a store that holds only int8 rows of the backbone) computes
+    int8 features under ``BACKBONE@int8`` when the int8 engine passes its accuracy gate
+    (``tolerance`` points, see ``extract.int8``); when it does not, fp32 features are computed and
+    the summary's notes say why.
+    """
+    args = dict(locals())
+    try:
+        return _extract(**args, int8_allowed=True)
+    except Int8Refused as refusal:
+        summary = _extract(**{**args, "engine": "auto"}, int8_allowed=False)
+        summary.notes.insert(0, f"{refusal}; computed fp32 features ({summary.backbone}) instead")
+        return summary
+
+
+def _extract(
+    images_dir: str | Path,
+    store: str | Path,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "imagenet",
+    batch_size: int = 32,
+    validation_split: float | None = None,
+    test_split: float | None = None,
+    seed: int | None = None,
+    split_group: str | None = None,
+    dtype: str = "float32",
+    engine: str = "auto",
+    tolerance: float = DEFAULT_TOLERANCE,
+    input_size: int | None = None,
+    shard: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    checkpoint_seconds: float = 60.0,
+    progress: bool = True,
+    int8_allowed: bool = True,
+) -> ExtractionSummary:
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
     if dtype not in DTYPES:
         raise TransferKitError(f"--dtype must be one of {', '.join(DTYPES)}")
     if batch_size < 1:
         raise TransferKitError("--batch-size must be at least 1")
+    if engine not in (*ENGINES, INT8_ENGINE):
+        raise TransferKitError(f"unknown engine {engine!r}; choose one of {', '.join((*ENGINES, INT8_ENGINE))}")
     spec = get_backbone(backbone)
     shard_spec = parse_shard(shard)
     workers = workers or max(2, min(8, (os.cpu_count() or 2)))
@@ -188,39 +231,42 @@ def run_extraction(
         state = writer.state or empty_state()
         state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
                            shard=shard or "")
-        previous_rows = state.backbones.get(spec.name)
+        name, int8 = _features_name(spec.name, engine, state, int8_allowed)
+        previous_rows = state.backbones.get(name)
         weights_resolved = resolve_weights(spec, weights, seed=settings["seed"])
         size = int(input_size or (previous_rows.record["input_size"] if previous_rows else spec.input_size))
         if previous_rows:
             stored_id = previous_rows.record.get("weights", {}).get("id")
             if stored_id != weights_resolved.weights_id or previous_rows.record["input_size"] != size:
                 raise StoreError(
-                    f"{store} holds {spec.name} features from weights {stored_id} at "
+                    f"{store} holds {name} features from weights {stored_id} at "
                     f"{previous_rows.record['input_size']} px; this run uses {weights_resolved.weights_id} at "
                     f"{size} px. Use another --store, or the same --weights/--input-size"
                 )
             if str(previous_rows.features.dtype) != dtype:
-                raise StoreError(f"{store} holds {spec.name} features as {previous_rows.features.dtype}; "
+                raise StoreError(f"{store} holds {name} features as {previous_rows.features.dtype}; "
                                  f"pass --dtype {previous_rows.features.dtype}")
         state.images = _hash_entries(root, entries, state.images, workers)
         state.classes = dataset.class_names
         dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
-        rows = state.backbones.get(spec.name)
+        rows = state.backbones.get(name)
         kept = len(rows.path) if rows else 0
         have = set(zip(rows.path, rows.sha256)) if rows else set()
         failed_before = {(p, s) for p, (s, _) in state.failed.items()}
         todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
                 if (p, s) not in have and (p, s) not in failed_before]
-        removed = dropped.get(spec.name, 0)
+        removed = dropped.get(name, 0)
         extracted, engine_name, loop_seconds = 0, "none (nothing to compute)", 0.0
+        notes: list[str] = []
         if todo:
+            int8_gate = (dataset, previous_rows, tolerance, notes) if int8 else None
             extracted, engine_name, loop_seconds = _compute(
                 writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
-                batch_size, workers, threads, checkpoint_seconds, progress)
-        rows = state.backbones.get(spec.name)
+                batch_size, workers, threads, checkpoint_seconds, progress, int8_gate)
+        rows = state.backbones.get(name)
         elapsed = time.perf_counter() - started
         return ExtractionSummary(
-            store=str(store), backbone=spec.name, engine=engine_name,
+            store=str(store), backbone=name, engine=engine_name, notes=notes,
             images=len(rows.path) if rows else 0, extracted=extracted, reused=kept,
             failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
             images_per_second=extracted / loop_seconds if extracted else 0.0,
@@ -229,16 +275,36 @@ def run_extraction(
         )
 
 
+def _features_name(backbone: str, engine: str, state: StoreState | None, int8_allowed: bool) -> tuple[str, bool]:
+    """Where this run's features go, and whether they are int8: ``onnx-int8`` asks for int8, and
+    ``auto`` keeps int8 on a store that holds only int8 rows of the backbone."""
+    held = state.backbones if state else {}
+    int8 = int8_allowed and (engine == INT8_ENGINE or (
+        engine == "auto" and features_name(backbone, True) in held and backbone not in held))
+    return features_name(backbone, int8), int8
+
+
 def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
-             threads, checkpoint_seconds, progress) -> tuple[int, str, float]:
+             threads, checkpoint_seconds, progress, int8_gate=None) -> tuple[int, str, float]:
+    """``int8_gate``: (dataset, the store's int8 rows, tolerance, notes) for an int8 run, else None."""
     from tqdm import tqdm
 
     from extract.engine import open_engine
 
-    run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
-    name = spec.name
+    quantization = {}
+    if int8_gate:
+        dataset, previous_rows, tolerance, notes = int8_gate
+        choice = int8_engine_for_store(
+            dataset, spec.name, resolved.weights_id, size, previous_rows.record if previous_rows else None,
+            lambda: open_engine(spec, weights, resolved, size, seed, "onnx", threads).path, tolerance, threads,
+            workers)
+        run_engine, quantization = choice.engine, {"quantization": choice.record}
+        notes.append(choice.report.describe(tolerance) + (" (cached)" if choice.cached else ""))
+    else:
+        run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
+    name = features_name(spec.name, bool(int8_gate))
     record = {
-        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": run_engine.name,
+        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": run_engine.name, **quantization,
         "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     extracted = 0
