@@ -60,36 +60,45 @@ KERAS_MODULES = {  # registry name -> (constructor, keras.applications module ho
 }
 
 
-def run_cli_extract(data: str, store: Path, backbone: str, weights: str, batch: int, engine: str) -> dict:
+def run_cli_extract(data: str, store: Path, backbone: str, weights: str, batch: int, engine: str,
+                    shard: str | None = None) -> dict:
+    """``python cli.py extract`` in a fresh process: wall seconds, loop rate, images, engine, features name."""
     cmd = [sys.executable, str(ROOT / "cli.py"), "extract", data, "--store", str(store), "--backbone", backbone,
            "--weights", weights, "--batch-size", str(batch), "--engine", engine, "--json", "--quiet"]
+    cmd += ["--shard", shard] if shard else []
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     return {"wall_seconds": wall, "loop_rate": summary["images_per_second"], "images": summary["images"],
-            "engine": summary["engine"]}
+            "engine": summary["engine"], "backbone": summary["backbone"]}
 
 
-def engine_alone_rate(data: str, backbone: str, weights: str, batch: int, engine: str, limit: int) -> float:
-    """Images/s of the engine on tensors decoded beforehand (no I/O in the timed loop)."""
+def decoded_tensors(data: str, size: int, limit: int | None = None, shard: str | None = None):
+    """The folder's images (or one shard's, or the first ``limit``) decoded to one uint8 array."""
     import numpy as np
 
     from edge.imageio import ImageDecodeError, load_image
     from extract.dataset import discover
+    from extract.job import parse_shard, select_entries
+
+    images = []
+    for entry in select_entries(discover(data, 0, 0), parse_shard(shard))[:limit]:
+        try:
+            images.append(load_image(Path(data) / entry.relpath, (size, size)))
+        except ImageDecodeError:
+            continue
+    return np.stack(images)
+
+
+def engine_alone_rate(data: str, backbone: str, weights: str, batch: int, engine: str, limit: int) -> float:
+    """Images/s of the engine on tensors decoded beforehand (no I/O in the timed loop)."""
     from extract.engine import make_engine
     from extract.models import build_backbone
 
     built = build_backbone(backbone, weights=weights)
     run = make_engine(built, engine)
-    size = built.input_size
-    images = []
-    for entry in discover(data, 0, 0).entries[:limit]:
-        try:
-            images.append(load_image(Path(data) / entry.relpath, (size, size)))
-        except ImageDecodeError:
-            continue
-    stack = np.stack(images)
+    stack = decoded_tensors(data, built.input_size, limit)
     run(stack[:batch])  # warm-up
     start = time.perf_counter()
     for i in range(0, len(stack), batch):

@@ -8,7 +8,7 @@ import click
 
 from extract.backbones import DEFAULT_BACKBONE, list_backbones
 from extract.identify_command import identify_command
-from extract.int8 import DEFAULT_TOLERANCE
+from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 
 
 def _backbone_names() -> list[str]:
@@ -21,7 +21,7 @@ def _backbone_names() -> list[str]:
 @click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()))
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (Keras cache or the installed package), none (random, for tests/timing) or a weights file PATH.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
 @click.option("--validation-split", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Share of images for validation when folders do not give splits [default: 0.1, or the store's].")
 @click.option("--test-split", type=click.FloatRange(0, 1, max_open=True), default=None,

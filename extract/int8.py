@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from extract.dataset import Dataset
+from extract.defaults import DEFAULT_TOLERANCE
 from extract.engine import OnnxEngine
 from extract.errors import StoreError, TransferKitError
 from extract.paths import cache_dir
@@ -45,7 +46,6 @@ from extract.weights import file_sha256
 
 INT8_ENGINE = "onnx-int8"
 INT8_SUFFIX = "@int8"
-DEFAULT_TOLERANCE = 0.5  # accuracy points int8 features may lose
 CALIBRATION_IMAGES = 300
 GATE_VALIDATION_IMAGES = 300
 GATE_FOLDS = 5

@@ -20,9 +20,11 @@ import numpy as np
 from edge.imageio import ImageDecodeError, load_image
 from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
+from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 from extract.engine import ENGINES
 from extract.errors import StoreError, TransferKitError
-from extract.int8 import DEFAULT_TOLERANCE, INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
+from extract.int8 import INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
+from extract.segments import BackgroundSegments
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
 from extract.weights import backbone_record, file_sha256, resolve_weights
@@ -159,7 +161,7 @@ def run_extraction(
     store: str | Path,
     backbone: str = DEFAULT_BACKBONE,
     weights: str = "imagenet",
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     validation_split: float | None = None,
     test_split: float | None = None,
     seed: int | None = None,
@@ -195,7 +197,7 @@ def _extract(
     store: str | Path,
     backbone: str = DEFAULT_BACKBONE,
     weights: str = "imagenet",
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     validation_split: float | None = None,
     test_split: float | None = None,
     seed: int | None = None,
@@ -311,14 +313,16 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
     loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)
     try:
-        for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
-            features = run_engine(batch) if len(batch) else np.zeros((0, spec.feature_dim), np.float32)
-            writer.write_segment(name, record, paths, shas, features.astype(dtype), failures)
-            extracted += len(paths)
-            bar.update(len(paths) + len(failures))
-            if time.monotonic() - last_checkpoint > checkpoint_seconds:
-                writer.commit(state)
-                last_checkpoint = time.monotonic()
+        with BackgroundSegments(writer, name, record) as segments:
+            for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
+                features = run_engine(batch) if len(batch) else np.zeros((0, spec.feature_dim), np.float32)
+                segments.add(paths, shas, features.astype(dtype), failures)
+                extracted += len(paths)
+                bar.update(len(paths) + len(failures))
+                if time.monotonic() - last_checkpoint > checkpoint_seconds:
+                    segments.flush()
+                    writer.commit(state)
+                    last_checkpoint = time.monotonic()
     finally:
         bar.close()
     writer.commit(state)
