@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import ROOT, default_data, header, spread, write_section  # noqa: E402
 from edge.imageio import ImageDecodeError, load_image  # noqa: E402
+from extract.defaults import DEFAULT_BATCH_SIZE  # noqa: E402
 from extract.backbones import get_backbone  # noqa: E402
 from extract.dataset import discover  # noqa: E402
 from extract.engine import default_threads, onnx_session, open_engine  # noqa: E402
@@ -57,7 +58,7 @@ def decode_ms(data: str, size: int, limit: int) -> float:
 
 
 def run(data: str, backbone: str, weights: str, batches: list[int], seconds: float, repeats: int,
-        decode_images: int, extract_batch: int = 32) -> dict:
+        decode_images: int, extract_batch: int = DEFAULT_BATCH_SIZE) -> dict:
     """``extract_batch``: the batch ``extract`` runs at (its default), which the loop bound is for."""
     spec = get_backbone(backbone)
     engine = open_engine(spec, weights, resolve_weights(spec, weights), spec.input_size, engine="onnx")
@@ -99,8 +100,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-images", type=int, default=600)
-    parser.add_argument("--extract-batch", type=int, default=32, help="batch the loop bound is computed for "
-                        "(one of --batches) [default: 32, extract's default]")
+    parser.add_argument("--extract-batch", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="batch the loop bound is computed for (one of --batches) [default: extract's default]")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "engine-limits.md"))
     args = parser.parse_args()
     if not args.data or not os.path.isdir(args.data):

@@ -46,12 +46,12 @@ def test_int8_engine_is_cached_and_keyed_by_its_images(tmp_path, monkeypatch):
     report = json.loads(next(cache_dir("engines").glob(f"*{record['quantization']['engine_key']}.json")).read_text())
     assert report["accuracy_fp32"] == 1.0 and report["drop_points"] <= 0.5
 
-    monkeypatch.setattr(extract.int8, "quantize_int8", _no_quantizing)
-    again = run_extraction(images, tmp_path / "b.h5", **INT8)  # another store, same images: the cached engine
+    with monkeypatch.context() as patch:
+        patch.setattr(extract.int8, "quantize_int8", _no_quantizing)
+        again = run_extraction(images, tmp_path / "b.h5", **INT8)  # another store, same images: the cached engine
     assert again.backbone == "mobilenet_v2@int8" and again.notes[0].endswith("(cached)")
     np.testing.assert_array_equal(FeatureStore(tmp_path / "a.h5").read("mobilenet_v2@int8").features,
                                   FeatureStore(tmp_path / "b.h5").read("mobilenet_v2@int8").features)
-    monkeypatch.undo()
 
     for path in (images / "dark").iterdir():  # the calibration images change
         write_image(path, (45, 45, 45), size=40, seed=7)
