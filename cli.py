@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's C++ start-up chatter off the terminal
+from extract import quiet  # noqa: E402
+
+quiet.install()  # keep TensorFlow's start-up chatter off the terminal (before anything imports it)
 
 import click  # noqa: E402
 
+from edge.files import no_space_reason  # noqa: E402
+from edge.imageio import printable  # noqa: E402
 from extract.errors import TransferKitError  # noqa: E402
 from extract.version import __version__  # noqa: E402
 
@@ -25,7 +29,13 @@ class ToolGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (TransferKitError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(str(exc))) from None
+        except (OSError, RuntimeError) as exc:  # h5py reports a full disk as either
+            reason = no_space_reason(exc)
+            if reason is None:
+                raise
+            raise click.ClickException(printable(f"{reason} (work written before is kept; free some space and "
+                                                 f"run the command again)")) from None
 
 
 @click.group(cls=ToolGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,7 +57,7 @@ def _register_commands() -> None:
     from extract.commands import COMMANDS as extract_commands
 
     commands = list(extract_commands)
-    for module in ("classify.commands", "export.commands"):
+    for module in ("classify.commands", "classify.audit_command", "export.commands"):
         try:
             commands += __import__(module, fromlist=["COMMANDS"]).COMMANDS
         except ModuleNotFoundError as exc:
@@ -70,14 +80,21 @@ def edge_command(ctx):
     """
     from edge.__main__ import main as edge_main
 
-    sys.exit(edge_main(list(ctx.args)))
+    sys.exit(edge_main(list(ctx.args), prog=ctx.command_path))
 
 
 _register_commands()
 
 
+def program_name(argv0: str) -> str:
+    """The command as the user typed it: ``python cli.py`` for the script, ``transferkit`` for the
+    console script (click would otherwise show the file name in both)."""
+    name = os.path.basename(argv0)
+    return "python cli.py" if name == "cli.py" else name or "transferkit"
+
+
 def main() -> None:
-    cli(prog_name="cli.py")
+    cli(prog_name=program_name(sys.argv[0]))
 
 
 if __name__ == "__main__":

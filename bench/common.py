@@ -53,6 +53,11 @@ def write_section(path: str | Path, text: str) -> None:
     print(text)
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as the docs show it: relative to the repository (``../shared/datasets/...``)."""
+    return os.path.relpath(Path(path).resolve(), ROOT)
+
+
 def default_data(name: str) -> str | None:
     folder = DEFAULT_SHARED / name
     return str(folder) if folder.is_dir() else None

@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, command_line, default_data, fmt, machine, run_script, spread  # noqa: E402
+from bench.common import ROOT, command_line, default_data, fmt, machine, run_script, shown_path, spread  # noqa: E402
 from edge.runner import RunnerConfig  # noqa: E402
 from extract.backbones import list_backbones  # noqa: E402
 from extract.dataset import discover  # noqa: E402
@@ -338,6 +338,9 @@ def extraction_markdown(runs: list[dict], folder: dict, cfg: dict) -> str:
 def script_markdown(section: dict, name: str) -> str:
     """A section run by ``run_bench_script``: the script's own markdown and its stand-alone command."""
     text = importlib.import_module(f"bench.{name}").to_markdown(section["result"])
+    # The script's own "Measured <now>" / "Command: <argv>" lines would describe this process, not the run:
+    # the report's header gives the date and command, the line below the stand-alone command.
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(("Measured ", "Command: `")))
     extra = (f" (on the model from `python cli.py export-onnx --store STORE --head HEAD --out MODEL.onnx`, "
              f"{section['export_onnx_seconds']:.0f} s)" if "export_onnx_seconds" in section else "")
     return _demote(text) + f"\nStand-alone: `{section['command']}`{extra}\n"
@@ -345,7 +348,7 @@ def script_markdown(section: dict, name: str) -> str:
 
 def to_markdown(report: dict) -> str:
     cfg = report["config"]
-    data_lines = [f"- {r['name']}: `{r['source']}`, {r['images']} images, {len(r['classes'])} classes "
+    data_lines = [f"- {r['name']}: `{shown_path(r['source'])}`, {r['images']} images, {len(r['classes'])} classes "
                   f"({', '.join(r['classes'])})" for r in report["datasets"]]
     lines = [
         "# Benchmarks: this tool vs the tutorials' way",
@@ -386,8 +389,20 @@ def to_markdown(report: dict) -> str:
         "## Edge runner",
         "",
         sections_markdown(report["datasets"], "edge_bench", lambda s, r: script_markdown(s, "edge_bench")),
+        other_sections_markdown(ROOT / "docs" / "bench"),
     ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def other_sections_markdown(folder: Path) -> str:
+    """The sections other bench scripts wrote to ``docs/bench/*.md``, each with its own command."""
+    parts = [_demote(path.read_text()) for path in sorted(folder.glob("*.md"))]
+    if not parts:
+        return ""
+    intro = ("## Other benchmarks\n\nEach section below was written by its own script under `bench/` into "
+             "`docs/bench/NAME.md` (its command and date are in the section); `python bench/run.py --assemble` "
+             "copies them here without re-running anything.\n")
+    return "\n".join([intro, *parts])
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -440,12 +455,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-extract", action="store_true", help="no extraction-speed section")
     parser.add_argument("--skip-export", action="store_true", help="no Keras/ONNX/int8 inference section")
     parser.add_argument("--skip-edge", action="store_true", help="no edge-runner section")
+    parser.add_argument("--assemble", action="store_true",
+                        help="measure nothing: rewrite FILE.md from FILE.json and the sections in docs/bench/")
     parser.add_argument("--out", type=Path, metavar="FILE.md", default=ROOT / "docs" / "benchmarks.md",
                         help="markdown report; the raw results go beside it as FILE.json [default: docs/benchmarks.md]")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.assemble:
+        return args
     if args.data is None:
         args.data = [Path(d) for d in (default_data("trashnet"), default_data("fruits")) if d]
         if not args.data:
@@ -462,6 +481,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out, out_json = args.out, args.out.with_suffix(".json")
+    if args.assemble:
+        out.write_text(to_markdown(json.loads(out_json.read_text())))
+        log(f"wrote {out} from {out_json} and docs/bench/*.md")
+        return 0
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("data", "out")}
     report = {"command": command_line(), "machine": machine(), "versions": _versions(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "config": config, "json": str(out_json),
@@ -475,13 +498,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit_per_class:
                 log(f"{source.name}: sampling at most {args.limit_per_class} images per class")
                 data = subsample(source, args.limit_per_class, args.seed, workdir / "sample" / source.name)
-            shown = "SAMPLE" if args.limit_per_class else str(folder)
+            shown = "SAMPLE" if args.limit_per_class else shown_path(folder)
             report["datasets"].append({**bench_folder(data, shown, workdir, args), "source": str(source),
                                        "data_shown": shown})
     report["total_seconds"] = time.perf_counter() - STARTED
     out.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    out.write_text(to_markdown(report))
+    out.write_text(to_markdown(json.loads(out_json.read_text())))  # rendered from the JSON, as --assemble does
     log(f"wrote {out} and {out_json}")
     failed = [f"{r['name']}/{key}" for r in report["datasets"] for key, section in r.items()
               if isinstance(section, dict) and "error" in section]

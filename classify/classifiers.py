@@ -40,6 +40,7 @@ class Classifier:
     run: Callable[[np.ndarray], np.ndarray]
     features: Callable[[np.ndarray], np.ndarray] | None = None
     head: TrainedHead | None = None
+    split_settings: dict | None = None  # the train/validation/test settings it was trained with, when known
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.run(batch), dtype=np.float64)
@@ -140,7 +141,7 @@ def keras_classifier(path: str | Path) -> Classifier:
     return Classifier(name=str(path), kind="fine-tuned", class_names=list(info["class_names"]),
                       input_size=int(backbone.get("input_size") or model.input_shape[1]),
                       engine=f"Keras ({Path(path).name})", backbone=backbone.get("name", "?"),
-                      run=lambda batch: np.asarray(model(batch, training=False)))
+                      run=lambda batch: np.asarray(model(batch, training=False)), split_settings=info.get("splits"))
 
 
 def open_classifier(head: str | Path | None = None, model: str | Path | None = None, weights: str | None = None,

@@ -23,7 +23,8 @@ def _number(value: float | None) -> str:
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same store: same head.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per head, one per line.")
-def fit_head_command(store, kind, backbone, out, seed, as_json):
+@click.option("--quiet", is_flag=True, help="No progress bar (on stderr).")
+def fit_head_command(store, kind, backbone, out, seed, as_json, quiet):
     """Train a classifier head on the features of a store and save it.
 
     The features are standardised on the train split; C (svm) and early stopping (softmax, mlp)
@@ -36,7 +37,7 @@ def fit_head_command(store, kind, backbone, out, seed, as_json):
     """
     from classify.train import fit_heads
 
-    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed)
+    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, progress=not quiet)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, ensure_ascii=False))
@@ -50,31 +51,51 @@ def fit_head_command(store, kind, backbone, out, seed, as_json):
 
 
 @click.command("evaluate")
-@click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
-@click.option("--head", required=True, type=click.Path(exists=True), help="Head folder written by fit-head.")
+@click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="HDF5 feature store: its split (and, for --model, the images behind its rows).")
+@click.option("--head", type=click.Path(exists=True), default=None, help="Head folder written by fit-head.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Instead of --head: a fine-tuned MODEL.keras or an exported MODEL.onnx, run on the images.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Where the images are now, if they moved since extraction; with --model and no --store, "
+                   "the image folder to evaluate on.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(SPLIT_CHOICES))
 @click.option("--report-dir", required=True, type=click.Path(file_okay=False), help="Folder for the report files.")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
-def evaluate_command(store, head, split, report_dir, as_json):
-    """Evaluate a head on one split of a store and write a report.
+@click.option("--quiet", is_flag=True, help="No progress bar (--model runs over the images).")
+def evaluate_command(store, head, model, images, split, report_dir, as_json, quiet):
+    """Evaluate a head, a fine-tuned model or an exported ONNX model on one split and write a report.
 
-    Writes classification_report.txt, confusion_matrix.png, per_class.csv, tsne.png,
-    misclassified.png and metrics.json into --report-dir.
+    Writes classification_report.txt, confusion_matrix.png (counts and row-normalised),
+    per_class.csv, misclassified.png, metrics.json and tsne.png (where the store has features)
+    into --report-dir. A head is scored on the store's features, a model on the images behind the
+    store's rows: same split, same files, comparable reports.
 
     \b
     Example:
       python cli.py evaluate --store features.h5 --head head --report-dir report
-      python cli.py evaluate --store other.h5 --head head --split validation --report-dir report-val
+      python cli.py evaluate --store features.h5 --model model.onnx --report-dir report-onnx
+      python cli.py evaluate --model model.keras --images photos/ --report-dir report-ft
     """
-    from classify.report import evaluate
+    from classify.report import evaluate, evaluate_model
 
-    metrics = evaluate(store, head, split=split, report_dir=report_dir)
+    if (head is None) == (model is None):
+        raise click.UsageError("give either --head HEAD or --model MODEL.onnx|MODEL.keras")
+    if head is not None:
+        if store is None:
+            raise click.UsageError("--head needs --store (the head is scored on the store's features)")
+        metrics = evaluate(store, head, split=split, report_dir=report_dir, images=images)
+    else:
+        metrics = evaluate_model(model, split=split, report_dir=report_dir, store=store, images=images,
+                                 progress=not quiet)
     if as_json:
         click.echo(json.dumps(metrics, ensure_ascii=False))
         return
-    click.echo(f"{metrics['kind']} head on {metrics['n']} {split} images: accuracy {metrics['accuracy']:.3f}, "
-               f"macro-F1 {metrics['macro_f1']:.3f}, {len(metrics['misclassified'])} misclassified; "
-               f"report in {report_dir}")
+    click.echo(f"{metrics['kind']} {'head' if head else 'model'} on {metrics['n']} {split} images: "
+               f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
+               f"{len(metrics['misclassified'])} misclassified; report in {report_dir}")
+    for path, reason in list(metrics.get("unreadable", {}).items())[:5]:
+        click.echo(f"  unreadable: {path}: {reason}", err=True)
 
 
 @click.command("predict")

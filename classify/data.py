@@ -19,8 +19,30 @@ def split_counts(features: FeatureSet) -> dict[str, int]:
     return {split: counts.get(split, 0) for split in SPLITS}
 
 
+def unfinished_extraction(features: FeatureSet, store: str | Path) -> str | None:
+    """Why the store has fewer rows than images, when an extraction did not finish; else None."""
+    info = FeatureStore(store).info()
+    name = features.backbone.get("name")
+    rows = info["backbones"].get(name, {}).get("rows", len(features.paths))
+    if rows >= info["images"]:
+        return None
+    return (f"{store} has {name} features for only {rows} of its {info['images']} images because an extraction "
+            f"did not finish (interrupted?); run the same extract command again to resume")
+
+
 def check_trainable(features: FeatureSet, store: str | Path) -> None:
-    """Refuse features a head cannot be trained and early-stopped on."""
+    """Refuse features a head cannot be trained and early-stopped on (saying so first when the
+    store is short of rows because an extraction was interrupted)."""
+    try:
+        _check_counts(features, store)
+    except TrainingDataError as exc:
+        gap = unfinished_extraction(features, store)
+        if gap:
+            raise TrainingDataError(f"{gap} ({exc})") from None
+        raise
+
+
+def _check_counts(features: FeatureSet, store: str | Path) -> None:
     names = features.class_names
     if len(names) < 2:
         raise TrainingDataError(f"{store} has {len(names)} class ({', '.join(names)}); a head needs at least 2")

@@ -144,6 +144,8 @@ def _read_config(path: Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise HeadFileError(f"{path} is not valid JSON ({exc}); re-run fit-head") from None
+    except RecursionError:  # json recurses once per nesting level: a hostile file nests thousands deep
+        raise HeadFileError(f"{path} is nested too deeply to be a transferkit head") from None
     if not isinstance(config, dict) or config.get("format") != HEAD_FORMAT:
         raise HeadFileError(f"{path} is not a transferkit head")
     if not isinstance(config.get("format_version"), int) or config["format_version"] > HEAD_FORMAT_VERSION:

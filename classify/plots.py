@@ -17,14 +17,17 @@ TILE = 128
 
 
 def _figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=100)
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")  # keeps titles and labels inside
     FigureCanvasAgg(figure)
     return figure
 
 
 def _save(figure: Figure, path: Path) -> None:
-    figure.tight_layout()
     figure.savefig(path, format="png")
+
+
+def _wrapped(title: str, width_inches: float) -> str:
+    return "\n".join(textwrap.wrap(title, max(30, int(width_inches * 9))))
 
 
 def _class_colours(n_classes: int) -> np.ndarray:
@@ -34,19 +37,30 @@ def _class_colours(n_classes: int) -> np.ndarray:
     return cmap(np.arange(n_classes) % cmap.N if n_classes <= 20 else np.linspace(0, 1, n_classes))
 
 
-def confusion_matrix_png(matrix: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
-    """Counts, class names on both axes, x labels rotated so long names stay readable."""
+def _matrix_panel(ax, matrix: np.ndarray, class_names: list[str], values_format: str, title: str) -> None:
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    side = max(5.0, 1.5 + 0.55 * len(class_names))
-    figure = _figure(side + 1.0, side)
-    ax = figure.add_subplot()
     display = ConfusionMatrixDisplay(matrix, display_labels=class_names)
-    display.plot(ax=ax, cmap="Blues", colorbar=True, values_format="d", xticks_rotation=45)
+    display.plot(ax=ax, cmap="Blues", colorbar=False, values_format=values_format, xticks_rotation=45,
+                 text_kw={"fontsize": 8 if len(class_names) > 12 else 10})
     for label in ax.get_xticklabels():
         label.set_horizontalalignment("right")
         label.set_rotation_mode("anchor")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
+
+
+def confusion_matrix_png(matrix: np.ndarray, class_names: list[str], path: Path, title: str) -> None:
+    """Counts beside the row-normalised matrix (share of each true class), so a small class's errors
+    are as visible as a large one's; class names on both axes."""
+    side = max(4.5, 1.5 + 0.5 * len(class_names))
+    figure = _figure(2 * side + 0.5, side + 0.6)
+    counts, shares = figure.subplots(1, 2)
+    _matrix_panel(counts, matrix, class_names, "d", "counts")
+    totals = matrix.sum(axis=1, keepdims=True)
+    normalised = np.divide(matrix, totals, out=np.zeros(matrix.shape, float), where=totals > 0)
+    _matrix_panel(shares, normalised, class_names, ".2f", "share of each true class (rows sum to 1)")
+    shares.set_ylabel("")
+    figure.suptitle(_wrapped(title, 2 * side + 0.5))
     _save(figure, path)
 
 
@@ -82,11 +96,19 @@ def tsne_png(features: np.ndarray, labels: np.ndarray, class_names: list[str], p
         for index, name in enumerate(class_names):
             mask = labels == index
             if mask.any():
-                ax.scatter(points[mask, 0], points[mask, 1], s=10, color=colours[index], label=name, alpha=0.8)
-        ax.legend(fontsize=8, markerscale=2, loc="best", frameon=True)
+                marker = "o" if len(class_names) <= 20 else "os^Dv"[index % 5]  # neighbours on turbo look alike
+                ax.scatter(points[mask, 0], points[mask, 1], s=10, color=colours[index], label=name, alpha=0.8,
+                           marker=marker)
+        if len(class_names) <= 20:
+            ax.legend(fontsize=8, markerscale=2, loc="best", frameon=True)
+        else:  # beside the plot, in as many columns as it takes to fit the figure's height
+            columns = -(-len(class_names) // 30)
+            ax.legend(fontsize=7, markerscale=1.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+                      ncols=columns)
+            figure.set_size_inches(8 + 2.2 * columns, 7)
         ax.set_xticks([])
         ax.set_yticks([])
-    ax.set_title(title)
+    ax.set_title(_wrapped(title, 8))
     _save(figure, path)
 
 
@@ -100,12 +122,19 @@ def _tile(image_path: Path | None) -> tuple[np.ndarray, bool]:
     return np.full((TILE, TILE, 3), 220, np.uint8), False
 
 
+def _short(name: str, width: int = 26) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
 def misclassified_png(errors: list[dict], images_root: str | None, path: Path, title: str) -> None:
-    """A grid of the most confident wrong predictions: ``errors`` items have path, true, predicted, probability."""
+    """A grid of the most confident wrong predictions, each tile named by its file; the title says
+    when the grid is capped. ``errors`` items have path, true, predicted, probability."""
     shown = errors[:GRID_MAX]
+    if len(errors) > len(shown):
+        title += f"; the {len(shown)} most confident shown (metrics.json lists all)"
     columns = max(1, min(5, len(shown)))
     rows = max(1, -(-len(shown) // columns))
-    figure = _figure(2.6 * columns, 2.9 * rows + 0.5)
+    figure = _figure(2.6 * columns, 3.1 * rows + 0.6)
     if not shown:
         ax = figure.add_subplot()
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center", fontsize=14)
@@ -115,9 +144,9 @@ def misclassified_png(errors: list[dict], images_root: str | None, path: Path, t
         image, found = _tile(Path(images_root) / item["path"] if images_root else None)
         ax.imshow(image)
         if not found:
-            name = "\n".join(textwrap.wrap(Path(item["path"]).name, 18)) + "\n(image not found)"
-            ax.text(TILE / 2, TILE / 2, name, ha="center", va="center", fontsize=7)
-        ax.set_title(f"true: {item['true']}\npred: {item['predicted']} ({item['probability']:.2f})", fontsize=8)
+            ax.text(TILE / 2, TILE / 2, "(image not found)", ha="center", va="center", fontsize=7)
+        ax.set_title(f"{_short(item['path'])}\ntrue: {item['true']}\npred: {item['predicted']} "
+                     f"({item['probability']:.2f})", fontsize=7)
         ax.set_axis_off()
-    figure.suptitle(title)
+    figure.suptitle(_wrapped(title, 2.6 * columns))
     _save(figure, path)

@@ -37,7 +37,7 @@ def _decode(path: str, size: int) -> np.ndarray | str:
         return str(exc)
 
 
-def _label_rows(model: Classifier, rows: list[dict], arrays: list[np.ndarray]) -> None:
+def _label_rows(model: Classifier, rows: list[dict], arrays: list[np.ndarray], keep: bool) -> None:
     for row, p in zip(rows, model.predict_proba(np.stack(arrays))):
         if not np.all(np.isfinite(p)):
             row["error"] = "model produced non-finite output"
@@ -46,21 +46,31 @@ def _label_rows(model: Classifier, rows: list[dict], arrays: list[np.ndarray]) -
         row["label"] = model.class_names[order[0]]
         row["probability"] = float(p[order[0]])
         row["top"] = [{"label": model.class_names[i], "probability": float(p[i])} for i in order]
+        if keep:
+            row["probabilities"] = p
 
 
-def predict_images(model: Classifier, images: list[str | Path], batch_size: int = 32) -> list[dict]:
-    """One dict per image, in order: ``label``, ``probability`` and ``top`` classes, or ``error``."""
+def predict_images(model: Classifier, images: list[str | Path], batch_size: int = 32, progress: bool = False,
+                   keep_probabilities: bool = False) -> list[dict]:
+    """One dict per image, in order: ``label``, ``probability`` and ``top`` classes, or ``error``.
+
+    ``keep_probabilities`` adds every class's probability (``probabilities``, an array) for reports.
+    """
+    from tqdm import tqdm
+
     results: list[dict] = []
-    for start in range(0, len(images), batch_size):
-        rows, arrays = [], []
-        for path in images[start:start + batch_size]:
-            results.append(row := {"image": str(path)})
-            decoded = _decode(str(path), model.input_size)
-            if isinstance(decoded, str):
-                row["error"] = decoded
-            else:
-                rows.append(row)
-                arrays.append(decoded)
-        if arrays:
-            _label_rows(model, rows, arrays)
+    with tqdm(total=len(images), unit="img", desc="classify", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            rows, arrays = [], []
+            for path in images[start:start + batch_size]:
+                results.append(row := {"image": str(path)})
+                decoded = _decode(str(path), model.input_size)
+                if isinstance(decoded, str):
+                    row["error"] = decoded
+                else:
+                    rows.append(row)
+                    arrays.append(decoded)
+            if arrays:
+                _label_rows(model, rows, arrays, keep_probabilities)
+            bar.update(len(images[start:start + batch_size]))
     return results

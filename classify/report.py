@@ -1,14 +1,19 @@
-"""Evaluate a saved head on one split of a store and write the report files.
+"""Evaluate a head, a fine-tuned model.keras or an exported model.onnx on one split, and write the report.
 
     >>> evaluate("features.h5", "head/", split="test", report_dir="report/")["accuracy"]
+    >>> evaluate_model("model.onnx", store="features.h5", split="test", report_dir="report-onnx/")
 
-Writes ``REPORT_FILES`` into the report folder; ``metrics.json`` repeats the numbers for scripts.
+A head is scored on the store's features; a model on the images behind the store's rows (or a
+folder's images), so the two reports are comparable: same split, same files, same figures.
+Writes ``REPORT_FILES`` into the report folder (``tsne.png`` only where features exist);
+``metrics.json`` repeats the numbers for scripts.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +23,25 @@ from classify import plots
 from classify.data import features_for_head, fingerprint, split_rows
 from classify.persist import head_dir, load_head
 from classify.train import scores
+from extract.errors import TransferKitError
 
 REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "per_class.csv", "tsne.png",
                 "misclassified.png", "metrics.json")
+
+
+@dataclass
+class Predictions:
+    """What a report is drawn from: one split's labels, probabilities and files."""
+
+    split: str
+    y: np.ndarray
+    probabilities: np.ndarray
+    class_names: list[str]
+    paths: list[str]  # relative to images_root
+    images_root: str | None
+    title: str  # "<what> on <features/images>, <split> split (N images)"
+    tsne_features: np.ndarray | None = None  # features of the same rows, when there are any
+    tsne_title: str = ""
 
 
 def _per_class_rows(y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> list[dict]:
@@ -33,23 +54,16 @@ def _per_class_rows(y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> 
     ]
 
 
-def evaluate(store: str | Path, head: str | Path, split: str = "test", report_dir: str | Path = "report",
-             seed: int = 0) -> dict:
-    """Predict ``split`` with the head, write the report files and return the metrics."""
-    trained = load_head(head)
-    features = features_for_head(trained, store)
-    X, y, paths = split_rows(features, split, store)
-    probabilities = trained.predict_proba(X)
+def write_report(result: Predictions, report_dir: str | Path, seed: int = 0) -> dict:
+    """The report files and the metrics every kind of model shares."""
+    y, probabilities, names = result.y, result.probabilities, result.class_names
     pred = probabilities.argmax(axis=1)
-    names = trained.class_names
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{trained.kind} head on {features.backbone['name']} features, {split} split ({len(y)} images)"
-
     labels = list(range(len(names)))
     (out / "classification_report.txt").write_text(
-        title + "\n\n" + classification_report(y, pred, labels=labels, target_names=names, digits=3,
-                                                zero_division=0),
+        result.title + "\n\n" + classification_report(y, pred, labels=labels, target_names=names, digits=3,
+                                                       zero_division=0),
         encoding="utf-8",
     )
     per_class = _per_class_rows(y, pred, names)
@@ -58,29 +72,110 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
         writer.writeheader()
         writer.writerows(per_class)
     matrix = confusion_matrix(y, pred, labels=labels)
-    plots.confusion_matrix_png(matrix, names, out / "confusion_matrix.png", title)
-    plots.tsne_png(X, y, names, out / "tsne.png", f"t-SNE of {features.backbone['name']} features, {split} split",
-                   seed=seed)
+    plots.confusion_matrix_png(matrix, names, out / "confusion_matrix.png", result.title)
+    files = [name for name in REPORT_FILES if name != "tsne.png" or result.tsne_features is not None]
+    if result.tsne_features is not None:
+        plots.tsne_png(result.tsne_features, y, names, out / "tsne.png", result.tsne_title, seed=seed)
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-probabilities[wrong, pred[wrong]], kind="stable")]
-    errors = [{"path": paths[i], "true": names[y[i]], "predicted": names[pred[i]],
+    errors = [{"path": result.paths[i], "true": names[y[i]], "predicted": names[pred[i]],
                "probability": float(probabilities[i, pred[i]])} for i in wrong]
-    plots.misclassified_png(errors, features.store_attrs.get("images_root"), out / "misclassified.png",
-                            f"{len(errors)} misclassified of {len(y)} ({split})")
-    metrics = {
-        "split": split,
-        "n": len(y),
-        **scores(y, pred),
-        "head": str(head_dir(head)),
-        "kind": trained.kind,
-        "store": str(store),
-        "same_store_as_training": fingerprint(features) == trained.store.get("fingerprint"),
-        "backbone": features.backbone["name"],
-        "class_names": names,
-        "per_class": per_class,
-        "confusion_matrix": matrix.tolist(),
-        "misclassified": errors,
-        "files": [str(out / name) for name in REPORT_FILES],
+    plots.misclassified_png(errors, result.images_root, out / "misclassified.png",
+                            f"misclassified {result.split} images: {len(errors)} of {len(y)}")
+    return {
+        "split": result.split, "n": len(y), **scores(y, pred), "class_names": names, "per_class": per_class,
+        "confusion_matrix": matrix.tolist(), "misclassified": errors, "images_root": result.images_root,
+        "files": [str(out / name) for name in files],
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _save_metrics(metrics: dict, report_dir: str | Path) -> dict:
+    (Path(report_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
+                                                   encoding="utf-8")
     return metrics
+
+
+def evaluate(store: str | Path, head: str | Path, split: str = "test", report_dir: str | Path = "report",
+             seed: int = 0, images: str | Path | None = None) -> dict:
+    """Predict ``split`` with the head on the store's features, write the report, return the metrics.
+
+    ``images``: where the images are now, for the misclassified grid (default: where they were
+    when the store was extracted).
+    """
+    trained = load_head(head)
+    features = features_for_head(trained, store)
+    X, y, paths = split_rows(features, split, store)
+    name = features.backbone["name"]
+    result = Predictions(
+        split=split, y=y, probabilities=trained.predict_proba(X), class_names=trained.class_names, paths=paths,
+        images_root=str(images) if images else features.store_attrs.get("images_root"),
+        title=f"{trained.kind} head on {name} features, {split} split ({len(y)} images)",
+        tsne_features=X, tsne_title=f"t-SNE of {name} features, {split} split")
+    metrics = write_report(result, report_dir, seed)
+    return _save_metrics({
+        **metrics, "model": str(head_dir(head)), "head": str(head_dir(head)), "kind": trained.kind,
+        "engine": "numpy head on stored features", "store": str(store),
+        "same_store_as_training": fingerprint(features) == trained.store.get("fingerprint"),
+        "backbone": name}, report_dir)
+
+
+def _labelled_images(classifier, store, images, split: str):
+    """The images of ``split``: the store's rows (read from ``images`` or where they were extracted),
+    or the folder ``images`` with the model's split settings; plus store features for the t-SNE."""
+    from export.data import LabelledImages, from_feature_set, from_folder, split_settings
+    from extract.store import FeatureStore
+
+    features = None
+    if store is not None:
+        reader = FeatureStore(store)
+        if not reader.backbones:
+            raise TransferKitError(f"{store} has no features yet; run extract first")
+        features = reader.read(classifier.backbone if classifier.backbone in reader.backbones
+                               else reader.backbones[0])
+        labelled = from_feature_set(features, images)
+    elif images is not None:
+        labelled = from_folder(images, split_settings(classifier.split_settings))
+    else:
+        raise TransferKitError("give --store (its split and images) or --images DIR to evaluate a model on")
+    unknown = sorted(set(labelled.class_names) - set(classifier.class_names))
+    if unknown:
+        raise TransferKitError(f"the model knows classes [{', '.join(classifier.class_names)}]; the images also "
+                               f"have [{', '.join(unknown)}]")
+    order = np.asarray([classifier.class_names.index(name) for name in labelled.class_names], dtype=np.int64)
+    labelled = LabelledImages(labelled.root, labelled.relpaths, order[labelled.labels], labelled.splits,
+                              list(classifier.class_names))  # labels in the model's class order
+    keep = np.flatnonzero(labelled.splits == split)
+    if not len(keep):
+        raise TransferKitError(f"no {split} images in {store or images}")
+    tsne = None
+    if features is not None and features.backbone.get("name") == classifier.backbone:
+        tsne = features.features[keep]
+    return labelled.take(keep), tsne
+
+
+def evaluate_model(model: str | Path, split: str = "test", report_dir: str | Path = "report",
+                   store: str | Path | None = None, images: str | Path | None = None, seed: int = 0,
+                   progress: bool = False) -> dict:
+    """Run a model.onnx / model.keras over the images of ``split`` and write the same report as a head's."""
+    from classify.classifiers import open_classifier
+    from classify.predict import predict_images
+
+    classifier = open_classifier(model=model)
+    labelled, tsne = _labelled_images(classifier, store, images, split)
+    rows = predict_images(classifier, labelled.paths, progress=progress, keep_probabilities=True)
+    ok = [i for i, row in enumerate(rows) if "error" not in row]
+    if not ok:
+        raise TransferKitError(f"none of the {len(rows)} {split} images could be read: {rows[0]['error']}")
+    result = Predictions(
+        split=split, y=labelled.labels[ok], probabilities=np.stack([rows[i]["probabilities"] for i in ok]),
+        class_names=classifier.class_names, paths=[labelled.relpaths[i] for i in ok],
+        images_root=str(labelled.root),
+        title=f"{classifier.kind} model {Path(model).name} on {split} images ({len(ok)} images)",
+        tsne_features=tsne[ok] if tsne is not None else None,
+        tsne_title=f"t-SNE of the store's {classifier.backbone} features, {split} split")
+    metrics = write_report(result, report_dir, seed)
+    return _save_metrics({
+        **metrics, "model": str(model), "kind": classifier.kind, "engine": classifier.engine,
+        "store": str(store) if store else None, "backbone": classifier.backbone,
+        "unreadable": {rows[i]["image"]: rows[i]["error"] for i in range(len(rows)) if "error" in rows[i]}},
+        report_dir)

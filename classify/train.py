@@ -31,8 +31,12 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 
 
 def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None, out: str | Path = "head",
-              seed: int = 0) -> list[dict]:
-    """Fit ``kind`` (or every kind for ``"all"``), save the best to ``out``; one metrics dict per head."""
+              seed: int = 0, progress: bool = False) -> list[dict]:
+    """Fit ``kind`` (or every kind for ``"all"``), save the best to ``out``; one metrics dict per head.
+
+    ``progress``: a bar over the kinds on stderr, naming the one being fitted."""
+    from tqdm import tqdm
+
     if kind not in KIND_CHOICES:
         raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(KIND_CHOICES)}")
     features = FeatureStore(store).read(backbone)
@@ -41,7 +45,10 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
     X_val, y_val = features.subset("validation")
     X_test, y_test = features.subset("test")
     fitted = []
-    for name in HEAD_KINDS if kind == "all" else (kind,):
+    kinds = tqdm(HEAD_KINDS if kind == "all" else (kind,), unit="head", desc="fit-head", disable=not progress,
+                 leave=False)
+    for name in kinds:
+        kinds.set_postfix_str(f"fitting {name} on {len(y)} images")
         started = time.perf_counter()
         head = make_head(name, seed).fit(X, y, X_val, y_val)
         seconds = time.perf_counter() - started

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from .files import FolderLocked, lock_watch_folder, no_space_reason
+from .imageio import printable
 from .model import ModelError, load_model
 from .results import ResultLog, ResultsLocked
 from .runner import Runner, RunnerConfig
@@ -37,8 +39,15 @@ walks the whole tree: for folders of tens of thousands of files prefer --done). 
 fsynced per batch; after a crash, power loss or kill, run the same command again: every file
 still gets exactly one line.
 
+Log (stderr, one line per event, control characters in names escaped): start and stop, a stats
+line every --stats-seconds, each skipped entry once (symlinks, FIFOs, devices: never followed or
+read), files left for the next pass because they changed after being read, lines of --results
+ignored because they point outside the runner's folders.
+
 Exit status: 0 finished (also after SIGTERM/SIGINT, which finish the current batch first);
-1 failure while running (e.g. disk full); 2 bad arguments or unusable model.
+1 failure while running, one "Error: ..." line (e.g. "Error: no space left on device while
+writing results.jsonl"; nothing is lost: run the same command again); 2 bad arguments, unusable
+model, or another runner on the same watch folder or results file ("edge: error: ...").
 """
 
 
@@ -48,7 +57,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"edge: error: {message} (see --help)\n")
+        self.exit(2, f"edge: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive(kind: type):
@@ -78,9 +87,10 @@ def default_threads() -> int:
     return min(4, cpus)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m edge") -> argparse.ArgumentParser:
+    """``prog``: the command as the user typed it (``python cli.py edge`` when forwarded)."""
     parser = _Parser(
-        prog="python -m edge",
+        prog=prog,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -142,11 +152,20 @@ def _config(args: argparse.Namespace) -> RunnerConfig:
     )
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Escapes control characters in every message: a newline in a file name or a model id cannot
+    forge log lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("edge")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        formatter = logging.Formatter("%(asctime)sZ edge: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        formatter = _OneLineFormatter("%(asctime)sZ edge: %(message)s", "%Y-%m-%dT%H:%M:%S")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
         logger.addHandler(handler)
@@ -154,18 +173,19 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m edge") -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog).parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else 2
     _setup_logging()
     try:
         config = _config(args)
         model = load_model(args.model, args.threads)
+        watch_lock = lock_watch_folder(config.watch)
         results = ResultLog(config.results, config.watch)
-    except (UsageError, ModelError, ResultsLocked, OSError) as exc:
-        print(f"edge: error: {exc}", file=sys.stderr)
+    except (UsageError, ModelError, ResultsLocked, FolderLocked, OSError) as exc:
+        print(f"edge: error: {printable(no_space_reason(exc) or str(exc))}", file=sys.stderr)
         return 2
     runner = Runner(model, config, results)
 
@@ -178,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runner.run()
     except (ModelError, OSError) as exc:
-        print(f"edge: error: {exc}", file=sys.stderr)
+        print(f"Error: {printable(no_space_reason(exc) or str(exc))}", file=sys.stderr)
         return 1
     finally:
         results.close()
+        for fd in watch_lock:
+            os.close(fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 89_478_485  # Pillow's default bomb threshold, made explicit and enforced as an error
 MAX_FILE_BYTES = 512 * 1024 * 1024  # read whole into memory: refuse anything larger up front
@@ -125,11 +125,23 @@ def strict_json(obj: Any, **kwargs: Any) -> str:
 
 @dataclass(frozen=True)
 class FileBytes:
-    """The whole content of a file as read once, with the size and mtime it had while read."""
+    """The whole content of a file as read once, with the identity it had while read (``same_file``
+    tells whether a path still holds exactly this version)."""
 
     data: bytes
     size: int
     mtime_ns: int
+    device: int = 0
+    inode: int = 0
+
+    def same_file(self, path: str | Path) -> bool:
+        """True when ``path`` (not followed if a symlink) is still this inode with this size and mtime."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == (self.device, self.inode, self.size,
+                                                                       self.mtime_ns)
 
     @cached_property
     def sha256(self) -> str:
@@ -157,8 +169,11 @@ def _open_failure(path: str | Path, exc: OSError) -> str:
     return f"cannot open file: {exc.strerror or exc}"
 
 
-def _regular_stat(path: str | Path) -> os.stat_result:
-    """``os.stat`` (links followed) of a regular file, else ImageDecodeError with the reason."""
+def stat_regular_file(path: str | Path) -> os.stat_result:
+    """``os.stat`` (links followed) of a regular file, else ImageDecodeError with the reason.
+
+    Cheap (reads nothing): callers that may reuse a hash computed earlier check size and mtime
+    with it, and call ``read_image_file`` only when they need the bytes."""
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -188,7 +203,7 @@ def read_image_file(path: str | Path) -> FileBytes:
     non-blocking (a FIFO swapped in after the check cannot hang the open) and checked again on the
     open descriptor. A file whose size or mtime changed while it was read raises FileChangedError.
     """
-    _regular_stat(path)  # refuse devices and FIFOs before opening them at all
+    stat_regular_file(path)  # refuse devices and FIFOs before opening them at all
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
@@ -208,7 +223,7 @@ def read_image_file(path: str | Path) -> FileBytes:
         os.close(fd)
     if len(data) != before.st_size or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise FileChangedError("file changed while it was being read")
-    return FileBytes(data, before.st_size, before.st_mtime_ns)
+    return FileBytes(data, before.st_size, before.st_mtime_ns, before.st_dev, before.st_ino)
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -313,6 +328,8 @@ def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
+    except UnidentifiedImageError:  # its message holds the repr of a BytesIO: say it plainly
+        raise ImageDecodeError("cannot decode image: not a format this Pillow can read") from None
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ValueError...)
         reason = str(exc).strip() or type(exc).__name__
         raise ImageDecodeError(f"cannot decode image: {reason}") from None

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import fsync_dir
+from .imageio import strict_json
 from .watch import FileState
 
 log = logging.getLogger("edge")
@@ -50,10 +51,10 @@ class ResultsLocked(Exception):
 
 
 def dump_line(obj: dict[str, Any]) -> bytes:
-    """One JSON line, UTF-8. File names that are not valid UTF-8 come back from ``os.scandir`` with
-    lone surrogates; "backslashreplace" writes them as ``\\udcXX`` JSON escapes, which read back
-    to the same string, instead of failing."""
-    return (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+    """One strict JSON line (never NaN), valid UTF-8. File names that are not valid UTF-8 come back
+    from ``os.scandir`` with lone surrogates; they are written as ``\\udcXX`` escapes, which read
+    back to the same string."""
+    return (strict_json(obj) + "\n").encode("utf-8")
 
 
 def _kept_key(state: FileState) -> bytes:
@@ -158,20 +159,31 @@ class ResultLog:
     def append(self, records: list[dict[str, Any]]) -> None:
         """Step 2: the batch's lines reach the disk before any of its files is moved."""
         data = b"".join(dump_line(record) for record in records)
-        self._out.write(data)
-        self._out.flush()
-        os.fsync(self._out.fileno())
+        try:
+            self._out.write(data)
+            self._out.flush()
+            os.fsync(self._out.fileno())
+        except OSError as exc:  # name the file (a full disk): a torn line is removed at the next start
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self.size += len(data)
 
     def checkpoint(self, kept: list[FileState]) -> None:
         """Step 4: everything appended so far is settled; ``kept`` files stay in the watch folder."""
         entries = [{"kept": s.rel, "size": s.size, "mtime_ns": s.mtime_ns} for s in kept]
         entries.append({"settled": self.size})
-        self._journal.write(b"".join(dump_line(entry) for entry in entries))
-        self._journal.flush()
+        try:
+            self._journal.write(b"".join(dump_line(entry) for entry in entries))
+            self._journal.flush()
+        except OSError as exc:  # the lines are durable: the next start reconciles them again
+            raise OSError(exc.errno, exc.strerror, str(self.journal_path)) from None
         self._kept.update(_kept_key(s) for s in kept)
         self._settled = self.size
 
     def close(self) -> None:
-        self._journal.close()
-        self._out.close()
+        """Close both files; a failure to flush the journal (full disk) was already reported and
+        loses nothing (the next start reconciles), so it is not raised a second time."""
+        for f in (self._journal, self._out):
+            try:
+                f.close()
+            except OSError:
+                pass

@@ -11,6 +11,7 @@ to --quarantine); it is absent when the file stays in the watch folder.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -23,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import free_destination, fsync_dir, move_file, sha256_file
-from .imageio import ImageDecodeError, load_image
+from .files import free_destination, fsync_dir, inside, make_folders_inside, move_file
+from .imageio import FileBytes, FileChangedError, ImageDecodeError, decode_image, is_image_name, read_image_file
 from .model import EdgeModel
 from .results import ResultLog
 from .stats import Stats
@@ -49,10 +50,33 @@ class RunnerConfig:
 @dataclass
 class _Prepared:
     state: FileState
-    sha256: str | None
-    image: np.ndarray | None  # None when the file could not be read or decoded
+    file: FileBytes | None  # the bytes as read once (None when the file could not be read)
+    image: np.ndarray | None  # decoded from ``file.data``; None when it could not be read or decoded
     error: str | None
     seconds: float
+
+    @property
+    def sha256(self) -> str | None:
+        return self.file.sha256 if self.file is not None else None
+
+
+@dataclass
+class _Settling:
+    """A file whose line is durable, and the version of it that line describes."""
+
+    record: dict[str, Any]
+    state: FileState
+    file: FileBytes | None
+
+    def unchanged(self, path: str) -> bool:
+        """``path`` still holds the version that was classified (a newer one waits for its own line)."""
+        if self.file is not None:
+            return self.file.same_file(path)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (self.state.size, self.state.mtime_ns)
 
 
 def _utc_now() -> str:
@@ -68,14 +92,25 @@ class Runner:
         exclude = frozenset(
             p for p in (config.done, config.quarantine, str(results.path), str(results.journal_path)) if p
         )
+        self.exclude = exclude
         self.watcher = Watcher(
             config.watch,
             exclude,
             settle_seconds=config.poll_seconds,
             skip=results.is_kept,
             max_pending=max(2048, 16 * config.batch_size),
+            on_skip=self._log_skip_once,
         )
+        self._skips_logged: set[str] = set()
+        # (folder, moved_to) of lines whose file changed before it could be moved: never planned
+        # again, so a newer version cannot land where an older line says its file went
+        self._abandoned: set[tuple[str, str]] = set()
         self.stats = Stats(config.stats_seconds)
+
+    def _log_skip_once(self, rel: str, reason: str) -> None:
+        if rel not in self._skips_logged:
+            self._skips_logged.add(rel)
+            log.warning("skipped %s: %s", rel, reason)
 
     def request_stop(self) -> None:
         """Finish the current batch, then return from ``run`` (signal handlers call this)."""
@@ -111,51 +146,72 @@ class Runner:
 
     def _recover(self) -> None:
         """Protocol step b: settle files whose line was committed by an interrupted run."""
-        found: dict[str, tuple[dict[str, Any], FileState]] = {}
+        found: dict[str, _Settling] = {}
         for record in self.results.in_flight():
             if record["path"] not in found:
-                state = self._committed_file(record)
-                if state is not None:
-                    found[record["path"]] = (record, state)
+                item = self._committed_file(record)
+                if item is not None:
+                    found[record["path"]] = item
         self._settle(list(found.values()))
         if found:
             log.info("recovered %d file(s) whose result line an interrupted run had written", len(found))
 
-    def _committed_file(self, record: dict[str, Any]) -> FileState | None:
-        """The file ``record`` describes, if it is still in the watch folder and not settled."""
-        if os.path.isabs(record["path"]) or ".." in record["path"].split("/"):
-            return None  # not a line this runner wrote: never touch files outside the watch folder
-        path = os.path.join(self.config.watch, record["path"])
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            if record.get("sha256") is not None and sha256_file(path) != record["sha256"]:
-                return None  # another file now has that name: it gets its own line
-        except OSError:
+    def _owned_path(self, rel: str) -> str | None:
+        """``watch/rel`` when that stays inside the watch folder, through no symlink, outside --done,
+        --quarantine and the results files; else None."""
+        path = inside(self.config.watch, rel)
+        if path is None or any(path == ex or path.startswith(ex + os.sep) for ex in self.exclude):
             return None
-        state = FileState(record["path"], st.st_size, st.st_mtime_ns)
-        return None if self.results.is_kept(state) else state
+        return path
+
+    def _committed_file(self, record: dict[str, Any]) -> _Settling | None:
+        """The file ``record`` describes, if it is still in the watch folder and not settled.
+
+        results.jsonl is not trusted: a line whose ``path`` or ``moved_to`` would lead outside the
+        runner's folders (``..``, absolute, through a symlink) is ignored, with a warning.
+        """
+        path = self._owned_path(record["path"])
+        folder = self._folder_for(record)
+        moved_to = record.get("moved_to")
+        if path is None or (moved_to is not None and folder is not None and inside(folder, str(moved_to)) is None):
+            log.warning("ignoring a line of %s that points outside the runner's folders: path %s, moved_to %s",
+                        self.results.path, record["path"], moved_to)
+            return None
+        try:
+            file = read_image_file(path)
+        except ImageDecodeError:
+            return None  # gone, or not a regular file any more: nothing to settle
+        if record.get("sha256") is not None and file.sha256 != record["sha256"]:
+            return None  # another file now has that name: it gets its own line
+        state = FileState(record["path"], file.size, file.mtime_ns)
+        return None if self.results.is_kept(state) else _Settling(record, state, file)
 
     def _prepare(self, state: FileState) -> _Prepared | None:
-        """Hash and decode one file; None when it vanished or changed since it looked complete."""
-        path = os.path.join(self.config.watch, state.rel)
+        """Read one file once, hash and decode those bytes; None when it vanished or changed since
+        it looked complete (it has to settle again)."""
         self.watcher.forget(state.rel)
+        path = self._owned_path(state.rel)
+        if path is None:
+            return None
         start = time.perf_counter()
         try:
-            sha = sha256_file(path)
-            st = os.stat(path)
-        except FileNotFoundError:
+            file = read_image_file(path)
+        except FileChangedError:
             return None
-        except OSError as exc:
-            return _Prepared(state, None, None, f"cannot read file: {exc.strerror or exc}", time.perf_counter() - start)
-        if (st.st_size, st.st_mtime_ns) != (state.size, state.mtime_ns):
+        except ImageDecodeError as exc:
+            if not os.path.lexists(path):
+                return None
+            return _Prepared(state, None, None, str(exc), time.perf_counter() - start)
+        if (file.size, file.mtime_ns) != (state.size, state.mtime_ns):
             return None  # still being written: it has to settle again
         try:
-            image, error = load_image(path, self.model.input_size), None
+            if not is_image_name(state.rel):  # the formats extract trains on, no others
+                raise ImageDecodeError(f"not an image file name (extension {os.path.splitext(state.rel)[1]!r} "
+                                       f"is not a format this Pillow decodes)")
+            image, error = decode_image(file.data, self.model.input_size), None
         except ImageDecodeError as exc:
             image, error = None, str(exc)
-        return _Prepared(state, sha, image, error, time.perf_counter() - start)
+        return _Prepared(state, file, image, error, time.perf_counter() - start)
 
     def _process(self, batch: list[FileState]) -> None:
         prepared = [p for p in map(self._prepare, batch) if p is not None]
@@ -169,19 +225,21 @@ class Runner:
             rows = iter(self.model.predict(np.stack(images)))
             share = (time.perf_counter() - start) / len(images)
         now = _utc_now()
-        taken: set[str] = set()
+        taken = {(folder, rel) for folder, rel in self._abandoned}
         items = []
         for p in prepared:
             record = self._record(p, next(rows) if p.image is not None else None, share, now, taken)
-            items.append((record, p.state))
+            items.append(_Settling(record, p.state, p.file))
             self.stats.add(record["latency_ms"], "error" not in record)
-        self.results.append([record for record, _ in items])
+        self.results.append([item.record for item in items])
         self._settle(items)
 
     def _record(
-        self, p: _Prepared, probs: np.ndarray | None, share: float, now: str, taken: set[str]
+        self, p: _Prepared, probs: np.ndarray | None, share: float, now: str, taken: set[tuple[str, str]]
     ) -> dict[str, Any]:
         record: dict[str, Any] = {"path": p.state.rel, "sha256": p.sha256}
+        if probs is not None and not np.isfinite(probs).all():
+            probs, p.error = None, "model produced non-finite output"
         if probs is None:
             record["error"] = p.error
         else:
@@ -195,36 +253,57 @@ class Runner:
         record["time"] = now
         folder = self._folder_for(record)
         if folder is not None:
-            record["moved_to"] = free_destination(folder, p.state.rel, taken)
-            taken.add(record["moved_to"])
+            record["moved_to"] = free_destination(folder, p.state.rel, {rel for f, rel in taken if f == folder})
+            taken.add((folder, record["moved_to"]))
         return record
 
     def _folder_for(self, record: dict[str, Any]) -> str | None:
         return self.config.quarantine if "error" in record else self.config.done
 
-    def _settle(self, items: list[tuple[dict[str, Any], FileState]]) -> None:
-        """Protocol steps 3-4 for files whose lines are already durable."""
+    def _settle(self, items: list[_Settling]) -> None:
+        """Protocol steps 3-4 for files whose lines are already durable.
+
+        Only the version that was classified is moved or remembered: a file changed since it was
+        read stays where it is and gets its own line at the next pass.
+        """
         kept: list[FileState] = []
         folders: set[str] = set()
-        for record, state in items:
-            folder = self._folder_for(record)
-            if folder is None or "moved_to" not in record:
-                kept.append(state)
+        for item in items:
+            src = self._owned_path(item.state.rel)
+            if src is None or not item.unchanged(src):
+                log.warning("%s changed after it was read: left for the next pass", item.state.rel)
+                folder = self._folder_for(item.record)
+                if folder is not None and "moved_to" in item.record:
+                    self._abandoned.add((folder, item.record["moved_to"]))
                 continue
-            src = os.path.join(self.config.watch, state.rel)
-            try:
-                dst = os.path.join(folder, record["moved_to"])
-                try:
-                    move_file(src, dst)
-                except FileExistsError:  # only if something else wrote into the folder meanwhile
-                    dst = os.path.join(folder, free_destination(folder, record["moved_to"], set()))
-                    log.warning("%s already exists: %s moved to %s instead", record["moved_to"], state.rel, dst)
-                    move_file(src, dst)
-            except OSError as exc:
-                log.warning("cannot move %s (%s): left in place, remembered as reported", state.rel, exc)
-                kept.append(state)
+            folder = self._folder_for(item.record)
+            if folder is None or "moved_to" not in item.record:
+                kept.append(item.state)
+                continue
+            dst = self._move(src, folder, item)
+            if dst is None:
+                kept.append(item.state)
                 continue
             folders.update((os.path.dirname(src), os.path.dirname(dst)))
         for folder in folders:
             fsync_dir(folder)
         self.results.checkpoint(kept)
+
+    def _move(self, src: str, folder: str, item: _Settling) -> str | None:
+        """Move ``src`` to its planned place under ``folder``; None (logged) when it must stay."""
+        rel = item.record["moved_to"]
+        try:
+            dst = inside(folder, rel)
+            if dst is None:
+                raise NotADirectoryError(errno.ENOTDIR, "the destination leads through a symlink", rel)
+            make_folders_inside(folder, os.path.dirname(rel))
+            try:
+                move_file(src, dst)
+            except FileExistsError:  # only if something else wrote into the folder meanwhile
+                dst = os.path.join(folder, free_destination(folder, rel, set()))
+                log.warning("%s already exists: %s moved to %s instead", rel, item.state.rel, dst)
+                move_file(src, dst)
+        except OSError as exc:
+            log.warning("cannot move %s (%s): left in place, remembered as reported", item.state.rel, exc)
+            return None
+        return dst

@@ -13,7 +13,9 @@ into memory at once.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
@@ -43,11 +45,37 @@ def is_temporary_name(name: str) -> bool:
     return name.startswith(".") or name.lower().endswith(TEMPORARY_SUFFIXES)
 
 
-def scan(root: str, exclude: frozenset[str]) -> Iterator[FileState]:
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a file"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "an unknown kind of entry")
+
+
+def _skip_reason(entry: os.DirEntry) -> str:
+    """Why an entry that is neither a folder nor a regular file is not processed."""
+    if not entry.is_symlink():
+        return f"not a regular file ({_kind(entry.stat(follow_symlinks=False).st_mode)})"
+    try:
+        target = _kind(os.stat(entry.path).st_mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        if exc.errno == errno.ENOENT:
+            return "dangling symlink (its target does not exist)"
+        target = "something unreadable"
+    return f"symlink to {target} (not followed: the runner only reads and moves files inside the watch folder)"
+
+
+def scan(root: str, exclude: frozenset[str], on_skip: Callable[[str, str], None] | None = None
+         ) -> Iterator[FileState]:
     """Every regular file under ``root`` (recursively), skipping temporary names and ``exclude``.
 
     ``exclude`` holds absolute paths (the done/quarantine folders and the results files when
-    they live inside the watch folder). Symlinked folders are not followed (no loops).
+    they live inside the watch folder). Symlinks are never followed (no loops, nothing outside the
+    watch folder is read); they, FIFOs, devices, sockets and unreadable folders are reported to
+    ``on_skip(rel, reason)``.
     """
     prefix_len = len(root) + 1
     stack = [root]
@@ -55,7 +83,9 @@ def scan(root: str, exclude: frozenset[str]) -> Iterator[FileState]:
         folder = stack.pop()
         try:
             entries = os.scandir(folder)
-        except OSError:  # vanished or unreadable folder: nothing to hand out from it
+        except OSError as exc:  # vanished or unreadable folder: nothing to hand out from it
+            if on_skip is not None and folder != root and exc.errno != errno.ENOENT:
+                on_skip(folder[prefix_len:], f"cannot list folder: {exc.strerror or exc}")
             continue
         with closing(entries):
             for entry in entries:
@@ -65,9 +95,11 @@ def scan(root: str, exclude: frozenset[str]) -> Iterator[FileState]:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
                         continue
-                    if not entry.is_file():
+                    if not entry.is_file(follow_symlinks=False):
+                        if on_skip is not None:
+                            on_skip(entry.path[prefix_len:].replace(os.sep, "/"), _skip_reason(entry))
                         continue
-                    st = entry.stat()
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:  # removed while scanning
                     continue
                 rel = entry.path[prefix_len:].replace(os.sep, "/")
@@ -84,12 +116,14 @@ class Watcher:
         settle_seconds: float,
         skip: Callable[[FileState], bool],
         max_pending: int,
+        on_skip: Callable[[str, str], None] | None = None,
     ) -> None:
         self.root = root
         self.exclude = exclude
         self.settle_seconds = settle_seconds
         self.skip = skip  # files already reported and left in place (the journal)
         self.max_pending = max_pending
+        self.on_skip = on_skip  # told about entries that are not processed (see ``scan``)
         self._pending: dict[str, _Seen] = {}
         self.queue_length = 0  # unreported files seen by the last poll
         self.queue_complete = True  # False when the last poll stopped before the end of the folder
@@ -106,7 +140,7 @@ class Watcher:
         seen: set[str] = set()
         overflow = 0
         complete = True
-        with closing(scan(self.root, self.exclude)) as states:
+        with closing(scan(self.root, self.exclude, self.on_skip)) as states:
             for state in states:
                 if self.skip(state):
                     continue

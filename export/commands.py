@@ -37,8 +37,9 @@ from extract.errors import TransferKitError
               help="Epochs training a new classifier on the frozen backbone first (not used with --head).")
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None,
               help="Where training_curves.png, test_report.txt and metrics.json go [default: MODEL-report/].")
+@click.option("--quiet", is_flag=True, help="No progress bars and epoch lines (on stderr).")
 def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, learning_rate, image_size, batch_size,
-                      weights, seed, patience, warmup_epochs, report_dir):
+                      weights, seed, patience, warmup_epochs, report_dir, quiet):
     """Fine-tune a backbone and its classifier end to end on IMAGES_DIR (augmentation in training only).
 
     \b
@@ -51,7 +52,7 @@ def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, 
     result = fine_tune(
         images_dir, backbone, out, head=head, unfreeze=unfreeze, epochs=epochs, learning_rate=learning_rate,
         image_size=image_size, batch_size=batch_size, seed=seed, store=store, weights=weights, patience=patience,
-        report_dir=report_dir, warmup_epochs=warmup_epochs, verbose=2,
+        report_dir=report_dir, warmup_epochs=warmup_epochs, progress=not quiet,
     )
     test = result.test
     click.echo(
@@ -62,6 +63,14 @@ def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, 
     if test["images"]:
         click.echo(f"test: accuracy {100 * test['accuracy']:.2f}%, macro-F1 {test['macro_f1']:.3f} "
                    f"on {test['images']} images")
+    if test["images"] and result.head_test:
+        before = result.head_test
+        verdict = ("better than" if test["accuracy"] > before["accuracy"] else
+                   "the same as" if test["accuracy"] == before["accuracy"] else "WORSE than")
+        click.echo(f"compared with the head: {100 * test['accuracy']:.2f}% fine-tuned vs "
+                   f"{100 * before['accuracy']:.2f}% head on the same test split ({before['images']} images "
+                   f"in the store): {verdict} the head"
+                   + ("; keep the head (export-onnx --store ... --head ...)" if verdict == "WORSE than" else ""))
     click.echo(f"report: {result.report_dir}")
     for path, reason in list(result.skipped.items())[:10]:
         click.echo(f"  skipped: {path}: {reason}")
@@ -86,8 +95,9 @@ def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, 
               help="Real images on which Keras and onnxruntime must agree.")
 @click.option("--calibration-images", default=300, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: all cores].")
+@click.option("--quiet", is_flag=True, help="Do not say what each step is doing (on stderr).")
 def export_onnx_command(out, model, store, head, images, weights, opset, quantize, tolerance, parity_images,
-                        calibration_images, threads):
+                        calibration_images, threads, quiet):
     """Export a fine-tuned model, or a frozen backbone with a trained head, to one ONNX file.
 
     The model takes uint8 RGB images [N, H, W, 3] (named "image") and outputs "probabilities";
@@ -103,7 +113,7 @@ def export_onnx_command(out, model, store, head, images, weights, opset, quantiz
 
     result = export_onnx(out, model=model, store=store, head=head, images=images, weights=weights, opset=opset,
                          quantize=quantize, tolerance=tolerance, parity_images=parity_images,
-                         calibration_images=calibration_images, threads=threads)
+                         calibration_images=calibration_images, threads=threads, progress=not quiet)
     click.echo(f"{result.path}: model_id {result.metadata['model_id']}, "
                f"{len(result.metadata['class_names'])} classes, input uint8 {result.metadata['input_size']} NHWC")
     click.echo(result.parity.summary())

@@ -15,15 +15,18 @@ import numpy as np
 from edge.imageio import ImageDecodeError, load_image
 from extract.dataset import discover
 from extract.errors import TransferKitError
+from extract.leak_free import ANCHORS_ATTR
 from extract.store import DEFAULT_SPLITS, FeatureSet
 
 SPLIT_ORDER = ("test", "validation", "train")
 
 
 def split_settings(attrs: dict | None) -> dict:
-    """The split settings (``DEFAULT_SPLITS`` keys) from store attributes (defaults where absent)."""
+    """The split settings (``DEFAULT_SPLITS`` keys) from store attributes (defaults where absent),
+    with the near-duplicate anchors of a ``--split-group-by near-duplicates`` store."""
     attrs = attrs or {}
-    return {key: type(default)(attrs.get(key, default)) for key, default in DEFAULT_SPLITS.items()}
+    settings = {key: type(default)(attrs.get(key, default)) for key, default in DEFAULT_SPLITS.items()}
+    return {**settings, ANCHORS_ATTR: str(attrs.get(ANCHORS_ATTR, ""))}
 
 
 @dataclass

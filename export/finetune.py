@@ -34,6 +34,7 @@ from classify.predict import build_backbone_for_head
 from edge.imageio import ImageDecodeError, load_image
 from export.data import LabelledImages, from_folder, split_settings
 from export.keras_models import classifier_model, save_fine_tuned, set_trainable
+from export.progress import EpochProgress
 from export.metadata import TRANSFERKIT_VERSION, path_fingerprint, utc_now
 from extract.errors import TransferKitError
 from extract.models import BuiltBackbone, build_backbone
@@ -69,6 +70,7 @@ class FineTuneResult:
     test: dict  # accuracy, macro_f1, images
     skipped: dict[str, str] = field(default_factory=dict)  # undecodable images -> reason
     seconds: float = 0.0
+    head_test: dict | None = None  # the starting head on the same test split (accuracy, macro_f1, images)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,26 +137,67 @@ def evaluate_test(model, dataset, class_names: list[str], report_dir: Path) -> d
     return {"accuracy": accuracy, "macro_f1": macro_f1, "images": int(len(y_true))}
 
 
-def plot_curves(history: dict[str, list[float]], warmup_epochs: int, path: Path) -> None:
-    """Loss and accuracy per epoch, train and validation; a dashed line where fine-tuning starts."""
-    import matplotlib
+def plot_curves(history: dict[str, list[float]], warmup_epochs: int, best_epoch: int, path: Path) -> None:
+    """Loss and accuracy per epoch (integer ticks), train and validation; a dashed line where
+    fine-tuning starts and the kept (best) epoch marked. ``best_epoch`` counts fine-tuning epochs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
     epochs = np.arange(1, len(history["loss"]) + 1)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    best = warmup_epochs + best_epoch
+    for ax, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
         ax.plot(epochs, history[metric], marker="o", label="train")
         ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
         if warmup_epochs:
             ax.axvline(warmup_epochs + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
+        if 1 <= best <= len(epochs):
+            ax.axvline(best, color="tab:green", linestyle=":", label=f"kept: epoch {best}")
+            ax.plot([best], [history[f"val_{metric}"][best - 1]], marker="*", markersize=14, color="tab:green")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(metric)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        ax.legend(fontsize=8)
+    figure.savefig(path)
+
+
+def _train(model, train_ds, val_ds, warmup_epochs, unfreeze_layers, learning_rate, epochs, callbacks, bars,
+           verbose, record_history):
+    """Warm-up (frozen backbone) then fine-tuning; returns (trainable layers, val loss and accuracy
+    before fine-tuning, the fine-tuning History)."""
+    with warnings.catch_warnings():
+        # the datasets' length is unknown (undecodable files are filtered out), which Keras reports
+        # as "ran out of data" at the end of every epoch
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        if warmup_epochs:
+            set_trainable(model, 0)
+            _compile(model, WARMUP_LEARNING_RATE)
+            record_history(model.fit(train_ds, validation_data=val_ds, epochs=warmup_epochs, shuffle=False,
+                                     verbose=verbose, callbacks=bars("warm-up")))
+        trainable = set_trainable(model, unfreeze_layers)
+        _compile(model, learning_rate)  # after changing `trainable`, or the change is ignored
+        loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
+        fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks + bars("fine-tuning"),
+                        shuffle=False, verbose=verbose)
+    return trainable, loss_before, accuracy_before, fit
+
+
+def head_test_score(head: str | Path | None, store: dict | None) -> dict | None:
+    """The head's accuracy on the store's test split: what the fine-tuned model has to beat."""
+    from classify.data import split_rows
+    from classify.errors import TrainingDataError
+    from classify.train import scores
+
+    if head is None or store is None:
+        return None
+    trained = load_head(head)
+    try:
+        X, y, _ = split_rows(features_for_head(trained, store["path"]), "test", store["path"])
+    except TrainingDataError:  # no test split
+        return None
+    return {**scores(y, trained.predict_proba(X).argmax(axis=1)), "images": int(len(y))}
 
 
 @dataclass
@@ -221,12 +264,14 @@ def fine_tune(
     report_dir: str | Path | None = None,
     warmup_epochs: int = 2,
     verbose: int = 0,
+    progress: bool = False,
 ) -> FineTuneResult:
     """Fine-tune ``backbone`` on ``images_dir`` and write ``out`` (.keras + sidecar) and a report folder.
 
     ``head`` initialises the classifier (no warm-up then) and fixes backbone, weights and input
     size. ``store`` gives the split settings (otherwise defaults with ``seed``). ``weights``: None
-    means the head's weights, or ImageNet without a head.
+    means the head's weights, or ImageNet without a head. ``progress``: a bar per epoch on stderr.
+    An interrupted run (Ctrl-C) leaves neither the best-epoch checkpoint nor an empty report folder.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -249,7 +294,6 @@ def fine_tune(
             f"fine-tuning needs train and validation images; {images_dir} has {len(train)} train and "
             f"{len(validation)} validation images"
         )
-    report_dir.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(seed)
@@ -265,32 +309,31 @@ def fine_tune(
 
     checkpoint = out.with_name(f"{out.stem}.best.keras")
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-    with warnings.catch_warnings():
-        # the datasets' length is unknown (undecodable files are filtered out), which Keras reports
-        # as "ran out of data" at the end of every epoch
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        if warmup_epochs:
-            set_trainable(model, 0)
-            _compile(model, WARMUP_LEARNING_RATE)
-            record_history(model.fit(train_ds, validation_data=val_ds, epochs=warmup_epochs, shuffle=False,
-                                     verbose=verbose))
-        trainable = set_trainable(model, unfreeze_layers)
-        _compile(model, learning_rate)  # after changing `trainable`, or the change is ignored
-        loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
-        callbacks = [stopper, keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True)]
-        fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks, shuffle=False,
-                        verbose=verbose)
+    batches = -(-len(train) // batch_size)
+
+    def bars(label: str) -> list:
+        return [EpochProgress(batches, label)] if progress else []
+
+    try:
+        trainable, loss_before, accuracy_before, fit = _train(
+            model, train_ds, val_ds, warmup_epochs, unfreeze_layers, learning_rate, epochs,
+            [stopper, keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True)],
+            bars, verbose, record_history)
+    except BaseException:  # Ctrl-C included: no half-trained checkpoint left behind
+        checkpoint.unlink(missing_ok=True)
+        raise
     record_history(fit)
     epochs_run = len(fit.history["loss"])
+    report_dir.mkdir(parents=True, exist_ok=True)
 
     test_metrics = evaluate_test(model, image_dataset(test, size, batch_size, False, seed, skipped),
                                  images.class_names, report_dir)
-    plot_curves(history, warmup_epochs, report_dir / "training_curves.png")
+    plot_curves(history, warmup_epochs, stopper.best_epoch + 1, report_dir / "training_curves.png")
     result = FineTuneResult(
         model_path=str(out), report_dir=str(report_dir), trainable_layers=trainable, warmup_epochs=warmup_epochs,
         epochs_run=epochs_run, best_epoch=stopper.best_epoch + 1,
         validation_before={"loss": float(loss_before), "accuracy": float(accuracy_before)},
-        test=test_metrics, skipped=dict(skipped),
+        test=test_metrics, skipped=dict(skipped), head_test=head_test_score(head, begin.store),
     )
     info = {
         "class_names": images.class_names,

@@ -36,6 +36,7 @@ from export.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, graph_model
 from export.parity import PROBABILITY_ATOL, ParityReport, check_parity
 from export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_TOLERANCE, QuantizationReport, int8_path, quantize_checked
 from extract.engine import keras_to_onnx
+from extract.steps import step
 from extract.errors import TransferKitError
 
 DEFAULT_OPSET = 17
@@ -171,8 +172,11 @@ def export_onnx(
     parity_images: int = DEFAULT_PARITY_IMAGES,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     threads: int | None = None,
+    progress: bool = False,
 ) -> ExportResult:
-    """Export ``model`` (fine-tuned .keras) or ``store`` + ``head`` to ``out`` (and ``MODEL.int8.onnx``)."""
+    """Export ``model`` (fine-tuned .keras) or ``store`` + ``head`` to ``out`` (and ``MODEL.int8.onnx``).
+
+    ``progress``: what each long step is doing, and bars over calibration and scoring, on stderr."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise TransferKitError(f"--out must end in .onnx, got {out.name}")
@@ -184,16 +188,18 @@ def export_onnx(
         raise TransferKitError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}")
     if parity_images < 1:
         raise TransferKitError("--parity-images must be at least 1")
+    step("export-onnx: loading the model and converting it to ONNX (tf2onnx)", progress)
     conversion = (from_fine_tuned(model, images, opset) if model is not None
                   else from_head(store, head, images, weights, opset))
     out.parent.mkdir(parents=True, exist_ok=True)
+    step(f"export-onnx: checking Keras against onnxruntime on {parity_images} images", progress)
     metadata, parity = write_checked(conversion, out, parity_images, threads)
     result = ExportResult(path=str(out), metadata=metadata, parity=parity)
     int8 = int8_path(out)
     if quantize == "int8":
         result.quantization = quantize_checked(
             out, int8, metadata, conversion.images.subset("train"), conversion.images.subset("test"),
-            metadata["input_size"][0], tolerance, calibration_images, threads,
+            metadata["input_size"][0], tolerance, calibration_images, threads, progress,
         )
     if int8.exists() and not (result.quantization and result.quantization.accepted):
         int8.unlink()

@@ -28,6 +28,7 @@ from extract.engine import onnx_session
 from extract.errors import TransferKitError
 from extract.quantization import SETTINGS as QUANTIZATION_SETTINGS
 from extract.quantization import quantize_int8
+from extract.steps import step
 
 DEFAULT_CALIBRATION_IMAGES = 300
 DEFAULT_TOLERANCE = 1.0  # accuracy points the int8 model may lose
@@ -38,10 +39,18 @@ def int8_path(float_path: Path) -> Path:
     return float_path.with_name(float_path.stem + ".int8" + float_path.suffix)
 
 
-def calibrate_int8(float_path: Path, out_path: Path, calibration: LabelledImages, size: int) -> int:
+def calibrate_int8(float_path: Path, out_path: Path, calibration: LabelledImages, size: int,
+                   progress: bool = False) -> int:
     """Write the int8 model of ``float_path`` calibrated on ``calibration``; returns the images used."""
-    batches = (batch for batch, _ in iter_batches(calibration, size, batch_size=16))
-    return quantize_int8(float_path, out_path, batches)
+    from tqdm import tqdm
+
+    with tqdm(total=len(calibration), unit="img", desc="int8 calibration", disable=not progress, leave=False) as bar:
+        def batches():
+            for batch, _ in iter_batches(calibration, size, batch_size=16):
+                bar.update(len(batch))
+                yield batch
+
+        return quantize_int8(float_path, out_path, batches())
 
 
 @dataclass
@@ -52,19 +61,25 @@ class Score:
 
 
 def score_models(paths: dict[str, Path], images: LabelledImages, size: int, threads: int | None = None,
-                 batch_size: int = 32) -> dict[str, Score]:
+                 batch_size: int = 32, progress: bool = False) -> dict[str, Score]:
     """Test accuracy and throughput (batches of ``batch_size``, decode excluded) of ONNX files on the same images."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(images), unit="img", desc=f"scoring {' and '.join(paths)}", disable=not progress,
+               leave=False)
     sessions = {key: onnx_session(path, threads) for key, path in paths.items()}
     correct = dict.fromkeys(paths, 0)
     seconds = dict.fromkeys(paths, 0.0)
     total = 0
     for batch, labels in iter_batches(images, size, batch_size):
         total += len(labels)
+        bar.update(len(labels))
         for key, session in sessions.items():
             started = time.perf_counter()
             probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
             seconds[key] += time.perf_counter() - started
             correct[key] += int((probs.argmax(axis=1) == labels).sum())
+    bar.close()
     if not total:
         raise TransferKitError("no test image could be decoded to measure accuracy")
     return {key: Score(100.0 * correct[key] / total, total / max(seconds[key], 1e-9), total) for key in paths}
@@ -105,6 +120,7 @@ def quantize_checked(
     tolerance: float = DEFAULT_TOLERANCE,
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     threads: int | None = None,
+    progress: bool = False,
 ) -> QuantizationReport:
     """Quantize, measure both models on ``test`` and keep the int8 file only if it loses at most ``tolerance`` points."""
     if not len(train):
@@ -113,8 +129,10 @@ def quantize_checked(
         raise TransferKitError("checking the int8 model needs test images; the folder has none in its test split")
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:
-        calibrated = calibrate_int8(float_path, tmp, _spread(train, calibration_images), size)
-        scores = score_models({"float": float_path, "int8": tmp}, test, size, threads)
+        step(f"export-onnx: quantizing to int8 (calibrating on up to {calibration_images} train images)", progress)
+        calibrated = calibrate_int8(float_path, tmp, _spread(train, calibration_images), size, progress)
+        step(f"export-onnx: measuring float and int8 on {len(test)} test images", progress)
+        scores = score_models({"float": float_path, "int8": tmp}, test, size, threads, progress=progress)
         report = QuantizationReport(scores["float"], scores["int8"], tolerance, accepted=False, path="",
                                     calibration_images=calibrated)
         report.accepted = report.drop <= tolerance

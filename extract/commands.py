@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
-from extract.backbones import DEFAULT_BACKBONE, list_backbones
-from extract.identify_command import identify_command
+from edge.imageio import printable, strict_json
+from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
+from extract.dataset import GROUP_BY_CHOICES
 from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
+from extract.identify_command import identify_command
 
 
 def _backbone_names() -> list[str]:
@@ -18,7 +21,10 @@ def _backbone_names() -> list[str]:
 @click.command("extract")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()))
+@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()),
+              help=f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
+                   f"need their Keras ImageNet weights file in ~/.keras/models, downloaded once "
+                   f"(`backbones` lists which are there).")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (Keras cache or the installed package), none (random, for tests/timing) or a weights file PATH.")
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
@@ -30,6 +36,10 @@ def _backbone_names() -> list[str]:
 @click.option("--split-group", default=None, metavar="REGEX",
               help="Images whose paths are equal once REGEX matches are removed share a split, e.g. "
                    "'_aug\\d+' keeps img1.jpg and img1_aug3.jpg together [default: none, or the store's].")
+@click.option("--split-group-by", type=click.Choice(GROUP_BY_CHOICES), default=None,
+              help="near-duplicates: images whose files are identical or whose features are nearly identical "
+                   "(the audit's rule) share a split, found once the features are computed [default: none, or "
+                   "the store's].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--engine", type=click.Choice(["auto", "onnx", "keras", "onnx-int8"]), default="auto", show_default=True,
               help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails; "
@@ -46,7 +56,8 @@ def _backbone_names() -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    dtype, engine, tolerance, input_size, shard, threads, checkpoint_seconds, as_json, quiet):
+                    split_group_by, dtype, engine, tolerance, input_size, shard, threads, checkpoint_seconds, as_json,
+                    quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -57,20 +68,25 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store features.h5 --backbone efficientnet_lite0
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --weights ~/resnet50_notop.h5
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
+      python cli.py extract photos/ --store leak-free.h5 --split-group-by near-duplicates
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --engine onnx-int8
     """
-    from extract.job import run_extraction
+    from extract.job import ExtractionInterrupted, run_extraction
 
-    summary = run_extraction(
-        images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
-        validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group, dtype=dtype,
-        engine=engine, tolerance=tolerance, input_size=input_size, shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds,
-        progress=not quiet,
-    )
+    try:
+        summary = run_extraction(
+            images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
+            validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
+            split_group_by=split_group_by, dtype=dtype, engine=engine, tolerance=tolerance, input_size=input_size,
+            shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+        )
+    except ExtractionInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)  # the shell's status for Ctrl-C
     for note in summary.notes:
         click.echo(note, err=True)
     if as_json:
-        click.echo(json.dumps(summary.to_dict(), ensure_ascii=False))
+        click.echo(strict_json(summary.to_dict()))
         return
     click.echo(
         f"{summary.backbone}: {summary.images} images in {summary.store} "
@@ -79,8 +95,11 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
         f"in {summary.seconds:.1f} s"
         + (f", {summary.images_per_second:.1f} images/s with {summary.engine}" if summary.extracted else "")
     )
+    if summary.split_groups:
+        click.echo(f"  {summary.split_groups} near-duplicate groups kept in one split "
+                   f"({summary.split_moved} images moved to their group's split)")
     for path, reason in summary.failures[:10]:
-        click.echo(f"  failed: {path}: {reason}")
+        click.echo(f"  failed: {printable(path)}: {printable(reason)}")
     if len(summary.failures) > 10:
         click.echo(f"  ... and {len(summary.failures) - 10} more (see `python cli.py store info {store}`)")
     _warn_copies(summary.copies_across_splits)
@@ -105,16 +124,16 @@ def store_info_command(store, as_json):
 
     info = FeatureStore(store).info()
     if as_json:
-        click.echo(json.dumps(info, ensure_ascii=False))
+        click.echo(strict_json(info))
         return
     click.echo(f"{info['path']}: {info['images']} images, {info['failed']} failed, {len(info['classes'])} classes")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
-    click.echo("  classes: " + ", ".join(info["classes"]))
+    click.echo("  classes: " + ", ".join(map(printable, info["classes"])))
     for name, b in info["backbones"].items():
         click.echo(f"  {name}: {b['rows']} rows x {b['dim']} {b['dtype']}, {b['input_size']} px, "
                    f"preprocessing {b['preprocessing']}, weights {b['weights']}")
     for failure in info["failures"][:10]:
-        click.echo(f"  failed: {failure['path']}: {failure['reason']}")
+        click.echo(f"  failed: {printable(failure['path'])}: {printable(failure['reason'])}")
     if len(info["failures"]) > 10:
         click.echo(f"  ... and {len(info['failures']) - 10} more failures (--json lists them all)")
     if info["pending_rows"]:
@@ -131,7 +150,7 @@ def _warn_copies(groups: list[list[str]], shown: int = 5) -> None:
     click.echo(f"  warning: {files} files are copies of {len(groups)} image(s) and sit in different splits "
                f"(the test score will be optimistic); keep one file of each group:", err=True)
     for group in groups[:shown]:
-        click.echo("    " + " = ".join(group), err=True)
+        click.echo("    " + " = ".join(map(printable, group)), err=True)
     if len(groups) > shown:
         click.echo(f"    ... and {len(groups) - shown} more (`store info --json` lists them all)", err=True)
 

@@ -15,6 +15,7 @@ Class names are folder names (NFC-normalised, accents and spaces kept), sorted l
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import unicodedata
@@ -51,9 +52,21 @@ class Dataset:
         return counts
 
 
+GROUP_BY_CHOICES = ("none", "near-duplicates")
+
+
+def check_group_by(value: str) -> str:
+    if value not in GROUP_BY_CHOICES:
+        raise DatasetError(f"--split-group-by must be one of {', '.join(GROUP_BY_CHOICES)}, got {value!r}")
+    return value
+
+
 def _unit_hash(text: str) -> float:
-    """A number in [0, 1) that depends only on ``text``."""
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    """A number in [0, 1) that depends only on ``text``.
+
+    A file name that is not valid UTF-8 arrives surrogate-escaped (``os.fsdecode``); it is hashed
+    as its original bytes, so such a file gets a split like any other."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -67,7 +80,7 @@ def split_key(relpath: str, group: re.Pattern | None) -> str:
     return group.sub("", relpath) if group else relpath
 
 
-def _compile_group(split_group: str) -> re.Pattern | None:
+def compile_group(split_group: str) -> re.Pattern | None:
     if not split_group:
         return None
     try:
@@ -124,10 +137,18 @@ def discover(
     test_split: float = 0.1,
     seed: int = 0,
     split_group: str = "",
+    split_group_by: str = "none",
+    split_anchors: str | dict = "",
 ) -> Dataset:
-    """Images and classes under ``root``; see the module docstring for layouts and splits."""
+    """Images and classes under ``root``; see the module docstring for layouts and splits.
+
+    ``split_anchors`` (``{path: anchor}``, or its JSON): an image listed there takes its anchor's
+    split (``extract --split-group-by near-duplicates``, see ``extract/leak_free.py``).
+    """
     root = Path(root)
-    group = _compile_group(split_group)
+    group = compile_group(split_group)
+    check_group_by(split_group_by)
+    anchors = json.loads(split_anchors or "{}") if isinstance(split_anchors, str) else split_anchors
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
     if not (0 <= validation_split < 1 and 0 <= test_split < 1 and validation_split + test_split < 1):
@@ -151,8 +172,8 @@ def discover(
                 if not is_image_name(rel):
                     ignored.append(relpath)
                     continue
-                entry_split = split or assign_split(split_key(relpath, group), seed, validation_split,
-                                                    test_split)
+                entry_split = split or assign_split(split_key(anchors.get(relpath, relpath), group), seed,
+                                                    validation_split, test_split)
                 entries.append(ImageEntry(relpath, class_name, entry_split))
     if not entries:
         raise DatasetError(

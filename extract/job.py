@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.imageio import ImageDecodeError, load_image
+from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_regular_file
 from extract.backbones import DEFAULT_BACKBONE, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 from extract.engine import ENGINES
-from extract.errors import StoreError, TransferKitError
+from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.int8 import INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
+from extract.leak_free import ANCHORS_ATTR, group_store_splits
 from extract.segments import BackgroundSegments
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
-from extract.weights import backbone_record, file_sha256, resolve_weights
+from extract.weights import backbone_record, resolve_weights
 
 DTYPES = ("float32", "float16")
 
@@ -48,9 +49,21 @@ class ExtractionSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)
     copies_across_splits: list[list[str]] = field(default_factory=list)  # identical files in 2+ splits
     notes: list[str] = field(default_factory=list)  # the int8 gate's verdict, when int8 was asked for
+    split_groups: int = 0  # near-duplicate groups kept in one split (--split-group-by near-duplicates)
+    split_moved: int = 0  # images this run moved to their group's split
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class ExtractionInterrupted(TransferKitError):
+    """Ctrl-C during extraction: the rows computed so far are kept; the same command resumes."""
+
+    def __init__(self, store: Path, extracted: int, todo: int):
+        self.extracted, self.todo = extracted, todo
+        super().__init__(
+            f"interrupted: the {extracted} images extracted in this run are kept in {store} "
+            f"({todo - extracted} of this run's {todo} still to compute); run the same command again to resume")
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -91,21 +104,28 @@ def _split_settings(state: StoreState | None, requested: dict) -> dict:
     return settings
 
 
-def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, workers: int) -> ImageTable:
-    """Content hashes, reusing the stored one when size and mtime are unchanged."""
+def _fingerprint(path: Path, known: tuple[str, int, int] | None) -> tuple[str, int, int, str | None]:
+    """``(sha256, size, mtime_ns, None)`` of one file, reusing the stored hash when size and mtime are
+    unchanged; ``("", -1, -1, reason)`` for an entry that is not a readable regular file (FIFO,
+    device, dangling link, link loop, permission denied, changed while read)."""
+    try:
+        st = stat_regular_file(path)
+        if known and known[0] and (known[1], known[2]) == (st.st_size, st.st_mtime_ns):
+            return known[0], st.st_size, st.st_mtime_ns, None
+        file = read_image_file(path)
+        return file.sha256, file.size, file.mtime_ns, None
+    except ImageDecodeError as exc:
+        return "", -1, -1, str(exc)
+
+
+def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable,
+                  workers: int) -> tuple[ImageTable, dict[str, tuple[str, str]]]:
+    """Content hashes, and ``path -> ("", reason)`` for the entries that cannot be read."""
     known = {p: (s, size, m) for p, s, size, m in
              zip(previous.path, previous.sha256, previous.size, previous.mtime_ns)}
-
-    def one(entry: ImageEntry) -> tuple[str, int, int]:
-        st = os.stat(root / entry.relpath)
-        old = known.get(entry.relpath)
-        if old and old[1] == st.st_size and old[2] == st.st_mtime_ns:
-            return old[0], st.st_size, st.st_mtime_ns
-        return file_sha256(root / entry.relpath), st.st_size, st.st_mtime_ns
-
     with ThreadPoolExecutor(workers) as pool:
-        hashed = list(pool.map(one, entries))
-    return ImageTable(
+        hashed = list(pool.map(lambda e: _fingerprint(root / e.relpath, known.get(e.relpath)), entries))
+    table = ImageTable(
         path=[e.relpath for e in entries],
         sha256=[h[0] for h in hashed],
         class_name=[e.class_name for e in entries],
@@ -113,11 +133,18 @@ def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, w
         size=[h[1] for h in hashed],
         mtime_ns=[h[2] for h in hashed],
     )
+    unreadable = {e.relpath: ("", h[3]) for e, h in zip(entries, hashed) if h[3] is not None}
+    return table, unreadable
 
 
-def _decode(root: Path, relpath: str, size: int) -> np.ndarray | str:
+def _decode(root: Path, relpath: str, sha256: str, size: int) -> np.ndarray | str:
+    """Read the file once and decode those bytes, only if they are the content the row is keyed by
+    (a file replaced after hashing is a failure now and gets extracted by the next run)."""
     try:
-        return load_image(root / relpath, (size, size))
+        file = read_image_file(root / relpath)
+        if file.sha256 != sha256:
+            return "file changed since it was hashed; run extract again to extract its new content"
+        return decode_image(file.data, (size, size))
     except ImageDecodeError as exc:
         return str(exc)
 
@@ -128,13 +155,13 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for chunk in chunks[:2]:
-            pending.append((chunk, [pool.submit(_decode, root, p, size) for p, _ in chunk]))
+            pending.append((chunk, [pool.submit(_decode, root, p, s, size) for p, s in chunk]))
         next_chunk = 2
         while pending:
             chunk, futures = pending.popleft()
             if next_chunk < len(chunks):
                 c = chunks[next_chunk]
-                pending.append((c, [pool.submit(_decode, root, p, size) for p, _ in c]))
+                pending.append((c, [pool.submit(_decode, root, p, s, size) for p, s in c]))
                 next_chunk += 1
             paths, shas, arrays, failures = [], [], [], {}
             for (path, sha), future in zip(chunk, futures):
@@ -166,6 +193,7 @@ def run_extraction(
     test_split: float | None = None,
     seed: int | None = None,
     split_group: str | None = None,
+    split_group_by: str | None = None,
     dtype: str = "float32",
     engine: str = "auto",
     tolerance: float = DEFAULT_TOLERANCE,
@@ -202,6 +230,7 @@ def _extract(
     test_split: float | None = None,
     seed: int | None = None,
     split_group: str | None = None,
+    split_group_by: str | None = None,
     dtype: str = "float32",
     engine: str = "auto",
     tolerance: float = DEFAULT_TOLERANCE,
@@ -227,8 +256,12 @@ def _extract(
     with StoreWriter(store) as writer:
         settings = _split_settings(writer.state, {"validation_split": validation_split,
                                                   "test_split": test_split, "seed": seed,
-                                                  "split_group": split_group})
-        dataset = discover(root, **settings)
+                                                  "split_group": split_group, "split_group_by": split_group_by})
+        stored_anchors = writer.state.attrs.get(ANCHORS_ATTR, "") if writer.state else ""
+        dataset = discover(root, **settings, split_anchors=stored_anchors)
+        if settings["split_group_by"] != "none" and dataset.layout == "split-folders":
+            raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
+                               f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
         entries = select_entries(dataset, shard_spec)
         state = writer.state or empty_state()
         state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
@@ -248,7 +281,8 @@ def _extract(
             if str(previous_rows.features.dtype) != dtype:
                 raise StoreError(f"{store} holds {name} features as {previous_rows.features.dtype}; "
                                  f"pass --dtype {previous_rows.features.dtype}")
-        state.images = _hash_entries(root, entries, state.images, workers)
+        state.images, unreadable = _hash_entries(root, entries, state.images, workers)
+        state.failed.update(unreadable)
         state.classes = dataset.class_names
         dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
         rows = state.backbones.get(name)
@@ -265,6 +299,10 @@ def _extract(
             extracted, engine_name, loop_seconds = _compute(
                 writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
                 batch_size, workers, threads, checkpoint_seconds, progress, int8_gate)
+        split_groups = split_moved = 0
+        if settings["split_group_by"] == "near-duplicates":
+            split_groups, split_moved = group_store_splits(state, name, settings)
+            writer.commit(state)
         rows = state.backbones.get(name)
         elapsed = time.perf_counter() - started
         return ExtractionSummary(
@@ -274,6 +312,7 @@ def _extract(
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
             copies_across_splits=state.images.copies_across_splits(),
+            split_groups=split_groups, split_moved=split_moved,
         )
 
 
@@ -291,7 +330,7 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
     """``int8_gate``: (dataset, the store's int8 rows, tolerance, notes) for an int8 run, else None."""
     from tqdm import tqdm
 
-    from extract.engine import open_engine
+    from extract.engine import onnx_engine_path, open_engine
 
     quantization = {}
     if int8_gate:
@@ -303,6 +342,9 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
         run_engine, quantization = choice.engine, {"quantization": choice.record}
         notes.append(choice.report.describe(tolerance) + (" (cached)" if choice.cached else ""))
     else:
+        if engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
+            step(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
+                 f"cached for later runs, 10-60 s)", progress)
         run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
     name = features_name(spec.name, bool(int8_gate))
     record = {
@@ -323,8 +365,13 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
                     segments.flush()
                     writer.commit(state)
                     last_checkpoint = time.monotonic()
+    except KeyboardInterrupt:
+        bar.close()
+        writer.commit(state)  # fold in what was computed (a second Ctrl-C leaves it in segments: still kept)
+        raise ExtractionInterrupted(writer.path, extracted, len(todo)) from None
     finally:
         bar.close()
+    loop_seconds = time.monotonic() - loop_started  # the images/s reported: this loop's, not the final rewrite's
     writer.commit(state)
-    return extracted, run_engine.name, time.monotonic() - loop_started
+    return extracted, run_engine.name, loop_seconds
 

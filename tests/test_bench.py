@@ -9,6 +9,7 @@ and would take this one past a minute.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def test_run_compares_both_pipelines_on_any_folder(tmp_path):  # about 30 s on 2
     text = out.read_text()
     assert "python bench/run.py --data" in text and " UTC on " in text and " cores, " in text
     assert "- photos: " in text and "24 images, 3 classes (blue, green, red)" in text  # 8 of 10 per class
+    assert f"- photos: `{os.path.relpath(data, ROOT)}`" in text  # relative to the repository, not absolute
     assert "at most 8 images per class" in text
 
     rows = [line for line in text.splitlines() if line.startswith(("| tutorials' way", "| this tool"))]
@@ -66,3 +68,13 @@ def test_run_compares_both_pipelines_on_any_folder(tmp_path):  # about 30 s on 2
     assert pipelines["tutorial"]["runs"][0]["epochs"] == 1
     assert raw["config"]["limit_per_class"] == 8 and raw["total_seconds"] > 0
     assert raw["datasets"][0]["edge_bench"]["result"]["images"] == 24
+
+    # --assemble measures nothing: the same report from the JSON, plus the other scripts' sections.
+    out.write_text("stale")
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--assemble", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assembled = out.read_text()
+    assert assembled == text
+    for section in sorted((ROOT / "docs" / "bench").glob("*.md")):
+        assert section.read_text().splitlines()[0].replace("## ", "### ", 1) in assembled

@@ -36,8 +36,9 @@ def store(tmp_path) -> Path:
 def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
     result = invoke("fit-head", "--store", store, "--kind", "all", "--out", tmp_path / "head", "--json")
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.output.splitlines()]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["kind"] for row in rows] == ["svm", "softmax", "mlp"]
+    assert "fitting mlp on 72 images" in result.stderr  # the progress bar names the head being fitted
     assert all(METRIC_KEYS <= set(row) for row in rows)
     assert all(row["test_accuracy"] > 0.9 and row["n_train"] == 72 for row in rows)
     assert sum(row["saved"] for row in rows) == 1
@@ -45,8 +46,8 @@ def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
 
 
 def test_fit_head_prints_a_leaderboard(store, tmp_path):
-    result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3)
-    assert result.exit_code == 0, result.output
+    result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3, "--quiet")
+    assert result.exit_code == 0 and result.stderr == "", result.output
     header, row, summary = result.output.splitlines()
     assert header.split()[:3] == ["kind", "val", "acc"]
     assert row.startswith("svm") and row.endswith("saved")
@@ -170,7 +171,7 @@ def test_predict_labels_new_images_like_the_head_on_stored_features(image_store,
 def test_predict_refuses_other_weights(image_store, tmp_path):
     images, store = image_store
     other = tmp_path / "other.weights.h5"
-    other.write_bytes(b"weights of another model")
+    other.write_bytes(b"\x89HDF\r\n\x1a\n" + b"weights of another model")  # passes the format check
     result = invoke("predict", "--head", store.parent / "head", next(images.rglob("*.jpg")), "--weights", other)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert "the head was trained on mobilenet_v2 features from weights random-init:seed=0" in result.output
@@ -250,3 +251,56 @@ def test_predict_with_an_exported_onnx_model(tmp_path):
                                           f"{tmp_path / 'in' / 'sub' / 'b.png'}: blue (1.000)"]
     result = invoke("predict", "--model", model, "--head", tmp_path, tmp_path / "in")
     assert result.exit_code == 1 and "give either --head HEAD or --model" in result.output
+
+
+def _store_with_images(tmp_path: Path) -> tuple[Path, Path]:
+    """A store (classes red, green, blue) whose rows point at real solid-colour images; one test image
+    of class red is blue, so a colour model misclassifies exactly that one."""
+    from test_edge import solid
+
+    classes = ("red", "green", "blue")
+    sizes = {name: {"train": 4, "validation": 2, "test": 3} for name in classes}
+    images = tmp_path / "moved-images"
+    store = make_feature_store(tmp_path / "features.h5", classes=classes, sizes=sizes, backbone="tiny-test")
+    for row_path, name in zip(FeatureStore(store).read().paths, FeatureStore(store).read().labels):
+        solid(images / row_path, "blue" if row_path == "red/test_0.jpg" else classes[name])
+    return store, images
+
+
+def test_evaluate_an_onnx_model_writes_the_same_report_as_a_head(tmp_path):
+    from test_edge import build_model
+
+    store, images = _store_with_images(tmp_path)
+    model = build_model(tmp_path / "model.onnx")
+    result = invoke("evaluate", "--store", store, "--model", model, "--report-dir", tmp_path / "r")
+    assert result.exit_code == 1 and "pass --images DIR" in result.output  # the images moved since extraction
+    result = invoke("evaluate", "--store", store, "--model", model, "--images", images, "--report-dir",
+                    tmp_path / "r", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert (metrics["n"], metrics["accuracy"], metrics["kind"]) == (9, pytest.approx(8 / 9), "onnx")
+    assert [(m["path"], m["true"], m["predicted"]) for m in metrics["misclassified"]] == [
+        ("red/test_0.jpg", "red", "blue")]
+    assert metrics["confusion_matrix"] == [[2, 0, 1], [0, 3, 0], [0, 0, 3]]
+    written = sorted(p.name for p in (tmp_path / "r").iterdir())
+    assert written == sorted(REPORT_FILES)  # t-SNE too: the store has features of the model's backbone (tiny-test)
+
+    (tmp_path / "h").mkdir()
+    head_report = invoke("evaluate", "--store", store, "--head", _head_and_store(tmp_path / "h")["head"],
+                         "--report-dir", tmp_path / "rh")
+    assert head_report.exit_code == 1 and "the head was trained on mobilenet_v2 features" in head_report.output
+    both = invoke("evaluate", "--store", store, "--model", model, "--head", tmp_path, "--report-dir", tmp_path / "x")
+    assert both.exit_code == 2 and "give either --head HEAD or --model" in both.output
+
+
+def test_evaluate_on_a_folder_without_a_store(tmp_path):
+    from test_edge import build_model, solid
+
+    for name in ("red", "green", "blue"):
+        for i in range(3):
+            solid(tmp_path / "photos" / "test" / name / f"{i}.png", name)
+            solid(tmp_path / "photos" / "train" / name / f"{i}.png", name)
+    result = invoke("evaluate", "--model", build_model(tmp_path / "m.onnx"), "--images", tmp_path / "photos",
+                    "--report-dir", tmp_path / "r", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("onnx model on 9 test images: accuracy 1.000")

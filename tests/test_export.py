@@ -102,6 +102,11 @@ def test_int8_accepted_then_refused_via_cli(workspace, head_export, tmp_path):
                                    "--out", str(out), "--quantize", "int8", "--tolerance", "100"])
     assert accepted.exit_code == 0, accepted.output
     assert "float" in accepted.output and "int8" in accepted.output and "images/s" in accepted.output
+    # every long step says what it does on stderr, calibration and scoring with a bar over the images
+    for said in ("export-onnx: loading the model and converting it to ONNX (tf2onnx)...",
+                 "export-onnx: quantizing to int8 (calibrating on up to 300 train images)...",
+                 "int8 calibration: ", "export-onnx: measuring float and int8 on ", "scoring float and int8: "):
+        assert said in accepted.stderr and said not in accepted.stdout, said
     int8 = tmp_path / "model.int8.onnx"
     meta, float_meta = read_metadata(int8), read_metadata(out)
     assert meta["quantization"]["format"] == "QDQ" and meta["quantization"]["calibration_images"] > 0
@@ -110,8 +115,8 @@ def test_int8_accepted_then_refused_via_cli(workspace, head_export, tmp_path):
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
 
     refused = runner.invoke(cli, ["export-onnx", "--store", str(workspace.store), "--head", str(workspace.head),
-                                  "--out", str(out), "--quantize", "int8", "--tolerance", "-1"])
-    assert refused.exit_code == 1
+                                  "--out", str(out), "--quantize", "int8", "--tolerance", "-1", "--quiet"])
+    assert refused.exit_code == 1 and "export-onnx:" not in refused.stderr and "calibration" not in refused.stderr
     assert "int8 refused" in refused.output and "kept the float model" in refused.output
     assert out.is_file() and not int8.exists()  # the earlier int8 file belonged to another export
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
@@ -174,7 +179,7 @@ def test_refuses_head_trained_on_other_weights(workspace, tmp_path):
 
 def test_refuses_weights_other_than_the_heads(workspace, tmp_path):
     weights_file = tmp_path / "other.weights.h5"
-    weights_file.write_bytes(b"not the weights the head was trained with")
+    weights_file.write_bytes(b"\x89HDF\r\n\x1a\n" + b"not the weights the head was trained with")  # passes the format check
     with pytest.raises(TransferKitError, match=r"random-init:seed=3.*other\.weights\.h5"):
         export_onnx(tmp_path / "m.onnx", store=workspace.store, head=workspace.head, weights=str(weights_file))
     assert not (tmp_path / "m.onnx").exists()

@@ -68,6 +68,9 @@ def test_fine_tuned_model_files_and_frozen_statistics(fine_tuned, workspace):
     assert metrics["test"]["images"] > 0 and 0 <= metrics["test"]["accuracy"] <= 1
     assert len(metrics["history"]["val_loss"]) == 2
     assert not (out.parent / "model.best.keras").exists()
+    X_test, y_test = workspace.features().subset("test")  # the head's score on the same split, for comparison
+    assert result.head_test == {"accuracy": pytest.approx(np.mean(load_head(workspace.head).head.predict(X_test) == y_test)),
+                                "macro_f1": pytest.approx(result.head_test["macro_f1"]), "images": len(y_test)}
 
     # before any training step the model is the head: same validation accuracy
     trained = load_head(workspace.head)
@@ -115,6 +118,37 @@ def test_cli_fine_tune_with_warm_up(workspace, tmp_path):
     assert info["head"] is None and info["splits"]["seed"] == STORE_SEED
 
 
+def test_cli_fine_tune_from_a_head_shows_progress_and_compares_with_the_head(workspace, tmp_path):
+    result = CliRunner().invoke(cli, [
+        "fine-tune", str(workspace.images), "--head", str(workspace.head), "--store", str(workspace.store),
+        "--epochs", "1", "--unfreeze", "2", "--batch-size", "16", "--out", str(tmp_path / "m.keras")])
+    assert result.exit_code == 0, result.output
+    X_test, y_test = workspace.features().subset("test")
+    head_accuracy = 100 * np.mean(load_head(workspace.head).head.predict(X_test) == y_test)
+    comparison = next(line for line in result.stdout.splitlines() if line.startswith("compared with the head: "))
+    assert f"vs {head_accuracy:.2f}% head on the same test split ({len(y_test)} images in the store)" in comparison
+    assert "fine-tuning epoch 1/1 (" in result.stderr and "val_accuracy" in result.stderr  # progress on stderr
+    assert "fine-tuning epoch" not in result.stdout
+
+
+def test_ctrl_c_during_fine_tuning_leaves_no_checkpoint_and_no_report(workspace, tmp_path, monkeypatch):
+    from export.progress import EpochProgress
+
+    original = EpochProgress.on_epoch_begin
+
+    def interrupt_second_epoch(self, epoch, logs=None):
+        if epoch == 1:  # the first epoch's checkpoint is on disk by now
+            assert (tmp_path / "m.best.keras").is_file()
+            raise KeyboardInterrupt
+        original(self, epoch, logs)
+
+    monkeypatch.setattr(EpochProgress, "on_epoch_begin", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(workspace.images, None, tmp_path / "m.keras", head=workspace.head, store=workspace.store,
+                  epochs=2, batch_size=16, unfreeze="2", progress=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no m.best.keras, no m-report/, no m.keras
+
+
 def test_refusals(workspace, tmp_path):
     runner = CliRunner()
 
@@ -144,3 +178,23 @@ def test_parse_unfreeze():
     assert parse_unfreeze("0") == 0 and parse_unfreeze(12) == 12
     with pytest.raises(TransferKitError):
         parse_unfreeze("-1")
+
+
+def test_predict_and_evaluate_accept_the_fine_tuned_model(fine_tuned, workspace, tmp_path):
+    out, result = fine_tuned
+    report = CliRunner().invoke(cli, ["evaluate", "--model", str(out), "--store", str(workspace.store),
+                                      "--report-dir", str(tmp_path / "r"), "--json", "--quiet"])
+    assert report.exit_code == 0, report.output
+    metrics = json.loads(report.stdout)
+    assert metrics["kind"] == "fine-tuned" and metrics["n"] == result.test["images"]
+    assert metrics["accuracy"] == pytest.approx(result.test["accuracy"])  # the same test split as fine-tune's
+    assert (tmp_path / "r" / "confusion_matrix.png").is_file() and (tmp_path / "r" / "tsne.png").is_file()
+
+    image = workspace.images / workspace.features().paths[0]
+    predicted = CliRunner().invoke(cli, ["predict", "--model", str(out), str(image), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    assert "engine Keras (model.keras)" in predicted.stderr
+    model, _ = load_fine_tuned(out)
+    batch, _ = load_batch([str(image)], 32)
+    expected = np.asarray(model(batch, training=False))[0]
+    assert json.loads(predicted.stdout)["probability"] == pytest.approx(float(expected.max()), abs=1e-5)

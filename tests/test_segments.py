@@ -53,3 +53,12 @@ def test_a_failed_write_raises_in_the_loop():
         with BackgroundSegments(writer, "resnet50", {}, min_rows=8, max_seconds=60) as segments:
             for start in range(0, 32, 8):
                 segments.add(*_batch(start))
+
+
+def test_rows_computed_before_ctrl_c_are_written():
+    writer = RecordingWriter()
+    with pytest.raises(KeyboardInterrupt):
+        with BackgroundSegments(writer, "resnet50", {}, min_rows=64, max_seconds=60) as segments:
+            segments.add(*_batch(0))
+            raise KeyboardInterrupt
+    assert [p for s in writer.segments for p in s[1]] == [f"img{i}" for i in range(8)]

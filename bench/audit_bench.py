@@ -1,0 +1,261 @@
+"""What `audit` finds: in the real sets as they are, in copies with planted faults, and its cost at 100k rows.
+
+For each data set: extract it (EfficientNet-Lite0) and audit it; then copy it, move 20 images into
+another class folder (label swaps) and add 15 transformed copies of training images (resized,
+re-encoded at JPEG quality 40, cropped to 92 %, mirrored, in turn) under names that land in the
+test split, extract and audit the copy, and count the swaps among the top 40 suspects and the
+copies grouped with their original. Last, the blockwise similarity search on synthetic features
+(100,000 rows x 1280 by default): seconds and peak memory (tracemalloc) of the search alone.
+
+Example:
+    python bench/audit_bench.py --synthetic-rows 0      # the shared sets -> docs/bench/audit.md
+    python bench/audit_bench.py --data --out docs/bench/audit-scale   # 100,000 synthetic rows only
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, default_data, header, run_script, write_section  # noqa: E402
+from classify.duplicates import FEATURE_THRESHOLD  # noqa: E402
+from classify.label_checks import leak_effect_sentence  # noqa: E402
+from extract.neighbours import block_rows_for, normalise, similar_pairs  # noqa: E402
+from extract.dataset import assign_split, discover  # noqa: E402
+
+SWAPS, COPIES, TOP = 20, 15, 40
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def _crop(img: Image.Image, keep: float = 0.92) -> Image.Image:
+    dx, dy = int(img.width * (1 - keep) / 2), int(img.height * (1 - keep) / 2)
+    return img.crop((dx, dy, img.width - dx, img.height - dy))
+
+
+TRANSFORMS = {"resized": lambda im: im.resize((im.width // 2, im.height // 2)), "jpeg40": lambda im: _jpeg(im, 40),
+              "cropped": _crop, "mirrored": ImageOps.mirror}
+MEASURED = {**TRANSFORMS, "cropped80": lambda im: _crop(im, 0.8), "rotated10": lambda im: im.rotate(10),
+            "rotated90": lambda im: im.rotate(90)}
+
+
+def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0) -> dict:
+    """How copies score against their original: centred feature cosine and pixel-signature cosine
+    (best of direct and mirrored), median and 10th percentile over ``sample`` images per transform;
+    and the nearest other image's feature cosine in the set (what an unrelated photo scores)."""
+    from classify.audit_images import _one
+    from extract.neighbours import nearest_other
+    from extract.engine import OnnxEngine, onnx_engine_path
+    from extract.store import FeatureStore
+
+    features = FeatureStore(store).read()
+    record = features.backbone
+    engine = OnnxEngine(None, path=onnx_engine_path(record["name"], record["weights"]["id"], record["input_size"]))
+    mean = features.features.mean(axis=0)
+    size = record["input_size"]
+
+    def unit(vector):
+        vector = vector - mean
+        return vector / np.linalg.norm(vector)
+
+    rows = np.random.default_rng(seed).choice(len(features.paths), min(sample, len(features.paths)), replace=False)
+    scores: dict[str, dict[str, list[float]]] = {k: {"features": [], "pixels": []} for k in MEASURED}
+    with tempfile.TemporaryDirectory() as tmp:
+        for row in rows:
+            with Image.open(images / features.paths[row]) as img:
+                img = img.convert("RGB")
+            original = unit(features.features[row])
+            _, signature, _ = _one(images / features.paths[row])
+            for kind, transform in MEASURED.items():
+                copy = transform(img).convert("RGB")
+                copy.save(Path(tmp) / "copy.jpg", quality=90)
+                batch = np.asarray(copy.resize((size, size), Image.BILINEAR))[None]
+                scores[kind]["features"].append(float(unit(engine(batch)[0]) @ original))
+                _, copy_signature, copy_mirror = _one(Path(tmp) / "copy.jpg")
+                scores[kind]["pixels"].append(float(max(signature @ copy_signature, signature @ copy_mirror)))
+    _, nearest = nearest_other(normalise(features.features))
+    quantiles = lambda values: {"median": float(np.median(values)), "p10": float(np.quantile(values, 0.1))}
+    return {"sample": len(rows), "copies": {k: {m: quantiles(v) for m, v in d.items()} for k, d in scores.items()},
+            "nearest_other_features": {q: float(np.quantile(nearest, q)) for q in (0.5, 0.9, 0.99)}}
+
+
+def _test_name(folder: str, stem: str) -> str:
+    """A copy name in ``folder`` that the default split settings put in the test split."""
+    k = 0
+    while assign_split(f"{folder}/{stem}_copy{k}.jpg", 0, 0.1, 0.1) != "test":
+        k += 1
+    return f"{folder}/{stem}_copy{k}.jpg"
+
+
+def plant(source: Path, target: Path, seed: int = 0) -> dict:
+    """Copy ``source`` to ``target`` with label swaps and test-split copies; returns what was planted."""
+    shutil.copytree(source, target)
+    rng = random.Random(seed)
+    dataset = discover(target)
+    entries = list(dataset.entries)
+    rng.shuffle(entries)
+    swaps = {}
+    for entry in entries[:SWAPS]:
+        other = rng.choice([c for c in dataset.class_names if c != entry.class_name])
+        moved = f"{other}/swapped_{Path(entry.relpath).name}"
+        shutil.move(target / entry.relpath, target / moved)
+        swaps[moved] = entry.class_name
+    copies = {}
+    originals = [e for e in entries[SWAPS:] if e.split == "train"][:COPIES]
+    for k, entry in enumerate(originals):
+        kind = list(TRANSFORMS)[k % len(TRANSFORMS)]
+        with Image.open(target / entry.relpath) as img:
+            copy = _test_name(entry.class_name, Path(entry.relpath).stem)
+            TRANSFORMS[kind](img.convert("RGB")).convert("RGB").save(target / copy, quality=90)
+        copies[copy] = {"original": entry.relpath, "transform": kind}
+    return {"swaps": swaps, "copies": copies}
+
+
+def extract_and_audit(images: Path, work: Path, name: str) -> dict:
+    store, report_dir = work / f"{name}.h5", work / f"{name}-audit"
+    run_script(["cli.py", "extract", str(images), "--store", str(store), "--backbone", "efficientnet_lite0",
+                "--quiet", "--json"])
+    seconds, lines = run_script(["cli.py", "audit", "--store", str(store), "--report-dir", str(report_dir),
+                                 "--quiet", "--json"])
+    report = json.loads(lines[-1])
+    report["command_seconds"] = seconds
+    return report
+
+
+def score_planted(report: dict, planted: dict) -> dict:
+    top = [row["path"] for row in report["mislabel_suspects"][:TOP]]
+    group_of = {i["path"]: k for k, g in enumerate(report["duplicate_groups"]) for i in g["images"]}
+    found = {copy: copy in group_of and group_of[copy] == group_of.get(spec["original"])
+             for copy, spec in planted["copies"].items()}
+    by_kind: dict[str, list[int]] = {}
+    for copy, spec in planted["copies"].items():
+        by_kind.setdefault(spec["transform"], []).append(int(found[copy]))
+    return {"swaps_in_top": sum(path in top for path in planted["swaps"]),
+            "copies_found": sum(found.values()), "copies_found_by_transform": {k: f"{sum(v)}/{len(v)}" for k, v in
+                                                                               by_kind.items()}}
+
+
+def synthetic_search(rows: int, dim: int = 1280, duplicates: int = 500, seed: int = 0) -> dict:
+    """Time and peak memory of the blockwise search on ``rows`` clustered rows with planted near-copies."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(max(1, rows // 50), dim)).astype(np.float32)
+    features = centres[rng.integers(0, len(centres), rows)] + rng.normal(size=(rows, dim)).astype(np.float32)
+    originals = rng.choice(rows - duplicates, duplicates, replace=False)
+    features[rows - duplicates:] = features[originals] + 0.1 * rng.normal(size=(duplicates, dim)).astype(np.float32)
+    tracemalloc.start()
+    started = time.perf_counter()
+    pairs = similar_pairs(normalise(features), FEATURE_THRESHOLD)
+    seconds = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    planted = {(int(a), rows - duplicates + k) for k, a in enumerate(originals)}
+    found = {(int(min(i, j)), int(max(i, j))) for i, j, _ in pairs}
+    return {"rows": rows, "dim": dim, "seconds": seconds, "peak_mib": peak / 2**20,
+            "features_mib": features.nbytes / 2**20, "full_matrix_gib": rows * rows * 4 / 2**30,
+            "block_rows": block_rows_for(rows), "pairs": len(pairs), "planted": duplicates,
+            "planted_found": len(planted & found)}
+
+
+def _group_line(group: dict) -> str:
+    images = ", ".join(f"{i['path']} ({i['split']})" for i in group["images"][:4])
+    more = f" +{len(group['images']) - 4}" if len(group["images"]) > 4 else ""
+    flags = "".join([" **leak**" if group["leak"] else "", " **label conflict**" if group["label_conflict"] else ""])
+    return f"- {images}{more}: {', '.join(group['evidence'])}, {group['max_similarity']}{flags}"
+
+
+def similarity_markdown(result: dict) -> list[str]:
+    lines = ["", f"How copies score against their original ({result['sample']} sampled images; median / 10th "
+             "percentile; features: centred cosine, pixels: 16x16 signature, best of direct and mirrored):", "",
+             "| copy | features | pixels |", "|---|---|---|"]
+    for kind, d in result["copies"].items():
+        lines.append(f"| {kind} | {d['features']['median']:.3f} / {d['features']['p10']:.3f} "
+                     f"| {d['pixels']['median']:.3f} / {d['pixels']['p10']:.3f} |")
+    near = result["nearest_other_features"]
+    lines.append(f"| nearest other image in the set (median / 90th / 99th percentile) | {near[0.5]:.3f} / "
+                 f"{near[0.9]:.3f} / {near[0.99]:.3f} | |")
+    return lines
+
+
+def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> str:
+    s, effect = clean["summary"], clean["leak_effect"]
+    lines = [f"### {name}", "", "| | as it is | with planted faults |", "|---|---|---|"]
+    p = planted_report["summary"]
+    for label, key in (("duplicate groups", "duplicate_groups"), ("images in groups", "images_in_groups"),
+                       ("groups across splits (leaks)", "leak_groups"),
+                       ("groups with conflicting labels", "label_conflict_groups"),
+                       ("test images with a copy in train", "test_images_with_train_copy"), ("outliers", "outliers")):
+        lines.append(f"| {label} | {s[key]} | {p[key]} |")
+    lines.append(f"| out-of-fold accuracy | {s['out_of_fold_accuracy']:.3f} | {p['out_of_fold_accuracy']:.3f} |")
+    lines.append(f"| audit seconds (in the command / whole command) | {s['seconds']} / {clean['command_seconds']:.1f} "
+                 f"| {p['seconds']} / {planted_report['command_seconds']:.1f} |")
+    lines += ["", f"Planted: {score['swaps_in_top']} of {SWAPS} label swaps in the top {TOP} suspects; "
+              f"{score['copies_found']} of {COPIES} test-split copies grouped with their original "
+              f"(by transform: {', '.join(f'{k} {v}' for k, v in score['copies_found_by_transform'].items())})."]
+    if effect:
+        lines.append(f"{leak_effect_sentence(effect)} ({effect['head']}).")
+    lines += similarity_markdown(clean["copy_similarities"])
+    lines += ["", "Groups in the unmodified set (first 12, conflicts and leaks first):", ""]
+    lines += [_group_line(g) for g in clean["duplicate_groups"][:12]]
+    return "\n".join(lines) + "\n"
+
+
+def synthetic_markdown(result: dict) -> str:
+    return (f"### Blockwise similarity at {result['rows']:,} rows\n\n"
+            f"{result['rows']:,} synthetic rows x {result['dim']} (float32, {result['features_mib']:.0f} MiB): "
+            f"search in {result['seconds']:.1f} s, peak {result['peak_mib']:.0f} MiB traced during the search "
+            f"(blocks of {result['block_rows']} rows; the full matrix would be {result['full_matrix_gib']:.1f} GiB); "
+            f"{result['planted_found']} of {result['planted']} planted near-copies found, "
+            f"{result['pairs']} pairs above {FEATURE_THRESHOLD}.\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", nargs="*", default=[d for d in (default_data("fruits"), default_data("trashnet")) if d],
+                        help="image folders [default: ../shared/datasets/fruits and trashnet when present]")
+    parser.add_argument("--synthetic-rows", type=int, default=100_000)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "audit"), help="writes OUT.md and OUT.json")
+    args = parser.parse_args(argv)
+    results: dict = {"data": {}}
+    text = header("Data set audit (`python cli.py audit`)") + "\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        for folder in args.data:
+            name, work = Path(folder).name, Path(tmp)
+            clean = extract_and_audit(Path(folder), work, name)
+            clean["copy_similarities"] = copy_similarities(work / f"{name}.h5", Path(folder))
+            planted = plant(Path(folder), work / f"{name}-planted")
+            planted_report = extract_and_audit(work / f"{name}-planted", work, f"{name}-planted")
+            score = score_planted(planted_report, planted)
+            results["data"][name] = {"folder": f"../shared/datasets/{name}", "as_is": clean["summary"],
+                                     "leak_effect": clean["leak_effect"],
+                                     "copy_similarities": clean["copy_similarities"], "planted": planted, "score": score,
+                                     "planted_summary": planted_report["summary"],
+                                     "groups": clean["duplicate_groups"],
+                                     "suspects_planted_run": planted_report["mislabel_suspects"]}
+            text += data_markdown(name, clean, planted_report, score) + "\n"
+    if args.synthetic_rows:
+        results["synthetic"] = synthetic_search(args.synthetic_rows)
+        text += synthetic_markdown(results["synthetic"])
+    write_section(f"{args.out}.md", text)
+    Path(f"{args.out}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Pairs of rows whose features are nearly identical, without the whole similarity matrix.
+
+    >>> unit = normalise(features)
+    >>> pairs = similar_pairs(unit, threshold=0.95)      # (i, j, cosine) with i < j
+    >>> groups = connected_groups(len(unit), pairs)      # lists of row indices, 2+ rows each
+
+Cosine similarity is computed block by block: each block of ``block_rows`` rows is multiplied
+by the rows after it (the upper triangle only), and only the pairs above the threshold are kept.
+Memory is ``block_rows x n`` floats at a time (``block_rows`` is chosen to keep that near
+``BLOCK_BYTES``), never ``n x n``; time is about n²·dim/2 multiply-adds (measured in
+``bench/audit_bench.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK_BYTES = 64 * 2**20  # one block of similarities: 64 MiB whatever the number of rows
+NEAR_DUPLICATE_COSINE = 0.90  # centred features; measured in bench/audit_bench.py (see classify/duplicates.py)
+
+
+def normalise(features: np.ndarray, centre: bool = True) -> np.ndarray:
+    """Unit-length rows, centred on the mean row first.
+
+    Backbone features after ReLU are all positive, so raw cosines between unrelated images are
+    already high (0.6-0.8); centring spreads them out and keeps the duplicate threshold meaningful.
+    """
+    x = np.array(features, dtype=np.float32)  # one copy; everything below is in place
+    if centre:
+        x -= x.mean(axis=0, keepdims=True)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
+def block_rows_for(n: int, block_bytes: int = BLOCK_BYTES) -> int:
+    return int(max(1, min(n, block_bytes // (4 * max(n, 1)))))
+
+
+def similar_pairs(unit: np.ndarray, threshold: float, others: np.ndarray | None = None,
+                  block_rows: int | None = None, progress=None) -> np.ndarray:
+    """Pairs ``(i, j, cosine)`` with cosine >= ``threshold``, as an ``(m, 3)`` float64 array.
+
+    Without ``others``: pairs of rows of ``unit`` with ``i < j``. With ``others`` (same row count,
+    e.g. the features of the mirrored images): pairs ``unit[i]`` x ``others[j]`` with ``i != j``
+    (both orders, so the caller can keep the larger of the two similarities).
+    ``progress`` is called with the number of rows done after each block.
+    """
+    n = len(unit)
+    target = unit if others is None else others
+    step = block_rows or block_rows_for(n)
+    found = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        columns = slice(start + 1, n) if others is None else slice(0, n)
+        sims = unit[start:stop] @ target[columns].T
+        rows, cols = np.nonzero(sims >= threshold)
+        cols = cols + columns.start
+        rows = rows + start
+        keep = rows < cols if others is None else rows != cols
+        found.append(np.column_stack([rows[keep], cols[keep], sims[rows[keep] - start, cols[keep] - columns.start]]))
+        if progress:
+            progress(stop - start)
+    return np.concatenate(found) if found else np.zeros((0, 3))
+
+
+def nearest_other(unit: np.ndarray, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the index and cosine of its most similar other row (blockwise)."""
+    n = len(unit)
+    step = block_rows or block_rows_for(n)
+    index = np.zeros(n, dtype=np.int64)
+    best = np.full(n, -np.inf, dtype=np.float32)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        sims = unit[start:stop] @ unit.T
+        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        index[start:stop] = sims.argmax(axis=1)
+        best[start:stop] = sims[np.arange(stop - start), index[start:stop]]
+    return index, best
+
+
+def connected_groups(n: int, pairs) -> list[list[int]]:
+    """Connected components (2+ rows) of the graph whose edges are ``pairs`` (first two columns).
+
+    Each group sorted; groups sorted by their first row.
+    """
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in ((int(p[0]), int(p[1])) for p in pairs):
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        members.setdefault(root(i), []).append(i)
+    return sorted((g for g in members.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def exact_pairs(sha256: list[str | None]) -> np.ndarray:
+    """Pairs ``(first row with this hash, row, 1.0)`` for rows whose content hash repeats (None skipped)."""
+    first: dict[str, int] = {}
+    pairs = []
+    for i, sha in enumerate(sha256):
+        if sha is None:
+            continue
+        if sha in first:
+            pairs.append((first[sha], i, 1.0))
+        else:
+            first[sha] = i
+    return np.asarray(pairs, dtype=np.float64).reshape(-1, 3)
