@@ -7,6 +7,8 @@ inference, so the backbone is never waiting on JPEG decoding.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import platform
 import time
@@ -183,44 +185,25 @@ def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[Imag
     return [e for e in dataset.entries if shard_of(e.relpath, count) == index]
 
 
+def _fp32_when_int8_is_refused(extract):
+    """Run ``extract`` again for fp32 features when its int8 engine is refused; the notes say why."""
+
+    @functools.wraps(extract)
+    def run(*args, **kwargs) -> ExtractionSummary:
+        try:
+            return extract(*args, **kwargs)
+        except Int8Refused as refusal:
+            call = inspect.signature(extract).bind(*args, **kwargs)
+            call.arguments.update(engine="auto", int8_allowed=False)
+            summary = extract(*call.args, **call.kwargs)
+            summary.notes.insert(0, f"{refusal}; computed fp32 features ({summary.backbone}) instead")
+            return summary
+
+    return run
+
+
+@_fp32_when_int8_is_refused
 def run_extraction(
-    images_dir: str | Path,
-    store: str | Path,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "imagenet",
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    validation_split: float | None = None,
-    test_split: float | None = None,
-    seed: int | None = None,
-    split_group: str | None = None,
-    split_group_by: str | None = None,
-    dtype: str = "float32",
-    engine: str = "auto",
-    tolerance: float = DEFAULT_TOLERANCE,
-    input_size: int | None = None,
-    shard: str | None = None,
-    workers: int | None = None,
-    threads: int | None = None,
-    checkpoint_seconds: float = 60.0,
-    progress: bool = True,
-) -> ExtractionSummary:
-    """Features of ``backbone`` for the images of ``images_dir`` that ``store`` lacks.
-
-    ``engine`` onnx-int8 (or auto on a store that holds only int8 rows of the backbone) computes
-    int8 features under ``BACKBONE@int8`` when the int8 engine passes its accuracy gate
-    (``tolerance`` points, see ``extract.int8``); when it does not, fp32 features are computed and
-    the summary's notes say why.
-    """
-    args = dict(locals())
-    try:
-        return _extract(**args, int8_allowed=True)
-    except Int8Refused as refusal:
-        summary = _extract(**{**args, "engine": "auto"}, int8_allowed=False)
-        summary.notes.insert(0, f"{refusal}; computed fp32 features ({summary.backbone}) instead")
-        return summary
-
-
-def _extract(
     images_dir: str | Path,
     store: str | Path,
     backbone: str = DEFAULT_BACKBONE,
@@ -242,6 +225,13 @@ def _extract(
     progress: bool = True,
     int8_allowed: bool = True,
 ) -> ExtractionSummary:
+    """Features of ``backbone`` for the images of ``images_dir`` that ``store`` lacks.
+
+    ``engine`` onnx-int8 (or auto on a store that holds only int8 rows of the backbone) computes
+    int8 features under ``BACKBONE@int8`` when the int8 engine passes its accuracy gate
+    (``tolerance`` points, see ``extract.int8``); when it does not, fp32 features are computed and
+    the summary's notes say why. ``int8_allowed`` False never computes int8 features.
+    """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
     if dtype not in DTYPES:
