@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,18 +61,25 @@ KERAS_MODULES = {  # registry name -> (constructor, keras.applications module ho
 }
 
 
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_cli_extract(data: str, store: Path, backbone: str, weights: str, batch: int, engine: str,
-                    shard: str | None = None) -> dict:
-    """``python cli.py extract`` in a fresh process: wall seconds, loop rate, images, engine, features name."""
+                    shard: str | None = None, extra: tuple[str, ...] = ()) -> dict:
+    """``python cli.py extract`` in a fresh process: wall and CPU seconds, loop rate, images, engine,
+    the name its features are stored under and its notes (stderr lines)."""
     cmd = [sys.executable, str(ROOT / "cli.py"), "extract", data, "--store", str(store), "--backbone", backbone,
-           "--weights", weights, "--batch-size", str(batch), "--engine", engine, "--json", "--quiet"]
+           "--weights", weights, "--batch-size", str(batch), "--engine", engine, "--json", "--quiet", *extra]
     cmd += ["--shard", shard] if shard else []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu_seconds()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _children_cpu_seconds() - cpu_start
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"wall_seconds": wall, "loop_rate": summary["images_per_second"], "images": summary["images"],
-            "engine": summary["engine"], "backbone": summary["backbone"]}
+    return {"wall_seconds": wall, "cpu_seconds": cpu, "loop_rate": summary["images_per_second"],
+            "images": summary["images"], "engine": summary["engine"], "backbone": summary["backbone"],
+            "notes": summary.get("notes", [])}
 
 
 def decoded_tensors(data: str, size: int, limit: int | None = None, shard: str | None = None):

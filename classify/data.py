@@ -11,6 +11,7 @@ import numpy as np
 
 from classify.errors import HeadMismatch, TrainingDataError
 from classify.persist import TrainedHead
+from extract.int8 import stored_name
 from extract.store import SPLITS, FeatureSet, FeatureStore
 
 
@@ -93,8 +94,9 @@ def _weights_id(record: dict) -> str | None:
 
 
 def features_for_head(trained: TrainedHead, store: str | Path) -> FeatureSet:
-    """The store's features of the head's backbone; refuses other weights, input size or classes."""
-    name = trained.backbone.get("name")
+    """The store's features of the head's backbone (its int8 ones for a head trained on those);
+    refuses other weights, input size or classes."""
+    name = stored_name(trained.backbone)
     reader = FeatureStore(store)
     if name not in reader.backbones:
         raise HeadMismatch(f"the head was trained on {name} features; {store} has features for "

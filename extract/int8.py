@@ -50,11 +50,20 @@ CALIBRATION_IMAGES = 300
 GATE_VALIDATION_IMAGES = 300
 GATE_FOLDS = 5
 KEY_VERSION = "int8-v1"
+PAYS_FROM = 1.2  # int8 speed-up below which the verdict says int8 does not pay
+NOT_FASTER = ("; int8 is barely faster than fp32 here, so --engine auto gives fp32 features at about the same "
+              "speed (int8 pays on dense convolutions such as ResNet50, little on depthwise ones such as "
+              "EfficientNet-Lite0 and MobileNetV2)")
 
 
 def features_name(backbone: str, int8: bool) -> str:
     """The name the store keeps a backbone's features under: ``resnet50`` or ``resnet50@int8``."""
     return backbone + INT8_SUFFIX if int8 else backbone
+
+
+def stored_name(record: dict) -> str:
+    """The name features described by ``record`` are stored under (int8 records carry ``quantization``)."""
+    return features_name(record.get("name", ""), bool(record.get("quantization")))
 
 
 class Int8Refused(TransferKitError):
@@ -80,7 +89,8 @@ class GatePlan:
     calibration: list[str]  # relpaths, train split
     validation: list[str]  # relpaths, validation split
     labels: dict[str, int]  # relpath -> class index
-    images_sha256: str  # over the gate images' contents, in order
+    contents: dict[str, str]  # relpath -> sha256 of the gate image's bytes
+    images_sha256: str  # over the gate images' paths and contents, in order
 
     @property
     def key(self) -> str:
@@ -121,13 +131,12 @@ def plan_gate(dataset: Dataset, backbone: str, weights_id: str, input_size: int,
     validation = _sample(by_split["validation"], validation_images)
     index = {name: i for i, name in enumerate(dataset.class_names)}
     labels = {e.relpath: index[e.class_name] for e in dataset.entries}
+    contents = {p: file_sha256(dataset.root / p) for p in calibration + validation}
     digest = hashlib.sha256()
     for relpath in calibration + ["--validation--"] + validation:
-        digest.update(relpath.encode("utf-8", "surrogateescape") + b"\0")
-        if not relpath.startswith("--"):
-            digest.update(file_sha256(dataset.root / relpath).encode())
+        digest.update(relpath.encode("utf-8", "surrogateescape") + b"\0" + contents.get(relpath, "").encode())
     return GatePlan(Path(dataset.root), backbone, weights_id, input_size, calibration, validation, labels,
-                    digest.hexdigest())
+                    contents, digest.hexdigest())
 
 
 @dataclass
@@ -148,6 +157,8 @@ class GateReport:
     fp32_images_per_second: float  # both engines on the gate images, batch by batch in turn
     int8_images_per_second: float
     quantize_seconds: float
+    fp32_images_per_cpu_second: float = 0.0  # images per second of this process's CPU time: what a
+    int8_images_per_cpu_second: float = 0.0  # machine busy with other work shows best (0: not measured)
 
     @property
     def drop(self) -> float:
@@ -156,6 +167,9 @@ class GateReport:
 
     @property
     def speedup(self) -> float:
+        """int8 speed over fp32 by CPU time when measured (wall time stretches alike for both under load)."""
+        if self.fp32_images_per_cpu_second and self.int8_images_per_cpu_second:
+            return self.int8_images_per_cpu_second / self.fp32_images_per_cpu_second
         return self.int8_images_per_second / max(self.fp32_images_per_second, 1e-9)
 
     def accepts(self, tolerance: float) -> bool:
@@ -166,8 +180,9 @@ class GateReport:
         return (f"int8 engine for {self.backbone} {verdict}: linear-head accuracy {100 * self.accuracy_fp32:.1f}% "
                 f"fp32 vs {100 * self.accuracy_int8:.1f}% int8 ({self.drop:+.1f} points lost, tolerance "
                 f"{tolerance:g}; {self.folds}-fold on {self.gate_images} images); feature cosine to fp32 "
-                f"{self.cosine_mean:.3f} (min {self.cosine_min:.3f}); {self.speedup:.2f}x fp32 speed "
-                f"({self.int8_images_per_second:.0f} vs {self.fp32_images_per_second:.0f} images/s on those images)")
+                f"{self.cosine_mean:.3f} (min {self.cosine_min:.3f}); {self.speedup:.2f}x fp32 speed by CPU time "
+                f"({self.int8_images_per_second:.0f} vs {self.fp32_images_per_second:.0f} images/s on those images)"
+                + (NOT_FASTER if self.speedup < PAYS_FROM else ""))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "drop_points": self.drop, "speedup": self.speedup}
@@ -182,13 +197,13 @@ def _decode_gate_images(plan: GatePlan, workers: int) -> tuple[np.ndarray, np.nd
     """(uint8 images, labels, how many of them are calibration images), undecodable files left out."""
     from extract.job import decoded_batches
 
-    relpaths = plan.calibration + plan.validation
+    relpaths, calibrating = plan.calibration + plan.validation, set(plan.calibration)
     arrays, labels, calibration = [], [], 0
-    todo = [(p, "") for p in relpaths]
+    todo = [(p, plan.contents[p]) for p in relpaths]
     for paths, _, batch, _ in decoded_batches(plan.root, todo, plan.input_size, 32, workers):
         arrays.extend(batch)
         labels.extend(plan.labels[p] for p in paths)
-        calibration += sum(1 for p in paths if p in set(plan.calibration))
+        calibration += sum(1 for p in paths if p in calibrating)
     size = plan.input_size
     images = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.uint8)
     return images, np.asarray(labels, np.int64), calibration
@@ -201,18 +216,21 @@ def _calibration_batches(images: np.ndarray, batch_size: int = 16):
 
 
 def _run_both(fp32: OnnxEngine, int8: OnnxEngine, images: np.ndarray, batch_size: int = 8):
-    """Features of both engines and their images/s, timed batch by batch in turn so load hits both alike."""
+    """Features of both engines, and their images per second of wall time and of CPU time, timed batch
+    by batch in turn so that load from other processes hits both alike."""
     outputs: dict[str, list] = {"fp32": [], "int8": []}
-    seconds = {"fp32": 0.0, "int8": 0.0}
+    wall, cpu = {"fp32": 0.0, "int8": 0.0}, {"fp32": 0.0, "int8": 0.0}
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
         for key, engine in (("fp32", fp32), ("int8", int8)):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             outputs[key].append(engine(batch))
-            seconds[key] += time.perf_counter() - started
+            wall[key] += time.perf_counter() - started
+            cpu[key] += time.process_time() - cpu_started
     features = {k: np.concatenate(v) for k, v in outputs.items()}
-    rates = {k: len(images) / max(s, 1e-9) for k, s in seconds.items()}
-    return features["fp32"], features["int8"], rates
+    rates = {k: len(images) / max(s, 1e-9) for k, s in wall.items()}
+    cpu_rates = {k: len(images) / max(s, 1e-9) for k, s in cpu.items()}
+    return features["fp32"], features["int8"], rates, cpu_rates
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -269,7 +287,7 @@ def quantize_and_gate(plan: GatePlan, fp32_path: Path, threads: int | None = Non
     _write_atomically(engine_path, lambda tmp: quantize_int8(fp32_path, tmp, _calibration_batches(images[:calibration])))
     quantize_seconds = time.perf_counter() - started
     fp32, int8 = OnnxEngine(None, threads, path=fp32_path), OnnxEngine(None, threads, path=engine_path)
-    fp32_features, int8_features, rates = _run_both(fp32, int8, images)
+    fp32_features, int8_features, rates, cpu_rates = _run_both(fp32, int8, images)
     accuracy = {k: _kfold_accuracy(f, labels, folds) for k, f in (("fp32", fp32_features), ("int8", int8_features))}
     cosine = _cosine(fp32_features, int8_features)
     report = GateReport(
@@ -277,6 +295,7 @@ def quantize_and_gate(plan: GatePlan, fp32_path: Path, threads: int | None = Non
         calibration_images=calibration, gate_images=len(images), folds=folds, accuracy_fp32=accuracy["fp32"],
         accuracy_int8=accuracy["int8"], cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()),
         fp32_images_per_second=rates["fp32"], int8_images_per_second=rates["int8"],
+        fp32_images_per_cpu_second=cpu_rates["fp32"], int8_images_per_cpu_second=cpu_rates["int8"],
         quantize_seconds=quantize_seconds,
     )
     _write_atomically(plan.report_path, lambda tmp: tmp.write_text(json.dumps(report.to_dict(), indent=1)))

@@ -10,6 +10,9 @@ import pytest
 from conftest import make_image_folder, write_image
 
 import extract.int8
+from classify.data import features_for_head
+from classify.heads import make_head
+from classify.persist import TrainedHead
 from extract.int8 import features_name
 from extract.job import run_extraction
 from extract.paths import cache_dir
@@ -22,6 +25,11 @@ GREYS = {"dark": (40, 40, 40), "mid": (75, 75, 75), "light": (110, 110, 110)}
 def _grey_folder(root, size):
     """Three classes told apart by brightness only (each test its own ``size``: its own cache key)."""
     return make_image_folder(root, per_class=10, size=size, classes=GREYS)
+
+
+def _head_on(features, store) -> TrainedHead:
+    head = make_head("softmax", seed=0).fit(*features.subset("train"), *features.subset("validation"))
+    return TrainedHead(head, features.class_names, features.backbone, {"path": str(store), "fingerprint": ""})
 
 
 def _int8_engines() -> set[str]:
@@ -95,7 +103,10 @@ def test_int8_rows_never_mix_with_fp32_rows(tmp_path):
     int8 = reader.read("mobilenet_v2@int8").features
     assert int8.shape == fp32_before.shape and not np.array_equal(int8, fp32_before)
 
-    make_image_folder(images, per_class=1, size=44, classes=GREYS, start=50)  # 3 new images
+    head = _head_on(reader.read("mobilenet_v2@int8"), store)
+    assert features_for_head(head, store).backbone["engine"] == "onnx-int8"  # not the fp32 rows beside them
+
+    make_image_folder(images, per_class=1, size=40, classes=GREYS, start=50)  # 3 new images
     summary = run_extraction(images, store, **{**INT8, "engine": "auto"})  # both held: auto means fp32
     assert (summary.backbone, summary.extracted) == ("mobilenet_v2", 3)
     assert len(FeatureStore(store).read("mobilenet_v2@int8").paths) == 30
