@@ -28,6 +28,7 @@ from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.int8 import INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
 from extract.segments import BackgroundSegments
+from extract.steps import step
 from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
 from extract.version import __version__
 from extract.weights import backbone_record, resolve_weights
