@@ -41,7 +41,7 @@ from extract.defaults import DEFAULT_TOLERANCE
 from extract.engine import OnnxEngine
 from extract.errors import StoreError, TransferKitError
 from extract.paths import cache_dir
-from extract.quantization import SETTINGS, quantize_int8
+from extract.quantization import quantize_int8, settings
 from extract.weights import file_sha256
 
 INT8_ENGINE = "onnx-int8"
@@ -50,6 +50,8 @@ CALIBRATION_IMAGES = 300
 GATE_VALIDATION_IMAGES = 300
 GATE_FOLDS = 5
 KEY_VERSION = "int8-v1"
+ACTIVATIONS = "uint8"  # U8S8 kernels: see extract.quantization.quantize_int8
+SETTINGS = settings(ACTIVATIONS)
 PAYS_FROM = 1.2  # int8 speed-up below which the verdict says int8 does not pay
 NOT_FASTER = ("; int8 is barely faster than fp32 here, so --engine auto gives fp32 features at about the same "
               "speed (int8 pays on dense convolutions such as ResNet50, little on depthwise ones such as "
@@ -284,7 +286,8 @@ def quantize_and_gate(plan: GatePlan, fp32_path: Path, threads: int | None = Non
         raise Int8Refused(f"int8 engine for {plan.backbone} refused: {too_few}")
     started = time.perf_counter()
     engine_path = plan.engine_path
-    _write_atomically(engine_path, lambda tmp: quantize_int8(fp32_path, tmp, _calibration_batches(images[:calibration])))
+    batches = _calibration_batches(images[:calibration])
+    _write_atomically(engine_path, lambda tmp: quantize_int8(fp32_path, tmp, batches, activations=ACTIVATIONS))
     quantize_seconds = time.perf_counter() - started
     fp32, int8 = OnnxEngine(None, threads, path=fp32_path), OnnxEngine(None, threads, path=engine_path)
     fp32_features, int8_features, rates, cpu_rates = _run_both(fp32, int8, images)

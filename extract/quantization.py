@@ -28,6 +28,13 @@ SETTINGS = {"method": "onnxruntime quantize_static", "format": "QDQ", "weights":
             "activations": "int8", "calibration": "MinMax"}
 
 
+def settings(activations: str = "int8") -> dict:
+    """``SETTINGS`` for activations of type ``activations`` (int8 or uint8)."""
+    if activations not in ("int8", "uint8"):
+        raise ValueError(f"activations must be int8 or uint8, got {activations!r}")
+    return {**SETTINGS, "activations": activations}
+
+
 def _reader(batches: Iterable[np.ndarray], input_name: str):
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -49,12 +56,16 @@ def _reader(batches: Iterable[np.ndarray], input_name: str):
 
 
 def quantize_int8(float_path: Path, out_path: Path, batches: Iterable[np.ndarray],
-                  keep_float: tuple[str, ...] = ("Softmax",)) -> int:
+                  keep_float: tuple[str, ...] = ("Softmax",), activations: str = "int8") -> int:
     """Write the int8 model of ``float_path`` to ``out_path``, calibrated on ``batches`` (uint8 NHWC).
 
     Nodes whose op type is in ``keep_float`` stay float (a final Softmax keeps its resolution).
+    ``activations`` uint8 (weights stay int8) runs onnxruntime's U8S8 kernels, which were 2.7x
+    faster than S8S8 for ResNet50 on one thread of this AVX-512 VNNI CPU (fp32 12.0, int8
+    activations 14.4, uint8 39.2 images per CPU-second); int8 is what exports have always used.
     Returns the number of calibration images; raises when there were none.
     """
+    settings(activations)
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -69,7 +80,8 @@ def quantize_int8(float_path: Path, out_path: Path, batches: Iterable[np.ndarray
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(
             str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-            reduce_range=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            reduce_range=True, weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
         )
     if not reader.images:
