@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import shlex
@@ -74,3 +76,66 @@ def run_script(args: list[str]) -> tuple[float, list[str]]:
     if done.returncode:
         raise RuntimeError(f"`python {' '.join(args)}` failed: {(done.stderr or done.stdout).strip()[-2000:]}")
     return seconds, done.stdout.strip().splitlines()
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every process below ``pid``, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def process_title(pid: int) -> str:
+    """The first word of a process's command line (Ray workers set it to ``ray::FUNCTION``); '' if gone."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (0 if it is gone)."""
+    try:
+        for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def data_parser(doc: str, out_name: str, backbone: str = "efficientnet_lite0",
+                weights: str = "imagenet") -> argparse.ArgumentParser:
+    """The options of a benchmark on one image folder: --data (default: ../shared trashnet), --backbone,
+    --weights and --out (default: docs/bench/OUT_NAME); check the result with ``parse_data_args``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=default_data("trashnet"), help="image folder (default: ../shared trashnet)")
+    parser.add_argument("--backbone", default=backbone)
+    parser.add_argument("--weights", default=weights)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / out_name))
+    return parser
+
+
+def parse_data_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if not args.data:
+        parser.error("--data is required when ../shared/datasets is absent")
+    return args
+
+
+def write_results(out: str | Path, markdown: str, result: dict) -> None:
+    """A benchmark's markdown at ``out`` and its raw results as JSON beside it."""
+    write_section(out, markdown)
+    Path(out).with_suffix(".json").write_text(json.dumps(result, indent=1))

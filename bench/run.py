@@ -290,7 +290,7 @@ def pipelines_markdown(r: dict, cfg: dict) -> str:
         f"| {_cell(tut['test_accuracy'], 3)} | {_cell(tut['test_macro_f1'], 3)} |",
     ]
     for kind, head in tool["heads"].items():
-        note = ", kept (best on validation)" if head["saved"] else ""
+        note = ", kept (best cross-validation accuracy)" if head["saved"] else ""
         lines.append(f"| this tool: `extract` + `fit-head --kind all`, {kind} head{note} | {fmt(tool['wall_seconds'])} "
                      f"| {fmt(tool['extract_images_per_second'])} | {_cell(head['test_accuracy'], 3)} "
                      f"| {_cell(head['test_macro_f1'], 3)} |")

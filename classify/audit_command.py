@@ -7,7 +7,6 @@ import json
 import click
 
 from classify.duplicates import FEATURE_THRESHOLD
-from classify.label_checks import leak_effect_sentence
 
 
 @click.command("audit")
@@ -31,6 +30,7 @@ def audit_command(store, backbone, report_dir, images, threshold, top, as_json, 
       python cli.py audit --store features.h5 --backbone resnet50 --report-dir audit --json
     """
     from classify.audit import run_audit
+    from classify.label_checks import leak_effect_sentence  # imports scikit-learn: not at CLI start-up
 
     report = run_audit(store, backbone=backbone, report_dir=report_dir, images=images, feature_threshold=threshold,
                        top=top, progress=not quiet)

@@ -41,9 +41,19 @@ class Classifier:
     features: Callable[[np.ndarray], np.ndarray] | None = None
     head: TrainedHead | None = None
     split_settings: dict | None = None  # the train/validation/test settings it was trained with, when known
+    # exported models with the unknown score: (probabilities, ood_score [N]) and the ``ood`` metadata
+    run_with_ood: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    ood: dict | None = None
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.run(batch), dtype=np.float64)
+
+    def predict_with_ood(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and the unknown score (higher: farther from every class), None without one."""
+        if self.run_with_ood is None:
+            return self.predict_proba(batch), None
+        probs, scores = self.run_with_ood(batch)
+        return np.asarray(probs, dtype=np.float64), np.asarray(scores, dtype=np.float64)
 
 
 def _random_init_seed(record: dict) -> int:
@@ -129,7 +139,8 @@ def onnx_classifier(path: str | Path, threads: int | None = None) -> Classifier:
     except (ValueError, AttributeError):
         backbone = "?"
     return Classifier(name=str(path), kind="onnx", class_names=model.class_names, input_size=model.input_size[0],
-                      engine=f"onnxruntime ({Path(path).name})", backbone=backbone, run=model.predict)
+                      engine=f"onnxruntime ({Path(path).name})", backbone=backbone, run=model.predict,
+                      run_with_ood=model.predict_scores if model.ood is not None else None, ood=model.ood)
 
 
 def keras_classifier(path: str | Path) -> Classifier:

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from classify.heads import KIND_CHOICES
+from classify.kinds import KIND_CHOICES
+from classify.selection import DEFAULT_FOLDS
 
 SPLIT_CHOICES = ("train", "validation", "test")
 
@@ -18,36 +19,41 @@ def _number(value: float | None) -> str:
 @click.command("fit-head")
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--kind", required=True, type=click.Choice(KIND_CHOICES),
-              help="svm, softmax, mlp, or all (fit every kind, keep the best on validation accuracy).")
+              help="svm, softmax, mlp, rbf, or all (fit every kind, keep the best cross-validation accuracy).")
 @click.option("--backbone", default=None, help="Backbone whose features to use [default: the store's only one].")
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
+@click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=click.IntRange(min=2),
+              help="Cross-validation folds (fewer when a class has fewer labelled images).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same store: same head.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per head, one per line.")
 @click.option("--quiet", is_flag=True, help="No progress bar (on stderr).")
-def fit_head_command(store, kind, backbone, out, seed, as_json, quiet):
+def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
     """Train a classifier head on the features of a store and save it.
 
-    The features are standardised on the train split; C (svm) and early stopping (softmax, mlp)
-    use the validation split; the test split is only reported.
+    Heads are fitted on the train and validation images together; hyper-parameters (C, gamma)
+    and, for --kind all, the kind are chosen by stratified k-fold cross-validation on them. The
+    test split is read only after the choice, to report it.
 
     \b
     Example:
       python cli.py fit-head --store features.h5 --kind all --out head
-      python cli.py fit-head --store features.h5 --kind svm --backbone resnet50 --out head-svm --json
+      python cli.py fit-head --store features.h5 --kind rbf --backbone resnet50 --out head-rbf --json
     """
     from classify.train import fit_heads
 
-    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, progress=not quiet)
+    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, folds=folds, progress=not quiet)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, ensure_ascii=False))
         return
-    click.echo(f"{'kind':<9}{'val acc':>9}{'test acc':>10}{'test F1':>9}{'fit s':>8}")
+    click.echo(f"{'kind':<9}{'CV acc':>15}{'test acc':>10}{'test F1':>9}{'fit s':>8}")
     for row in rows:
-        click.echo(f"{row['kind']:<9}{_number(row['val_accuracy']):>9}{_number(row['test_accuracy']):>10}"
+        cv = f"{row['cv_accuracy']:.3f} ± {row['cv_std']:.3f}"
+        click.echo(f"{row['kind']:<9}{cv:>15}{_number(row['test_accuracy']):>10}"
                    f"{_number(row['test_macro_f1']):>9}{row['fit_seconds']:>8.2f}{'  saved' if row['saved'] else ''}")
     best = next(row for row in rows if row["saved"])
-    click.echo(f"{best['kind']} head ({best['n_train']} training images) saved to {best['head']}")
+    click.echo(f"{best['kind']} head ({best['n_train'] + best['n_val']} training images, {best['cv_folds']}-fold CV) "
+               f"saved to {best['head']}")
 
 
 @click.command("evaluate")
@@ -109,13 +115,19 @@ def evaluate_command(store, head, model, images, split, report_dir, as_json, qui
               help="Backbone engine for --head. auto: the cached ONNX engine (no TensorFlow), else converted "
                    "once, Keras if that fails.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
+@click.option("--unknown", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Label images far from every class 'unknown' (models exported with an unknown score).")
 @click.option("--quiet", is_flag=True, help="Do not say which engine runs (on stderr).")
-def predict_command(images, head, model, weights, engine, as_json, quiet):
+def predict_command(images, head, model, weights, engine, as_json, unknown, quiet):
     """Classify IMAGES (files, folders searched recursively, or quoted glob patterns) with a head or a model.
 
     Preprocessing, input size and class order come from the head or model. A file that cannot be
     read or decoded gets an error line and the others are still classified; the exit status is
     then 1. A pattern or folder that matches no image is an error.
+
+    A model.onnx exported from a store and head also scores how far each image is from every
+    class: --json lines get ood_score and unknown, and an image above the calibrated threshold is
+    labelled "unknown" (its best class stays first in top). --unknown off ignores the score.
 
     \b
     Example:
@@ -132,18 +144,31 @@ def predict_command(images, head, model, weights, engine, as_json, quiet):
     classifier = open_classifier(head=head, model=model, weights=weights, engine=engine)
     if not quiet:
         click.echo(f"predict: {len(files)} images with {classifier.kind} {printable(classifier.name)}, "
-                   f"engine {classifier.engine}", err=True)
-    rows = [{"image": arg, "error": reason} for arg, reason in failed] + predict_images(classifier, files)
+                   f"engine {classifier.engine}{_unknown_note(classifier, unknown == 'on')}", err=True)
+    rows = [{"image": arg, "error": reason} for arg, reason in failed] + predict_images(
+        classifier, files, unknown=unknown == "on")
     for row in rows:
         if as_json:
             click.echo(strict_json(row))
         elif "error" in row:
             click.echo(f"{printable(row['image'])}: error: {printable(row['error'])}")
+        elif row.get("unknown"):
+            best = row["top"][0]
+            click.echo(f"{printable(row['image'])}: unknown (best {printable(best['label'])} "
+                       f"{best['probability']:.3f}, ood_score {row['ood_score']:.4g})")
         else:
             click.echo(f"{printable(row['image'])}: {printable(row['label'])} ({row['probability']:.3f})")
     errors = sum("error" in row for row in rows)
     if errors:
         raise click.ClickException(f"{errors} of {len(rows)} images could not be classified")
+
+
+def _unknown_note(classifier, on: bool) -> str:
+    if classifier.ood is None:
+        return ""
+    if not on:
+        return "; unknown detection off (--unknown off)"
+    return f"; unknown when ood_score > {float(classifier.ood['threshold']):.4g}"
 
 
 COMMANDS = [fit_head_command, evaluate_command, predict_command]

@@ -32,8 +32,9 @@ def unfinished_extraction(features: FeatureSet, store: str | Path) -> str | None
 
 
 def check_trainable(features: FeatureSet, store: str | Path) -> None:
-    """Refuse features a head cannot be trained and early-stopped on (saying so first when the
-    store is short of rows because an extraction was interrupted)."""
+    """Refuse features a head cannot be cross-validated on: every class needs 2 labelled images
+    (train or validation; the test split is kept for the report). Says so first when the store is
+    short of rows because an extraction was interrupted."""
     try:
         _check_counts(features, store)
     except TrainingDataError as exc:
@@ -47,19 +48,16 @@ def _check_counts(features: FeatureSet, store: str | Path) -> None:
     names = features.class_names
     if len(names) < 2:
         raise TrainingDataError(f"{store} has {len(names)} class ({', '.join(names)}); a head needs at least 2")
-    train_counts = Counter(features.labels[features.splits == "train"].tolist())
+    labelled = Counter(features.labels[features.splits != "test"].tolist())
+    remedy = ("add images to its train/ folder (split folders give the splits)"
+              if features.store_attrs.get("layout") == "split-folders"
+              else "add images, or re-extract into a new --store with a smaller --test-split")
     for index, name in enumerate(names):
-        if train_counts.get(index, 0) < 2:
+        if labelled.get(index, 0) < 2:
             raise TrainingDataError(
-                f"class {name!r} has {train_counts.get(index, 0)} training image(s) in {store}; a head needs at "
-                f"least 2 per class: add images, or re-extract into a new --store with smaller "
-                f"--validation-split/--test-split"
+                f"class {name!r} has {labelled.get(index, 0)} training image(s) in {store}; a head needs at "
+                f"least 2 per class (train and validation splits together): {remedy}"
             )
-    if not split_counts(features)["validation"]:
-        raise TrainingDataError(
-            f"{store} has no validation images, which heads need to choose C and stop early; re-extract into "
-            f"a new --store with --validation-split > 0 (or add a validation/ folder)"
-        )
 
 
 def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:

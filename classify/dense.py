@@ -24,14 +24,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def forward(layers: Layers, X: np.ndarray) -> np.ndarray:
-    """Probabilities of the network: ReLU between layers, softmax at the end (the ONNX graph's math)."""
+def logits(layers: Layers, X: np.ndarray) -> np.ndarray:
+    """The network before its softmax: ReLU between layers (the ONNX graph's math)."""
     h = X
     for i, (W, b) in enumerate(layers):
         h = h @ W + b
         if i < len(layers) - 1:
             h = np.maximum(h, 0)
-    return softmax(h)
+    return h
+
+
+def forward(layers: Layers, X: np.ndarray) -> np.ndarray:
+    """Probabilities of the network."""
+    return softmax(logits(layers, X))
 
 
 def fold_standardisation(mean: np.ndarray, scale: np.ndarray, layers: Layers) -> Layers:

@@ -95,3 +95,9 @@ def _min_distance(X: np.ndarray, means: np.ndarray, whitening: np.ndarray) -> np
     z, centres = X @ whitening, means @ whitening
     squared = (z**2).sum(axis=1)[:, None] - 2 * z @ centres.T + (centres**2).sum(axis=1)[None, :]
     return np.maximum(squared, 0).min(axis=1)
+
+
+def unknown_scorer(features, quantile: float = 0.95) -> MahalanobisScorer:
+    """The scorer exported with a head: fitted and calibrated on every non-test row of a ``FeatureSet``."""
+    rows = np.asarray(features.splits) != "test"
+    return MahalanobisScorer(quantile=quantile).fit(features.features[rows], features.labels[rows])

@@ -202,7 +202,7 @@ def load_head(path: str | Path) -> TrainedHead:
     class_names = config["class_names"]
     try:
         head = HEAD_KINDS[config["kind"]](**config["params"])
-        shapes = head.array_shapes(config["n_features"], len(class_names))
+        shapes = head.array_shapes(config["n_features"], len(class_names), config["learned"])
     except (TypeError, ValueError) as exc:
         raise HeadFileError(f"{config_path} has invalid params for a {config['kind']} head: {exc}") from None
     arrays = _read_arrays(weights_path, {**shapes, "class_names": (len(class_names),)})

@@ -26,6 +26,8 @@ Example:
   python -m edge --model model.onnx --watch inbox/ --results results.jsonl \\
       --done processed/ --quarantine rejected/ --threads 2
   python -m edge --model model.onnx --watch photos/ --results results.jsonl --once
+  python -m edge --model model.onnx --watch inbox/ --results results.jsonl \\
+      --review review/ --review-below 0.6
 
 Writers: create files under a temporary name (.part, .tmp, .crdownload, ~ suffix or dot-file)
 and rename them when complete, or never pause longer than --poll-seconds while writing; a file
@@ -34,6 +36,13 @@ is picked up once its size and mtime have not changed for --poll-seconds.
 Output: one JSON line per file in --results: path (relative to --watch), sha256, label,
 probability, top, model, latency_ms, time (UTC) and moved_to (relative to --done); for a file
 that is not a readable image: path, sha256, error (and moved_to, relative to --quarantine).
+With a model exported with an unknown score (ood_score output and ood metadata, as export-onnx
+writes from a store and head) every line also has ood_score and unknown (true when ood_score is
+above the calibrated threshold, which the log shows at start-up); an unknown image's label is
+"unknown" and its best class stays first in top. --unknown off ignores the score. With --review,
+unknown images and those whose top probability is below --review-below are also hard-linked
+(copied across filesystems) into REVIEW/<label or unknown>/<path>, and the line says where
+(review_copy, relative to --review); sort them into class folders that extract reads.
 Without --done, files stay where they are and <results>.journal remembers them (every poll then
 walks the whole tree: for folders of tens of thousands of files prefer --done). Lines are
 fsynced per batch; after a crash, power loss or kill, run the same command again: every file
@@ -117,7 +126,24 @@ def build_parser(prog: str = "python -m edge") -> argparse.ArgumentParser:
         "--stats-seconds", type=_non_negative_float, default=60.0, metavar="S",
         help="print a stats line on stderr this often; 0: never (default: 60)",
     )
+    parser.add_argument(
+        "--unknown", choices=("on", "off"), default="on",
+        help="label images far from every class 'unknown', when the model has an unknown score (default: on)",
+    )
+    parser.add_argument("--review", metavar="DIR",
+                        help="also hard-link (or copy) unknown and low-confidence images into DIR/<label>/")
+    parser.add_argument(
+        "--review-below", type=_probability, default=0.0, metavar="P",
+        help="with --review: also images whose top probability is below P (0..1; default: 0, unknowns only)",
+    )
     return parser
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
 
 
 def _folder(path: str | None, name: str, watch: str) -> str | None:
@@ -139,6 +165,8 @@ def _config(args: argparse.Namespace) -> RunnerConfig:
         raise UsageError(f"--results must be a file, not a folder: {args.results}")
     if not results.parent.is_dir():
         raise UsageError(f"folder of --results does not exist: {results.parent}")
+    if args.review_below and args.review is None:
+        raise UsageError("--review-below needs --review DIR (the folder the copies go to)")
     return RunnerConfig(
         watch=watch,
         results=results,
@@ -149,6 +177,9 @@ def _config(args: argparse.Namespace) -> RunnerConfig:
         once=args.once,
         top=args.top,
         stats_seconds=args.stats_seconds,
+        unknown=args.unknown == "on",
+        review=_folder(args.review, "--review", watch),
+        review_below=args.review_below,
     )
 
 

@@ -88,17 +88,23 @@ def move_file(src: str, dst: str) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        partial = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.edge-partial")
-        try:
-            shutil.copy2(src, partial)
-            with open(partial, "rb") as f:
-                os.fsync(f.fileno())
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
-            raise
-        os.rename(partial, dst)
+        _copy_then_rename(src, dst)
         os.unlink(src)
+
+
+def _copy_then_rename(src: str, dst: str) -> None:
+    """Copy ``src`` to a dot-file next to ``dst``, fsync it, then rename it to ``dst``: a crash
+    never leaves a half-copied file under the final name."""
+    partial = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.edge-partial")
+    try:
+        shutil.copy2(src, partial)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.rename(partial, dst)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 def fsync_dir(path: str) -> None:
@@ -163,3 +169,23 @@ def lock_watch_folder(watch: str) -> list[int]:
         raise FolderLocked(f"another edge runner is watching {watch}, a folder inside it or a folder "
                            f"containing it") from None
     return held
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """Hard-link ``src`` as ``dst`` (whose folder exists), or copy it where a link is impossible
+    (another filesystem, links not supported); never overwrites (FileExistsError).
+
+    Idempotent: when ``dst`` already holds the same bytes (a restart after a crash), nothing is
+    done, so a re-run never leaves a second copy.
+    """
+    if os.path.lexists(dst):
+        if not os.path.islink(dst) and _same_content(src, dst):
+            return
+        raise FileExistsError(errno.EEXIST, "destination exists", dst)
+    try:
+        os.link(src, dst, follow_symlinks=False)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            raise
+    _copy_then_rename(src, dst)

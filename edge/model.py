@@ -7,6 +7,8 @@ The export step writes these ``metadata_props``:
   preprocessing JSON object whose "in_graph" must be true     (required: the runner feeds raw RGB 0..255)
   input_dtype  "uint8" or "float32"                          (optional; must match the graph input)
   model_id     string written into every result line         (optional; default: sha256 of the file)
+  ood          JSON object with a finite "threshold"          (optional; used only with a graph output
+               named ``ood_score``: an image whose score is above the threshold is "unknown")
   backbone, source                                           (informational)
 
 The runner hands ``predict`` a uint8 NHWC batch of raw RGB pixels; this module transposes and casts
@@ -16,7 +18,7 @@ it to what the graph declares, and splits or pads it when the graph has a fixed 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import onnxruntime as ort
 from .files import sha256_file
 
 REQUIRED_KEYS = ("class_names", "input_size", "layout")
+OOD_OUTPUT = "ood_score"  # the second output export-onnx adds: higher = farther from every class
 ONNX_INPUT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
 
 
@@ -43,9 +46,20 @@ class EdgeModel:
     input_dtype: str
     model_id: str
     fixed_batch: int | None  # None when the batch axis is dynamic
+    output_names: list[str] = field(default_factory=list)  # probabilities first, then ood_score if used
+    ood: dict[str, Any] | None = None  # the metadata's calibration when the graph has ``ood_score``
+
+    @property
+    def ood_threshold(self) -> float | None:
+        """An image whose ``ood_score`` is above this is unknown; None for a model without the score."""
+        return None if self.ood is None else float(self.ood["threshold"])
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, C]`` for a uint8 ``[N, H, W, 3]`` batch of raw RGB images."""
+        return self.predict_scores(images)[0]
+
+    def predict_scores(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities ``[N, C]`` and the unknown score ``[N]`` (None for a model without one)."""
         x = images
         if self.layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
@@ -59,17 +73,24 @@ class EdgeModel:
             missing = size - len(chunk)
             if missing:  # pad the last chunk, then drop the padding's outputs
                 chunk = np.concatenate([chunk, np.zeros((missing, *chunk.shape[1:]), chunk.dtype)])
-            parts.append(self._run(chunk)[: size - missing])
-        return np.concatenate(parts)
+            parts.append([out[: size - missing] if out is not None else None for out in self._run(chunk)])
+        probs = np.concatenate([p for p, _ in parts])
+        return probs, None if self.ood is None else np.concatenate([o for _, o in parts])
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        probs = np.asarray(self.session.run(None, {self.input_name: x})[0], dtype=np.float32)
+    def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.session.run(self.output_names or None, {self.input_name: x})
+        probs = np.asarray(outputs[0], dtype=np.float32)
         if probs.shape != (len(x), len(self.class_names)):
             raise ModelError(
                 f"model output has shape {list(probs.shape)}, expected [{len(x)}, {len(self.class_names)}] "
                 f"(one probability per class in class_names)"
             )
-        return probs
+        if self.ood is None:
+            return probs, None
+        score = np.asarray(outputs[1], dtype=np.float32).reshape(-1)
+        if score.shape != (len(x),):
+            raise ModelError(f"model output {OOD_OUTPUT} has shape {list(np.shape(outputs[1]))}, expected [{len(x)}]")
+        return probs, score
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -136,6 +157,20 @@ def _check_input(inp: Any, layout: str, size: tuple[int, int], declared_dtype: s
     return dtype
 
 
+def _ood_calibration(session: ort.InferenceSession, meta: dict[str, str], path: Path) -> tuple[list[str], Any]:
+    """Output names to run and the ``ood`` calibration, or ``([], None)`` for a model without both
+    the ``ood_score`` output and the ``ood`` metadata (older and fine-tuned exports: no unknowns)."""
+    names = [o.name for o in session.get_outputs()]
+    if OOD_OUTPUT not in names or "ood" not in meta:
+        return [], None
+    calibration = _json_field(meta, "ood", path)
+    threshold = calibration.get("threshold") if isinstance(calibration, dict) else None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+        raise ModelError(f"{path}: metadata 'ood' must be a JSON object with a finite number 'threshold'")
+    probabilities = next(name for name in names if name != OOD_OUTPUT)
+    return [probabilities, OOD_OUTPUT], calibration
+
+
 def load_model(path: str | Path, threads: int) -> EdgeModel:
     """Open ``path`` with onnxruntime on the CPU and check it against the metadata contract."""
     path = Path(path)
@@ -156,6 +191,7 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
     dtype = _check_input(inputs[0], layout, size, meta.get("input_dtype"), path)
     batch_dim = inputs[0].shape[0]
     model_id = meta.get("model_id") or "sha256:" + sha256_file(str(path))[:16]
+    output_names, ood = _ood_calibration(session, meta, path)
     model = EdgeModel(
         session=session,
         input_name=inputs[0].name,
@@ -165,7 +201,9 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
         input_dtype=dtype,
         model_id=model_id,
         fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None,
+        output_names=output_names,
+        ood=ood,
     )
     # One run now: checks the output against class_names before any file is touched, and warms up.
-    model.predict(np.zeros((1, size[0], size[1], 3), np.uint8))
+    model.predict_scores(np.zeros((1, size[0], size[1], 3), np.uint8))
     return model

@@ -7,6 +7,12 @@ a checkpoint. ``run`` starts by reconciling what an interrupted run left in flig
 ``latency_ms`` of a line is the work spent on that image: reading, hashing and decoding it, plus
 its share of the batch's inference time. ``moved_to`` is relative to --done (or, on an error line,
 to --quarantine); it is absent when the file stays in the watch folder.
+
+Unknown images: with a model that has the ``ood_score`` output and ``ood`` metadata (and unless
+``unknown=False``), each line gets ``ood_score`` and ``unknown``; an unknown image's ``label`` is
+``"unknown"`` while ``top`` still lists the best classes. ``review_copy`` (relative to --review) is
+a hard link (or copy) made in step 3 of the protocol, before the move, and is idempotent, so a
+restart after a crash never makes a second one.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import free_destination, fsync_dir, inside, make_folders_inside, move_file
+from .files import free_destination, fsync_dir, inside, link_or_copy, make_folders_inside, move_file
 from .imageio import FileBytes, FileChangedError, ImageDecodeError, decode_image, is_image_name, read_image_file
 from .model import EdgeModel
 from .results import ResultLog
@@ -45,6 +51,9 @@ class RunnerConfig:
     once: bool = False
     top: int = 3
     stats_seconds: float = 60.0
+    unknown: bool = True  # False: ignore the model's ood_score (lines as for a model without one)
+    review: str | None = None  # folder for review copies of unknown and low-confidence images
+    review_below: float = 0.0  # top probability under which an image is copied to --review
 
 
 @dataclass
@@ -90,7 +99,8 @@ class Runner:
         self.results = results
         self._stop = threading.Event()
         exclude = frozenset(
-            p for p in (config.done, config.quarantine, str(results.path), str(results.journal_path)) if p
+            p for p in (config.done, config.quarantine, config.review, str(results.path), str(results.journal_path))
+            if p
         )
         self.exclude = exclude
         self.watcher = Watcher(
@@ -123,6 +133,16 @@ class Runner:
             m.model_id, len(m.class_names), *m.input_size, m.layout, m.input_dtype,
             m.fixed_batch or "dynamic", c.watch, c.results,
         )
+        if m.ood_threshold is None:
+            log.info("unknown detection: not available (the model has no ood_score output and ood metadata)")
+        elif not c.unknown:
+            log.info("unknown detection: off (--unknown off); lines get no ood_score, unknown or 'unknown' label")
+        else:
+            log.info("unknown detection: on, an image is unknown when its ood_score > %g (%s)",
+                     m.ood_threshold, m.ood.get("method", "method not recorded"))
+        if c.review:
+            log.info("review copies: unknown images%s -> %s",
+                     f" and top probability < {c.review_below:g}" if c.review_below else "", c.review)
         self._recover()
         while not self._stop.is_set():
             ready = self.watcher.poll(limit=4 * c.batch_size)
@@ -173,9 +193,16 @@ class Runner:
         path = self._owned_path(record["path"])
         folder = self._folder_for(record)
         moved_to = record.get("moved_to")
-        if path is None or (moved_to is not None and folder is not None and inside(folder, str(moved_to)) is None):
-            log.warning("ignoring a line of %s that points outside the runner's folders: path %s, moved_to %s",
-                        self.results.path, record["path"], moved_to)
+        review_copy = record.get("review_copy")
+        if (
+            path is None
+            or (moved_to is not None and folder is not None and inside(folder, str(moved_to)) is None)
+            or (review_copy is not None and self.config.review is not None
+                and inside(self.config.review, str(review_copy)) is None)
+        ):
+            log.warning("ignoring a line of %s that points outside the runner's folders: path %s, moved_to %s%s",
+                        self.results.path, record["path"], moved_to,
+                        "" if review_copy is None else f", review_copy {review_copy}")
             return None
         try:
             file = read_image_file(path)
@@ -218,44 +245,69 @@ class Runner:
         if not prepared:
             return
         images = [p.image for p in prepared if p.image is not None]
-        rows = iter(())
+        rows, scores = iter(()), None
         share = 0.0
         if images:
             start = time.perf_counter()
-            rows = iter(self.model.predict(np.stack(images)))
+            probs, ood = self.model.predict_scores(np.stack(images))
+            rows = iter(probs)
+            scores = iter(ood) if ood is not None and self.config.unknown else None
             share = (time.perf_counter() - start) / len(images)
         now = _utc_now()
         taken = {(folder, rel) for folder, rel in self._abandoned}
         items = []
         for p in prepared:
-            record = self._record(p, next(rows) if p.image is not None else None, share, now, taken)
+            scored = (next(rows), next(scores) if scores is not None else None) if p.image is not None else None
+            record = self._record(p, scored, share, now, taken)
             items.append(_Settling(record, p.state, p.file))
             self.stats.add(record["latency_ms"], "error" not in record)
         self.results.append([item.record for item in items])
         self._settle(items)
 
     def _record(
-        self, p: _Prepared, probs: np.ndarray | None, share: float, now: str, taken: set[tuple[str, str]]
+        self, p: _Prepared, scored: tuple[np.ndarray, Any] | None, share: float, now: str,
+        taken: set[tuple[str, str]],
     ) -> dict[str, Any]:
+        """``scored``: the image's probabilities and ood_score (None when unknown detection is off),
+        or None for a file that could not be classified."""
         record: dict[str, Any] = {"path": p.state.rel, "sha256": p.sha256}
-        if probs is not None and not np.isfinite(probs).all():
-            probs, p.error = None, "model produced non-finite output"
-        if probs is None:
+        if scored is not None and not (np.isfinite(scored[0]).all() and (scored[1] is None or np.isfinite(scored[1]))):
+            scored, p.error = None, "model produced non-finite output"
+        if scored is None:
             record["error"] = p.error
         else:
-            order = np.argsort(-probs, kind="stable")[: self.config.top]
-            top = [
-                {"label": self.model.class_names[i], "probability": round(float(probs[i]), 6)} for i in order
-            ]
-            record.update(label=top[0]["label"], probability=top[0]["probability"], top=top)
+            record.update(self._classification(*scored))
         record["model"] = self.model.model_id
-        record["latency_ms"] = round((p.seconds + (share if probs is not None else 0.0)) * 1000, 3)
+        record["latency_ms"] = round((p.seconds + (share if scored is not None else 0.0)) * 1000, 3)
         record["time"] = now
         folder = self._folder_for(record)
         if folder is not None:
-            record["moved_to"] = free_destination(folder, p.state.rel, {rel for f, rel in taken if f == folder})
-            taken.add((folder, record["moved_to"]))
+            record["moved_to"] = self._plan(folder, p.state.rel, taken)
+        if scored is not None and self._wants_review(record):
+            label_folder = review_folder_name(record["label"])
+            record["review_copy"] = self._plan(self.config.review, os.path.join(label_folder, p.state.rel), taken)
         return record
+
+    @staticmethod
+    def _plan(folder: str, rel: str, taken: set[tuple[str, str]]) -> str:
+        """A free name for ``rel`` under ``folder`` that no other line of the batch was given."""
+        planned = free_destination(folder, rel, {r for f, r in taken if f == folder})
+        taken.add((folder, planned))
+        return planned
+
+    def _classification(self, probs: np.ndarray, ood_score: Any) -> dict[str, Any]:
+        order = np.argsort(-probs, kind="stable")[: self.config.top]
+        top = [{"label": self.model.class_names[i], "probability": round(float(probs[i]), 6)} for i in order]
+        fields: dict[str, Any] = {"label": top[0]["label"], "probability": top[0]["probability"], "top": top}
+        if ood_score is not None:
+            unknown = bool(ood_score > self.model.ood_threshold)
+            fields.update(label="unknown" if unknown else fields["label"], ood_score=round(float(ood_score), 6),
+                          unknown=unknown)
+        return fields
+
+    def _wants_review(self, record: dict[str, Any]) -> bool:
+        c = self.config
+        return c.review is not None and (record.get("unknown") is True or record["probability"] < c.review_below)
 
     def _folder_for(self, record: dict[str, Any]) -> str | None:
         return self.config.quarantine if "error" in record else self.config.done
@@ -275,7 +327,11 @@ class Runner:
                 folder = self._folder_for(item.record)
                 if folder is not None and "moved_to" in item.record:
                     self._abandoned.add((folder, item.record["moved_to"]))
+                if "review_copy" in item.record and self.config.review:
+                    self._abandoned.add((self.config.review, item.record["review_copy"]))
                 continue
+            if "review_copy" in item.record and self.config.review and self._review_copy(src, item):
+                folders.add(os.path.dirname(os.path.join(self.config.review, item.record["review_copy"])))
             folder = self._folder_for(item.record)
             if folder is None or "moved_to" not in item.record:
                 kept.append(item.state)
@@ -288,6 +344,20 @@ class Runner:
         for folder in folders:
             fsync_dir(folder)
         self.results.checkpoint(kept)
+
+    def _review_copy(self, src: str, item: _Settling) -> bool:
+        """Hard-link (or copy) ``src`` to its planned ``review_copy``; False (logged) when impossible."""
+        rel = item.record["review_copy"]
+        try:
+            dst = inside(self.config.review, rel)
+            if dst is None:
+                raise NotADirectoryError(errno.ENOTDIR, "the destination leads through a symlink", rel)
+            make_folders_inside(self.config.review, os.path.dirname(rel))
+            link_or_copy(src, dst)
+        except OSError as exc:
+            log.warning("cannot make the review copy of %s (%s)", item.state.rel, exc)
+            return False
+        return True
 
     def _move(self, src: str, folder: str, item: _Settling) -> str | None:
         """Move ``src`` to its planned place under ``folder``; None (logged) when it must stay."""
@@ -307,3 +377,10 @@ class Runner:
             log.warning("cannot move %s (%s): left in place, remembered as reported", item.state.rel, exc)
             return None
         return dst
+
+
+def review_folder_name(label: str) -> str:
+    """``label`` as one plain folder name: a class name with a slash or one that is ``.``/``..``
+    must not lead outside --review (class names come from the model file), nor be hidden."""
+    name = label.replace("/", "_").replace("\0", "_")
+    return "_" + name if not name or name.startswith(".") else name

@@ -13,6 +13,8 @@ Every exported model carries these ``metadata_props`` (JSON values are strings):
   transferkit_version  the version that exported it
   created              UTC time of the export
   quantization         JSON (int8 models only): method, calibration and the accuracy it was accepted at
+  ood                  JSON (models with the second output ``ood_score``): the unknown score's method and
+                       calibrated threshold (``classify/ood.py``); an image is unknown when its score is above it
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from extract.weights import file_sha256
 TRANSFERKIT_VERSION = __version__
 REQUIRED_KEYS = ("class_names", "input_size", "layout", "input_dtype", "preprocessing", "backbone", "source",
                  "model_id", "transferkit_version", "created")
-JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization")
+JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization", "ood")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 
 from classify.data import features_for_head
+from classify.ood import unknown_scorer
+from classify.ood_graph import OOD_OUTPUT, add_ood_output
 from classify.persist import head_dir, load_head
 from classify.predict import build_backbone_for_head
 from export.data import LabelledImages, from_feature_set, from_folder, load_batch
@@ -84,10 +86,13 @@ def rename_value(model: onnx.ModelProto, old: str, new: str) -> None:
 
 
 def name_io(model: onnx.ModelProto) -> None:
-    """Input ``image`` and output ``probabilities``, both with a dynamic batch axis named ``N``."""
+    """Input ``image``, outputs ``probabilities`` (and ``ood_score`` when present), batch axes named ``N``."""
     rename_value(model, model.graph.input[0].name, INPUT_NAME)
     rename_value(model, model.graph.output[0].name, OUTPUT_NAME)
-    for value in (model.graph.input[0], model.graph.output[0]):
+    for value in model.graph.output[1:]:
+        if value.name.endswith(OOD_OUTPUT):
+            rename_value(model, value.name, OOD_OUTPUT)
+    for value in (model.graph.input[0], *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "N"
 
 
@@ -127,13 +132,16 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
     trained = load_head(head)
     features = features_for_head(trained, store)
     built = build_backbone_for_head(trained, weights)
+    scorer = unknown_scorer(features)  # the "unknown" score: a second output, calibrated without the test split
+    head_graph = trained.to_onnx(opset)
+    add_ood_output(head_graph, scorer)
     source = {"kind": "head", "head_kind": trained.kind, "store": str(Path(store).resolve()),
               "store_sha256": path_fingerprint(store), "head": str(head_dir(head).resolve()),
               "head_fingerprint": path_fingerprint(head_dir(head))}
     return Conversion(
-        model=append_head(keras_graph(built.model, built.input_size, opset), trained.to_onnx(opset)),
+        model=append_head(keras_graph(built.model, built.input_size, opset), head_graph),
         reference=lambda batch: trained.predict_proba(np.asarray(built.model(batch, training=False))),
-        metadata=build_metadata(trained.class_names, built.record(), source),
+        metadata={**build_metadata(trained.class_names, built.record(), source), "ood": scorer.calibration_},
         images=from_feature_set(features, images_dir),
     )
 

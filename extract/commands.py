@@ -53,11 +53,19 @@ def _backbone_names() -> list[str]:
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
 @click.option("--checkpoint-seconds", type=float, default=60.0, show_default=True,
               help="How often computed rows are folded into the store file while the job runs.")
+@click.option("--runner", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: compute on a Ray cluster (pip install -e '.[ray]'); see docs/scale.md.")
+@click.option("--ray-address", default=None, metavar="auto|ADDR",
+              help="Ray cluster to use with --runner ray [default: start a local Ray instance on this machine].")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Ray tasks to split the work into [default: 4 per task slot of the cluster].")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPUs per Ray task; also its onnxruntime and decode threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    split_group_by, dtype, engine, tolerance, input_size, shard, threads, checkpoint_seconds, as_json,
-                    quiet):
+                    split_group_by, dtype, engine, tolerance, input_size, shard, threads, checkpoint_seconds, runner,
+                    ray_address, shards, cpus_per_task, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -70,15 +78,18 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
       python cli.py extract photos/ --store shard0.h5 --shard 0/2 --weights none
       python cli.py extract photos/ --store leak-free.h5 --split-group-by near-duplicates
       python cli.py extract photos/ --store features.h5 --backbone resnet50 --engine onnx-int8
+      python cli.py extract photos/ --store features.h5 --runner ray --ray-address auto
     """
     from extract.job import ExtractionInterrupted, run_extraction
 
+    ray_options = _ray_options(runner, ray_address, shards, cpus_per_task)
     try:
         summary = run_extraction(
             images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
             validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
             split_group_by=split_group_by, dtype=dtype, engine=engine, tolerance=tolerance, input_size=input_size,
             shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+            ray_options=ray_options,
         )
     except ExtractionInterrupted as exc:
         click.echo(str(exc), err=True)
@@ -103,6 +114,19 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
     if len(summary.failures) > 10:
         click.echo(f"  ... and {len(summary.failures) - 10} more (see `python cli.py store info {store}`)")
     _warn_copies(summary.copies_across_splits)
+
+
+def _ray_options(runner: str, address: str | None, shards: int | None, cpus_per_task: int):
+    """RayOptions for --runner ray (imports no Ray); Ray options without it are a usage error."""
+    if runner == "local":
+        given = [name for name, value in (("--ray-address", address), ("--shards", shards),
+                                          ("--cpus-per-task", cpus_per_task != 1)) if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} needs --runner ray")
+        return None
+    from extract.ray_runner import RayOptions
+
+    return RayOptions(address=address, shards=shards, cpus_per_task=cpus_per_task)
 
 
 @click.group("store")

@@ -7,7 +7,6 @@ inference, so the backbone is never waiting on JPEG decoding.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import platform
@@ -15,6 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial, wraps
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +92,16 @@ def _library_versions() -> dict:
         except PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def refuse_hash_options(root: Path, requested: dict) -> None:
+    """Split folders give every image's split: options that draw splits by hash would be ignored."""
+    given = [f"--{key.replace('_', '-')}" for key, value in requested.items() if value is not None]
+    if given:
+        raise DatasetError(
+            f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {root} has split folders "
+            f"(train/, validation/ or val/, test/), which give every image's split; drop "
+            f"{'it' if len(given) == 1 else 'them'}, or move the images into DIR/<class>/ to split by hash")
 
 
 def _split_settings(state: StoreState | None, requested: dict) -> dict:
@@ -179,6 +189,19 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
             yield paths, shas, batch, failures
 
 
+def extract_segments(run_engine, segments: BackgroundSegments, feature_dim: int, root: Path,
+                     todo: list[tuple[str, str]], size: int, dtype: str, batch_size: int, workers: int):
+    """The extraction loop: decode, infer, hand the rows to ``segments`` (written off this thread);
+    yields (computed, failed) per batch.
+
+    The local runner and every Ray task (extract/ray_task.py) run this same loop, so both write the same rows.
+    """
+    for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
+        features = run_engine(batch) if len(batch) else np.zeros((0, feature_dim), np.float32)
+        segments.add(paths, shas, features.astype(dtype), failures)
+        yield len(paths), len(failures)
+
+
 def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[ImageEntry]:
     if shard is None:
         return dataset.entries
@@ -189,7 +212,7 @@ def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[Imag
 def _fp32_when_int8_is_refused(extract):
     """Run ``extract`` again for fp32 features when its int8 engine is refused; the notes say why."""
 
-    @functools.wraps(extract)
+    @wraps(extract)
     def run(*args, **kwargs) -> ExtractionSummary:
         try:
             return extract(*args, **kwargs)
@@ -225,9 +248,12 @@ def run_extraction(
     checkpoint_seconds: float = 60.0,
     progress: bool = True,
     int8_allowed: bool = True,
+    ray_options=None,
 ) -> ExtractionSummary:
-    """Features of ``backbone`` for the images of ``images_dir`` that ``store`` lacks.
+    """Extract features for the new or changed images of ``images_dir`` into ``store``.
 
+    ``ray_options`` (an ``extract.ray_runner.RayOptions``) spreads the compute over Ray tasks; everything
+    that decides what to compute runs here first, so an unchanged folder never starts Ray.
     ``engine`` onnx-int8 (or auto on a store that holds only int8 rows of the backbone) computes
     int8 features under ``BACKBONE@int8`` when the int8 engine passes its accuracy gate
     (``tolerance`` points, see ``extract.int8``); when it does not, fp32 features are computed and
@@ -243,13 +269,21 @@ def run_extraction(
         raise TransferKitError(f"unknown engine {engine!r}; choose one of {', '.join((*ENGINES, INT8_ENGINE))}")
     spec = get_backbone(backbone)
     shard_spec = parse_shard(shard)
+    if ray_options is not None:
+        from extract.ray_runner import check_ray_run  # imports no Ray: only checks that it is installed
+
+        check_ray_run(engine, shard)
     workers = workers or max(2, min(8, (os.cpu_count() or 2)))
+    hash_options = {"validation_split": validation_split, "test_split": test_split, "seed": seed,
+                    "split_group": split_group}
     with StoreWriter(store) as writer:
-        settings = _split_settings(writer.state, {"validation_split": validation_split,
-                                                  "test_split": test_split, "seed": seed,
-                                                  "split_group": split_group, "split_group_by": split_group_by})
+        if writer.state and writer.state.attrs.get("layout") == "split-folders":
+            refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
+        settings = _split_settings(writer.state, {**hash_options, "split_group_by": split_group_by})
         stored_anchors = writer.state.attrs.get(ANCHORS_ATTR, "") if writer.state else ""
         dataset = discover(root, **settings, split_anchors=stored_anchors)
+        if dataset.layout == "split-folders":
+            refuse_hash_options(root, hash_options)
         if settings["split_group_by"] != "none" and dataset.layout == "split-folders":
             raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
                                f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
@@ -258,6 +292,9 @@ def run_extraction(
         state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
                            shard=shard or "")
         name, int8 = _features_name(spec.name, engine, state, int8_allowed)
+        if int8 and ray_options is not None:
+            raise TransferKitError("int8 features are computed by --runner local only (the Ray tasks run the "
+                                   "fp32 engine); use --runner local, or --engine auto for fp32 features")
         previous_rows = state.backbones.get(name)
         weights_resolved = resolve_weights(spec, weights, seed=settings["seed"])
         size = int(input_size or (previous_rows.record["input_size"] if previous_rows else spec.input_size))
@@ -287,7 +324,12 @@ def run_extraction(
         notes: list[str] = []
         if todo:
             int8_gate = (dataset, previous_rows, tolerance, notes) if int8 else None
-            extracted, engine_name, loop_seconds = _compute(
+            compute = partial(_compute, int8_gate=int8_gate)
+            if ray_options is not None:
+                from extract.ray_runner import compute_on_ray
+
+                compute = partial(compute_on_ray, options=ray_options)
+            extracted, engine_name, loop_seconds = compute(
                 writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
                 batch_size, workers, threads, checkpoint_seconds, progress, int8_gate)
         split_groups = split_moved = 0
@@ -316,42 +358,56 @@ def _features_name(backbone: str, engine: str, state: StoreState | None, int8_al
     return features_name(backbone, int8), int8
 
 
+def extraction_record(spec, resolved, size: int, dtype: str, engine_name: str) -> dict:
+    """The backbone record that every row computed by this run carries (local runner and Ray tasks)."""
+    return {
+        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": engine_name,
+        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def announce_conversion(spec, resolved, size: int, engine: str, progress: bool) -> None:
+    """Say on stderr when this run first converts the backbone to ONNX (the wait is otherwise unexplained)."""
+    from extract.engine import onnx_engine_path
+
+    if engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
+        step(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
+             f"cached for later runs, 10-60 s)", progress)
+
+
+def _open_engine(spec, weights, resolved, size, seed, engine, threads, workers, progress, int8_gate):
+    """The run's engine and the record fields it adds; ``int8_gate`` as in ``_compute``."""
+    from extract.engine import open_engine
+
+    if not int8_gate:
+        announce_conversion(spec, resolved, size, engine, progress)
+        return open_engine(spec, weights, resolved, size, seed, engine, threads), {}
+    dataset, previous_rows, tolerance, notes = int8_gate
+    choice = int8_engine_for_store(
+        dataset, spec.name, resolved.weights_id, size, previous_rows.record if previous_rows else None,
+        lambda: open_engine(spec, weights, resolved, size, seed, "onnx", threads).path, tolerance, threads, workers)
+    notes.append(choice.report.describe(tolerance) + (" (cached)" if choice.cached else ""))
+    return choice.engine, {"quantization": choice.record}
+
+
 def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
              threads, checkpoint_seconds, progress, int8_gate=None) -> tuple[int, str, float]:
     """``int8_gate``: (dataset, the store's int8 rows, tolerance, notes) for an int8 run, else None."""
     from tqdm import tqdm
 
-    from extract.engine import onnx_engine_path, open_engine
-
-    quantization = {}
-    if int8_gate:
-        dataset, previous_rows, tolerance, notes = int8_gate
-        choice = int8_engine_for_store(
-            dataset, spec.name, resolved.weights_id, size, previous_rows.record if previous_rows else None,
-            lambda: open_engine(spec, weights, resolved, size, seed, "onnx", threads).path, tolerance, threads,
-            workers)
-        run_engine, quantization = choice.engine, {"quantization": choice.record}
-        notes.append(choice.report.describe(tolerance) + (" (cached)" if choice.cached else ""))
-    else:
-        if engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
-            step(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
-                 f"cached for later runs, 10-60 s)", progress)
-        run_engine = open_engine(spec, weights, resolved, size, seed, engine, threads)
+    run_engine, quantization = _open_engine(spec, weights, resolved, size, seed, engine, threads, workers, progress,
+                                            int8_gate)
     name = features_name(spec.name, bool(int8_gate))
-    record = {
-        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": run_engine.name, **quantization,
-        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    record = {**extraction_record(spec, resolved, size, dtype, run_engine.name), **quantization}
     extracted = 0
     loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)
     try:
         with BackgroundSegments(writer, name, record) as segments:
-            for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
-                features = run_engine(batch) if len(batch) else np.zeros((0, spec.feature_dim), np.float32)
-                segments.add(paths, shas, features.astype(dtype), failures)
-                extracted += len(paths)
-                bar.update(len(paths) + len(failures))
+            for computed, failed in extract_segments(run_engine, segments, spec.feature_dim, root, todo, size,
+                                                     dtype, batch_size, workers):
+                extracted += computed
+                bar.update(computed + failed)
                 if time.monotonic() - last_checkpoint > checkpoint_seconds:
                     segments.flush()
                     writer.commit(state)

@@ -28,7 +28,7 @@ def normalise(features: np.ndarray, centre: bool = True) -> np.ndarray:
     x = np.array(features, dtype=np.float32)  # one copy; everything below is in place
     if centre:
         x -= x.mean(axis=0, keepdims=True)
-    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x /= np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]  # no n x dim temporary
     return x
 
 

@@ -61,14 +61,15 @@ SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
 
 def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, spread: float = 4.0,
                        seed: int = 0, backbone: str = "mobilenet_v2", weights_id: str = "random-init:seed=0",
-                       images_root: str = "/nonexistent/images") -> Path:
-    """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large)."""
+                       images_root: str = "/nonexistent/images", features: np.ndarray | None = None) -> Path:
+    """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large);
+    ``features`` replaces them, rows in the order written (class, then split, then index)."""
     sizes = sizes or {name: SPLIT_SIZES for name in classes}
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (len(classes), dim)) * spread
     state = empty_state(images_root=images_root, seed=0, validation_split=0.2, test_split=0.2, layout="class-folders")
     state.classes = list(classes)
-    features = []
+    rows = []
     for index, name in enumerate(classes):
         for split, count in sizes[name].items():
             for i in range(count):
@@ -76,12 +77,12 @@ def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, s
                 for column, value in (("path", relpath), ("sha256", f"{index}-{split}-{i}"), ("class_name", name),
                                       ("split", split), ("size", 100), ("mtime_ns", 0)):
                     getattr(state.images, column).append(value)
-                features.append(centres[index] + rng.normal(0, 1, dim) + 3.0)
+                rows.append(centres[index] + rng.normal(0, 1, dim) + 3.0)
     record = {"name": backbone, "preprocessing": "tf", "input_size": 32, "feature_dim": dim,
               "weights": {"kind": "none", "id": weights_id, "sha256": None, "file": None}}
     state.backbones[backbone] = BackboneRows(record=record, path=list(state.images.path),
                                              sha256=list(state.images.sha256),
-                                             features=np.asarray(features, np.float32))
+                                             features=np.asarray(rows if features is None else features, np.float32))
     write_state(path, state)
     return path
 
@@ -104,9 +105,8 @@ class Workspace:
 
 
 def _fit_head(features, kind: str, out: Path) -> Path:
-    X, y = features.subset("train")
-    X_val, y_val = features.subset("validation")
-    head = make_head(kind, seed=0).fit(X, y, X_val, y_val)
+    labelled = features.splits != "test"
+    head = make_head(kind, seed=0).fit(features.features[labelled], features.labels[labelled])
     store = {"path": "", "fingerprint": fingerprint(features)}  # no path: tests pass --store explicitly
     return save_head(TrainedHead(head, features.class_names, features.backbone, store), out)
 

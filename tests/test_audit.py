@@ -218,3 +218,16 @@ def test_html_renders_in_headless_chromium(audited, tmp_path):
     # thumbnails are drawn: the red pictures of the planted group show as strongly red pixels
     red = (pixels[..., 0] > 150) & (pixels[..., 1] < 120) & (pixels[..., 2] < 120)
     assert red.sum() > 2000
+
+
+def test_an_image_far_from_every_class_is_the_outlier():
+    from classify.label_checks import nearest_class_similarity, outliers
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 32)) * 4
+    labels = np.repeat(np.arange(3), 30)
+    features = centres[labels] + rng.normal(size=(90, 32))
+    features[17] = rng.normal(size=32) * 4  # labelled 0, like no class at all
+    rows, cut = outliers(nearest_class_similarity(features, labels, 3))
+    assert rows.tolist() == [17]
+    assert nearest_class_similarity(features, labels, 3)[17] < cut

@@ -111,8 +111,7 @@ def test_cli_backbones_and_weights_error(tmp_path, monkeypatch, image_folder):
     assert result.output.startswith("Error: no ImageNet weights for resnet50 here; --backbone efficientnet_lite0 "
                                     "works offline (its weights install with the tool). For resnet50: put ")
     assert len(result.output.strip().splitlines()) == 1
-    assert not (tmp_path / "s.h5").exists() or "resnet50" not in json.dumps(
-        CliRunner().invoke(cli, ["store", "info", str(tmp_path / "s.h5"), "--json"]).output)
+    assert not list(tmp_path.glob("s.h5*"))  # a failed first run leaves no store, lock or segment folder
 
 
 def test_cli_extract_and_store_info(tmp_path, image_folder):

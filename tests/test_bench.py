@@ -17,6 +17,8 @@ from pathlib import Path
 
 from conftest import make_image_folder
 
+from classify.heads import HEAD_KINDS
+
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"^(\d+(?:\.\d+)?) \((\d+(?:\.\d+)?)–(\d+(?:\.\d+)?), 1 runs\)$")
 
@@ -44,11 +46,11 @@ def test_run_compares_both_pipelines_on_any_folder(tmp_path):  # about 30 s on 2
     assert "at most 8 images per class" in text
 
     rows = [line for line in text.splitlines() if line.startswith(("| tutorials' way", "| this tool"))]
-    assert [re.search(r"(\w+) head", row).group(1) for row in rows[1:]] == ["svm", "softmax", "mlp"]
+    assert [re.search(r"(\w+) head", row).group(1) for row in rows[1:]] == list(HEAD_KINDS)
     for row in rows:
         wall, rate, accuracy, f1 = (_median(cell) for cell in row.strip("|").split("|")[1:])
         assert wall > 0 and rate > 0 and 0 <= accuracy <= 1 and 0 <= f1 <= 1
-    assert sum("kept (best on validation)" in row for row in rows) == 1
+    assert sum("kept (best cross-validation accuracy)" in row for row in rows) == 1
     assert re.search(r"\*\*\d+\.\d+x\*\* as fast as the tutorials' way", text)
 
     sizes = re.search(r"this tool (\d+) train / (\d+) validation / (\d+) test .*the tutorials' way "
@@ -64,7 +66,7 @@ def test_run_compares_both_pipelines_on_any_folder(tmp_path):  # about 30 s on 2
 
     raw = json.loads(out.with_suffix(".json").read_text())
     pipelines = raw["datasets"][0]["pipelines"]
-    assert set(pipelines["tool"]["heads"]) == {"svm", "softmax", "mlp"}
+    assert set(pipelines["tool"]["heads"]) == set(HEAD_KINDS)
     assert pipelines["tutorial"]["runs"][0]["epochs"] == 1
     assert raw["config"]["limit_per_class"] == 8 and raw["total_seconds"] > 0
     assert raw["datasets"][0]["edge_bench"]["result"]["images"] == 24

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import CLASSES, make_feature_store, make_image_folder
 
+from classify.heads import HEAD_KINDS
 from classify.persist import CONFIG_NAME, load_head
 from classify.report import REPORT_FILES
 from cli import cli
@@ -21,7 +22,7 @@ from extract.store import FeatureStore
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES_OF_IMAGES = ("red", "green", "blue")
-METRIC_KEYS = {"kind", "val_accuracy", "test_accuracy", "test_macro_f1", "fit_seconds", "n_train"}
+METRIC_KEYS = {"kind", "cv_accuracy", "cv_std", "test_accuracy", "test_macro_f1", "fit_seconds", "n_train"}
 
 
 def invoke(*args):
@@ -36,11 +37,11 @@ def store(tmp_path) -> Path:
 def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
     result = invoke("fit-head", "--store", store, "--kind", "all", "--out", tmp_path / "head", "--json")
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [row["kind"] for row in rows] == ["svm", "softmax", "mlp"]
-    assert "fitting mlp on 72 images" in result.stderr  # the progress bar names the head being fitted
+    rows = [json.loads(line) for line in result.stdout.splitlines()]  # the progress bar is on stderr
+    assert [row["kind"] for row in rows] == list(HEAD_KINDS)
+    assert "fitting svm, softmax, mlp, rbf on 96 images" in result.stderr  # the bar names the heads being fitted
     assert all(METRIC_KEYS <= set(row) for row in rows)
-    assert all(row["test_accuracy"] > 0.9 and row["n_train"] == 72 for row in rows)
+    assert all(row["test_accuracy"] > 0.9 and row["n_train"] == 72 and row["n_val"] == 24 for row in rows)
     assert sum(row["saved"] for row in rows) == 1
     assert load_head(tmp_path / "head").class_names == list(CLASSES)
 
@@ -49,9 +50,9 @@ def test_fit_head_prints_a_leaderboard(store, tmp_path):
     result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3, "--quiet")
     assert result.exit_code == 0 and result.stderr == "", result.output
     header, row, summary = result.output.splitlines()
-    assert header.split()[:3] == ["kind", "val", "acc"]
+    assert header.split()[:3] == ["kind", "CV", "acc"]
     assert row.startswith("svm") and row.endswith("saved")
-    assert summary == f"svm head (72 training images) saved to {tmp_path / 'head'}"
+    assert summary == f"svm head (96 training images, 5-fold CV) saved to {tmp_path / 'head'}"
 
 
 def test_evaluate_writes_the_report(store, tmp_path):
@@ -102,7 +103,7 @@ BAD_INPUT = {
                    "--report-dir", p["tmp"] / "r"],
         "has no test images (its splits: train 15, validation 6, test 0)"),
     "single training image": (
-        lambda p: ["fit-head", "--store", _store_with(p["tmp"], a={"train": 1, "validation": 1, "test": 1},
+        lambda p: ["fit-head", "--store", _store_with(p["tmp"], a={"train": 1, "validation": 0, "test": 1},
                                                       b={"train": 4, "validation": 1, "test": 1}),
                    "--kind", "mlp", "--out", p["tmp"] / "h"],
         "class 'a' has 1 training image(s)"),

@@ -45,10 +45,11 @@ def test_head_export_parity_and_graph(head_export):
     assert parity.max_abs_diff <= 1e-4 and parity.top1_agreement == 1.0
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
-    (inp,), (outp,) = model.graph.input, model.graph.output
+    (inp,), (outp, ood) = model.graph.input, model.graph.output
     assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim] == ["N", 32, 32, 3]
     assert outp.name == "probabilities" and outp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert ood.name == "ood_score" and [d.dim_param for d in ood.type.tensor_type.shape.dim] == ["N"]
     assert not list(out.parent.glob(".*tmp*"))
 
 
@@ -67,6 +68,26 @@ def test_head_export_predicts_like_the_head_on_store_features(head_export, works
     batch, kept = load_batch(images.paths, 32)
     assert len(kept) == len(images)
     np.testing.assert_allclose(edge.predict(batch), trained.predict_proba(features.features), atol=1e-4)
+
+
+def test_unknown_score_is_in_the_graph_and_calibrated_without_test(head_export, workspace):
+    """The second output is the scorer fitted on the store's train + validation rows; the metadata
+    carries its threshold; the graph computes what the scorer computes on the stored features."""
+    import onnxruntime as ort
+
+    from classify.ood import MahalanobisScorer
+    from export.data import load_batch
+
+    out, (metadata, _) = head_export
+    features = workspace.features()
+    rows = features.splits != "test"
+    scorer = MahalanobisScorer().fit(features.features[rows], features.labels[rows])
+    assert metadata["ood"] == read_metadata(out)["ood"] == scorer.calibration_
+    assert metadata["ood"]["calibrated_on"] == f"5-fold out-of-fold scores of {rows.sum()} in-class images"
+    batch, kept = load_batch(from_feature_set(features).paths, 32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    _, scores = session.run(None, {"image": batch})
+    np.testing.assert_allclose(scores, scorer.score_samples(features.features), rtol=2e-3, atol=1e-2)
 
 
 def test_metadata_round_trip(head_export, workspace):
@@ -143,7 +164,7 @@ def test_export_from_fine_tuned_model(fine_tuned, workspace, tmp_path):
 
     images = from_feature_set(workspace.features())
     batch, _ = load_batch(images.paths[:8], 32)
-    np.testing.assert_allclose(load_model(out, 1).predict(batch), np.asarray(model(batch)), atol=1e-4)
+    np.testing.assert_allclose(load_model(out, 1).predict(batch), np.asarray(model(batch, training=False)), atol=1e-4)
 
 
 def test_parity_failure_leaves_no_file(head_conversion, tmp_path):

@@ -41,3 +41,19 @@ def test_ctrl_c_in_extract_keeps_rows_and_fit_head_says_why_rows_are_missing(tmp
     monkeypatch.setattr(extract.job, "decoded_batches", real_batches)
     result = CliRunner().invoke(cli, ["extract", str(images), "--store", str(store), *EXTRACT])
     assert result.exit_code == 0 and "(14 extracted, 4 unchanged," in result.output, result.output
+
+
+def test_split_folders_refuse_hash_split_options_and_advise_what_works(tmp_path):
+    images = tmp_path / "images"
+    make_image_folder(images / "train", per_class=3)
+    make_image_folder(images / "test", per_class=1, classes={"red": (220, 30, 30), "green": (30, 200, 40)})
+    store = tmp_path / "f.h5"
+    new = CliRunner().invoke(cli, ["extract", str(images), "--store", str(store), *EXTRACT, "--test-split", "0.2"])
+    assert new.exit_code == 1 and not store.exists()
+    assert new.output == (f"Error: --test-split does not apply: {images} has split folders (train/, validation/ or "
+                          f"val/, test/), which give every image's split; drop it, or move the images into "
+                          f"DIR/<class>/ to split by hash\n")
+    assert CliRunner().invoke(cli, ["extract", str(images), "--store", str(store), *EXTRACT]).exit_code == 0
+    again = CliRunner().invoke(cli, ["extract", str(images), "--store", str(store), *EXTRACT,
+                                     "--validation-split", "0.1", "--seed", "1"])
+    assert again.exit_code == 1 and again.output.startswith("Error: --validation-split and --seed do not apply: ")

@@ -1,0 +1,160 @@
+"""The base of every head: a scikit-learn classifier on standardised features that persists as arrays.
+
+``Head`` is a ``ClassifierMixin``/``BaseEstimator``: parameters are taken in ``__init__`` and stored
+unchanged (``clone``, ``get_params`` and ``set_params`` work), are validated at ``fit`` from
+``_parameter_constraints`` (plus ``_check_params`` for the contents of lists), and learned state
+ends in ``_``. ``fit(X, y)`` records ``n_features_in_`` and the classes, standardises the features
+on its rows and hands them to the kind's ``_fit``; predicting before ``fit`` raises
+``NotFittedError``, and a wrong feature count a ``ValueError`` that names both counts.
+"""
+
+from __future__ import annotations
+
+from numbers import Integral
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from classify.dense import Layers, fold_standardisation, logits, softmax
+from classify.selection import DEFAULT_FOLDS, fold_accuracies, stratified_folds
+
+if TYPE_CHECKING:
+    import onnx
+
+FOLDS_CONSTRAINT = [Interval(Integral, 2, None, closed="left")]
+SEED_CONSTRAINT = [Interval(Integral, 0, None, closed="left")]
+POSITIVE_INT = [Interval(Integral, 1, None, closed="left")]
+
+
+def check_grid(owner: str, name: str, values) -> list[float]:
+    """A hyper-parameter grid: a non-empty list of positive finite numbers, returned sorted."""
+    try:
+        grid = sorted(float(v) for v in values)
+    except (TypeError, ValueError):
+        grid = []
+    if not grid or not all(np.isfinite(v) and v > 0 for v in grid):
+        raise ValueError(f"{owner}: {name} must be a non-empty list of positive numbers, got {values!r}")
+    return grid
+
+
+class Head(ClassifierMixin, BaseEstimator):
+    """Input checks, standardisation, prediction, ONNX export and the arrays that persist a head."""
+
+    kind: ClassVar[str]
+    learned_info: ClassVar[tuple[str, ...]] = ()  # JSON-able learned values saved in head.json
+
+    def fit(self, X, y) -> "Head":
+        self._validate_params()
+        self._check_params()
+        X, y = validate_data(self, X, y, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, y_index = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got one class: "
+                             f"{self.classes_[0]!r}")
+        mean, std = X.mean(axis=0), X.std(axis=0)
+        self.mean_ = mean.astype(np.float32)
+        self.scale_ = np.where(std > 1e-12, std, 1.0).astype(np.float32)  # constant features: keep as is
+        self._fit(self._standardise(X), y_index)
+        return self
+
+    def _check_params(self) -> None:
+        """Checks the constraints cannot express (the contents of lists)."""
+
+    def _standardise(self, X: np.ndarray) -> np.ndarray:
+        return (np.asarray(X, np.float64) - self.mean_) / self.scale_
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return softmax(self._logits(validate_data(self, X, reset=False, dtype=np.float64)))
+
+    def predict(self, X) -> np.ndarray:
+        best = np.argmax(self.predict_proba(X), axis=1)
+        return self.classes_[best]
+
+    def to_onnx(self, opset: int = 17, metadata: dict[str, str] | None = None) -> "onnx.ModelProto":
+        """features float32 [N, D] -> probabilities float32 [N, C] (columns in ``classes_`` order)."""
+        from classify.onnx_head import dense_softmax_graph
+
+        check_is_fitted(self)
+        return dense_softmax_graph(self.network(), opset, name=f"{self.kind}_head", metadata=metadata)
+
+    def network(self) -> Layers:
+        """Dense layers on raw features (standardisation folded in); softmax follows the last one."""
+        return fold_standardisation(self.mean_, self.scale_, self._layers())
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        return logits(self.network(), X)
+
+    # ---- persistence: what is saved, and the shapes a saved head must have
+
+    def learned_arrays(self) -> dict[str, np.ndarray]:
+        return {"mean_": self.mean_, "scale_": self.scale_, "classes_": self.classes_, **self._arrays()}
+
+    def array_shapes(self, n_features: int, n_classes: int, learned: dict) -> dict[str, tuple[int, ...]]:
+        """The arrays a saved head must hold (``learned``: its saved ``learned_info``)."""
+        self._validate_params()
+        self._check_params()
+        return {"mean_": (n_features,), "scale_": (n_features,), "classes_": (n_classes,),
+                **self._shapes(n_features, n_classes, learned)}
+
+    def set_learned(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        """Restore a fitted head from arrays already checked against ``array_shapes``."""
+        self.mean_, self.scale_, self.classes_ = arrays["mean_"], arrays["scale_"], arrays["classes_"]
+        self.n_features_in_ = len(self.mean_)
+        self._set_arrays(arrays)
+        for name in self.learned_info:
+            setattr(self, name, info[name])
+
+    def get_learned_info(self) -> dict:
+        return {name: getattr(self, name) for name in self.learned_info}
+
+    # ---- what each kind provides
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _layers(self) -> Layers:
+        raise NotImplementedError
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _shapes(self, n_features: int, n_classes: int, learned: dict) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+
+class LinearHead(Head):
+    """One dense layer + softmax: ``coef_`` (classes, features) and ``intercept_`` on standardised features."""
+
+    def _layers(self) -> Layers:
+        return [(self.coef_.T, self.intercept_)]
+
+    def _arrays(self):
+        return {"coef_": self.coef_, "intercept_": self.intercept_}
+
+    def _shapes(self, n_features, n_classes, learned):
+        return {"coef_": (n_classes, n_features), "intercept_": (n_classes,)}
+
+    def _set_arrays(self, arrays):
+        self.coef_, self.intercept_ = arrays["coef_"], arrays["intercept_"]
+
+
+def binary_to_two_columns(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A binary model's single logit f (for class 1) as two columns (-f/2, f/2): softmax = sigmoid(f)."""
+    return np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+
+
+def cross_val_scores(head: Head, X, y, n_folds: int = DEFAULT_FOLDS, seed: int = 0) -> list[float]:
+    """Accuracy of a fresh clone of ``head`` on each stratified fold of ``(X, y)`` (the folds the
+    tuned heads search on, given the same labels, count and seed)."""
+    X, y = np.asarray(X), np.asarray(y)
+    return fold_accuracies(stratified_folds(y, n_folds, seed), y,
+                           lambda train, held: clone(head).fit(X[train], y[train]).predict(X[held]))
