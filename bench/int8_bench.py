@@ -9,7 +9,8 @@ Per backbone (default: ResNet50 with random weights, EfficientNet-Lite0 with its
 3. for backbones with real weights (random weights make accuracy meaningless), the int8 gate on
    every data set: k-fold accuracy of a logistic-regression head on fp32 vs int8 features of up to
    600 of its images (calibration + validation split); with ``--test-heads`` also the tool's softmax
-   head fitted on fp32 and on int8 features of the whole folder and scored on its test split.
+   head fitted on fp32 and on int8 features of the whole folder (train + validation) and scored on
+   its test split.
 fp32 and int8 measurements alternate so that load from other processes hits both alike.
 
 Example:
@@ -113,7 +114,8 @@ def head_accuracy(data: str, backbone: str, weights: str, batch: int) -> dict:
             store = Path(tmp) / f"{precision}.h5"
             run = run_cli_extract(data, store, backbone, weights, batch, engine)
             features = FeatureStore(store).read(run["backbone"])
-            head = make_head("softmax", seed=0).fit(*features.subset("train"), *features.subset("validation"))
+            labelled = features.splits != "test"
+            head = make_head("softmax", seed=0).fit(features.features[labelled], features.labels[labelled])
             X_test, y_test = features.subset("test")
             out[precision] = {"backbone_name": run["backbone"], "test_images": int(len(y_test)),
                               "test_accuracy": float((head.predict(X_test) == y_test).mean())}

@@ -331,7 +331,7 @@ def run_extraction(
                 compute = partial(compute_on_ray, options=ray_options)
             extracted, engine_name, loop_seconds = compute(
                 writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
-                batch_size, workers, threads, checkpoint_seconds, progress, int8_gate)
+                batch_size, workers, threads, checkpoint_seconds, progress)
         split_groups = split_moved = 0
         if settings["split_group_by"] == "near-duplicates":
             split_groups, split_moved = group_store_splits(state, name, settings)

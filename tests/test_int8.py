@@ -28,7 +28,7 @@ def _grey_folder(root, size):
 
 
 def _head_on(features, store) -> TrainedHead:
-    head = make_head("softmax", seed=0).fit(*features.subset("train"), *features.subset("validation"))
+    head = make_head("softmax", seed=0).fit(*features.subset("train"))
     return TrainedHead(head, features.class_names, features.backbone, {"path": str(store), "fingerprint": ""})
 
 
