@@ -53,6 +53,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 89_478_485  # Pillow's default bomb threshold, made explicit and enforced as an error
 MAX_FILE_BYTES = 512 * 1024 * 1024  # read whole into memory: refuse anything larger up front
 TRANSPARENCY_BACKGROUND = (255, 255, 255)
+COLOR = "RGB"  # channel order of every decoded array
+RESIZE = "bilinear"  # the resize policy, named in backbone records and ONNX metadata
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -311,7 +313,7 @@ def _decode(data: bytes, height: int, width: int) -> np.ndarray:
             img = ImageOps.exif_transpose(img) or img
             img = to_rgb(img)
             if img.size != (width, height):
-                img = img.resize((width, height), Image.BILINEAR)
+                img = img.resize((width, height), Image.Resampling[RESIZE.upper()])
             return np.asarray(img, dtype=np.uint8).copy()
 
 

@@ -52,7 +52,7 @@ def _backbone_names() -> list[str]:
 @click.option("--shard", default=None, metavar="I/N", help="Extract only shard I of N (each shard to its own --store; merge with `store merge`).")
 @click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
 @click.option("--checkpoint-seconds", type=float, default=60.0, show_default=True,
-              help="How often computed rows are folded into the store file while the job runs.")
+              help="How often computed batches are checkpointed into the store while the job runs.")
 @click.option("--runner", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="ray: compute on a Ray cluster (pip install -e '.[ray]'); see docs/scale.md.")
 @click.option("--ray-address", default=None, metavar="auto|ADDR",
@@ -131,7 +131,7 @@ def _ray_options(runner: str, address: str | None, shards: int | None, cpus_per_
 
 @click.group("store")
 def store_group():
-    """Inspect and merge feature stores."""
+    """Inspect, merge and upgrade feature stores."""
 
 
 @store_group.command("info")
@@ -161,8 +161,11 @@ def store_info_command(store, as_json):
     if len(info["failures"]) > 10:
         click.echo(f"  ... and {len(info['failures']) - 10} more failures (--json lists them all)")
     if info["pending_rows"]:
-        click.echo(f"  {info['pending_rows']} rows from an interrupted run wait in segments; "
+        click.echo(f"  {info['pending_rows']} rows from an interrupted run wait in batch files; "
                    f"the next extract folds them in")
+    for leftover in info["leftovers"]:
+        click.echo(f"  leftover: {leftover}" + ("" if leftover.startswith("missing") else
+                                                " (from an interrupted run; the next extract deletes it)"))
     _warn_copies(info["copies_across_splits"])
 
 
@@ -182,8 +185,16 @@ def _warn_copies(groups: list[list[str]], shown: int = 5) -> None:
 @store_group.command("merge")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-def store_merge_command(out, shards):
-    """Merge shard stores written by `extract --shard I/N` into one store.
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--copy", is_flag=True, help="Copy the shards' segment files instead of hard-linking them.")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="Where the images are, when the shards were extracted from different folders.")
+def store_merge_command(out, shards, force, copy, images_root):
+    """Merge shard stores written by `extract --shard I/N` into one store, without copying features.
+
+    OUT's segment files are hard links to the shards' (immutable) files, so OUT stays valid whatever
+    later happens to the shards. Refuses an existing OUT (unless --force), a shard given twice, shards
+    with rows still waiting in batch files, and shards with other classes, split settings or backbones.
 
     \b
     Example:
@@ -191,10 +202,26 @@ def store_merge_command(out, shards):
     """
     from extract.store import FeatureStore, merge_stores
 
-    merge_stores(out, list(shards))
+    merge_stores(out, list(shards), force=force, images_root=images_root, copy=copy)
     info = FeatureStore(out).info()
     click.echo(f"{out}: {info['images']} images from {len(shards)} shards; "
                + ", ".join(f"{n} {b['rows']} rows" for n, b in info["backbones"].items()))
+
+
+@store_group.command("upgrade")
+@click.argument("store", type=click.Path(exists=True, dir_okay=False))
+def store_upgrade_command(store):
+    """Convert a format-1 store (one file holding every feature) to the current, segmented format.
+
+    \b
+    Example:
+      python cli.py store upgrade features.h5
+    """
+    from extract.store_upgrade import upgrade_store
+
+    result = upgrade_store(store)
+    click.echo(f"{store}: format {result['from']} -> {result['to']}; "
+               + ", ".join(f"{n} {rows} rows" for n, rows in result["rows"].items()))
 
 
 @click.command("backbones")

@@ -306,16 +306,15 @@ def run_extraction(
                     f"{previous_rows.record['input_size']} px; this run uses {weights_resolved.weights_id} at "
                     f"{size} px. Use another --store, or the same --weights/--input-size"
                 )
-            if str(previous_rows.features.dtype) != dtype:
-                raise StoreError(f"{store} holds {name} features as {previous_rows.features.dtype}; "
-                                 f"pass --dtype {previous_rows.features.dtype}")
+            if previous_rows.dtype != dtype:
+                raise StoreError(f"{store} holds {name} features as {previous_rows.dtype}; "
+                                 f"pass --dtype {previous_rows.dtype}")
         state.images, unreadable = _hash_entries(root, entries, state.images, workers)
         state.failed.update(unreadable)
         state.classes = dataset.class_names
         dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
-        rows = state.backbones.get(name)
-        kept = len(rows.path) if rows else 0
-        have = set(zip(rows.path, rows.sha256)) if rows else set()
+        paths, shas = writer.keys(name)
+        kept, have = len(paths), set(zip(paths, shas))
         failed_before = {(p, s) for p, (s, _) in state.failed.items()}
         todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
                 if (p, s) not in have and (p, s) not in failed_before]
@@ -334,13 +333,12 @@ def run_extraction(
                 batch_size, workers, threads, checkpoint_seconds, progress)
         split_groups = split_moved = 0
         if settings["split_group_by"] == "near-duplicates":
-            split_groups, split_moved = group_store_splits(state, name, settings)
-            writer.commit(state)
+            split_groups, split_moved = _group_splits(writer, state, name, settings)
         rows = state.backbones.get(name)
         elapsed = time.perf_counter() - started
         return ExtractionSummary(
             store=str(store), backbone=name, engine=engine_name, notes=notes,
-            images=len(rows.path) if rows else 0, extracted=extracted, reused=kept,
+            images=rows.rows if rows else 0, extracted=extracted, reused=kept,
             failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
             images_per_second=extracted / loop_seconds if extracted else 0.0,
             failures=sorted((p, r) for p, (_, r) in state.failed.items()),
@@ -364,6 +362,16 @@ def extraction_record(spec, resolved, size: int, dtype: str, engine_name: str) -
         **backbone_record(spec, resolved, size), "dtype": dtype, "engine": engine_name,
         "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _group_splits(writer: StoreWriter, state: StoreState, backbone: str, settings: dict) -> tuple[int, int]:
+    """--split-group-by near-duplicates: find copies among ``backbone``'s rows (all of them in memory,
+    as the search needs) and move images to their group's split; a checkpoint stores both."""
+    rows = writer.rows(backbone)
+    view = StoreState(state.attrs, state.classes, state.images, state.failed, {backbone: rows} if rows else {})
+    groups, moved = group_store_splits(view, backbone, settings)  # updates state.attrs and state.images
+    writer.commit(state)
+    return groups, moved
 
 
 def announce_conversion(spec, resolved, size: int, engine: str, progress: bool) -> None:

@@ -15,17 +15,14 @@ CPU still sees every core, and onnxruntime ignores ``OMP_NUM_THREADS``.
 from __future__ import annotations
 
 import os
-import platform
 import socket
 import sys
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from extract.errors import TransferKitError
 from extract.paths import cache_dir
-from extract.version import __version__
 from extract.weights import file_sha256
 
 # What every worker must share with the driver for its features to be the driver's features.
@@ -55,13 +52,9 @@ class ShardTask:
 
 
 def worker_versions() -> dict[str, str]:
-    versions = {"transferkit": __version__, "python": platform.python_version()}
-    for package in CHECKED_PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    from extract.record import library_versions
+
+    return library_versions(CHECKED_PACKAGES)
 
 
 def check_versions(found: dict, expected: dict, where: str) -> None:

@@ -7,13 +7,13 @@ stop with one message that names the file, where it goes and the alternatives.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from extract.backbones import BackboneSpec, offline_backbones
 from extract.errors import WeightsUnavailable
+from extract.files import file_sha256
 from extract.paths import keras_models_dir
 
 
@@ -31,14 +31,6 @@ class ResolvedWeights:
             "sha256": self.sha256,
             "file": self.path.name if self.path else None,
         }
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0, or 512, 1024, 2048... after a user block

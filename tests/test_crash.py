@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 from conftest import make_image_folder
 
@@ -34,17 +35,19 @@ def _finished(proc: subprocess.Popen) -> None:
 def _assert_consistent(store: Path, folder: Path) -> int:
     """The store opens and every row is complete and matches its file."""
     fs = FeatureStore(store)
-    state = fs.state
-    wanted = dict(zip(state.images.path, state.images.sha256))
-    if "mobilenet_v2" not in state.backbones:
+    if "mobilenet_v2" not in fs.backbones:
         return 0
-    rows = state.backbones["mobilenet_v2"]
-    assert rows.features.shape == (len(rows.path), 1280)
-    assert np.isfinite(rows.features).all()
-    assert len(set(rows.path)) == len(rows.path)
-    for p, s in zip(rows.path, rows.sha256):
-        assert wanted[p] == s and (folder / p).exists()
-    return len(rows.path)
+    assert not [x for x in fs.leftovers() if x.startswith("missing")]
+    rows = fs.read("mobilenet_v2")
+    assert rows.features.shape == (len(rows.paths), 1280)
+    assert np.isfinite(rows.features).all() and (np.abs(rows.features).sum(axis=1) > 0).all()
+    assert len(set(rows.paths)) == len(rows.paths)
+    with h5py.File(store, "r") as f:
+        wanted = dict(zip(f["images/path"].asstr()[()], f["images/sha256"].asstr()[()]))
+        stored = dict(zip(f["backbones/mobilenet_v2/path"].asstr()[()], f["backbones/mobilenet_v2/sha256"].asstr()[()]))
+    for p in rows.paths:
+        assert wanted[p] == stored[p] and (folder / p).exists()
+    return len(rows.paths)
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):

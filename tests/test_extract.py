@@ -64,7 +64,7 @@ def test_store_format_is_plain_h5py(messy_folder, tmp_path):
     assert sum(info["splits"].values()) == 18
     assert info["backbones"] == {"mobilenet_v2": {"rows": 18, "dim": 1280, "dtype": "float32",
                                                   "weights": "random-init:seed=0", "input_size": 32,
-                                                  "preprocessing": "tf"}}
+                                                  "preprocessing": "tf", "segments": 1}}
 
 
 def test_incremental_rerun_computes_only_new_and_changed(image_folder, tmp_path, monkeypatch):
