@@ -97,14 +97,14 @@ def store_summary(store: Path) -> dict:
 def assert_same_store(got: Path, want: Path, exact: bool = True) -> None:
     """Same images, failures and splits, the same rows (each image once), equal features, labels, splits.
 
-    Rows are compared image by image: the order rows are read in is the store's to make canonical
-    (FeatureStore.read), whichever runner wrote them. ``exact``: tolerance 0 (same batch size as the
+    Rows are read in the store's canonical order whichever runner wrote them, so the two reads must
+    list the same paths in the same order (fit-head then gives the same numbers). ``exact``: tolerance 0 (same batch size as the
     reference); otherwise 1e-6 (the kill tests compare batch-1 rows with a batch-32 reference;
     onnxruntime gave 0.0 difference here too).
     """
     assert store_summary(got) == store_summary(want)
     a, b = FeatureStore(got).read(), FeatureStore(want).read()  # what fit-head trains on
-    assert len(set(a.paths)) == len(a.paths) and sorted(a.paths) == sorted(b.paths)
+    assert len(set(a.paths)) == len(a.paths) and a.paths == b.paths  # canonical order, not write order
     row = {p: i for i, p in enumerate(a.paths)}
     order = [row[p] for p in b.paths]
     assert a.class_names == b.class_names
