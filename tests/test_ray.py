@@ -56,7 +56,7 @@ def on_ray(ray_cluster, monkeypatch):
     return ray_cluster
 
 
-KILL_ARGS = {**ARGS, "batch_size": 1, "input_size": 64}  # one segment per image: tasks long enough to kill
+KILL_ARGS = {**ARGS, "batch_size": 1, "input_size": 64}  # batch 1: tasks long enough to kill
 KILL_IMAGES = 120
 
 
@@ -247,7 +247,8 @@ def test_worker_killed_twice_is_retried_and_the_store_is_complete(on_ray, kill_f
         while len(killed) < 2 and time.monotonic() < deadline:
             busy = [pid for pid in own_task_workers() if pid not in killed]
             if busy:
-                time.sleep(0.3)  # let it write a few segments first
+                # At once: rows are grouped into batch files of 64 (extract/segments.py), so a task of 60
+                # small images writes only at its end and can finish within a few tenths of a second.
                 try:
                     os.kill(busy[0], signal.SIGKILL)
                     killed.append(busy[0])
