@@ -11,7 +11,8 @@ from edge.imageio import printable, strict_json
 from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
 from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 from extract.identify_command import identify_command
-from extract.options import backbone_option, dtype_option, json_option, weights_option
+from extract.int8 import INT8_ENGINE
+from extract.options import backbone_option, dtype_option, engines_option, json_option, weights_option
 from extract.splits import GROUP_BY_CHOICES, SplitSettings
 
 SPLIT_DEFAULTS = SplitSettings()
@@ -40,11 +41,11 @@ BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(off
                    "(the audit's rule) share a split, found once the features are computed [default: none, or "
                    "the store's].")
 @dtype_option
-@click.option("--engine", type=click.Choice(["auto", "onnx", "keras", "onnx-int8"]), default="auto", show_default=True,
-              help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails; "
-                   "on a store holding only int8 rows of the backbone, int8. onnx-int8: the backbone quantized "
-                   "once (calibrated on the folder's train images, cached), features under BACKBONE@int8; "
-                   "refused (fp32 used, and said why) if a linear head loses more than --tolerance points.")
+@engines_option(extra=(INT8_ENGINE,),
+                help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails; "
+                     "on a store holding only int8 rows of the backbone, int8. onnx-int8: the backbone quantized "
+                     "once (calibrated on the folder's train images, cached), features under BACKBONE@int8; "
+                     "refused (fp32 used, and said why) if a linear head loses more than --tolerance points.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
               help="Accuracy points int8 features may lose against fp32 (onnx-int8 only).")
 @click.option("--input-size", type=int, default=None, help="Square input size [default: the backbone's native size].")
@@ -60,7 +61,7 @@ BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(off
               help="Ray tasks to split the work into [default: 4 per task slot of the cluster].")
 @click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPUs per Ray task; also its onnxruntime and decode threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
                     split_group_by, dtype, engine, tolerance, input_size, shard, threads, checkpoint_seconds, runner,

@@ -247,14 +247,11 @@ def run_extraction(
     """Compute ``backbone`` features for the images of ``images_dir`` (or of one ``shard``) that
     ``store`` lacks, and fold them into it; see the module docstring.
 
-    Split settings left as None are the store's (the defaults for a new store); other values than
-    the store's are refused. ``weights`` none initialises randomly from the split seed.
-    ``ray_options`` (an ``extract.ray_runner.RayOptions``) spreads the compute over Ray tasks; everything
-    that decides what to compute runs here first, so an unchanged folder never starts Ray.
-    ``engine`` onnx-int8 (or auto on a store that holds only int8 rows of the backbone) computes
-    int8 features under ``BACKBONE@int8`` when the int8 engine passes its accuracy gate
-    (``tolerance`` points, see ``extract.int8``); when it does not, fp32 features are computed and
-    the summary's notes say why. ``int8_allowed`` False never computes int8 features.
+    Split settings left as None are the store's (defaults for a new store); others are refused.
+    ``weights`` none initialises randomly from the split seed. ``ray_options`` (``RayOptions``) spreads
+    the compute over Ray tasks, planned here first, so an unchanged folder never starts Ray. ``engine``
+    onnx-int8 computes int8 features under ``BACKBONE@int8`` when they pass the accuracy gate
+    (``tolerance`` points, ``extract.int8``), else fp32 with the reason in the notes.
     """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
@@ -269,18 +266,8 @@ def run_extraction(
     hash_options = {"validation_split": validation_split, "test_split": test_split, "seed": seed,
                     "split_group": split_group}
     with StoreWriter(store) as writer:
-        state = writer.state or empty_state()
-        if writer.state and writer.state.attrs.get("layout") == "split-folders":
-            refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
-        settings = SplitSettings.resolve(writer.state.attrs if writer.state else None,
-                                         split_group_by=split_group_by, **hash_options)
-        dataset = _discover(root, settings, state.attrs.get(ANCHORS_ATTR, ""), hash_options)
-        state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
-                           shard=shard or "")
-        name, int8 = _features_name(spec.name, engine, state, int8_allowed)
-        if int8 and ray_options is not None:
-            raise TransferKitError("int8 features are computed by --runner local only (the Ray tasks run the "
-                                   "fp32 engine); use --runner local, or --engine auto for fp32 features")
+        state, settings, dataset = _settings_and_images(writer, root, shard, split_group_by, hash_options)
+        name, int8 = _features_name(spec.name, engine, state, int8_allowed, on_ray=ray_options is not None)
         previous = state.backbones.get(name)
         record = _record_for_run(spec, weights, settings.seed, input_size, dtype, previous, store)
         _scan(state, root, dataset, select_entries(dataset, shard_spec), options.workers)
@@ -291,17 +278,36 @@ def run_extraction(
         compute = partial(_compute, int8_gate=int8_gate) if ray_options is None else _ray_compute(ray_options)
         extracted, engine_name, loop_seconds = compute(writer, state, root, todo, record, weights, options)
         split_groups, split_moved = _group_splits(writer, state, name, settings)
-        rows = state.backbones.get(name)
-        return ExtractionSummary(
-            store=str(store), backbone=name, engine=engine_name, notes=notes,
-            images=rows.rows if rows else 0, extracted=extracted, reused=reused,
-            failed=len(state.failed), removed=removed, ignored=len(dataset.ignored),
-            seconds=time.perf_counter() - started,
-            images_per_second=extracted / loop_seconds if extracted else 0.0,
-            failures=sorted((p, r) for p, (_, r) in state.failed.items()),
-            copies_across_splits=state.images.copies_across_splits(),
-            split_groups=split_groups, split_moved=split_moved,
-        )
+        run = dict(engine=engine_name, extracted=extracted, reused=reused, removed=removed, notes=notes,
+                   split_groups=split_groups, split_moved=split_moved)
+        return _summary(store, name, state, dataset, run, time.perf_counter() - started, loop_seconds)
+
+
+def _settings_and_images(writer: StoreWriter, root: Path, shard: str | None, split_group_by: str | None,
+                         hash_options: dict) -> tuple[StoreState, SplitSettings, Dataset]:
+    """The store's state, the run's split settings (the store's where not given) and the folder's images;
+    the settings and layout are put in the state's attributes."""
+    state = writer.state or empty_state()
+    if writer.state and writer.state.attrs.get("layout") == "split-folders":
+        refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
+    settings = SplitSettings.resolve(writer.state.attrs if writer.state else None,
+                                     split_group_by=split_group_by, **hash_options)
+    dataset = _discover(root, settings, state.attrs.get(ANCHORS_ATTR, ""), hash_options)
+    state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
+                       shard=shard or "")
+    return state, settings, dataset
+
+
+def _summary(store: Path, name: str, state: StoreState, dataset: Dataset, run: dict, seconds: float,
+             loop_seconds: float) -> ExtractionSummary:
+    """The run's summary: ``run`` holds what this run did, the rest is read from the store's state."""
+    rows = state.backbones.get(name)
+    return ExtractionSummary(
+        store=str(store), backbone=name, images=rows.rows if rows else 0, failed=len(state.failed),
+        ignored=len(dataset.ignored), seconds=seconds,
+        images_per_second=run["extracted"] / loop_seconds if run["extracted"] else 0.0,
+        failures=sorted((p, r) for p, (_, r) in state.failed.items()),
+        copies_across_splits=state.images.copies_across_splits(), **run)
 
 
 def _ray_compute(ray_options):
@@ -311,12 +317,16 @@ def _ray_compute(ray_options):
     return partial(compute_on_ray, ray_options=ray_options)
 
 
-def _features_name(backbone: str, engine: str, state: StoreState | None, int8_allowed: bool) -> tuple[str, bool]:
+def _features_name(backbone: str, engine: str, state: StoreState | None, int8_allowed: bool,
+                   on_ray: bool = False) -> tuple[str, bool]:
     """Where this run's features go, and whether they are int8: ``onnx-int8`` asks for int8, and
-    ``auto`` keeps int8 on a store that holds only int8 rows of the backbone."""
+    ``auto`` keeps int8 on a store that holds only int8 rows of the backbone (never with Ray)."""
     held = state.backbones if state else {}
     int8 = int8_allowed and (engine == INT8_ENGINE or (
         engine == "auto" and features_name(backbone, True) in held and backbone not in held))
+    if int8 and on_ray:
+        raise TransferKitError("int8 features are computed by --runner local only (the Ray tasks run the "
+                               "fp32 engine); use --runner local, or --engine auto for fp32 features")
     return features_name(backbone, int8), int8
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from extract.dataset import shard_of
 from extract.errors import TransferKitError
-from extract.weights import file_sha256
+from extract.files import file_sha256
 
 INSTALL_HINT = "--runner ray needs Ray: pip install -e '.[ray]' (or pip install 'ray==2.60.0')"
 SHARDS_PER_SLOT = 4  # more shards than task slots: a retry redoes little, and fast nodes take more shards

@@ -24,7 +24,7 @@ from pathlib import Path
 from extract.errors import TransferKitError
 from extract.paths import cache_dir
 from extract.record import BackboneRecord
-from extract.weights import file_sha256
+from extract.files import atomic_write, file_sha256
 
 # What every worker must share with the driver for its features to be the driver's features.
 CHECKED_PACKAGES = ("onnxruntime", "numpy")
@@ -73,12 +73,10 @@ def local_engine(sha256: str, driver_path: str, engine_ref: list) -> Path:
     import ray
 
     data = ray.get(engine_ref[0])
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    if file_sha256(tmp) != sha256:
-        tmp.unlink(missing_ok=True)
-        raise TransferKitError(f"the engine received on {socket.gethostname()} does not match sha256 {sha256}")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+        if file_sha256(tmp) != sha256:
+            raise TransferKitError(f"the engine received on {socket.gethostname()} does not match sha256 {sha256}")
     return path
 
 

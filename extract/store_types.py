@@ -90,7 +90,7 @@ class BackboneMeta:
 
     @property
     def weights_id(self) -> str | None:
-        return self.record.get("weights", {}).get("id")
+        return BackboneRecord.from_dict(self.record).weights.id
 
 
 @dataclass

@@ -25,7 +25,7 @@ from extract.errors import TransferKitError
 from extract.job import run_extraction
 from extract.record import BackboneRecord
 from extract.store import FeatureStore, parts_dir
-from extract.weights import file_sha256
+from extract.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = dict(backbone="mobilenet_v2", weights="none", input_size=32, engine="onnx", batch_size=4, progress=False)
