@@ -57,7 +57,7 @@ def _register_commands() -> None:
     from extract.commands import COMMANDS as extract_commands
 
     commands = list(extract_commands)
-    for module in ("classify.commands", "classify.audit_command", "export.commands"):
+    for module in ("classify.commands", "classify.audit_command", "export.commands", "export.retrain_command"):
         try:
             commands += __import__(module, fromlist=["COMMANDS"]).COMMANDS
         except ModuleNotFoundError as exc:
