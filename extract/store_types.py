@@ -8,12 +8,12 @@ import h5py
 import numpy as np
 
 from extract.record import BackboneRecord
+from extract.splits import SPLITS  # re-exported for the store modules
 
 
 FORMAT = "transferkit-feature-store"
 FORMAT_VERSION = 2
 STR = h5py.string_dtype("utf-8")
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
