@@ -90,7 +90,7 @@ class BackboneMeta:
 
     @property
     def weights_id(self) -> str | None:
-        return BackboneRecord.from_dict(self.record).weights.id
+        return (self.record.get("weights") or {}).get("id")  # raw: merge compares shards' records as stored
 
 
 @dataclass
