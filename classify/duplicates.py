@@ -37,6 +37,7 @@ from classify.audit_alignment import CANDIDATE_COSINE, aligned_pairs
 from classify.audit_images import ImageSignatures
 from extract.neighbours import (NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, mutual_nearest_pairs,
                                 normalise, similar_pairs, strongest_pairs)
+from extract.splits import SPLITS
 
 FEATURE_THRESHOLD = NEAR_DUPLICATE_COSINE
 PIXEL_THRESHOLD = 0.99
@@ -110,7 +111,7 @@ def group_duplicates(pairs: dict[str, np.ndarray], splits: np.ndarray, labels: n
                 best[k] = max(best[k], float(similarity))
             else:
                 best[k] = 1.0
-    order = ("train", "validation", "test")
+    order = SPLITS
     result = []
     for k, rows in enumerate(groups):
         present = set(splits[rows].tolist())
