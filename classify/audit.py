@@ -104,6 +104,7 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
         "summary": {
             "duplicate_groups": len(groups), "images_in_groups": sum(len(g.rows) for g in groups),
             "pairs": {kind: int(len(found)) for kind, found in pairs.items()},
+            "distinct_pairs": len({(int(i), int(j)) for found in pairs.values() for i, j, _ in found}),
             "leak_groups": sum(g.leak for g in groups), "label_conflict_groups": sum(g.conflict for g in groups),
             "test_images_with_train_copy": int(leaked.size),
             "out_of_fold_accuracy": float((probabilities.argmax(axis=1) == features.labels).mean()),
