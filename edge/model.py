@@ -12,7 +12,9 @@ The export step writes these ``metadata_props``:
   drift_reference JSON {"class_share": {class: share}, "mean_confidence": x, "split": "validation",
                "rows": n}: the predicted class mix and mean top probability on the validation split
                (optional; the runner's --metrics compares its last images with it)
-  backbone, source                                           (informational)
+  backbone     JSON backbone record, as in the feature store and head file (optional, informational;
+               its shape is documented in extract/record.py, read here as plain JSON)
+  source                                                     (informational)
 
 The runner hands ``predict`` a uint8 NHWC batch of raw RGB pixels; this module transposes and casts
 it to what the graph declares, and splits or pads it when the graph has a fixed batch size.
@@ -54,6 +56,7 @@ class EdgeModel:
     fixed_batch: int | None  # None when the batch axis is dynamic
     output_names: list[str] = field(default_factory=list)  # probabilities first, then ood_score if used
     ood: dict[str, Any] | None = None  # the metadata's calibration when the graph has ``ood_score``
+    backbone: dict | None = None  # the backbone record from the metadata, unchanged
     drift_reference: dict[str, Any] | None = None  # the metadata's ``drift_reference``, checked
     file_identity: tuple[int, ...] | None = None  # (device, inode, size, mtime_ns) of the file loaded
 
@@ -243,6 +246,7 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
         fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None,
         output_names=output_names,
         ood=ood,
+        backbone=_json_field(meta, "backbone", path) if "backbone" in meta else None,
         drift_reference=_drift_reference(meta, class_names, path),
         file_identity=identity,
     )
