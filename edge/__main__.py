@@ -62,7 +62,7 @@ keeps running; that file is not tried again until it changes. Exactly-once holds
 Metrics: --metrics FILE is rewritten atomically every --metrics-interval seconds and at exit, in
 the Prometheus text format: images, errors and unknowns, counts per label, a latency histogram,
 the queue, the model id, swaps and refusals, and, for a model whose metadata has drift_reference,
-the class mix and mean top probability of the last --drift-window images against the validation
+the class mix and mean top probability of the last --drift-window images against the reference
 split's (edge_drift_class_distance: total-variation distance, 0..1; edge_drift_confidence_change).
 
 Log (stderr, one line per event, control characters in names escaped): start and stop, a stats

@@ -17,8 +17,8 @@ when the runner stops, so a reader never sees half of it. Counters start at 0 wi
   edge_start_time_seconds           when this process started (Unix time)
 
 Drift, only for a model whose metadata has ``drift_reference`` (the predicted class mix and mean top
-probability on its validation split): over the last ``--drift-window`` classified images (best class,
-unknown images included; the window restarts when the model is swapped)
+probability on a held-out split, named by its ``split``): over the last ``--drift-window`` classified
+images (best class, unknown images included; the window restarts when the model is swapped)
 
   edge_drift_window_images          images in the window (compare the gauges below once it is full)
   edge_drift_class_share{label}     share of the window per best class
@@ -29,7 +29,7 @@ unknown images included; the window restarts when the model is swapped)
   edge_drift_mean_confidence        mean top probability of the window
   edge_drift_reference_mean_confidence
   edge_drift_confidence_change      window minus reference mean confidence (negative: less sure than on
-                                    the validation split)
+                                    the reference split)
 """
 
 from __future__ import annotations
@@ -106,11 +106,11 @@ class Drift:
         n = len(self._recent)
         window = Family("edge_drift_window_images", "gauge", "Images in the drift window").add(n)
         reference = Family("edge_drift_reference_class_share", "gauge",
-                           "Share of the validation split per predicted class (model metadata)")
+                           "Share of the reference split (model metadata) per predicted class")
         for name, share in self.reference_share.items():
             reference.add(share, label=name)
         ref_conf = Family("edge_drift_reference_mean_confidence", "gauge",
-                          "Mean top probability on the validation split (model metadata)").add(self.reference_confidence)
+                          "Mean top probability on the reference split (model metadata)").add(self.reference_confidence)
         if not n:
             return [window, reference, ref_conf]
         mix = Family("edge_drift_class_share", "gauge", "Share of the drift window per best class")
@@ -120,12 +120,12 @@ class Drift:
         return [
             window, mix, reference,
             Family("edge_drift_class_distance", "gauge",
-                   "Total-variation distance between the window's and the validation split's class mix (0..1)"
+                   "Total-variation distance between the window's and the reference split's class mix (0..1)"
                    ).add(self.class_distance()),
             Family("edge_drift_mean_confidence", "gauge", "Mean top probability of the drift window").add(confidence),
             ref_conf,
             Family("edge_drift_confidence_change", "gauge",
-                   "Window minus validation mean top probability").add(confidence - self.reference_confidence),
+                   "Window minus reference mean top probability").add(confidence - self.reference_confidence),
         ]
 
 

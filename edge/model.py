@@ -9,9 +9,9 @@ The export step writes these ``metadata_props``:
   model_id     string written into every result line         (optional; default: sha256 of the file)
   ood          JSON object with a finite "threshold"          (optional; used only with a graph output
                named ``ood_score``: an image whose score is above the threshold is "unknown")
-  drift_reference JSON {"class_share": {class: share}, "mean_confidence": x, "split": "validation",
-               "rows": n}: the predicted class mix and mean top probability on the validation split
-               (optional; the runner's --metrics compares its last images with it)
+  drift_reference JSON {"class_share": {class: share}, "mean_confidence": x, "split": "test", "rows": n}:
+               the predicted class mix and mean top probability on a held-out split (optional; the
+               runner's --metrics compares its last images with it)
   backbone     JSON backbone record, as in the feature store and head file (optional, informational;
                its shape is documented in extract/record.py, read here as plain JSON)
   source                                                     (informational)
