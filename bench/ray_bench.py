@@ -135,6 +135,9 @@ def to_markdown(r: dict, title: str) -> str:
                  f"**{u['wall_seconds']:.2f} s** wall, {u['cpu_seconds']:.2f} CPU-s (no Ray started)")
     lines.append(f"- `fit-head --kind all` on the local store and on the 2-worker Ray store: same numbers: "
                  f"**{r['fit_head_all']['same']}**")
+    load = r["load_average"]
+    lines.append(f"- load average (1 min) {load['start']:.1f} at the start, {load['end']:.1f} at the end: wall "
+                 f"times on a machine shared with other jobs stretch with it, CPU-s much less")
     if not all(p["same_order"] for p in r["parity"].values()):
         lines.append("- the stores hold the same rows but read them in the order they were written, and the "
                      "stochastic heads (softmax, MLP) depend on row order: reading in one canonical order is "
@@ -146,8 +149,10 @@ def main() -> None:
     parser = data_parser(__doc__, "ray.md")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved")
     args = parse_data_args(parser)
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:  # commands run from the repository root: absolute data path
         result = run_benchmark(str(Path(args.data).resolve()), args.backbone, args.weights, args.repeats, Path(work))
+    result["load_average"] = {"start": load_at_start, "end": os.getloadavg()[0]}
     title = f"Ray runner vs local runner: {args.backbone}, {Path(args.data).name}"
     write_results(args.out, to_markdown(result, title), result)
 
