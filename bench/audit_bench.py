@@ -34,6 +34,7 @@ from bench.common import ROOT, default_data, header, run_script, write_section  
 from classify.duplicates import FEATURE_THRESHOLD  # noqa: E402
 from classify.label_checks import leak_effect_sentence  # noqa: E402
 from extract.neighbours import block_rows_for, normalise, similar_pairs  # noqa: E402
+from extract.splits import SplitSettings  # noqa: E402
 from extract.dataset import assign_split, discover  # noqa: E402
 
 SWAPS, COPIES, TOP = 20, 15, 40
@@ -67,9 +68,9 @@ def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0
 
     features = FeatureStore(store).read()
     record = features.backbone
-    engine = OnnxEngine(None, path=onnx_engine_path(record["name"], record["weights"]["id"], record["input_size"]))
+    engine = OnnxEngine(None, path=onnx_engine_path(record))
     mean = features.features.mean(axis=0)
-    size = record["input_size"]
+    size = record.input_size
 
     def unit(vector):
         vector = vector - mean
@@ -99,7 +100,7 @@ def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0
 def _test_name(folder: str, stem: str) -> str:
     """A copy name in ``folder`` that the default split settings put in the test split."""
     k = 0
-    while assign_split(f"{folder}/{stem}_copy{k}.jpg", 0, 0.1, 0.1) != "test":
+    while assign_split(f"{folder}/{stem}_copy{k}.jpg", SplitSettings()) != "test":
         k += 1
     return f"{folder}/{stem}_copy{k}.jpg"
 

@@ -28,6 +28,8 @@ from extract.defaults import DEFAULT_BATCH_SIZE  # noqa: E402
 from extract.backbones import get_backbone  # noqa: E402
 from extract.dataset import discover  # noqa: E402
 from extract.engine import default_threads, onnx_session, open_engine  # noqa: E402
+from extract.record import BackboneRecord  # noqa: E402
+from extract.splits import SplitSettings  # noqa: E402
 from extract.weights import resolve_weights  # noqa: E402
 
 
@@ -47,7 +49,7 @@ def engine_rate(path: Path, batch: int, spinning: bool, seconds: float, threads:
 def decode_ms(data: str, size: int, limit: int) -> float:
     """CPU milliseconds per image of ``load_image`` (decode, EXIF, RGB, resize) on one thread."""
     root = Path(data)
-    entries = discover(root, 0, 0).entries[:limit]
+    entries = discover(root, SplitSettings(0, 0)).entries[:limit]
     start = time.process_time()
     for entry in entries:
         try:
@@ -61,7 +63,8 @@ def run(data: str, backbone: str, weights: str, batches: list[int], seconds: flo
         decode_images: int, extract_batch: int = DEFAULT_BATCH_SIZE) -> dict:
     """``extract_batch``: the batch ``extract`` runs at (its default), which the loop bound is for."""
     spec = get_backbone(backbone)
-    engine = open_engine(spec, weights, resolve_weights(spec, weights), spec.input_size, engine="onnx")
+    record = BackboneRecord.create(spec, resolve_weights(spec, weights).record(), spec.input_size)
+    engine = open_engine(record, weights, engine="onnx")
     threads = default_threads()
     rates = {f"batch {b}, spinning {'on' if spin else 'off'}": spread(
         [engine_rate(engine.path, b, spin, seconds, threads) for _ in range(repeats)])

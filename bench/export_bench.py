@@ -35,14 +35,6 @@ from bench.common import ROOT, fmt, header, spread, write_section  # noqa: E402
 THROUGHPUT_BATCH = 32
 
 
-def _scores(labels: np.ndarray, predicted: np.ndarray) -> dict:
-    from sklearn.metrics import f1_score
-
-    present = sorted(set(labels.tolist()) | set(predicted.tolist()))
-    return {"accuracy": float(np.mean(labels == predicted)),
-            "macro_f1": float(f1_score(labels, predicted, labels=present, average="macro", zero_division=0))}
-
-
 def measure(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray, repeats: int,
             latency_images: int) -> dict:
     """Accuracy over all ``images``; throughput over their full batches of 32; median single-image latency."""
@@ -63,7 +55,9 @@ def measure(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, lab
             predict(images[i:i + 1])
             single.append(1000 * (time.perf_counter() - started))
         latencies.append(statistics.median(single))
-    return {**_scores(labels, probs.argmax(axis=1)), "batch32_images_per_s": spread(rates),
+    from classify.scoring import scores
+
+    return {**scores(labels, probs.argmax(axis=1)), "batch32_images_per_s": spread(rates),
             "batch1_latency_ms": spread(latencies)}
 
 
@@ -96,52 +90,23 @@ def run_export_benchmark(
 ) -> dict:
     """Run the benchmark; ``store`` and ``head`` (made from ``data``) skip extraction and head fitting."""
     keras_threads = _keras_threads(threads)
-    from classify.data import features_for_head
-    from classify.persist import load_head
-    from classify.predict import build_backbone_for_head
-    from classify.train import fit_heads
-    from export.data import from_feature_set, load_batch
     from export.finetune import DEFAULT_LEARNING_RATE, fine_tune
-    from export.keras_models import classifier_model
-    from export.onnx_export import export_onnx
     from export.quantize import DEFAULT_TOLERANCE
-    from extract.engine import onnx_session
-    from extract.job import run_extraction
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="export-bench-", dir=workdir) as tmp:
         work = Path(tmp)
         if store is None or head is None:
-            store, head = str(work / "features.h5"), str(work / "head")
-            run_extraction(data, store, backbone=backbone, weights=weights, input_size=image_size, seed=seed,
-                           progress=False)
-            fit_heads(store, kind="all", backbone=backbone, out=head, seed=seed)
-        trained = load_head(head)
-        onnx_path = work / "model.onnx"
-        export = export_onnx(onnx_path, store=store, head=head, images=data, quantize="int8", tolerance=100.0,
-                             threads=threads)
-        test = from_feature_set(features_for_head(trained, store), data).subset("test")
-        size = export.metadata["input_size"][0]
-        batch, kept = load_batch(test.paths, size)
-        labels = test.labels[kept]
-
-        built = build_backbone_for_head(trained)
-        keras_model = classifier_model(built, len(trained.class_names), trained.head.network())
-        models: dict[str, dict] = {"Keras (TensorFlow)": measure(
-            lambda x: np.asarray(keras_model.predict_on_batch(x)), batch, labels, repeats, latency_images)}
-        for name, path in (("ONNX float32", onnx_path), ("ONNX int8 (QDQ)", Path(export.quantization.path))):
-            session = onnx_session(path, threads)
-            models[name] = {**measure(lambda x, s=session: s.run(None, {"image": x})[0], batch, labels, repeats,
-                                      latency_images), "file_mb": path.stat().st_size / 2**20}
-
+            store, head = _store_and_head(data, work, backbone, weights, image_size, seed)
+        trained, export, labels, models = _compare_models(data, store, head, work, threads, repeats, latency_images)
         tune_started = time.perf_counter()
         tuned = fine_tune(data, None, work / "fine-tuned.keras", head=head, store=store, epochs=epochs,
                           unfreeze=unfreeze, seed=seed)
         tune_seconds = time.perf_counter() - tune_started
     drop = 100 * (models["ONNX float32"]["accuracy"] - models["ONNX int8 (QDQ)"]["accuracy"])
     return {
-        "data": str(data), "backbone": backbone, "weights": trained.backbone["weights"]["id"],
-        "input_size": size, "classes": trained.class_names, "head_kind": trained.kind,
+        "data": str(data), "backbone": backbone, "weights": trained.backbone.weights.id,
+        "input_size": trained.backbone.input_size, "classes": trained.class_names, "head_kind": trained.kind,
         "test_images": int(len(labels)), "threads": threads, "keras_intra_op_threads": keras_threads,
         "repeats": repeats, "latency_images": latency_images,
         "parity": export.parity.to_dict(), "model_id": export.metadata["model_id"],
@@ -154,6 +119,47 @@ def run_export_benchmark(
                        "learning_rate": DEFAULT_LEARNING_RATE, "seconds": tune_seconds},
         "total_seconds": time.perf_counter() - started,
     }
+
+
+def _store_and_head(data: str, work: Path, backbone: str, weights: str, image_size: int | None,
+                    seed: int) -> tuple[str, str]:
+    """Extract ``data`` into a store in ``work`` and keep the best head on it."""
+    from classify.train import fit_heads
+    from extract.job import run_extraction
+
+    store, head = str(work / "features.h5"), str(work / "head")
+    run_extraction(data, store, backbone=backbone, weights=weights, input_size=image_size, seed=seed, progress=False)
+    fit_heads(store, kind="all", backbone=backbone, out=head, seed=seed)
+    return store, head
+
+
+def _compare_models(data: str, store: str, head: str, work: Path, threads: int, repeats: int, latency_images: int):
+    """Export float and int8 ONNX models, then measure them and the Keras model on the test split.
+
+    Returns the head, the export result, the test labels and the measurements per model.
+    """
+    from classify.data import features_for_head
+    from classify.persist import load_head
+    from export.data import from_feature_set, load_batch
+    from export.keras_models import classifier_model
+    from export.onnx_export import export_onnx
+    from extract.engine import onnx_session
+
+    trained = load_head(head)
+    onnx_path = work / "model.onnx"
+    export = export_onnx(onnx_path, store=store, head=head, images=data, quantize="int8", tolerance=100.0,
+                         threads=threads)
+    test = from_feature_set(features_for_head(trained, store), data).subset("test")
+    batch, kept = load_batch(test.paths, trained.backbone.input_size)
+    labels = test.labels[kept]
+    keras_model = classifier_model(trained.build_backbone(), len(trained.class_names), trained.head.network())
+    models: dict[str, dict] = {"Keras (TensorFlow)": measure(
+        lambda x: np.asarray(keras_model.predict_on_batch(x)), batch, labels, repeats, latency_images)}
+    for name, path in (("ONNX float32", onnx_path), ("ONNX int8 (QDQ)", Path(export.quantization.path))):
+        session = onnx_session(path, threads)
+        models[name] = {**measure(lambda x, s=session: s.run(None, {"image": x})[0], batch, labels, repeats,
+                                  latency_images), "file_mb": path.stat().st_size / 2**20}
+    return trained, export, labels, models
 
 
 def to_markdown(r: dict) -> str:

@@ -82,9 +82,10 @@ def decoded_tensors(data: str, size: int, limit: int | None = None, shard: str |
     from edge.imageio import ImageDecodeError, load_image
     from extract.dataset import discover
     from extract.job import parse_shard, select_entries
+    from extract.splits import SplitSettings
 
     images = []
-    for entry in select_entries(discover(data, 0, 0), parse_shard(shard))[:limit]:
+    for entry in select_entries(discover(data, SplitSettings(0, 0)), parse_shard(shard))[:limit]:
         try:
             images.append(load_image(Path(data) / entry.relpath, (size, size)))
         except ImageDecodeError:

@@ -43,12 +43,14 @@ def engine_files(data: str, backbone: str, weights: str) -> dict[str, Path]:
     from extract.dataset import discover
     from extract.engine import onnx_engine_path
     from extract.int8 import plan_gate
+    from extract.record import BackboneRecord
     from extract.weights import resolve_weights
 
     spec = get_backbone(backbone)
     resolved = resolve_weights(spec, weights)
     plan = plan_gate(discover(data), spec.name, resolved.weights_id, spec.input_size)
-    return {"fp32": onnx_engine_path(spec.name, resolved.weights_id, spec.input_size), "int8": plan.engine_path,
+    fp32 = onnx_engine_path(BackboneRecord.create(spec, resolved.record(), spec.input_size))
+    return {"fp32": fp32, "int8": plan.engine_path,
             "report": plan.report_path}
 
 

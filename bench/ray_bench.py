@@ -83,10 +83,12 @@ def fit_heads(store: Path, out: Path) -> list[dict]:
 def run_benchmark(data: str, backbone: str, weights: str, repeats: int, work: Path) -> dict:
     from extract.backbones import get_backbone
     from extract.ray_runner import prepare_engine
+    from extract.record import BackboneRecord
     from extract.weights import resolve_weights
 
     spec = get_backbone(backbone)
-    prepare_engine(spec, weights, resolve_weights(spec, weights), spec.input_size, 0)  # converted before timing
+    prepare_engine(BackboneRecord.create(spec, resolve_weights(spec, weights).record(), spec.input_size),
+                   weights)  # converted before timing
     cores = len(os.sched_getaffinity(0))
     runs: dict[str, list[dict]] = {name: [] for name in variants(cores)}
     stores: dict[str, Path] = {}

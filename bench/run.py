@@ -52,6 +52,8 @@ from bench.common import ROOT, command_line, default_data, fmt, machine, run_scr
 from edge.runner import RunnerConfig  # noqa: E402
 from extract.backbones import list_backbones  # noqa: E402
 from extract.dataset import discover  # noqa: E402
+from extract.engine import ENGINES  # noqa: E402
+from extract.splits import SplitSettings  # noqa: E402
 
 STARTED = time.perf_counter()
 QUICK = {"repeats": 1, "epochs": 2, "fine_tune_epochs": 1, "limit_per_class": 20}
@@ -117,7 +119,7 @@ def run_tutorial(data: Path, cfg: argparse.Namespace, validation_share: float, t
 
 def compare_pipelines(data: Path, workdir: Path, cfg: argparse.Namespace) -> dict:
     """Both pipelines ``cfg.repeats`` times, interleaved so that a drift in machine load hits both alike."""
-    counts = discover(data, cfg.validation_split, cfg.test_split, cfg.seed).split_counts()
+    counts = discover(data, SplitSettings(cfg.validation_split, cfg.test_split, cfg.seed)).split_counts()
     total = sum(counts.values())
     tool, tutorial = [], []
     for i in range(cfg.repeats):
@@ -174,37 +176,36 @@ def guarded(results: dict, key: str, func: Callable[[], dict | list]) -> None:
         log(f"{key} failed: {results[key]['error'][-500:]}")
 
 
+def extraction_section(data: Path, workdir: Path, cfg: argparse.Namespace) -> list[dict]:
+    """The extraction benchmark for the main backbone and, on a sample, the throughput backbone."""
+    from bench.extract_bench import run_extract_benchmark
+
+    runs = [(cfg.backbone, cfg.weights)]
+    if cfg.throughput_backbone != "none":
+        runs.append((cfg.throughput_backbone, cfg.throughput_weights))
+    out = []
+    for backbone, weights in runs:
+        folder = data
+        if backbone != cfg.backbone and cfg.throughput_limit_per_class:
+            log(f"{data.name}: sampling at most {cfg.throughput_limit_per_class} images per class for {backbone}")
+            folder = subsample(data, cfg.throughput_limit_per_class, cfg.seed,
+                               workdir / "throughput-sample" / data.name)
+        log(f"{data.name}: extraction benchmark, {backbone} (weights {weights})")
+        run = run_extract_benchmark(str(folder), backbone=backbone, weights=weights,
+                                    batch=cfg.batch_size, repeats=cfg.repeats, engine=cfg.engine)
+        out.append({**run, "sampled_per_class": cfg.throughput_limit_per_class if folder != data else None})
+    return out
+
+
 def bench_folder(data: Path, shown_data: str, workdir: Path, cfg: argparse.Namespace) -> dict:
     """Every section on one folder; ``shown_data`` is how the folder appears in the commands written."""
-    dataset = discover(data, cfg.validation_split, cfg.test_split, cfg.seed)
+    dataset = discover(data, SplitSettings(cfg.validation_split, cfg.test_split, cfg.seed))
     result: dict = {"path": str(data), "name": data.name, "images": len(dataset.entries),
                     "classes": dataset.class_names, "layout": dataset.layout}
     if cfg.skip_extract:
         result["extraction"] = {"skipped": "--skip-extract"}
     else:
-        from bench.extract_bench import run_extract_benchmark
-
-        runs = [(cfg.backbone, cfg.weights)]
-        if cfg.throughput_backbone != "none":
-            runs.append((cfg.throughput_backbone, cfg.throughput_weights))
-
-        def extraction() -> list[dict]:
-            out = []
-            for backbone, weights in runs:
-                folder = data
-                if backbone != cfg.backbone and cfg.throughput_limit_per_class:
-                    log(f"{data.name}: sampling at most {cfg.throughput_limit_per_class} images per class "
-                        f"for {backbone}")
-                    folder = subsample(data, cfg.throughput_limit_per_class, cfg.seed,
-                                       workdir / "throughput-sample" / data.name)
-                log(f"{data.name}: extraction benchmark, {backbone} (weights {weights})")
-                run = run_extract_benchmark(str(folder), backbone=backbone, weights=weights,
-                                            batch=cfg.batch_size, repeats=cfg.repeats, engine=cfg.engine)
-                out.append({**run, "sampled_per_class": cfg.throughput_limit_per_class
-                            if folder != data else None})
-            return out
-
-        guarded(result, "extraction", extraction)
+        guarded(result, "extraction", lambda: extraction_section(data, workdir, cfg))
     guarded(result, "pipelines", lambda: compare_pipelines(data, workdir, cfg))
     pipelines = result["pipelines"]
     shown = {str(data): shown_data}
@@ -447,10 +448,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--edge-batch-size", type=int, metavar="N", default=RunnerConfig.batch_size,
                         help="batch of the edge runner [default: %(default)s, the runner's default]")
     parser.add_argument("--input-size", type=int, metavar="PX", default=None, help="square input size [default: the backbone's]")
-    parser.add_argument("--engine", choices=("auto", "onnx", "keras"), default="auto", help="extraction engine")
-    parser.add_argument("--validation-split", type=float, metavar="SHARE", default=0.1,
+    parser.add_argument("--engine", choices=ENGINES, default=ENGINES[0], help="extraction engine")
+    parser.add_argument("--validation-split", type=float, metavar="SHARE", default=SplitSettings().validation_split,
                         help="as for extract; the tutorials' way gets the same number of images")
-    parser.add_argument("--test-split", type=float, metavar="SHARE", default=0.1)
+    parser.add_argument("--test-split", type=float, metavar="SHARE", default=SplitSettings().test_split)
     parser.add_argument("--seed", type=int, default=0, help="split, sampling and training seed")
     parser.add_argument("--skip-extract", action="store_true", help="no extraction-speed section")
     parser.add_argument("--skip-export", action="store_true", help="no Keras/ONNX/int8 inference section")

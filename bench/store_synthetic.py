@@ -12,14 +12,17 @@ from pathlib import Path
 import numpy as np
 
 from extract.dataset import assign_split
+from extract.splits import SplitSettings
 from extract.store import ImageTable, StoreWriter, empty_state
 
 SPLIT_SETTINGS = {"validation_split": 0.2, "test_split": 0.2, "seed": 0, "split_group": ""}
 
 
 def record(dim: int, dtype: str = "float16", weights_id: str = "synthetic", input_size: int = 32) -> dict:
-    return {"name": "synthetic", "preprocessing": "tf", "input_size": input_size, "feature_dim": dim,
-            "dtype": dtype, "weights": {"kind": "none", "id": weights_id, "sha256": None, "file": None}}
+    """A backbone record (extract/record.py, as JSON) for made-up features of a backbone named "synthetic"."""
+    return {"record_version": 2, "name": "synthetic", "constructor": "bench:synthetic", "weights_source": "none",
+            "preprocessing": {"mode": "tf"}, "input_size": input_size, "feature_dim": dim, "dtype": dtype,
+            "weights": {"kind": "none", "id": weights_id, "sha256": None, "file": None, "seed": 0}}
 
 
 def image_table(rows: int, classes: int = 3) -> ImageTable:
@@ -30,7 +33,7 @@ def image_table(rows: int, classes: int = 3) -> ImageTable:
         table.path.append(path)
         table.sha256.append(hashlib.sha256(path.encode()).hexdigest())
         table.class_name.append(f"c{i % classes}")
-        table.split.append(assign_split(path, 0, 0.2, 0.2))
+        table.split.append(assign_split(path, SplitSettings(**SPLIT_SETTINGS)))
         table.size.append(1000)
         table.mtime_ns.append(0)
     return table

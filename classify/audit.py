@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from classify import duplicates, label_checks
 from classify.audit_images import images_reachable, read_images
-from extract.store import SPLITS, FeatureSet, FeatureStore
+from extract.splits import SPLITS
+from extract.store import FeatureSet, FeatureStore
 
 TOP_SUSPECTS = 40
 
@@ -85,7 +86,7 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
     outlier_rows, cut = label_checks.outliers(similarity)
     group_dicts = [_group_dict(features, g) for g in groups]
     return {
-        "images": n, "classes": features.class_names, "backbone": features.backbone.get("name"),
+        "images": n, "classes": features.class_names, "backbone": features.backbone.name,
         "images_root": str(images_root) if images_root else None,
         "image_files_read": pixels is not None,
         "unreadable_files": pixels.unreadable if pixels else [],

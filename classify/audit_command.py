@@ -7,6 +7,7 @@ import json
 import click
 
 from classify.duplicates import FEATURE_THRESHOLD
+from extract.options import json_option
 
 
 @click.command("audit")
@@ -18,7 +19,7 @@ from classify.duplicates import FEATURE_THRESHOLD
 @click.option("--threshold", default=FEATURE_THRESHOLD, show_default=True, type=click.FloatRange(0, 1),
               help="Cosine similarity of (centred) features above which two images are near-duplicates.")
 @click.option("--top", default=40, show_default=True, type=click.IntRange(min=1), help="Mislabel suspects and outliers listed.")
-@click.option("--json", "as_json", is_flag=True, help="Print audit.json to stdout.")
+@json_option("Print audit.json to stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def audit_command(store, backbone, report_dir, images, threshold, top, as_json, quiet):
     """Audit a data set from its stored features: near-duplicates and leaks across splits, label

@@ -20,11 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from classify.errors import HeadFileError, HeadMismatch
 from classify.persist import TrainedHead, load_head
-from extract.backbones import UnknownBackbone, get_backbone
 from extract.errors import TransferKitError
-from extract.weights import resolve_weights
+from extract.record import BackboneRecord
+from extract.splits import SplitSettings
 
 
 @dataclass
@@ -44,6 +43,8 @@ class Classifier:
     # exported models with the unknown score: (probabilities, ood_score [N]) and the ``ood`` metadata
     run_with_ood: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
     ood: dict | None = None
+    split_settings: SplitSettings | None = None  # the settings it was trained with, when known
+    split_anchors: str = ""  # and its store's near-duplicate anchors (JSON, see extract/leak_free.py)
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.run(batch), dtype=np.float64)
@@ -56,76 +57,20 @@ class Classifier:
         return np.asarray(probs, dtype=np.float64), np.asarray(scores, dtype=np.float64)
 
 
-def _random_init_seed(record: dict) -> int:
-    import re
-
-    weights_id = record.get("weights", {}).get("id", "")
-    match = re.fullmatch(r"random-init:seed=(\d+)", weights_id)
-    if record.get("weights", {}).get("kind") == "none" and not match:
-        raise HeadFileError(f"the head's backbone record has weights id {weights_id!r}; expected random-init:seed=N")
-    return int(match.group(1)) if match else 0
-
-
-def default_weights(record: dict) -> str:
-    """The ``--weights`` choice that reproduces the head's features, when one can be named."""
-    weights = record.get("weights", {})
-    if weights.get("kind") in ("imagenet", "none"):
-        return weights["kind"]
-    raise HeadMismatch(f"the head was trained on features from the weights file {weights.get('file')!r} "
-                       f"({weights.get('id')}); pass --weights PATH to that file")
-
-
-@dataclass
-class HeadBackbone:
-    """The backbone a head needs, checked against what this machine has (before any slow build)."""
-
-    spec: object
-    weights: str  # the --weights choice
-    resolved: object  # ResolvedWeights
-    seed: int
-    input_size: int
-
-
-def head_backbone(trained: TrainedHead, weights: str | None = None) -> HeadBackbone:
-    """Refuses a backbone or weights other than those the head was trained on."""
-    record = trained.backbone
-    try:
-        spec = get_backbone(record.get("name", ""))
-    except UnknownBackbone as exc:
-        raise HeadMismatch(f"cannot rebuild the head's backbone: {exc}") from None
-    for key in ("preprocessing", "feature_dim"):
-        if getattr(spec, key) != record.get(key):
-            raise HeadMismatch(f"the head was trained on {spec.name} features with {key} {record.get(key)}; "
-                               f"this transferkit has {getattr(spec, key)}")
-    choice = weights or default_weights(record)
-    seed = _random_init_seed(record)
-    resolved = resolve_weights(spec, choice, seed=seed)
-    want = record.get("weights", {}).get("id")
-    if resolved.weights_id != want:
-        raise HeadMismatch(f"the head was trained on {spec.name} features from weights {want}; "
-                           f"--weights {choice} gives {resolved.weights_id}")
-    return HeadBackbone(spec, choice, resolved, seed, int(record.get("input_size") or spec.input_size))
-
-
 def head_classifier(head: str | Path, weights: str | None = None, engine: str = "auto",
                     threads: int | None = None) -> Classifier:
     """Backbone engine (cached ONNX without TensorFlow when possible) followed by the head in numpy."""
-    from extract.engine import open_engine
-
     trained = load_head(head)
-    need = head_backbone(trained, weights)
-    backbone = open_engine(need.spec, need.weights, need.resolved, need.input_size, need.seed, engine, threads)
+    backbone = trained.open_engine(weights, engine, threads)  # refuses other weights before any build
     description = ("onnxruntime (cached backbone engine) + numpy head" if backbone.name == "onnx"
                    else "Keras backbone + numpy head")
     return Classifier(name=str(head), kind=trained.kind, class_names=list(trained.class_names),
-                      input_size=need.input_size, engine=description, backbone=need.spec.name,
+                      input_size=trained.backbone.input_size, engine=description, backbone=trained.backbone.name,
                       run=lambda batch: trained.predict_proba(backbone(batch)), features=backbone, head=trained)
 
 
 def onnx_classifier(path: str | Path, threads: int | None = None) -> Classifier:
     """An exported model: class names, input size and backbone from its metadata."""
-    import json
-
     from edge.model import ModelError, load_model
     from extract.engine import default_threads
 
@@ -133,11 +78,10 @@ def onnx_classifier(path: str | Path, threads: int | None = None) -> Classifier:
         model = load_model(path, threads or default_threads())
     except ModelError as exc:
         raise TransferKitError(str(exc)) from None
-    meta = dict(model.session.get_modelmeta().custom_metadata_map)
-    try:
-        backbone = json.loads(meta.get("backbone", "{}")).get("name", "?")
-    except (ValueError, AttributeError):
-        backbone = "?"
+    # Only the name is needed; a model exported by another tool may carry a partial record or none
+    # (the edge contract does not require it), so it is not parsed as a full BackboneRecord.
+    name = model.backbone.get("name") if isinstance(model.backbone, dict) else None
+    backbone = name if isinstance(name, str) else "?"
     return Classifier(name=str(path), kind="onnx", class_names=model.class_names, input_size=model.input_size[0],
                       engine=f"onnxruntime ({Path(path).name})", backbone=backbone, run=model.predict,
                       run_with_ood=model.predict_scores if model.ood is not None else None, ood=model.ood)
@@ -148,11 +92,12 @@ def keras_classifier(path: str | Path) -> Classifier:
     from export.keras_models import load_fine_tuned
 
     model, info = load_fine_tuned(path)
-    backbone = info.get("backbone", {})
+    record = BackboneRecord.from_dict(info["backbone"])
     return Classifier(name=str(path), kind="fine-tuned", class_names=list(info["class_names"]),
-                      input_size=int(backbone.get("input_size") or model.input_shape[1]),
-                      engine=f"Keras ({Path(path).name})", backbone=backbone.get("name", "?"),
-                      run=lambda batch: np.asarray(model(batch, training=False)), split_settings=info.get("splits"))
+                      input_size=record.input_size, engine=f"Keras ({Path(path).name})", backbone=record.name,
+                      run=lambda batch: np.asarray(model(batch, training=False)),
+                      split_settings=SplitSettings.resolve(info["split_settings"]),
+                      split_anchors=info.get("split_anchors", ""))
 
 
 def open_classifier(head: str | Path | None = None, model: str | Path | None = None, weights: str | None = None,

@@ -8,8 +8,7 @@ import click
 
 from classify.kinds import KIND_CHOICES
 from classify.selection import DEFAULT_FOLDS
-
-SPLIT_CHOICES = ("train", "validation", "test")
+from extract.options import backbone_option, engine_option, json_option, split_option, weights_option
 
 
 def _number(value: float | None) -> str:
@@ -20,12 +19,12 @@ def _number(value: float | None) -> str:
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--kind", required=True, type=click.Choice(KIND_CHOICES),
               help="svm, softmax, mlp, rbf, or all (fit every kind, keep the best cross-validation accuracy).")
-@click.option("--backbone", default=None, help="Backbone whose features to use [default: the store's only one].")
+@backbone_option(help="Backbone whose features to use [default: the store's only one].")
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
 @click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=click.IntRange(min=2),
               help="Cross-validation folds (fewer when a class has fewer labelled images).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same store: same head.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per head, one per line.")
+@json_option("Print one JSON object per head, one per line.")
 @click.option("--quiet", is_flag=True, help="No progress bar (on stderr).")
 def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
     """Train a classifier head on the features of a store and save it.
@@ -65,11 +64,13 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
               help="Where the images are now, if they moved since extraction; with --model and no --store, "
                    "the image folder to evaluate on.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(SPLIT_CHOICES))
+@split_option(default="test")
 @click.option("--report-dir", required=True, type=click.Path(file_okay=False), help="Folder for the report files.")
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
-@click.option("--quiet", is_flag=True, help="No progress bar (--model runs over the images).")
-def evaluate_command(store, head, model, images, split, report_dir, as_json, quiet):
+@click.option("--ood", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
+              help="Images of none of the classes: report how well the unknown score tells them from the split's.")
+@json_option("Print metrics.json to stdout.")
+@click.option("--quiet", is_flag=True, help="No progress bar (--model or --ood runs over the images).")
+def evaluate_command(store, head, model, images, split, report_dir, ood, as_json, quiet):
     """Evaluate a head, a fine-tuned model or an exported ONNX model on one split and write a report.
 
     Writes classification_report.txt, confusion_matrix.png (counts and row-normalised),
@@ -77,30 +78,42 @@ def evaluate_command(store, head, model, images, split, report_dir, as_json, qui
     into --report-dir. A head is scored on the store's features, a model on the images behind the
     store's rows: same split, same files, comparable reports.
 
+    --ood DIR (images of none of the classes, searched recursively) adds the AUROC of the unknown
+    score (the split's images against DIR's), the share of DIR's images flagged at the calibrated
+    threshold and the share of the split's images flagged (metrics.json key "ood"). A head is
+    scored with the unknown score its export-onnx model would carry.
+
     \b
     Example:
       python cli.py evaluate --store features.h5 --head head --report-dir report
+      python cli.py evaluate --store features.h5 --head head --ood other-photos/ --report-dir report
       python cli.py evaluate --store features.h5 --model model.onnx --report-dir report-onnx
       python cli.py evaluate --model model.keras --images photos/ --report-dir report-ft
     """
+    from classify.ood_report import ood_line
     from classify.report import evaluate, evaluate_model
+    from edge.imageio import printable
 
     if (head is None) == (model is None):
         raise click.UsageError("give either --head HEAD or --model MODEL.onnx|MODEL.keras")
     if head is not None:
         if store is None:
             raise click.UsageError("--head needs --store (the head is scored on the store's features)")
-        metrics = evaluate(store, head, split=split, report_dir=report_dir, images=images)
+        metrics = evaluate(store, head, split=split, report_dir=report_dir, images=images, ood=ood,
+                           progress=not quiet)
     else:
         metrics = evaluate_model(model, split=split, report_dir=report_dir, store=store, images=images,
-                                 progress=not quiet)
+                                 progress=not quiet, ood=ood)
     if as_json:
         click.echo(json.dumps(metrics, ensure_ascii=False))
         return
     click.echo(f"{metrics['kind']} {'head' if head else 'model'} on {metrics['n']} {split} images: "
                f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
                f"{len(metrics['misclassified'])} misclassified; report in {report_dir}")
-    for path, reason in list(metrics.get("unreadable", {}).items())[:5]:
+    if "ood" in metrics:
+        click.echo(printable(ood_line(metrics["ood"])))
+    unreadable = {**metrics.get("unreadable", {}), **metrics.get("ood", {}).get("unreadable", {})}
+    for path, reason in list(unreadable.items())[:5]:
         click.echo(f"  unreadable: {path}: {reason}", err=True)
 
 
@@ -109,12 +122,9 @@ def evaluate_command(store, head, model, images, split, report_dir, as_json, qui
 @click.option("--head", type=click.Path(exists=True), default=None, help="Head folder written by fit-head.")
 @click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Instead of --head: a fine-tuned MODEL.keras or an exported MODEL.onnx.")
-@click.option("--weights", default=None,
-              help="imagenet, none or a weights file PATH [default: the kind the head was trained with].")
-@click.option("--engine", type=click.Choice(["auto", "onnx", "keras"]), default="auto", show_default=True,
-              help="Backbone engine for --head. auto: the cached ONNX engine (no TensorFlow), else converted "
-                   "once, Keras if that fails.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image, one per line.")
+@weights_option(help="imagenet, none or a weights file PATH [default: the kind the head was trained with].")
+@engine_option
+@json_option("Print one JSON object per image, one per line.")
 @click.option("--unknown", type=click.Choice(["on", "off"]), default="on", show_default=True,
               help="Label images far from every class 'unknown' (models exported with an unknown score).")
 @click.option("--quiet", is_flag=True, help="Do not say which engine runs (on stderr).")

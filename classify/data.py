@@ -12,18 +12,14 @@ import numpy as np
 from classify.errors import HeadMismatch, TrainingDataError
 from classify.persist import TrainedHead
 from extract.int8 import stored_name
-from extract.store import SPLITS, FeatureSet, FeatureStore
-
-
-def split_counts(features: FeatureSet) -> dict[str, int]:
-    counts = Counter(features.splits.tolist())
-    return {split: counts.get(split, 0) for split in SPLITS}
+from extract.splits import SPLITS, split_counts
+from extract.store import FeatureSet, FeatureStore
 
 
 def unfinished_extraction(features: FeatureSet, store: str | Path) -> str | None:
     """Why the store has fewer rows than images, when an extraction did not finish; else None."""
     info = FeatureStore(store).info()
-    name = features.backbone.get("name")
+    name = features.backbone.name
     rows = info["backbones"].get(name, {}).get("rows", len(features.paths))
     if rows >= info["images"]:
         return None
@@ -66,7 +62,7 @@ def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.
         raise TrainingDataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     mask = features.splits == split
     if not mask.any():
-        counts = ", ".join(f"{k} {v}" for k, v in split_counts(features).items())
+        counts = ", ".join(f"{k} {v}" for k, v in split_counts(features.splits).items())
         raise TrainingDataError(f"{store} has no {split} images (its splits: {counts})")
     paths = [p for p, keep in zip(features.paths, mask) if keep]
     return features.features[mask], features.labels[mask], paths
@@ -75,9 +71,9 @@ def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.
 def fingerprint(features: FeatureSet) -> str:
     """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({
-        "backbone": features.backbone.get("name"),
-        "weights": features.backbone.get("weights", {}).get("id"),
+    digest.update(json.dumps({  # the keys are part of the fingerprints already in head files: keep them
+        "backbone": features.backbone.name,
+        "weights": features.backbone.weights.id,
         "classes": features.class_names,
         "paths": features.paths,
         "splits": features.splits.tolist(),
@@ -85,10 +81,6 @@ def fingerprint(features: FeatureSet) -> str:
     }, ensure_ascii=False).encode())
     digest.update(np.ascontiguousarray(features.features, dtype=np.float32).tobytes())
     return "sha256:" + digest.hexdigest()
-
-
-def _weights_id(record: dict) -> str | None:
-    return record.get("weights", {}).get("id")
 
 
 def features_for_head(trained: TrainedHead, store: str | Path) -> FeatureSet:
@@ -100,13 +92,9 @@ def features_for_head(trained: TrainedHead, store: str | Path) -> FeatureSet:
         raise HeadMismatch(f"the head was trained on {name} features; {store} has features for "
                            f"{', '.join(reader.backbones) or 'no backbone'}")
     features = reader.read(name)
-    want, have = trained.backbone, features.backbone
-    if (_weights_id(want), want.get("input_size")) != (_weights_id(have), have.get("input_size")) \
-            or features.features.shape[1] != trained.n_features:
-        raise HeadMismatch(
-            f"the head was trained on {name} features from weights {_weights_id(want)} at {want.get('input_size')} "
-            f"px; {store} holds {name} features from {_weights_id(have)} at {have.get('input_size')} px"
-        )
+    if not trained.backbone.same_features(features.backbone) or features.features.shape[1] != trained.n_features:
+        raise HeadMismatch(f"the head was trained on {trained.backbone.describe()}; "
+                           f"{store} holds {features.backbone.describe()}")
     if features.class_names != trained.class_names:
         raise HeadMismatch(f"the head knows classes [{', '.join(trained.class_names)}]; {store} has "
                            f"[{', '.join(features.class_names)}]")

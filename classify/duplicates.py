@@ -24,6 +24,7 @@ import numpy as np
 
 from classify.audit_images import ImageSignatures
 from extract.neighbours import NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, normalise, similar_pairs
+from extract.splits import SPLITS
 
 FEATURE_THRESHOLD = NEAR_DUPLICATE_COSINE
 PIXEL_THRESHOLD = 0.99
@@ -81,7 +82,7 @@ def group_duplicates(pairs: dict[str, np.ndarray], splits: np.ndarray, labels: n
                 best[k] = max(best[k], float(similarity))
             else:
                 best[k] = 1.0
-    order = ("train", "validation", "test")
+    order = SPLITS
     result = []
     for k, rows in enumerate(groups):
         present = set(splits[rows].tolist())

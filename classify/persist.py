@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -30,16 +28,22 @@ import numpy as np
 
 from classify.errors import HeadFileError
 from classify.heads import HEAD_KINDS, Head
+from extract.clock import utc_now
+from extract.files import file_sha256, write_atomic
+from extract.record import BackboneRecord, RecordError
 from extract.version import __version__
 
 if TYPE_CHECKING:
     import onnx
+
+    from extract.models import BuiltBackbone
 
 TOOL_VERSION = __version__
 HEAD_FORMAT = "transferkit-head"
 HEAD_FORMAT_VERSION = 1
 CONFIG_NAME = "head.json"
 WEIGHTS_NAME = "weights.npz"
+TRAINED_ON = "the head was trained on"  # starts the messages refusing another backbone or weights
 
 
 @dataclass
@@ -48,7 +52,7 @@ class TrainedHead:
 
     head: Head
     class_names: list[str]
-    backbone: dict  # the store's backbone record: name, preprocessing, input size, weights...
+    backbone: BackboneRecord  # the store's record of the features it was trained on, unchanged
     store: dict  # {"path": ..., "fingerprint": ...} of the features it was trained on
     metrics: dict = field(default_factory=dict)
     tool_version: str = TOOL_VERSION
@@ -64,12 +68,24 @@ class TrainedHead:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         return self.head.predict_proba(features)
 
+    def build_backbone(self, weights: str | None = None) -> BuiltBackbone:
+        """The frozen backbone whose features this head takes, built from its record (refuses other weights)."""
+        from extract.models import build_from_record
+
+        return build_from_record(self.backbone, weights, who=TRAINED_ON)
+
+    def open_engine(self, weights: str | None = None, engine: str = "auto", threads: int | None = None):
+        """An engine computing this head's features (a cached ONNX engine needs no TensorFlow)."""
+        from extract.engine import open_engine
+
+        return open_engine(self.backbone, weights, engine, threads, who=TRAINED_ON)
+
     def to_onnx(self, opset: int = 17) -> "onnx.ModelProto":
         """The head graph with the class order, kind and backbone record in its metadata."""
         return self.head.to_onnx(opset, metadata={
             "class_names": json.dumps(self.class_names, ensure_ascii=False),
             "head_kind": self.kind,
-            "backbone": json.dumps(self.backbone, ensure_ascii=False, sort_keys=True),
+            "backbone": json.dumps(self.backbone.to_dict(), ensure_ascii=False, sort_keys=True),
         })
 
 
@@ -77,10 +93,6 @@ def head_dir(path: str | Path) -> Path:
     """``HEAD`` may name the head folder or the ``head.json`` inside it."""
     path = Path(path)
     return path.parent if path.name == CONFIG_NAME else path
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -92,18 +104,6 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
             np.lib.format.write_array(member, np.asarray(arrays[name]), allow_pickle=False)
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_head(trained: TrainedHead, out: str | Path) -> Path:
@@ -120,19 +120,19 @@ def save_head(trained: TrainedHead, out: str | Path) -> Path:
         "format": HEAD_FORMAT,
         "format_version": HEAD_FORMAT_VERSION,
         "tool_version": trained.tool_version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_now(),
         "kind": head.kind,
         "params": head.get_params(),
         "learned": head.get_learned_info(),
         "n_features": trained.n_features,
         "class_names": list(trained.class_names),
-        "backbone": trained.backbone,
+        "backbone": trained.backbone.to_dict(),
         "store": trained.store,
         "metrics": trained.metrics,
         "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(weights).hexdigest()},
     }
-    _write_atomic(folder / WEIGHTS_NAME, weights)
-    _write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+    write_atomic(folder / WEIGHTS_NAME, weights)
+    write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
     return folder
 
 
@@ -196,7 +196,7 @@ def load_head(path: str | Path) -> TrainedHead:
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
         raise HeadFileError(f"{weights_path} is missing; copy the whole head folder or re-run fit-head")
-    if _sha256(weights_path) != config["weights"].get("sha256"):
+    if file_sha256(weights_path) != config["weights"].get("sha256"):
         raise HeadFileError(f"{weights_path} does not match the sha256 recorded in {config_path}: the head was "
                             f"modified or copied incompletely; re-run fit-head")
     class_names = config["class_names"]
@@ -218,5 +218,9 @@ def load_head(path: str | Path) -> TrainedHead:
     if config["tool_version"] != TOOL_VERSION:
         warnings.warn(f"{config_path} was written by transferkit {config['tool_version']}, this is "
                       f"{TOOL_VERSION}; check its predictions", stacklevel=2)
-    return TrainedHead(head=head, class_names=class_names, backbone=config["backbone"], store=config["store"],
+    try:
+        backbone = BackboneRecord.from_dict(config["backbone"])
+    except RecordError as exc:
+        raise HeadFileError(f"{config_path}: {exc}; re-run fit-head") from None
+    return TrainedHead(head=head, class_names=class_names, backbone=backbone, store=config["store"],
                        metrics=config["metrics"], tool_version=config["tool_version"])

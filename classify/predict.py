@@ -19,19 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.classifiers import Classifier, head_backbone
-from classify.persist import TrainedHead
+from classify.classifiers import Classifier
 from edge.imageio import ImageDecodeError, load_image
 
 TOP_K = 3
-
-
-def build_backbone_for_head(trained: TrainedHead, weights: str | None = None):
-    """The frozen Keras backbone whose features the head expects (for export and fine-tuning)."""
-    from extract.models import build_backbone
-
-    need = head_backbone(trained, weights)
-    return build_backbone(need.spec.name, weights=need.weights, input_size=need.input_size, seed=need.seed)
 
 
 def _decode(path: str, size: int) -> np.ndarray | str:

@@ -22,8 +22,9 @@ from sklearn.metrics import classification_report, confusion_matrix, precision_r
 from classify import plots
 from classify.data import features_for_head, fingerprint, split_rows
 from classify.persist import head_dir, load_head
-from classify.train import scores
+from classify.scoring import scores
 from extract.errors import TransferKitError
+from extract.splits import SplitSettings
 
 REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "per_class.csv", "tsne.png",
                 "misclassified.png", "metrics.json")
@@ -96,22 +97,26 @@ def _save_metrics(metrics: dict, report_dir: str | Path) -> dict:
 
 
 def evaluate(store: str | Path, head: str | Path, split: str = "test", report_dir: str | Path = "report",
-             seed: int = 0, images: str | Path | None = None) -> dict:
+             seed: int = 0, images: str | Path | None = None, ood: str | Path | None = None,
+             progress: bool = False) -> dict:
     """Predict ``split`` with the head on the store's features, write the report, return the metrics.
 
     ``images``: where the images are now, for the misclassified grid (default: where they were
-    when the store was extracted).
+    when the store was extracted). ``ood``: a folder of images of no class; adds ``metrics["ood"]``
+    (``classify/ood_report.py``) for the unknown score the head's export would carry.
     """
     trained = load_head(head)
     features = features_for_head(trained, store)
     X, y, paths = split_rows(features, split, store)
-    name = features.backbone["name"]
+    name = features.backbone.name
     result = Predictions(
         split=split, y=y, probabilities=trained.predict_proba(X), class_names=trained.class_names, paths=paths,
         images_root=str(images) if images else features.store_attrs.get("images_root"),
         title=f"{trained.kind} head on {name} features, {split} split ({len(y)} images)",
         tsne_features=X, tsne_title=f"t-SNE of {name} features, {split} split")
     metrics = write_report(result, report_dir, seed)
+    if ood is not None:
+        metrics["ood"] = _head_ood(head, features, X, ood, progress)
     return _save_metrics({
         **metrics, "model": str(head_dir(head)), "head": str(head_dir(head)), "kind": trained.kind,
         "engine": "numpy head on stored features", "store": str(store),
@@ -119,10 +124,22 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
         "backbone": name}, report_dir)
 
 
+def _head_ood(head: str | Path, features, X: np.ndarray, folder: str | Path, progress: bool) -> dict:
+    """``ood_metrics`` with the scorer export-onnx would add: stored features for the split, the
+    backbone over ``folder``'s images."""
+    from classify.classifiers import head_classifier
+    from classify.ood import unknown_scorer
+    from classify.ood_report import ood_metrics, with_scorer
+
+    scorer = unknown_scorer(features)
+    classifier = with_scorer(head_classifier(head), scorer)
+    return ood_metrics(classifier, scorer.score_samples(X), folder, progress)
+
+
 def _labelled_images(classifier, store, images, split: str):
     """The images of ``split``: the store's rows (read from ``images`` or where they were extracted),
     or the folder ``images`` with the model's split settings; plus store features for the t-SNE."""
-    from export.data import LabelledImages, from_feature_set, from_folder, split_settings
+    from export.data import LabelledImages, from_feature_set, from_folder
     from extract.store import FeatureStore
 
     features = None
@@ -134,7 +151,7 @@ def _labelled_images(classifier, store, images, split: str):
                                else reader.backbones[0])
         labelled = from_feature_set(features, images)
     elif images is not None:
-        labelled = from_folder(images, split_settings(classifier.split_settings))
+        labelled = from_folder(images, classifier.split_settings or SplitSettings(), anchors=classifier.split_anchors)
     else:
         raise TransferKitError("give --store (its split and images) or --images DIR to evaluate a model on")
     unknown = sorted(set(labelled.class_names) - set(classifier.class_names))
@@ -142,25 +159,31 @@ def _labelled_images(classifier, store, images, split: str):
         raise TransferKitError(f"the model knows classes [{', '.join(classifier.class_names)}]; the images also "
                                f"have [{', '.join(unknown)}]")
     order = np.asarray([classifier.class_names.index(name) for name in labelled.class_names], dtype=np.int64)
-    labelled = LabelledImages(labelled.root, labelled.relpaths, order[labelled.labels], labelled.splits,
+    labelled = LabelledImages(labelled.root, labelled.relpaths, order[labelled.labels], labelled.split,
                               list(classifier.class_names))  # labels in the model's class order
-    keep = np.flatnonzero(labelled.splits == split)
+    keep = np.flatnonzero(labelled.split == split)
     if not len(keep):
         raise TransferKitError(f"no {split} images in {store or images}")
     tsne = None
-    if features is not None and features.backbone.get("name") == classifier.backbone:
+    if features is not None and features.backbone.name == classifier.backbone:
         tsne = features.features[keep]
     return labelled.take(keep), tsne
 
 
 def evaluate_model(model: str | Path, split: str = "test", report_dir: str | Path = "report",
                    store: str | Path | None = None, images: str | Path | None = None, seed: int = 0,
-                   progress: bool = False) -> dict:
-    """Run a model.onnx / model.keras over the images of ``split`` and write the same report as a head's."""
+                   progress: bool = False, ood: str | Path | None = None) -> dict:
+    """Run a model.onnx / model.keras over the images of ``split`` and write the same report as a head's.
+
+    ``ood``: a folder of images of no class; adds ``metrics["ood"]`` for the model's unknown score."""
     from classify.classifiers import open_classifier
+    from classify.ood_report import ood_metrics
     from classify.predict import predict_images
 
     classifier = open_classifier(model=model)
+    if ood is not None and classifier.ood is None:
+        raise TransferKitError(f"{model} has no unknown score (ood_score output and ood metadata); "
+                               f"export it again with `python cli.py export-onnx`")
     labelled, tsne = _labelled_images(classifier, store, images, split)
     rows = predict_images(classifier, labelled.paths, progress=progress, keep_probabilities=True)
     ok = [i for i, row in enumerate(rows) if "error" not in row]
@@ -174,6 +197,8 @@ def evaluate_model(model: str | Path, split: str = "test", report_dir: str | Pat
         tsne_features=tsne[ok] if tsne is not None else None,
         tsne_title=f"t-SNE of the store's {classifier.backbone} features, {split} split")
     metrics = write_report(result, report_dir, seed)
+    if ood is not None:
+        metrics["ood"] = ood_metrics(classifier, np.asarray([rows[i]["ood_score"] for i in ok]), ood, progress)
     return _save_metrics({
         **metrics, "model": str(model), "kind": classifier.kind, "engine": classifier.engine,
         "store": str(store) if store else None, "backbone": classifier.backbone,

@@ -16,25 +16,17 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score
 from threadpoolctl import threadpool_limits
 
-from classify.data import check_trainable, fingerprint, split_counts
+from classify.data import check_trainable, fingerprint
 from classify.estimator import DEFAULT_FOLDS, Head, cross_val_scores
 from classify.heads import HEAD_KINDS, KIND_CHOICES, make_head
 from classify.persist import TrainedHead, save_head
+from classify.scoring import scores
 from classify.selection import best_index
 from extract.engine import default_threads
+from extract.splits import split_counts
 from extract.store import FeatureSet, FeatureStore
-
-
-def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro-F1 over the classes present in the split or predicted (an absent class
-    would count as F1 0 and pull a perfect split below 1)."""
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
 
 
 def _fit_one(kind: str, X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[Head, list[float], float]:
@@ -73,7 +65,7 @@ def fit_candidates(kinds: list[str], X: np.ndarray, y: np.ndarray, folds: int, s
 
 
 def _row(kind: str, head: Head, cv: list[float], seconds: float, features: FeatureSet, seed: int) -> dict:
-    counts = split_counts(features)
+    counts = split_counts(features.splits)
     X_test, y_test = features.subset("test")
     test = scores(y_test, head.predict(X_test)) if len(y_test) else {}
     return {
@@ -82,7 +74,7 @@ def _row(kind: str, head: Head, cv: list[float], seconds: float, features: Featu
         "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
         "fit_seconds": round(seconds, 3),
         "n_train": counts["train"], "n_val": counts["validation"], "n_test": counts["test"],
-        "backbone": features.backbone["name"], "seed": seed,
+        "backbone": features.backbone.name, "seed": seed,
         "params": head.get_params(), "learned": head.get_learned_info(),
     }
 
@@ -104,7 +96,7 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
     saved = save_head(TrainedHead(
         head=fitted[best][0], class_names=features.class_names, backbone=features.backbone,
         store={"path": str(Path(store).resolve()), "fingerprint": fingerprint(features),
-               "splits": split_counts(features)},
+               "split_counts": split_counts(features.splits)},
         metrics=rows[best],
     ), out)
     return [{**row, "saved": i == best, "head": str(saved) if i == best else None} for i, row in enumerate(rows)]

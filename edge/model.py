@@ -9,7 +9,9 @@ The export step writes these ``metadata_props``:
   model_id     string written into every result line         (optional; default: sha256 of the file)
   ood          JSON object with a finite "threshold"          (optional; used only with a graph output
                named ``ood_score``: an image whose score is above the threshold is "unknown")
-  backbone, source                                           (informational)
+  backbone     JSON backbone record, as in the feature store and head file (optional, informational;
+               its shape is documented in extract/record.py, read here as plain JSON)
+  source                                                     (informational)
 
 The runner hands ``predict`` a uint8 NHWC batch of raw RGB pixels; this module transposes and casts
 it to what the graph declares, and splits or pads it when the graph has a fixed batch size.
@@ -48,6 +50,7 @@ class EdgeModel:
     fixed_batch: int | None  # None when the batch axis is dynamic
     output_names: list[str] = field(default_factory=list)  # probabilities first, then ood_score if used
     ood: dict[str, Any] | None = None  # the metadata's calibration when the graph has ``ood_score``
+    backbone: dict | None = None  # the backbone record from the metadata, unchanged
 
     @property
     def ood_threshold(self) -> float | None:
@@ -203,6 +206,7 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
         fixed_batch=batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None,
         output_names=output_names,
         ood=ood,
+        backbone=_json_field(meta, "backbone", path) if "backbone" in meta else None,
     )
     # One run now: checks the output against class_names before any file is touched, and warms up.
     model.predict_scores(np.zeros((1, size[0], size[1], 3), np.uint8))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import click
 
-from extract.backbones import list_backbones
 from extract.errors import TransferKitError
+from extract.options import backbone_option, weights_option
 
 
 @click.command("fine-tune")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--backbone", type=click.Choice([s.name for s in list_backbones()]), default=None,
-              help="Backbone to fine-tune [default: the --head's].")
+@backbone_option(help="Backbone to fine-tune [default: the --head's].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Model file to write (MODEL.keras, plus MODEL.keras.json).")
 @click.option("--head", type=click.Path(exists=True), default=None,
@@ -27,8 +26,7 @@ from extract.errors import TransferKitError
 @click.option("--image-size", type=int, default=None,
               help="Square input size [default: the head's, or the backbone's native size].")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--weights", default=None,
-              help="imagenet, none (random, for tests) or a weights file PATH [default: the head's, or imagenet].")
+@weights_option(help="imagenet, none (random, for tests) or a weights file PATH [default: the head's, or imagenet].")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed for initialisation, shuffling, augmentation (and the split, without a store).")
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1),
@@ -84,8 +82,7 @@ def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, 
 @click.option("--head", type=click.Path(exists=True), default=None, help="Trained head (from fit-head).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False), default=None,
               help="Image folder for the checks [default: the folder the store or model was made from].")
-@click.option("--weights", default=None,
-              help="Backbone weights file, when the head was trained on features from --weights PATH.")
+@weights_option(help="Backbone weights file, when the head was trained on features from --weights PATH.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13, 18))
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write MODEL.int8.onnx (static QDQ, calibrated on train images) if it keeps its accuracy.")
@@ -128,8 +125,8 @@ def export_onnx_command(out, model, store, head, images, weights, opset, quantiz
             f"int8 refused: it loses {report.drop:.2f} accuracy points (tolerance {tolerance:g}); "
             f"kept the float model {result.path}, wrote no int8 file"
         )
-    click.echo(f"{report.path}: int8 accepted, test accuracy {report.int8_score.accuracy:.2f}% vs "
-               f"{report.float_score.accuracy:.2f}% float (tolerance {tolerance:g} points; "
+    click.echo(f"{report.path}: int8 accepted, test accuracy {100 * report.int8_score.accuracy:.2f}% vs "
+               f"{100 * report.float_score.accuracy:.2f}% float (tolerance {tolerance:g} points; "
                f"{report.calibration_images} calibration images)")
 
 

@@ -1,8 +1,8 @@
 """Labelled images for fine-tuning, parity checks, calibration and accuracy: the store's split, on disk.
 
 Everything here sees the same train/validation/test assignment as the feature store: with a store,
-its own rows (paths, labels, splits) are used; with a folder, ``discover`` runs with the store's (or
-the model's) split settings.
+its own rows and ``/images/split`` column are used (``from_store``, ``from_feature_set``); only
+without a store does ``discover`` assign splits from ``SplitSettings`` (``from_folder``).
 """
 
 from __future__ import annotations
@@ -15,18 +15,10 @@ import numpy as np
 from edge.imageio import ImageDecodeError, load_image
 from extract.dataset import discover
 from extract.errors import TransferKitError
-from extract.leak_free import ANCHORS_ATTR
-from extract.store import DEFAULT_SPLITS, FeatureSet
+from extract.splits import SplitSettings
+from extract.store import FeatureSet, StoreState
 
 SPLIT_ORDER = ("test", "validation", "train")
-
-
-def split_settings(attrs: dict | None) -> dict:
-    """The split settings (``DEFAULT_SPLITS`` keys) from store attributes (defaults where absent),
-    with the near-duplicate anchors of a ``--split-group-by near-duplicates`` store."""
-    attrs = attrs or {}
-    settings = {key: type(default)(attrs.get(key, default)) for key, default in DEFAULT_SPLITS.items()}
-    return {**settings, ANCHORS_ATTR: str(attrs.get(ANCHORS_ATTR, ""))}
 
 
 @dataclass
@@ -34,7 +26,7 @@ class LabelledImages:
     root: Path
     relpaths: list[str]
     labels: np.ndarray  # (n,) int index into class_names
-    splits: np.ndarray  # (n,) str: train / validation / test
+    split: np.ndarray  # (n,) str: each image's split, train / validation / test
     class_names: list[str]
 
     def __len__(self) -> int:
@@ -47,19 +39,21 @@ class LabelledImages:
     def take(self, indices) -> "LabelledImages":
         indices = np.asarray(indices, dtype=np.int64)
         return LabelledImages(self.root, [self.relpaths[i] for i in indices], self.labels[indices],
-                              self.splits[indices], self.class_names)
+                              self.split[indices], self.class_names)
 
     def subset(self, split: str) -> "LabelledImages":
-        return self.take(np.flatnonzero(self.splits == split))
+        return self.take(np.flatnonzero(self.split == split))
 
     def first(self, count: int) -> "LabelledImages":
         """The first ``count`` images, test split first: those a model has not been fitted on."""
-        return self.take(sorted(range(len(self)), key=lambda i: SPLIT_ORDER.index(self.splits[i]))[:count])
+        return self.take(sorted(range(len(self)), key=lambda i: SPLIT_ORDER.index(self.split[i]))[:count])
 
 
-def from_folder(images_dir: str | Path, settings: dict, class_names: list[str] | None = None) -> LabelledImages:
-    """Images of a class folder with ``settings`` (``split_settings``) for their splits."""
-    dataset = discover(images_dir, **settings)
+def from_folder(images_dir: str | Path, settings: SplitSettings, class_names: list[str] | None = None,
+                anchors: str | dict = "") -> LabelledImages:
+    """Images of a folder that has no store, split by ``settings`` (and the near-duplicate ``anchors``
+    of a ``--split-group-by near-duplicates`` store, see ``extract/leak_free.py``)."""
+    dataset = discover(images_dir, settings, split_anchors=anchors)
     names = dataset.class_names
     if class_names is not None and names != list(class_names):
         raise TransferKitError(
@@ -71,19 +65,38 @@ def from_folder(images_dir: str | Path, settings: dict, class_names: list[str] |
         root=Path(images_dir),
         relpaths=[e.relpath for e in dataset.entries],
         labels=np.asarray([index[e.class_name] for e in dataset.entries], dtype=np.int64),
-        splits=np.asarray([e.split for e in dataset.entries], dtype=str),
+        split=np.asarray([e.split for e in dataset.entries], dtype=str),
         class_names=list(names),
     )
 
 
-def from_feature_set(features: FeatureSet, images_dir: str | Path | None = None) -> LabelledImages:
-    """The images behind a store's rows, read from ``images_dir`` or the folder the store was made from."""
-    root = Path(images_dir or features.store_attrs.get("images_root") or "")
-    if not root.is_dir() or not features.paths or not (root / features.paths[0]).is_file():
+def _store_root(images_dir: str | Path | None, attrs: dict, relpaths: list[str]) -> Path:
+    """``images_dir``, or the folder the store was made from; refuses one without the store's images."""
+    root = Path(images_dir or attrs.get("images_root") or "")
+    if not root.is_dir() or not relpaths or not (root / relpaths[0]).is_file():
         raise TransferKitError(
             f"the store's images are not at {root}; pass --images DIR with the folder the store was extracted from"
         )
+    return root
+
+
+def from_feature_set(features: FeatureSet, images_dir: str | Path | None = None) -> LabelledImages:
+    """The images behind a store's rows, read from ``images_dir`` or the folder the store was made from."""
+    root = _store_root(images_dir, features.store_attrs, features.paths)
     return LabelledImages(root, list(features.paths), features.labels, features.splits, list(features.class_names))
+
+
+def from_store(state: StoreState, images_dir: str | Path | None = None) -> LabelledImages:
+    """Every image of a store that decoded, with its class and the store's split column."""
+    failed, table = set(state.failed), state.images
+    rows = [i for i, p in enumerate(table.path) if p not in failed]
+    relpaths = [table.path[i] for i in rows]
+    index = {c: i for i, c in enumerate(state.classes)}
+    return LabelledImages(
+        root=_store_root(images_dir, state.attrs, relpaths), relpaths=relpaths,
+        labels=np.asarray([index[table.class_name[i]] for i in rows], dtype=np.int64),
+        split=np.asarray([table.split[i] for i in rows], dtype=str), class_names=list(state.classes),
+    )
 
 
 def load_batch(paths: list[str], size: int) -> tuple[np.ndarray, list[int]]:

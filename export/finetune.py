@@ -8,7 +8,8 @@ random one is warmed up for a few epochs on the frozen backbone. Then the top ``
 layers (never BatchNorm) train with a small learning rate, with early stopping on the validation
 loss that restores the best epoch, and a checkpoint of the best model on disk meanwhile.
 
-Images get the same train/validation/test assignment as the feature store (its split settings).
+With a store, images get the store's own train/validation/test column; without one, splits are
+drawn from ``SplitSettings`` with the given seed.
 
 Example::
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import keras
@@ -29,15 +30,18 @@ import numpy as np
 import tensorflow as tf
 
 from classify.data import features_for_head
-from classify.persist import head_dir, load_head
-from classify.predict import build_backbone_for_head
+from classify.persist import TrainedHead, head_dir, load_head
+from classify.scoring import scores
 from edge.imageio import ImageDecodeError, load_image
-from export.data import LabelledImages, from_folder, split_settings
+from export.data import LabelledImages, from_feature_set, from_folder, from_store
 from export.keras_models import classifier_model, save_fine_tuned, set_trainable
+from export.metadata import TRANSFERKIT_VERSION, path_fingerprint
 from export.progress import EpochProgress
-from export.metadata import TRANSFERKIT_VERSION, path_fingerprint, utc_now
+from extract.clock import utc_now
 from extract.errors import TransferKitError
+from extract.leak_free import ANCHORS_ATTR
 from extract.models import BuiltBackbone, build_backbone
+from extract.splits import SPLITS, SplitSettings
 from extract.store import FeatureStore
 
 DEFAULT_UNFREEZE = "20"
@@ -116,7 +120,7 @@ def _compile(model: keras.Model, learning_rate: float) -> None:
 
 def evaluate_test(model, dataset, class_names: list[str], report_dir: Path) -> dict:
     """Write ``test_report.txt`` (classification report) and return accuracy and macro-F1."""
-    from sklearn.metrics import accuracy_score, classification_report, f1_score
+    from sklearn.metrics import classification_report
 
     y_true, y_pred = [], []
     for images, labels in dataset:
@@ -127,8 +131,7 @@ def evaluate_test(model, dataset, class_names: list[str], report_dir: Path) -> d
         return {"accuracy": None, "macro_f1": None, "images": 0}
     y_true, y_pred = np.concatenate(y_true), np.concatenate(y_pred)
     labels = sorted(set(y_true.tolist()) | set(y_pred.tolist()))  # a class absent from the test split is not scored
-    accuracy = float(accuracy_score(y_true, y_pred))
-    macro_f1 = float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    accuracy, macro_f1 = scores(y_true, y_pred).values()
     text = classification_report(y_true, y_pred, labels=labels, target_names=[class_names[i] for i in labels],
                                  digits=3, zero_division=0)
     (report_dir / "test_report.txt").write_text(
@@ -163,32 +166,10 @@ def plot_curves(history: dict[str, list[float]], warmup_epochs: int, best_epoch:
     figure.savefig(path)
 
 
-def _train(model, train_ds, val_ds, warmup_epochs, unfreeze_layers, learning_rate, epochs, callbacks, bars,
-           verbose, record_history):
-    """Warm-up (frozen backbone) then fine-tuning; returns (trainable layers, val loss and accuracy
-    before fine-tuning, the fine-tuning History)."""
-    with warnings.catch_warnings():
-        # the datasets' length is unknown (undecodable files are filtered out), which Keras reports
-        # as "ran out of data" at the end of every epoch
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        if warmup_epochs:
-            set_trainable(model, 0)
-            _compile(model, WARMUP_LEARNING_RATE)
-            record_history(model.fit(train_ds, validation_data=val_ds, epochs=warmup_epochs, shuffle=False,
-                                     verbose=verbose, callbacks=bars("warm-up")))
-        trainable = set_trainable(model, unfreeze_layers)
-        _compile(model, learning_rate)  # after changing `trainable`, or the change is ignored
-        loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
-        fit = model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks + bars("fine-tuning"),
-                        shuffle=False, verbose=verbose)
-    return trainable, loss_before, accuracy_before, fit
-
-
 def head_test_score(head: str | Path | None, store: dict | None) -> dict | None:
     """The head's accuracy on the store's test split: what the fine-tuned model has to beat."""
     from classify.data import split_rows
     from classify.errors import TrainingDataError
-    from classify.train import scores
 
     if head is None or store is None:
         return None
@@ -202,49 +183,139 @@ def head_test_score(head: str | Path | None, store: dict | None) -> dict | None:
 
 @dataclass
 class StartingPoint:
-    """What a fine-tuning run starts from: the backbone, the classifier's layers, the split."""
+    """What a fine-tuning run starts from: the backbone, the classifier's layers, the images and their split."""
 
     built: BuiltBackbone
-    settings: dict  # split settings: seed, validation_split, test_split
-    class_names: list[str] | None  # expected classes, when a store or head fixes them
+    images: LabelledImages  # with the store's split column, or splits drawn from split_settings
+    split_settings: SplitSettings
+    split_anchors: str = ""  # the store's near-duplicate anchors (JSON), see extract/leak_free.py
     layers: list | None = None  # the head's dense layers (standardisation folded in)
     dropout: float = 0.0
     store: dict | None = None  # path and sha256 of the store
     head: dict | None = None  # path, kind and fingerprint of the head
 
 
-def starting_point(backbone: str | None, head: str | Path | None, store: str | Path | None, weights: str | None,
-                   image_size: int | None, seed: int) -> StartingPoint:
+def labelled_images(images_dir: str | Path, trained: TrainedHead | None, store: str | Path | None,
+                    seed: int) -> tuple[LabelledImages, SplitSettings, str, dict | None]:
+    """The images with their split: the store's column when there is a store (refused if its weights
+    or classes differ from the head's), else drawn with the default settings and ``seed``. Also the
+    split settings, the store's near-duplicate anchors and the store's path and hash."""
+    class_names = trained.class_names if trained is not None else None
+    if store is None:
+        settings = SplitSettings(seed=seed)
+        return from_folder(images_dir, settings, class_names), settings, "", None
+    if trained is not None:
+        features = features_for_head(trained, store)
+        images, attrs = from_feature_set(features, images_dir), features.store_attrs
+    else:
+        state = FeatureStore(store).state
+        images, attrs = from_store(state, images_dir), state.attrs
+    store_info = {"path": str(Path(store).resolve()), "sha256": path_fingerprint(store)}
+    return images, SplitSettings.resolve(attrs), str(attrs.get(ANCHORS_ATTR, "")), store_info
+
+
+def starting_point(images_dir: str | Path, backbone: str | None, head: str | Path | None,
+                   store: str | Path | None, weights: str | None, image_size: int | None,
+                   seed: int) -> StartingPoint:
     """Resolve backbone, head and store into a consistent starting point; refuse any mismatch."""
     trained = load_head(head) if head is not None else None
     if trained is not None and store is None and Path(trained.store.get("path", "")).is_file():
         store = trained.store["path"]  # the split the head was trained and evaluated on
-    settings, class_names, store_info = split_settings({"seed": seed}), None, None
-    if store is not None:
-        if trained is not None:  # refuses a store with other weights or classes than the head's
-            features = features_for_head(trained, store)
-            attrs, class_names = features.store_attrs, features.class_names
-        else:
-            state = FeatureStore(store).state
-            attrs, class_names = state.attrs, list(state.classes)
-        settings = split_settings(attrs)
-        store_info = {"path": str(Path(store).resolve()), "sha256": path_fingerprint(store)}
+    if trained is None and backbone is None:
+        raise TransferKitError("give --backbone (or --head, whose backbone is used)")
+    if trained is not None:
+        record = trained.backbone
+        if backbone not in (None, record.name):
+            raise TransferKitError(f"the head was trained on {record.name} features, not {backbone}")
+        if image_size not in (None, record.input_size):
+            raise TransferKitError(f"the head was trained on {record.input_size} px features, not {image_size} px")
+    images, settings, anchors, store_info = labelled_images(images_dir, trained, store, seed)
     if trained is None:
-        if backbone is None:
-            raise TransferKitError("give --backbone (or --head, whose backbone is used)")
         built = build_backbone(backbone, weights=weights or "imagenet", input_size=image_size, seed=seed)
-        return StartingPoint(built, settings, class_names, store=store_info)
-    record = trained.backbone
-    if backbone not in (None, record["name"]):
-        raise TransferKitError(f"the head was trained on {record['name']} features, not {backbone}")
-    if image_size not in (None, record["input_size"]):
-        raise TransferKitError(f"the head was trained on {record['input_size']} px features, not {image_size} px")
+        return StartingPoint(built, images, settings, anchors, store=store_info)
     folder = head_dir(head)
     return StartingPoint(
-        built=build_backbone_for_head(trained, weights), settings=settings, class_names=trained.class_names,
+        built=trained.build_backbone(weights), images=images, split_settings=settings, split_anchors=anchors,
         layers=trained.head.network(), dropout=float(getattr(trained.head, "dropout", 0.0)), store=store_info,
         head={"path": str(folder.resolve()), "kind": trained.kind, "fingerprint": path_fingerprint(folder)},
     )
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The hyper-parameters of one fine-tuning run."""
+
+    unfreeze: str | int = DEFAULT_UNFREEZE
+    epochs: int = 10
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    batch_size: int = 32
+    seed: int = 0
+    patience: int = 3
+    warmup_epochs: int = 2
+    verbose: int = 0
+    progress: bool = False  # a bar per epoch on stderr
+
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise TransferKitError("--epochs, --batch-size and --patience must be at least 1")
+        parse_unfreeze(self.unfreeze)
+
+    def describe(self) -> dict:
+        return {"unfreeze": str(self.unfreeze), "warmup_epochs": self.warmup_epochs, "epochs": self.epochs,
+                "learning_rate": self.learning_rate, "batch_size": self.batch_size, "patience": self.patience,
+                "seed": self.seed, "augmentation": "flip horizontal, rotation 0.1, zoom 0.1"}
+
+
+@dataclass
+class TrainingRun:
+    """What ``train`` did: the curves, and where fine-tuning stopped."""
+
+    history: dict[str, list[float]]
+    trainable_layers: int
+    epochs_run: int
+    best_epoch: int  # 1-based fine-tuning epoch whose weights were kept
+    validation_before: dict
+
+
+def train(model: keras.Model, train_ds, val_ds, settings: TrainingSettings, checkpoint: Path,
+          batches: int) -> TrainingRun:
+    """Warm up the classifier on the frozen backbone (``warmup_epochs``), then fine-tune the top
+    layers with early stopping that restores the best epoch (checkpointed to ``checkpoint`` meanwhile;
+    removed again if training fails or is interrupted). ``batches``: per epoch, for the progress bars."""
+    history: dict[str, list[float]] = {k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
+
+    def record_history(fit) -> None:
+        for key in history:
+            history[key] += [float(v) for v in fit.history[key]]
+
+    def bars(label: str) -> list:
+        return [EpochProgress(batches, label)] if settings.progress else []
+
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
+                                            restore_best_weights=True)
+    callbacks = [stopper, keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True)]
+    try:
+        with warnings.catch_warnings():
+            # the datasets' length is unknown (undecodable files are filtered out), which Keras reports
+            # as "ran out of data" at the end of every epoch
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            if settings.warmup_epochs:
+                set_trainable(model, 0)
+                _compile(model, WARMUP_LEARNING_RATE)
+                record_history(model.fit(train_ds, validation_data=val_ds, epochs=settings.warmup_epochs,
+                                         shuffle=False, verbose=settings.verbose, callbacks=bars("warm-up")))
+            trainable = set_trainable(model, parse_unfreeze(settings.unfreeze))
+            _compile(model, settings.learning_rate)  # after changing `trainable`, or the change is ignored
+            loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
+            fit = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs,
+                            callbacks=callbacks + bars("fine-tuning"), shuffle=False, verbose=settings.verbose)
+    except BaseException:  # Ctrl-C included: no half-trained checkpoint left behind
+        checkpoint.unlink(missing_ok=True)
+        raise
+    record_history(fit)
+    return TrainingRun(history=history, trainable_layers=trainable, epochs_run=len(fit.history["loss"]),
+                       best_epoch=stopper.best_epoch + 1,
+                       validation_before={"loss": float(loss_before), "accuracy": float(accuracy_before)})
 
 
 def fine_tune(
@@ -269,89 +340,76 @@ def fine_tune(
     """Fine-tune ``backbone`` on ``images_dir`` and write ``out`` (.keras + sidecar) and a report folder.
 
     ``head`` initialises the classifier (no warm-up then) and fixes backbone, weights and input
-    size. ``store`` gives the split settings (otherwise defaults with ``seed``). ``weights``: None
-    means the head's weights, or ImageNet without a head. ``progress``: a bar per epoch on stderr.
+    size. ``store`` gives each image's split (otherwise splits are drawn with ``seed``). ``weights``:
+    None means the head's weights, or ImageNet without a head. ``progress``: a bar per epoch on stderr.
     An interrupted run (Ctrl-C) leaves neither the best-epoch checkpoint nor an empty report folder.
     """
     started = time.perf_counter()
-    out = Path(out)
-    if out.suffix != ".keras":
-        raise TransferKitError(f"--out must end in .keras, got {out.name}")
-    if epochs < 1 or batch_size < 1 or patience < 1:
-        raise TransferKitError("--epochs, --batch-size and --patience must be at least 1")
-    unfreeze_layers = parse_unfreeze(unfreeze)
-    report_dir = Path(report_dir) if report_dir else out.with_name(f"{out.stem}-report")
-
-    begin = starting_point(backbone, head, store, weights, image_size, seed)
-    built = begin.built
-    if begin.head is not None:
-        warmup_epochs = 0  # the head already is a trained classifier (linear probe)
-
-    images = from_folder(images_dir, begin.settings, begin.class_names)
-    train, validation, test = (images.subset(s) for s in ("train", "validation", "test"))
-    if not len(train) or not len(validation):
-        raise TransferKitError(
-            f"fine-tuning needs train and validation images; {images_dir} has {len(train)} train and "
-            f"{len(validation)} validation images"
-        )
+    out, report_dir = _outputs(out, report_dir)
+    settings = TrainingSettings(unfreeze, epochs, learning_rate, batch_size, seed, patience, warmup_epochs, verbose,
+                                progress)
+    settings.check()
+    begin = starting_point(images_dir, backbone, head, store, weights, image_size, seed)
+    settings = replace(settings, warmup_epochs=0) if begin.head else settings  # a head is a trained classifier
+    images = begin.images
+    train_images, validation, test = (images.subset(s) for s in SPLITS)
+    _check_trainable(train_images, validation, images_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(seed)
-    model = classifier_model(built, len(images.class_names), begin.layers, begin.dropout, seed)
-    size, skipped = built.input_size, {}
-    train_ds = image_dataset(train, size, batch_size, True, seed, skipped)
-    val_ds = image_dataset(validation, size, batch_size, False, seed, skipped)
-    history: dict[str, list[float]] = {k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
-
-    def record_history(fit) -> None:
-        for key in history:
-            history[key] += [float(v) for v in fit.history[key]]
-
+    model = classifier_model(begin.built, len(images.class_names), begin.layers, begin.dropout, seed)
+    size, skipped = begin.built.input_size, {}
     checkpoint = out.with_name(f"{out.stem}.best.keras")
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
-    batches = -(-len(train) // batch_size)
-
-    def bars(label: str) -> list:
-        return [EpochProgress(batches, label)] if progress else []
-
-    try:
-        trainable, loss_before, accuracy_before, fit = _train(
-            model, train_ds, val_ds, warmup_epochs, unfreeze_layers, learning_rate, epochs,
-            [stopper, keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True)],
-            bars, verbose, record_history)
-    except BaseException:  # Ctrl-C included: no half-trained checkpoint left behind
-        checkpoint.unlink(missing_ok=True)
-        raise
-    record_history(fit)
-    epochs_run = len(fit.history["loss"])
+    run = train(model, image_dataset(train_images, size, batch_size, True, seed, skipped),
+                image_dataset(validation, size, batch_size, False, seed, skipped), settings, checkpoint,
+                batches=-(-len(train_images) // batch_size))
     report_dir.mkdir(parents=True, exist_ok=True)
-
     test_metrics = evaluate_test(model, image_dataset(test, size, batch_size, False, seed, skipped),
                                  images.class_names, report_dir)
-    plot_curves(history, warmup_epochs, stopper.best_epoch + 1, report_dir / "training_curves.png")
+    plot_curves(run.history, settings.warmup_epochs, run.best_epoch, report_dir / "training_curves.png")
     result = FineTuneResult(
-        model_path=str(out), report_dir=str(report_dir), trainable_layers=trainable, warmup_epochs=warmup_epochs,
-        epochs_run=epochs_run, best_epoch=stopper.best_epoch + 1,
-        validation_before={"loss": float(loss_before), "accuracy": float(accuracy_before)},
-        test=test_metrics, skipped=dict(skipped), head_test=head_test_score(head, begin.store),
+        model_path=str(out), report_dir=str(report_dir), trainable_layers=run.trainable_layers,
+        warmup_epochs=settings.warmup_epochs, epochs_run=run.epochs_run, best_epoch=run.best_epoch,
+        validation_before=run.validation_before, test=test_metrics, skipped=dict(skipped),
+        head_test=head_test_score(head, begin.store),
     )
-    info = {
-        "class_names": images.class_names,
-        "backbone": built.record(),
-        "splits": begin.settings,
+    save_fine_tuned(model, out, sidecar_info(begin, images_dir, settings, run, test_metrics))
+    checkpoint.unlink(missing_ok=True)
+    result.seconds = time.perf_counter() - started
+    (report_dir / "metrics.json").write_text(json.dumps({**result.to_dict(), "history": run.history}, indent=2))
+    return result
+
+
+def _outputs(out: str | Path, report_dir: str | Path | None) -> tuple[Path, Path]:
+    """The model path (must end in .keras) and the report folder (default: MODEL-report/ beside it)."""
+    out = Path(out)
+    if out.suffix != ".keras":
+        raise TransferKitError(f"--out must end in .keras, got {out.name}")
+    return out, Path(report_dir) if report_dir else out.with_name(f"{out.stem}-report")
+
+
+def _check_trainable(train_images: LabelledImages, validation: LabelledImages, images_dir: str | Path) -> None:
+    if not len(train_images) or not len(validation):
+        raise TransferKitError(
+            f"fine-tuning needs train and validation images; {images_dir} has {len(train_images)} train and "
+            f"{len(validation)} validation images"
+        )
+
+
+def sidecar_info(begin: StartingPoint, images_dir: str | Path, settings: TrainingSettings, run: TrainingRun,
+                 test_metrics: dict) -> dict:
+    """What ``MODEL.keras.json`` says about the model (``export.keras_models`` adds format and hash)."""
+    return {
+        "class_names": begin.images.class_names,
+        "backbone": begin.built.record.to_dict(),
+        "split_settings": begin.split_settings.to_attrs(),
+        "split_anchors": begin.split_anchors,
         "images_root": str(Path(images_dir).resolve()),
         "store": begin.store,
         "head": begin.head,
-        "training": {"unfreeze": str(unfreeze), "trainable_layers": trainable, "warmup_epochs": warmup_epochs,
-                     "epochs": epochs, "epochs_run": epochs_run, "best_epoch": result.best_epoch,
-                     "learning_rate": learning_rate, "batch_size": batch_size, "patience": patience, "seed": seed,
-                     "augmentation": "flip horizontal, rotation 0.1, zoom 0.1"},
+        "training": {**settings.describe(), "trainable_layers": run.trainable_layers, "epochs_run": run.epochs_run,
+                     "best_epoch": run.best_epoch},
         "test": test_metrics,
         "created": utc_now(),
         "transferkit_version": TRANSFERKIT_VERSION,
     }
-    save_fine_tuned(model, out, info)
-    checkpoint.unlink(missing_ok=True)
-    result.seconds = time.perf_counter() - started
-    (report_dir / "metrics.json").write_text(json.dumps({**result.to_dict(), "history": history}, indent=2))
-    return result

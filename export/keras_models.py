@@ -1,7 +1,8 @@
 """Keras-side models: classifiers on a backbone (initialised from heads) and fine-tuned ``.keras`` files.
 
 A fine-tuned model is ``MODEL.keras`` plus ``MODEL.keras.json`` (the sidecar): class names in output
-order, the backbone record (weights id included), the split settings and where the images were.
+order, the backbone record (weights id included), the split settings (``split_settings``; files
+written before it was named hold them as ``splits``) and where the images were.
 The sidecar names the sha256 of the model file, so a model and a sidecar from different runs are
 refused. ``.keras`` files are only ever loaded with ``safe_mode=True`` (a Lambda layer would be code).
 """
@@ -9,7 +10,6 @@ refused. ``.keras`` files are only ever loaded with ``safe_mode=True`` (a Lambda
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import keras
@@ -17,8 +17,8 @@ import numpy as np
 
 import extract.preprocessing  # noqa: F401  (registers ImagePreprocessing for deserialisation)
 from extract.errors import TransferKitError
+from extract.files import atomic_write, file_sha256, write_atomic
 from extract.models import BuiltBackbone
-from extract.weights import file_sha256
 
 SIDECAR_FORMAT = "transferkit-fine-tuned-model"
 SIDECAR_VERSION = 1
@@ -105,19 +105,12 @@ def sidecar_path(model_path: str | Path) -> Path:
 
 
 def save_fine_tuned(model: keras.Model, path: Path, info: dict) -> None:
-    """Write the model then its sidecar, each to a temp name renamed into place."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    try:
+    """Write the model then its sidecar, each atomically (the sidecar names the model's sha256)."""
+    with atomic_write(path) as tmp:
         model.save(tmp)
         sha = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    side = sidecar_path(path)
-    tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
     document = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info, "model_sha256": sha}
-    tmp_side.write_text(json.dumps(document, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp_side, side)
+    write_atomic(sidecar_path(path), json.dumps(document, indent=2, ensure_ascii=False).encode())
 
 
 def read_sidecar(path: str | Path) -> dict:
@@ -141,6 +134,9 @@ def read_sidecar(path: str | Path) -> dict:
         raise TransferKitError(f"{side} was written by a newer transferkit")
     if info.get("model_sha256") != file_sha256(path):
         raise TransferKitError(f"{side} describes another model file than {path.name} (sha256 differs)")
+    if "split_settings" not in info:  # written before the key was renamed (anchors were inside it)
+        info["split_settings"] = info.pop("splits", {})
+        info.setdefault("split_anchors", info["split_settings"].get("split_anchors", ""))
     return info
 
 

@@ -6,8 +6,10 @@ Every exported model carries these ``metadata_props`` (JSON values are strings):
   input_size           JSON [H, W]
   layout               "NHWC"
   input_dtype          "uint8"
-  preprocessing        JSON {"mode": ..., "in_graph": true, "color": "RGB", "resize": "bilinear"}
-  backbone             JSON backbone record (name, preprocessing, input size, weights id...)
+  preprocessing        JSON {"mode": ..., "color": "RGB", "resize": "bilinear", "in_graph": true}: the
+                       record's preprocessing, marked as inside the graph
+  backbone             JSON backbone record, exactly as in the feature store and the head file (its
+                       shape is documented in ``extract/record.py``); the edge runner reads it as JSON
   source               JSON {"kind": "head" | "fine-tuned", paths and fingerprints of what it was made from}
   model_id             "<backbone>-<kind>-<12 hex of graph_digest>": the same for the same computation
   transferkit_version  the version that exported it
@@ -21,14 +23,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 
+from extract.clock import utc_now
 from extract.errors import TransferKitError
+from extract.files import file_sha256
+from extract.record import BackboneRecord
 from extract.version import __version__
-from extract.weights import file_sha256
 
 TRANSFERKIT_VERSION = __version__
 REQUIRED_KEYS = ("class_names", "input_size", "layout", "input_dtype", "preprocessing", "backbone", "source",
@@ -36,10 +40,6 @@ REQUIRED_KEYS = ("class_names", "input_size", "layout", "input_dtype", "preproce
 JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization", "ood")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def path_fingerprint(path: str | Path) -> str:
@@ -53,17 +53,15 @@ def path_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def build_metadata(class_names: list[str], backbone: dict, source: dict) -> dict:
+def build_metadata(class_names: list[str], backbone: BackboneRecord, source: dict) -> dict:
     """The metadata of a float model, as Python values (``model_id`` is added when the graph is final)."""
-    size = int(backbone["input_size"])
     return {
         "class_names": list(class_names),
-        "input_size": [size, size],
+        "input_size": [backbone.input_size, backbone.input_size],
         "layout": "NHWC",
         "input_dtype": "uint8",
-        "preprocessing": {"mode": backbone["preprocessing"], "in_graph": True, "color": "RGB",
-                          "resize": "bilinear"},
-        "backbone": backbone,
+        "preprocessing": {**asdict(backbone.preprocessing), "in_graph": True},
+        "backbone": backbone.to_dict(),
         "source": source,
         "transferkit_version": TRANSFERKIT_VERSION,
         "created": utc_now(),

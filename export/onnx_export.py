@@ -6,6 +6,9 @@ Two sources:
   head's backbone record with the very same weights, converted with tf2onnx, and the head's own
   ONNX graph is appended with ``onnx.compose.merge_models``.
 
+Either way the ``backbone`` metadata is the record carried by the head (or the model's sidecar),
+unchanged: the one written when the features were extracted.
+
 Every export is checked against Keras on real images of the data set (``export.parity``) before it
 is renamed into place, so a failed export leaves no file behind. ``--quantize int8`` then writes
 ``MODEL.int8.onnx`` only if it keeps the test accuracy (``export.quantize``).
@@ -18,7 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,7 @@ from classify.data import features_for_head
 from classify.ood import unknown_scorer
 from classify.ood_graph import OOD_OUTPUT, add_ood_output
 from classify.persist import head_dir, load_head
-from classify.predict import build_backbone_for_head
-from export.data import LabelledImages, from_feature_set, from_folder, load_batch
+from export.data import LabelledImages, from_feature_set, from_folder, from_store, load_batch
 from export.keras_models import load_fine_tuned
 from export.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, graph_model_id, path_fingerprint, set_metadata
 from export.parity import PROBABILITY_ATOL, ParityReport, check_parity
@@ -40,6 +41,10 @@ from export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_TOLERANCE, Quant
 from extract.engine import keras_to_onnx
 from extract.steps import step
 from extract.errors import TransferKitError
+from extract.files import atomic_write
+from extract.record import BackboneRecord
+from extract.splits import SplitSettings
+from extract.store import FeatureStore
 
 DEFAULT_OPSET = 17
 DEFAULT_PARITY_IMAGES = 64
@@ -51,6 +56,7 @@ class Conversion:
     """A float ONNX graph and what is needed to check and describe it."""
 
     model: onnx.ModelProto
+    record: BackboneRecord  # carried unchanged from the head or the model's sidecar
     reference: Callable[[np.ndarray], np.ndarray]  # the Keras side: uint8 batch -> probabilities
     metadata: dict  # build_metadata(...), without model_id
     images: LabelledImages  # the data set, with its train/validation/test split
@@ -110,17 +116,31 @@ def append_head(backbone: onnx.ModelProto, head: onnx.ModelProto) -> onnx.ModelP
     return merged
 
 
-def from_fine_tuned(model_path: str | Path, images_dir: str | Path | None, opset: int) -> Conversion:
-    model, info = load_fine_tuned(model_path)
-    record = info["backbone"]
+def fine_tuned_images(info: dict, images_dir: str | Path | None) -> LabelledImages:
+    """The images a fine-tuned model was trained on, with its split: the store's column when its
+    store is still there, else drawn again with the split settings in its sidecar."""
     root = images_dir or info["images_root"]
     if not Path(root).is_dir():
         raise TransferKitError(f"the model's images are not at {root}; pass --images DIR with the folder it was trained on")
-    images = from_folder(root, info["splits"], info["class_names"])
+    store = (info.get("store") or {}).get("path")
+    if store and Path(store).is_file():
+        images = from_store(FeatureStore(store).state, root)
+        if images.class_names != info["class_names"]:
+            raise TransferKitError(f"the model's store {store} now has classes {images.class_names}, the model "
+                                   f"{info['class_names']}; pass --images DIR or restore the store")
+        return images
+    return from_folder(root, SplitSettings.resolve(info["split_settings"]), info["class_names"],
+                       info.get("split_anchors", ""))
+
+
+def from_fine_tuned(model_path: str | Path, images_dir: str | Path | None, opset: int) -> Conversion:
+    model, info = load_fine_tuned(model_path)
+    record = BackboneRecord.from_dict(info["backbone"])
+    images = fine_tuned_images(info, images_dir)
     source = {"kind": "fine-tuned", "model": str(Path(model_path).resolve()), "model_sha256": info["model_sha256"],
               "head": info["head"], "store": info["store"]}
     return Conversion(
-        model=keras_graph(model, record["input_size"], opset),
+        model=keras_graph(model, record.input_size, opset), record=record,
         reference=lambda batch: np.asarray(model(batch, training=False)),
         metadata=build_metadata(info["class_names"], record, source),
         images=images,
@@ -131,7 +151,7 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
               opset: int) -> Conversion:
     trained = load_head(head)
     features = features_for_head(trained, store)
-    built = build_backbone_for_head(trained, weights)
+    built = trained.build_backbone(weights)
     scorer = unknown_scorer(features)  # the "unknown" score: a second output, calibrated without the test split
     head_graph = trained.to_onnx(opset)
     add_ood_output(head_graph, scorer)
@@ -140,8 +160,9 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
               "head_fingerprint": path_fingerprint(head_dir(head))}
     return Conversion(
         model=append_head(keras_graph(built.model, built.input_size, opset), head_graph),
+        record=trained.backbone,
         reference=lambda batch: trained.predict_proba(np.asarray(built.model(batch, training=False))),
-        metadata={**build_metadata(trained.class_names, built.record(), source), "ood": scorer.calibration_},
+        metadata={**build_metadata(trained.class_names, trained.backbone, source), "ood": scorer.calibration_},
         images=from_feature_set(features, images_dir),
     )
 
@@ -151,19 +172,14 @@ def write_checked(conversion: Conversion, out: Path, parity_images: int, threads
     model = conversion.model
     name_io(model)
     metadata = {**conversion.metadata,
-                "model_id": graph_model_id(model, conversion.metadata["backbone"]["name"],
-                                           conversion.metadata["source"]["kind"])}
+                "model_id": graph_model_id(model, conversion.record.name, conversion.metadata["source"]["kind"])}
     set_metadata(model, metadata)
     onnx.checker.check_model(model, full_check=True)
     size = metadata["input_size"][0]
     batch, _ = load_batch(conversion.images.first(parity_images).paths, size)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(out) as tmp:  # a model that fails the parity check never reaches ``out``
         onnx.save(model, str(tmp))
         parity = check_parity(conversion.reference, tmp, batch, PROBABILITY_ATOL, threads)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return metadata, parity
 
 

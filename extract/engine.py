@@ -16,10 +16,11 @@ import numpy as np
 
 from typing import TYPE_CHECKING
 
-from extract.backbones import BackboneSpec
 from extract.errors import TransferKitError
+from extract.files import write_atomic
 from extract.paths import cache_dir
-from extract.weights import ResolvedWeights
+from extract.record import BackboneRecord
+from extract.weights import resolve_record_weights
 
 if TYPE_CHECKING:  # importing extract.models loads TensorFlow; a cached ONNX engine does not need it
     from extract.models import BuiltBackbone
@@ -62,9 +63,7 @@ def keras_to_onnx(model, input_size: int, out_path: Path, opset: int = 17) -> Pa
 
     spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.uint8, name="image"),)
     proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=opset)
-    tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(proto.SerializeToString())
-    os.replace(tmp, out_path)
+    write_atomic(out_path, proto.SerializeToString())
     return out_path
 
 
@@ -73,10 +72,11 @@ def parity_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.abs(reference - candidate).max()) / scale
 
 
-def onnx_engine_path(name: str, weights_id: str, input_size: int) -> Path:
+def onnx_engine_path(record: BackboneRecord) -> Path:
     """Where the converted engine for this backbone, weights and size is cached."""
-    key = hashlib.sha256(f"{name}|{weights_id}|{input_size}|v1".encode()).hexdigest()[:16]
-    return cache_dir("engines") / f"{name}-{input_size}-{key}.onnx"
+    name, size = record.name, record.input_size
+    key = hashlib.sha256(f"{name}|{record.weights.id}|{size}|v1".encode()).hexdigest()[:16]
+    return cache_dir("engines") / f"{name}-{size}-{key}.onnx"
 
 
 class OnnxEngine:
@@ -85,7 +85,7 @@ class OnnxEngine:
     def __init__(self, built: BuiltBackbone | None, threads: int | None = None, path: Path | None = None):
         """Convert ``built`` (once, cached), or open an already converted engine at ``path``."""
         if path is None:
-            path = onnx_engine_path(built.spec.name, built.weights.weights_id, built.input_size)
+            path = onnx_engine_path(built.record)
         if not path.exists():
             keras_to_onnx(built.model, built.input_size, path)
             self._check_parity(built, path)
@@ -128,16 +128,19 @@ def make_engine(built: BuiltBackbone, engine: str = "auto", threads: int | None 
     return KerasEngine(built)
 
 
-def open_engine(spec: BackboneSpec, weights: str, resolved: ResolvedWeights, input_size: int, seed: int = 0,
-                engine: str = "auto", threads: int | None = None):
-    """An engine for extraction; a cached ONNX engine is opened without importing TensorFlow.
+def open_engine(record: BackboneRecord, weights: str | None = None, engine: str = "auto",
+                threads: int | None = None, who: str = "the record describes"):
+    """An engine computing ``record``'s features; a cached ONNX engine is opened without TensorFlow.
 
-    ``weights`` is the user's choice (imagenet/none/PATH) and ``resolved`` what it resolved to.
+    ``weights`` is the user's choice (imagenet/none/PATH; None: the record's kind); weights that do
+    not give the record's weights id are refused first, whether or not an engine is cached.
     """
-    cached = onnx_engine_path(spec.name, resolved.weights_id, input_size)
+    if engine not in ENGINES:
+        raise TransferKitError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    resolve_record_weights(record, weights, who)
+    cached = onnx_engine_path(record)
     if engine in ("auto", "onnx") and cached.exists():
         return OnnxEngine(None, threads, path=cached)
-    from extract.models import build_backbone
+    from extract.models import build_from_record
 
-    built = build_backbone(spec.name, weights=weights, input_size=input_size, seed=seed)
-    return make_engine(built, engine, threads)
+    return make_engine(build_from_record(record, weights, who), engine, threads)

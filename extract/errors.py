@@ -15,3 +15,7 @@ class StoreError(TransferKitError):
 
 class DatasetError(TransferKitError):
     """The image folder is missing or has no usable layout."""
+
+
+class BackboneMismatch(TransferKitError):
+    """The backbone or weights available now are not those a record (store, head, model) was made with."""

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import click
 
-from extract.backbones import list_backbones
+from extract.options import backbone_option, json_option, weights_option
 
 
 @click.command("identify")
 @click.argument("images", nargs=-1, required=True)
-@click.option("--backbone", default="efficientnet_lite0", show_default=True,
-              type=click.Choice([spec.name for spec in list_backbones()]))
+@backbone_option(default="efficientnet_lite0")
 @click.option("--top", default=5, show_default=True, type=click.IntRange(1, 1000), help="Classes to show per image.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (Keras cache, or the installed package for efficientnet_lite0) or a weights file "
-                   "PATH that includes the 1000-class top.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list with one object per image.")
+@weights_option(default="imagenet", help="imagenet (Keras cache, or the installed package for efficientnet_lite0) "
+                                         "or a weights file PATH that includes the 1000-class top.")
+@json_option("Print a JSON list with one object per image.")
 def identify_command(images, backbone, top, weights, as_json):
     """Name what is in each IMAGE with a backbone's ImageNet classifier.
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from extract.engine import OnnxEngine
 from extract.errors import StoreError, TransferKitError
 from extract.paths import cache_dir
 from extract.quantization import quantize_int8, settings
-from extract.weights import file_sha256
+from extract.files import atomic_write, file_sha256, write_atomic
 
 INT8_ENGINE = "onnx-int8"
 INT8_SUFFIX = "@int8"
@@ -63,9 +62,12 @@ def features_name(backbone: str, int8: bool) -> str:
     return backbone + INT8_SUFFIX if int8 else backbone
 
 
-def stored_name(record: dict) -> str:
-    """The name features described by ``record`` are stored under (int8 records carry ``quantization``)."""
-    return features_name(record.get("name", ""), bool(record.get("quantization")))
+def stored_name(record) -> str:
+    """The name features described by ``record`` (a ``BackboneRecord`` or its JSON) are stored under
+    (int8 records carry ``quantization``)."""
+    if isinstance(record, dict):
+        return features_name(record.get("name", ""), bool(record.get("quantization")))
+    return features_name(record.name, bool(record.quantization))
 
 
 class Int8Refused(TransferKitError):
@@ -267,15 +269,6 @@ def _folds(labels: np.ndarray) -> tuple[int, str]:
     return int(min(GATE_FOLDS, present.min())), ""
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def quantize_and_gate(plan: GatePlan, fp32_path: Path, threads: int | None = None, workers: int = 4) -> GateReport:
     """Quantize the fp32 engine at ``fp32_path``, measure the gate, cache engine and report; returns the report."""
     images, labels, calibration = _decode_gate_images(plan, workers)
@@ -287,7 +280,8 @@ def quantize_and_gate(plan: GatePlan, fp32_path: Path, threads: int | None = Non
     started = time.perf_counter()
     engine_path = plan.engine_path
     batches = _calibration_batches(images[:calibration])
-    _write_atomically(engine_path, lambda tmp: quantize_int8(fp32_path, tmp, batches, activations=ACTIVATIONS))
+    with atomic_write(engine_path) as tmp:
+        quantize_int8(fp32_path, tmp, batches, activations=ACTIVATIONS)
     quantize_seconds = time.perf_counter() - started
     fp32, int8 = OnnxEngine(None, threads, path=fp32_path), OnnxEngine(None, threads, path=engine_path)
     fp32_features, int8_features, rates, cpu_rates = _run_both(fp32, int8, images)
@@ -301,7 +295,7 @@ def quantize_and_gate(plan: GatePlan, fp32_path: Path, threads: int | None = Non
         fp32_images_per_cpu_second=cpu_rates["fp32"], int8_images_per_cpu_second=cpu_rates["int8"],
         quantize_seconds=quantize_seconds,
     )
-    _write_atomically(plan.report_path, lambda tmp: tmp.write_text(json.dumps(report.to_dict(), indent=1)))
+    write_atomic(plan.report_path, json.dumps(report.to_dict(), indent=1).encode())
     return report
 
 

@@ -9,31 +9,29 @@ from __future__ import annotations
 
 import inspect
 import os
-import platform
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial, wraps
 from pathlib import Path
 
 import numpy as np
 
 from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_regular_file
-from extract.backbones import DEFAULT_BACKBONE, get_backbone
+from extract.backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 from extract.engine import ENGINES
 from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.int8 import INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
+from extract.record import FEATURE_DTYPES, BackboneRecord
 from extract.segments import BackgroundSegments
+from extract.splits import SplitSettings
 from extract.steps import step
-from extract.store import DEFAULT_SPLITS, ImageTable, StoreState, StoreWriter, empty_state
-from extract.version import __version__
-from extract.weights import backbone_record, resolve_weights
-
-DTYPES = ("float32", "float16")
+from extract.store import BackboneMeta, ImageTable, StoreState, StoreWriter, empty_state
+from extract.weights import resolve_weights
 
 
 @dataclass
@@ -82,18 +80,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def _library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version(), "transferkit": __version__}
-    for package in ("tensorflow", "keras", "onnxruntime", "numpy", "h5py"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
 def refuse_hash_options(root: Path, requested: dict) -> None:
     """Split folders give every image's split: options that draw splits by hash would be ignored."""
     given = [f"--{key.replace('_', '-')}" for key, value in requested.items() if value is not None]
@@ -102,19 +88,6 @@ def refuse_hash_options(root: Path, requested: dict) -> None:
             f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {root} has split folders "
             f"(train/, validation/ or val/, test/), which give every image's split; drop "
             f"{'it' if len(given) == 1 else 'them'}, or move the images into DIR/<class>/ to split by hash")
-
-
-def _split_settings(state: StoreState | None, requested: dict) -> dict:
-    """The store remembers its split settings; a run may not silently change them."""
-    stored = {k: state.attrs[k] for k in DEFAULT_SPLITS if state and k in state.attrs}
-    settings = {k: requested[k] if requested.get(k) is not None else stored.get(k, v)
-                for k, v in DEFAULT_SPLITS.items()}
-    clash = {k for k in stored if requested.get(k) is not None and requested[k] != stored[k]}
-    if clash:
-        given = ", ".join(f"--{k.replace('_', '-')} {stored[k] if stored[k] != '' else repr('')}"
-                          for k in sorted(clash))
-        raise StoreError(f"this store was built with {given}; pass the same values or use a new --store")
-    return settings
 
 
 def _fingerprint(path: Path, known: tuple[str, int, int] | None) -> tuple[str, int, int, str | None]:
@@ -189,16 +162,16 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
             yield paths, shas, batch, failures
 
 
-def extract_segments(run_engine, segments: BackgroundSegments, feature_dim: int, root: Path,
-                     todo: list[tuple[str, str]], size: int, dtype: str, batch_size: int, workers: int):
+def extract_segments(run_engine, segments: BackgroundSegments, record: BackboneRecord, root: Path,
+                     todo: list[tuple[str, str]], batch_size: int, workers: int):
     """The extraction loop: decode, infer, hand the rows to ``segments`` (written off this thread);
     yields (computed, failed) per batch.
 
     The local runner and every Ray task (extract/ray_task.py) run this same loop, so both write the same rows.
     """
-    for paths, shas, batch, failures in decoded_batches(root, todo, size, batch_size, workers):
-        features = run_engine(batch) if len(batch) else np.zeros((0, feature_dim), np.float32)
-        segments.add(paths, shas, features.astype(dtype), failures)
+    for paths, shas, batch, failures in decoded_batches(root, todo, record.input_size, batch_size, workers):
+        features = run_engine(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
+        segments.add(paths, shas, features.astype(record.dtype), failures)
         yield len(paths), len(failures)
 
 
@@ -207,6 +180,27 @@ def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[Imag
         return dataset.entries
     index, count = shard
     return [e for e in dataset.entries if shard_of(e.relpath, count) == index]
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How the features of the images to do are computed and written."""
+
+    engine: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int = 4  # decoding and hashing threads
+    threads: int | None = None  # inference threads (None: all cores)
+    checkpoint_seconds: float = 60.0
+    progress: bool = True
+
+    def check(self, dtype: str) -> None:
+        if dtype not in FEATURE_DTYPES:
+            raise TransferKitError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}")
+        if self.batch_size < 1:
+            raise TransferKitError("--batch-size must be at least 1")
+        if self.engine not in (*ENGINES, INT8_ENGINE):
+            raise TransferKitError(f"unknown engine {self.engine!r}; choose one of {', '.join((*ENGINES, INT8_ENGINE))}")
+
 
 
 def _fp32_when_int8_is_refused(extract):
@@ -250,123 +244,142 @@ def run_extraction(
     int8_allowed: bool = True,
     ray_options=None,
 ) -> ExtractionSummary:
-    """Extract features for the new or changed images of ``images_dir`` into ``store``.
+    """Compute ``backbone`` features for the images of ``images_dir`` (or of one ``shard``) that
+    ``store`` lacks, and fold them into it; see the module docstring.
 
-    ``ray_options`` (an ``extract.ray_runner.RayOptions``) spreads the compute over Ray tasks; everything
-    that decides what to compute runs here first, so an unchanged folder never starts Ray.
-    ``engine`` onnx-int8 (or auto on a store that holds only int8 rows of the backbone) computes
-    int8 features under ``BACKBONE@int8`` when the int8 engine passes its accuracy gate
-    (``tolerance`` points, see ``extract.int8``); when it does not, fp32 features are computed and
-    the summary's notes say why. ``int8_allowed`` False never computes int8 features.
+    Split settings left as None are the store's (defaults for a new store); others are refused.
+    ``weights`` none initialises randomly from the split seed. ``ray_options`` (``RayOptions``) spreads
+    the compute over Ray tasks, planned here first, so an unchanged folder never starts Ray. ``engine``
+    onnx-int8 computes int8 features under ``BACKBONE@int8`` when they pass the accuracy gate
+    (``tolerance`` points, ``extract.int8``), else fp32 with the reason in the notes.
     """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
-    if dtype not in DTYPES:
-        raise TransferKitError(f"--dtype must be one of {', '.join(DTYPES)}")
-    if batch_size < 1:
-        raise TransferKitError("--batch-size must be at least 1")
-    if engine not in (*ENGINES, INT8_ENGINE):
-        raise TransferKitError(f"unknown engine {engine!r}; choose one of {', '.join((*ENGINES, INT8_ENGINE))}")
-    spec = get_backbone(backbone)
-    shard_spec = parse_shard(shard)
+    spec, shard_spec = get_backbone(backbone), parse_shard(shard)
+    options = ComputeOptions(engine, batch_size, workers or max(2, min(8, (os.cpu_count() or 2))), threads,
+                             checkpoint_seconds, progress)
+    options.check(dtype)
     if ray_options is not None:
         from extract.ray_runner import check_ray_run  # imports no Ray: only checks that it is installed
 
         check_ray_run(engine, shard)
-    workers = workers or max(2, min(8, (os.cpu_count() or 2)))
     hash_options = {"validation_split": validation_split, "test_split": test_split, "seed": seed,
                     "split_group": split_group}
     with StoreWriter(store) as writer:
-        if writer.state and writer.state.attrs.get("layout") == "split-folders":
-            refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
-        settings = _split_settings(writer.state, {**hash_options, "split_group_by": split_group_by})
-        stored_anchors = writer.state.attrs.get(ANCHORS_ATTR, "") if writer.state else ""
-        dataset = discover(root, **settings, split_anchors=stored_anchors)
-        if dataset.layout == "split-folders":
-            refuse_hash_options(root, hash_options)
-        if settings["split_group_by"] != "none" and dataset.layout == "split-folders":
-            raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
-                               f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
-        entries = select_entries(dataset, shard_spec)
-        state = writer.state or empty_state()
-        state.attrs.update(settings, layout=dataset.layout, images_root=str(root.resolve()),
-                           shard=shard or "")
-        name, int8 = _features_name(spec.name, engine, state, int8_allowed)
-        if int8 and ray_options is not None:
-            raise TransferKitError("int8 features are computed by --runner local only (the Ray tasks run the "
-                                   "fp32 engine); use --runner local, or --engine auto for fp32 features")
-        previous_rows = state.backbones.get(name)
-        weights_resolved = resolve_weights(spec, weights, seed=settings["seed"])
-        size = int(input_size or (previous_rows.record["input_size"] if previous_rows else spec.input_size))
-        if previous_rows:
-            stored_id = previous_rows.record.get("weights", {}).get("id")
-            if stored_id != weights_resolved.weights_id or previous_rows.record["input_size"] != size:
-                raise StoreError(
-                    f"{store} holds {name} features from weights {stored_id} at "
-                    f"{previous_rows.record['input_size']} px; this run uses {weights_resolved.weights_id} at "
-                    f"{size} px. Use another --store, or the same --weights/--input-size"
-                )
-            if previous_rows.dtype != dtype:
-                raise StoreError(f"{store} holds {name} features as {previous_rows.dtype}; "
-                                 f"pass --dtype {previous_rows.dtype}")
-        state.images, unreadable = _hash_entries(root, entries, state.images, workers)
-        state.failed.update(unreadable)
-        state.classes = dataset.class_names
-        dropped = writer.commit(state)  # folds what a killed run left, drops deleted/changed files
-        paths, shas = writer.keys(name)
-        kept, have = len(paths), set(zip(paths, shas))
-        failed_before = {(p, s) for p, (s, _) in state.failed.items()}
-        todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
-                if (p, s) not in have and (p, s) not in failed_before]
-        removed = dropped.get(name, 0)
-        extracted, engine_name, loop_seconds = 0, "none (nothing to compute)", 0.0
+        state, settings, dataset = _settings_and_images(writer, root, shard, split_group_by, hash_options)
+        name, int8 = _features_name(spec.name, engine, state, int8_allowed, on_ray=ray_options is not None)
+        previous = state.backbones.get(name)
+        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, previous, store)
+        _scan(state, root, dataset, select_entries(dataset, shard_spec), options.workers)
+        removed = writer.commit(state).get(name, 0)  # folds what a killed run left, drops deleted/changed files
+        todo, reused = _todo(writer, state, name)
         notes: list[str] = []
-        if todo:
-            int8_gate = (dataset, previous_rows, tolerance, notes) if int8 else None
-            compute = partial(_compute, int8_gate=int8_gate)
-            if ray_options is not None:
-                from extract.ray_runner import compute_on_ray
-
-                compute = partial(compute_on_ray, options=ray_options)
-            extracted, engine_name, loop_seconds = compute(
-                writer, state, root, todo, spec, weights, weights_resolved, size, settings["seed"], dtype, engine,
-                batch_size, workers, threads, checkpoint_seconds, progress)
-        split_groups = split_moved = 0
-        if settings["split_group_by"] == "near-duplicates":
-            split_groups, split_moved = _group_splits(writer, state, name, settings)
-        rows = state.backbones.get(name)
-        elapsed = time.perf_counter() - started
-        return ExtractionSummary(
-            store=str(store), backbone=name, engine=engine_name, notes=notes,
-            images=rows.rows if rows else 0, extracted=extracted, reused=kept,
-            failed=len(state.failed), removed=removed, ignored=len(dataset.ignored), seconds=elapsed,
-            images_per_second=extracted / loop_seconds if extracted else 0.0,
-            failures=sorted((p, r) for p, (_, r) in state.failed.items()),
-            copies_across_splits=state.images.copies_across_splits(),
-            split_groups=split_groups, split_moved=split_moved,
-        )
+        int8_gate = (dataset, previous, tolerance, notes) if int8 else None
+        compute = partial(_compute, int8_gate=int8_gate) if ray_options is None else _ray_compute(ray_options)
+        extracted, engine_name, loop_seconds = compute(writer, state, root, todo, record, weights, options)
+        split_groups, split_moved = _group_splits(writer, state, name, settings)
+        run = dict(engine=engine_name, extracted=extracted, reused=reused, removed=removed, notes=notes,
+                   split_groups=split_groups, split_moved=split_moved)
+        return _summary(store, name, state, dataset, run, time.perf_counter() - started, loop_seconds)
 
 
-def _features_name(backbone: str, engine: str, state: StoreState | None, int8_allowed: bool) -> tuple[str, bool]:
+def _settings_and_images(writer: StoreWriter, root: Path, shard: str | None, split_group_by: str | None,
+                         hash_options: dict) -> tuple[StoreState, SplitSettings, Dataset]:
+    """The store's state, the run's split settings (the store's where not given) and the folder's images;
+    the settings and layout are put in the state's attributes."""
+    state = writer.state or empty_state()
+    if writer.state and writer.state.attrs.get("layout") == "split-folders":
+        refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
+    settings = SplitSettings.resolve(writer.state.attrs if writer.state else None,
+                                     split_group_by=split_group_by, **hash_options)
+    dataset = _discover(root, settings, state.attrs.get(ANCHORS_ATTR, ""), hash_options)
+    state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
+                       shard=shard or "")
+    return state, settings, dataset
+
+
+def _summary(store: Path, name: str, state: StoreState, dataset: Dataset, run: dict, seconds: float,
+             loop_seconds: float) -> ExtractionSummary:
+    """The run's summary: ``run`` holds what this run did, the rest is read from the store's state."""
+    rows = state.backbones.get(name)
+    return ExtractionSummary(
+        store=str(store), backbone=name, images=rows.rows if rows else 0, failed=len(state.failed),
+        ignored=len(dataset.ignored), seconds=seconds,
+        images_per_second=run["extracted"] / loop_seconds if run["extracted"] else 0.0,
+        failures=sorted((p, r) for p, (_, r) in state.failed.items()),
+        copies_across_splits=state.images.copies_across_splits(), **run)
+
+
+def _ray_compute(ray_options):
+    """``_compute``'s stand-in that runs the work on Ray (extract/ray_runner.py)."""
+    from extract.ray_runner import compute_on_ray
+
+    return partial(compute_on_ray, ray_options=ray_options)
+
+
+def _features_name(backbone: str, engine: str, state: StoreState | None, int8_allowed: bool,
+                   on_ray: bool = False) -> tuple[str, bool]:
     """Where this run's features go, and whether they are int8: ``onnx-int8`` asks for int8, and
-    ``auto`` keeps int8 on a store that holds only int8 rows of the backbone."""
+    ``auto`` keeps int8 on a store that holds only int8 rows of the backbone (never with Ray)."""
     held = state.backbones if state else {}
     int8 = int8_allowed and (engine == INT8_ENGINE or (
         engine == "auto" and features_name(backbone, True) in held and backbone not in held))
+    if int8 and on_ray:
+        raise TransferKitError("int8 features are computed by --runner local only (the Ray tasks run the "
+                               "fp32 engine); use --runner local, or --engine auto for fp32 features")
     return features_name(backbone, int8), int8
 
 
-def extraction_record(spec, resolved, size: int, dtype: str, engine_name: str) -> dict:
-    """The backbone record that every row computed by this run carries (local runner and Ray tasks)."""
-    return {
-        **backbone_record(spec, resolved, size), "dtype": dtype, "engine": engine_name,
-        "versions": _library_versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+def _discover(root: Path, settings: SplitSettings, anchors: str, hash_options: dict) -> Dataset:
+    """The folder's images with their splits (near-duplicate ``anchors`` from the store applied)."""
+    dataset = discover(root, settings, split_anchors=anchors)
+    if dataset.layout == "split-folders":
+        refuse_hash_options(root, hash_options)
+    if settings.split_group_by != "none" and dataset.layout == "split-folders":
+        raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
+                           f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
+    return dataset
 
 
-def _group_splits(writer: StoreWriter, state: StoreState, backbone: str, settings: dict) -> tuple[int, int]:
+def _record_for_run(spec: BackboneSpec, weights: str, seed: int, input_size: int | None, dtype: str,
+                    previous: BackboneMeta | None, store: Path) -> BackboneRecord:
+    """The record of the features this run computes; refuses one that cannot join the store's rows."""
+    resolved = resolve_weights(spec, weights, seed=seed)
+    stored = BackboneRecord.from_dict(previous.record) if previous else None
+    size = int(input_size or (stored.input_size if stored else spec.input_size))
+    record = BackboneRecord.create(spec, resolved.record(), size, dtype=dtype)
+    if stored is None:
+        return record
+    if not stored.same_features(record):
+        raise StoreError(f"{store} holds {stored.describe()}; this run uses {record.describe()}. "
+                         f"Use another --store, or the same --weights/--input-size")
+    if previous.dtype != dtype:
+        raise StoreError(f"{store} holds {spec.name} features as {previous.dtype}; pass --dtype {previous.dtype}")
+    return record
+
+
+def _scan(state: StoreState, root: Path, dataset: Dataset, entries: list[ImageEntry], workers: int) -> None:
+    """Put the folder's images (hashed; unreadable ones as failures) and classes into ``state``."""
+    state.images, unreadable = _hash_entries(root, entries, state.images, workers)
+    state.failed.update(unreadable)
+    state.classes = dataset.class_names
+
+
+def _todo(writer: StoreWriter, state: StoreState, backbone: str) -> tuple[list[tuple[str, str]], int]:
+    """(path, sha256) of the images without a row or an earlier failure, and how many rows are kept."""
+    paths, shas = writer.keys(backbone)
+    have = set(zip(paths, shas))
+    failed_before = {(p, s) for p, (s, _) in state.failed.items()}
+    todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
+            if (p, s) not in have and (p, s) not in failed_before]
+    return todo, len(paths)
+
+
+def _group_splits(writer: StoreWriter, state: StoreState, backbone: str, settings: SplitSettings) -> tuple[int, int]:
     """--split-group-by near-duplicates: find copies among ``backbone``'s rows (all of them in memory,
     as the search needs) and move images to their group's split; a checkpoint stores both."""
+    if settings.split_group_by != "near-duplicates":
+        return 0, 0
     rows = writer.rows(backbone)
     view = StoreState(state.attrs, state.classes, state.images, state.failed, {backbone: rows} if rows else {})
     groups, moved = group_store_splits(view, backbone, settings)  # updates state.attrs and state.images
@@ -374,49 +387,56 @@ def _group_splits(writer: StoreWriter, state: StoreState, backbone: str, setting
     return groups, moved
 
 
-def announce_conversion(spec, resolved, size: int, engine: str, progress: bool) -> None:
+def announce_conversion(record: BackboneRecord, engine: str, progress: bool) -> None:
     """Say on stderr when this run first converts the backbone to ONNX (the wait is otherwise unexplained)."""
     from extract.engine import onnx_engine_path
 
-    if engine != "keras" and not onnx_engine_path(spec.name, resolved.weights_id, size).exists():
-        step(f"extract: converting {spec.name} to an onnxruntime engine (once per backbone, weights and size; "
+    if engine != "keras" and not onnx_engine_path(record).exists():
+        step(f"extract: converting {record.name} to an onnxruntime engine (once per backbone, weights and size; "
              f"cached for later runs, 10-60 s)", progress)
 
 
-def _open_engine(spec, weights, resolved, size, seed, engine, threads, workers, progress, int8_gate):
-    """The run's engine and the record fields it adds; ``int8_gate`` as in ``_compute``."""
+def _open_engine(record: BackboneRecord, weights: str, options: ComputeOptions, int8_gate):
+    """The run's engine and its quantization facts (None for fp32); ``int8_gate`` as in ``_compute``."""
     from extract.engine import open_engine
 
     if not int8_gate:
-        announce_conversion(spec, resolved, size, engine, progress)
-        return open_engine(spec, weights, resolved, size, seed, engine, threads), {}
-    dataset, previous_rows, tolerance, notes = int8_gate
+        announce_conversion(record, options.engine, options.progress)
+        return open_engine(record, weights, options.engine, options.threads), None
+    dataset, previous, tolerance, notes = int8_gate
     choice = int8_engine_for_store(
-        dataset, spec.name, resolved.weights_id, size, previous_rows.record if previous_rows else None,
-        lambda: open_engine(spec, weights, resolved, size, seed, "onnx", threads).path, tolerance, threads, workers)
+        dataset, record.name, record.weights.id, record.input_size, previous.record if previous else None,
+        lambda: open_engine(record, weights, "onnx", options.threads).path, tolerance, options.threads,
+        options.workers)
     notes.append(choice.report.describe(tolerance) + (" (cached)" if choice.cached else ""))
-    return choice.engine, {"quantization": choice.record}
+    return choice.engine, choice.record
 
 
-def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size, workers,
-             threads, checkpoint_seconds, progress, int8_gate=None) -> tuple[int, str, float]:
-    """``int8_gate``: (dataset, the store's int8 rows, tolerance, notes) for an int8 run, else None."""
+def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tuple[str, str]],
+             record: BackboneRecord, weights: str, options: ComputeOptions, int8_gate=None) -> tuple[int, str, float]:
+    """Decode, run and write ``todo`` in batches, folding into the store every checkpoint.
+
+    ``int8_gate``: (dataset, the store's int8 rows, tolerance, notes) for an int8 run, else None.
+    Returns (images extracted, engine name, seconds in the loop). Ctrl-C keeps what was computed.
+    """
+    if not todo:  # nothing to compute: the backbone is not even built
+        return 0, "none (nothing to compute)", 0.0
     from tqdm import tqdm
 
-    run_engine, quantization = _open_engine(spec, weights, resolved, size, seed, engine, threads, workers, progress,
-                                            int8_gate)
-    name = features_name(spec.name, bool(int8_gate))
-    record = {**extraction_record(spec, resolved, size, dtype, run_engine.name), **quantization}
+    run_engine, quantization = _open_engine(record, weights, options, int8_gate)
+    name = features_name(record.name, bool(int8_gate))
+    record = replace(record.with_engine(run_engine.name), quantization=quantization)
     extracted = 0
     loop_started = last_checkpoint = time.monotonic()
-    bar = tqdm(total=len(todo), unit="img", desc=f"extract {name}", disable=not progress, smoothing=0.1)
+    bar = tqdm(total=len(todo), unit="img", desc=f"extract {record.name}", disable=not options.progress,
+               smoothing=0.1)
     try:
-        with BackgroundSegments(writer, name, record) as segments:
-            for computed, failed in extract_segments(run_engine, segments, spec.feature_dim, root, todo, size,
-                                                     dtype, batch_size, workers):
+        with BackgroundSegments(writer, name, record.to_dict()) as segments:
+            for computed, failed in extract_segments(run_engine, segments, record, root, todo, options.batch_size,
+                                                     options.workers):
                 extracted += computed
                 bar.update(computed + failed)
-                if time.monotonic() - last_checkpoint > checkpoint_seconds:
+                if time.monotonic() - last_checkpoint > options.checkpoint_seconds:
                     segments.flush()
                     writer.commit(state)
                     last_checkpoint = time.monotonic()
@@ -429,4 +449,3 @@ def _compute(writer, state, root, todo, spec, weights, resolved, size, seed, dty
     loop_seconds = time.monotonic() - loop_started  # the images/s reported: this loop's, not the final rewrite's
     writer.commit(state)
     return extracted, run_engine.name, loop_seconds
-

@@ -9,7 +9,7 @@ for images in a group), so ``discover`` gives every later reader -- the next ext
 ``fine-tune``, ``store merge`` -- the same assignment.
 
     >>> anchors = near_duplicate_anchors(paths, sha256, features)
-    >>> dataset = discover(root, **settings, anchors=anchors)
+    >>> dataset = discover(root, settings, split_anchors=anchors)
 
 Adding images keeps existing splits except where a new image links two groups (the merged group
 takes the split of its smallest path): the extract summary says how many images moved.
@@ -23,6 +23,7 @@ import numpy as np
 
 from extract.dataset import assign_split, compile_group, split_key
 from extract.neighbours import NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, normalise, similar_pairs
+from extract.splits import SplitSettings
 
 ANCHORS_ATTR = "split_anchors"
 ANCHORS_BACKBONE_ATTR = "split_anchors_backbone"  # the backbone whose features found the groups
@@ -48,20 +49,19 @@ def anchors_to_attr(anchors: dict[str, str]) -> str:
     return json.dumps(anchors, ensure_ascii=False, sort_keys=True)
 
 
-def regroup(splits: list[str], paths: list[str], anchors: dict[str, str], settings: dict) -> int:
+def regroup(splits: list[str], paths: list[str], anchors: dict[str, str], settings: SplitSettings) -> int:
     """Give every image (class-folder layout) the split of its anchor, or of its own path when it
     has none, in place; returns how many images changed split."""
-    group = compile_group(settings["split_group"])
+    group = compile_group(settings.split_group)
     moved = 0
     for i, path in enumerate(paths):
-        split = assign_split(split_key(anchors.get(path, path), group), settings["seed"],
-                             settings["validation_split"], settings["test_split"])
+        split = assign_split(split_key(anchors.get(path, path), group), settings)
         moved += split != splits[i]
         splits[i] = split
     return moved
 
 
-def group_store_splits(state, backbone: str, settings: dict) -> tuple[int, int]:
+def group_store_splits(state, backbone: str, settings: SplitSettings) -> tuple[int, int]:
     """Find the groups in ``backbone``'s rows (unless another backbone already did), store their
     anchors and move the images of ``state`` to their anchor's split. Returns (groups, moved)."""
     attrs = state.attrs

@@ -9,7 +9,8 @@ import keras
 from extract.backbones import BackboneSpec, get_backbone
 from extract.errors import TransferKitError
 from extract.preprocessing import ImagePreprocessing
-from extract.weights import ResolvedWeights, backbone_record, resolve_weights
+from extract.record import BackboneRecord
+from extract.weights import ResolvedWeights, resolve_record_weights, resolve_weights
 
 
 @dataclass
@@ -17,11 +18,11 @@ class BuiltBackbone:
     spec: BackboneSpec
     model: keras.Model  # input: (N, H, W, 3) uint8 RGB; output: (N, feature_dim) or (N, 1000)
     weights: ResolvedWeights
-    input_size: int
+    record: BackboneRecord  # what the model computes: the record it was built from, or a new one
 
-    def record(self) -> dict:
-        """Backbone record plus the weights and input size this model was built with."""
-        return backbone_record(self.spec, self.weights, self.input_size)
+    @property
+    def input_size(self) -> int:
+        return self.record.input_size
 
 
 def check_input_size(spec: BackboneSpec, input_size: int | None) -> int:
@@ -61,7 +62,7 @@ def build_backbone(
     include_top: bool = False,
     seed: int = 0,
 ) -> BuiltBackbone:
-    """A frozen backbone with preprocessing inside the graph.
+    """A frozen backbone with preprocessing inside the graph, and a new record describing it.
 
     ``weights="none"`` initialises randomly from ``seed`` so repeated runs build the same model
     (the store relies on that to mix features from several runs).
@@ -69,13 +70,30 @@ def build_backbone(
     spec = get_backbone(name)
     size = check_input_size(spec, input_size)
     resolved = resolve_weights(spec, weights, include_top=include_top, seed=seed)
+    return _assemble(spec, resolved, BackboneRecord.create(spec, resolved.record(), size), include_top)
+
+
+def build_from_record(record: BackboneRecord, weights: str | None = None,
+                      who: str = "the record describes") -> BuiltBackbone:
+    """The frozen backbone whose features ``record`` describes, carrying ``record`` unchanged.
+
+    ``weights``: the user's choice (None: the record's own kind). Refuses, before the slow build, a
+    backbone or weights that differ from the record's (``who`` starts those messages).
+    """
+    spec, resolved = resolve_record_weights(record, weights, who)
+    return _assemble(spec, resolved, record, include_top=False)
+
+
+def _assemble(spec: BackboneSpec, resolved: ResolvedWeights, record: BackboneRecord,
+              include_top: bool) -> BuiltBackbone:
+    size = check_input_size(spec, record.input_size)
     if resolved.path is None:
-        keras.utils.set_random_seed(seed)
+        keras.utils.set_random_seed(resolved.seed or 0)
     base = build_base(spec, resolved, size, include_top)
     base.trainable = False
     image = keras.Input((size, size, 3), dtype="uint8", name="image")
-    x = ImagePreprocessing(spec.preprocessing, name="preprocessing")(image)
+    x = ImagePreprocessing(record.preprocessing.mode, name="preprocessing")(image)
     # training=False keeps BatchNorm in inference mode even if someone later unfreezes the base.
     out = base(x, training=False)
     model = keras.Model(image, out, name=f"{spec.name}_{'classifier' if include_top else 'features'}")
-    return BuiltBackbone(spec=spec, model=model, weights=resolved, input_size=size)
+    return BuiltBackbone(spec=spec, model=model, weights=resolved, record=record)

@@ -38,10 +38,16 @@ def weights_option(default: str | None = None, help: str = WEIGHTS_HELP + ".") -
     return click.option("--weights", default=default, show_default=default is not None, help=help)
 
 
-def engine_option(command: Callable) -> Callable:
-    return click.option("--engine", type=click.Choice(ENGINES), default=ENGINES[0], show_default=True,
-                        help="auto: onnxruntime (converted once, cached and checked against Keras), "
-                             "Keras if that fails.")(command)
+ENGINE_HELP = "auto: onnxruntime (converted once, cached and checked against Keras), Keras if that fails."
+
+
+def engines_option(extra: tuple[str, ...] = (), help: str = ENGINE_HELP) -> Decorator:
+    """``--engine`` among ``ENGINES`` plus ``extra`` (extract adds its int8 engine)."""
+    return click.option("--engine", type=click.Choice([*ENGINES, *extra]), default=ENGINES[0], show_default=True,
+                        help=help)
+
+
+engine_option = engines_option()
 
 
 def dtype_option(command: Callable) -> Callable:

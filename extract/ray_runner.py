@@ -31,7 +31,7 @@ from pathlib import Path
 
 from extract.dataset import shard_of
 from extract.errors import TransferKitError
-from extract.weights import file_sha256
+from extract.files import file_sha256
 
 INSTALL_HINT = "--runner ray needs Ray: pip install -e '.[ray]' (or pip install 'ray==2.60.0')"
 SHARDS_PER_SLOT = 4  # more shards than task slots: a retry redoes little, and fast nodes take more shards
@@ -127,13 +127,13 @@ def plan_shards(todo: list[tuple[str, str]], count: int) -> list[tuple[tuple[str
     return [tuple(items) for items in shards if items]
 
 
-def prepare_engine(spec, weights, resolved, size: int, seed: int) -> Path:
+def prepare_engine(record, weights) -> Path:
     """The ONNX engine file, converted here (once, cached) if the cache does not have it yet."""
     from extract.engine import onnx_engine_path, open_engine
 
-    path = onnx_engine_path(spec.name, resolved.weights_id, size)
+    path = onnx_engine_path(record)
     if not path.exists():
-        open_engine(spec, weights, resolved, size, seed, "onnx", threads=1)
+        open_engine(record, weights, "onnx", threads=1)
     return path
 
 
@@ -146,31 +146,35 @@ def runner_record(engine_sha256: str, options: RayOptions, shards: int, versions
             "decode_workers": options.cpus_per_task, "worker_versions": versions}
 
 
-def compute_on_ray(writer, state, root, todo, spec, weights, resolved, size, seed, dtype, engine, batch_size,
-                   workers, threads, checkpoint_seconds, progress, *, options: RayOptions) -> tuple[int, str, float]:
-    """Compute ``todo`` on Ray into segments of ``writer``'s store; same contract as ``job._compute``."""
-    from extract.job import announce_conversion, extraction_record
+def compute_on_ray(writer, state, root, todo, record, weights, options, *,
+                   ray_options: RayOptions) -> tuple[int, str, float]:
+    """Compute ``todo`` on Ray into segments of ``writer``'s store; same contract as ``job._compute``
+    (``options`` a ``job.ComputeOptions``); the record's ``runner`` block says how the rows were computed."""
+    from dataclasses import replace
+
+    from extract.job import announce_conversion
     from extract.ray_task import ShardTask, worker_versions
 
-    announce_conversion(spec, resolved, size, engine, progress)
-    engine_path = prepare_engine(spec, weights, resolved, size, seed)
+    if not todo:  # nothing to compute: Ray is not even started
+        return 0, "none (nothing to compute)", 0.0
+    announce_conversion(record, options.engine, options.progress)
+    engine_path = prepare_engine(record, weights)
     engine_sha = file_sha256(engine_path)
-    with ray_session(options):
+    with ray_session(ray_options):
         import ray
 
-        slots = task_slots(options.cpus_per_task)
-        shards = plan_shards(todo, min(options.shards or SHARDS_PER_SLOT * slots, len(todo)))
+        slots = task_slots(ray_options.cpus_per_task)
+        shards = plan_shards(todo, min(ray_options.shards or SHARDS_PER_SLOT * slots, len(todo)))
         versions = worker_versions()
-        record = {**extraction_record(spec, resolved, size, dtype, "onnx"),
-                  "runner": runner_record(engine_sha, options, len(shards), versions)}
+        record = replace(record.with_engine("onnx"),
+                         runner=runner_record(engine_sha, ray_options, len(shards), versions))
         engine_ref = ray.put(engine_path.read_bytes())
         run_key = uuid.uuid4().hex[:12]  # one per run: a retry's batch files are found by its shard's key
-        tasks = [ShardTask(str(writer.path.resolve()), str(Path(root).resolve()), items, spec.name,
-                           spec.feature_dim, record, size, dtype, batch_size, options.cpus_per_task, engine_sha,
-                           str(engine_path.resolve()), [engine_ref], versions, key=f"{run_key}-s{index}")
-                 for index, items in enumerate(shards)]
+        tasks = [ShardTask(str(writer.path.resolve()), str(Path(root).resolve()), items, record,
+                           options.batch_size, ray_options.cpus_per_task, engine_sha, str(engine_path.resolve()),
+                           [engine_ref], versions, key=f"{run_key}-s{index}") for index, items in enumerate(shards)]
         loop_started = time.monotonic()
-        extracted = _run_tasks(tasks, options, writer, state, checkpoint_seconds, progress)
+        extracted = _run_tasks(tasks, ray_options, writer, state, options.checkpoint_seconds, options.progress)
     writer.commit(state)
     return extracted, "onnx", time.monotonic() - loop_started
 

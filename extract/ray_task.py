@@ -25,8 +25,9 @@ from pathlib import Path
 
 from extract.errors import StoreError, TransferKitError
 from extract.paths import cache_dir
+from extract.files import atomic_write, file_sha256
+from extract.record import BackboneRecord
 from extract.store_files import open_segment, parts_dir, read_failed, strings, write_segment_file
-from extract.weights import file_sha256
 
 # What every worker must share with the driver for its features to be the driver's features.
 CHECKED_PACKAGES = ("onnxruntime", "numpy")
@@ -41,11 +42,7 @@ class ShardTask:
     store: str  # the store path, as the workers see it (a shared filesystem)
     root: str  # the images folder, as the workers see it
     items: tuple[tuple[str, str], ...]  # (relative path, sha256) to compute, in path order
-    backbone: str
-    feature_dim: int
-    record: dict  # the backbone record every segment carries
-    input_size: int
-    dtype: str
+    record: BackboneRecord  # the backbone record every segment carries (with its Ray ``runner`` block)
     batch_size: int
     threads: int  # onnxruntime intra-op threads and decode threads: the task's CPU allotment
     engine_sha256: str
@@ -80,12 +77,10 @@ def local_engine(sha256: str, driver_path: str, engine_ref: list) -> Path:
     import ray
 
     data = ray.get(engine_ref[0])
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    if file_sha256(tmp) != sha256:
-        tmp.unlink(missing_ok=True)
-        raise TransferKitError(f"the engine received on {socket.gethostname()} does not match sha256 {sha256}")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+        if file_sha256(tmp) != sha256:
+            raise TransferKitError(f"the engine received on {socket.gethostname()} does not match sha256 {sha256}")
     return path
 
 
@@ -139,9 +134,9 @@ def run_shard_task(task: ShardTask) -> dict:
     computed = sum(item in rows for item in task.items)
     failed = sum(item in failures and item not in rows for item in task.items)
     resumed = computed + failed
-    with BackgroundSegments(parts, task.backbone, task.record) as segments:
-        for done, bad in extract_segments(engine, segments, task.feature_dim, Path(task.root), todo,
-                                          task.input_size, task.dtype, task.batch_size, task.threads):
+    with BackgroundSegments(parts, task.record.name, task.record.to_dict()) as segments:
+        for done, bad in extract_segments(engine, segments, task.record, Path(task.root), todo,
+                                          task.batch_size, task.threads):
             computed += done
             failed += bad
     return {

@@ -85,6 +85,7 @@ class BackboneRecord:
     versions: dict = field(default_factory=dict)  # library versions where the record was made
     created: str | None = None
     runner: dict | None = None  # with `extract --runner ray`: how the rows were computed (extract/ray_runner.py)
+    quantization: dict | None = None  # int8 features (`extract --engine onnx-int8`): extract/int8.py
     record_version: int = RECORD_VERSION
 
     @classmethod
@@ -125,6 +126,7 @@ class BackboneRecord:
                 input_size=_typed(data, "input_size", int), preprocessing=_preprocessing(data.get("preprocessing")),
                 weights=_weights(data.get("weights")), dtype=data.get("dtype"), engine=data.get("engine"),
                 versions=dict(data.get("versions") or {}), created=data.get("created"), runner=data.get("runner"),
+                quantization=data.get("quantization"),
             )
         except (TypeError, ValueError) as exc:
             raise RecordError(f"damaged backbone record: {exc}") from None

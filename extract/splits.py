@@ -4,7 +4,7 @@ Three different things carry "split" in their name, kept apart:
 - ``SplitSettings``: how hash splits are drawn (shares, seed, ``split_group``), stored as store
   attributes and copied into fine-tuned model sidecars (key ``split_settings``);
 - the per-image split: the store's ``/images/split`` column (``ImageTable.split``,
-  ``FeatureSet.split``), the only place an image's split is read from once a store exists;
+  ``FeatureSet.splits``), the only place an image's split is read from once a store exists;
 - split counts: images per split (``split_counts``), for summaries.
 
     >>> settings = SplitSettings.resolve(store_attrs, seed=None)   # the store's, or the defaults

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from extract.errors import StoreError
+from extract.record import BackboneRecord
 from extract.store_files import (data_dir, images_refs, iter_chunks, load_rows, open_segment, parts_dir, read_images,
                                  read_root, strings)
 from extract.store_merge import merge_stores
-from extract.store_types import (DEFAULT_SPLITS, FORMAT, FORMAT_VERSION, SPLITS, BackboneMeta, BackboneRows,
+from extract.store_types import (FORMAT, FORMAT_VERSION, SPLITS, BackboneMeta, BackboneRows,
                                  FeatureSet, ImageTable, StoreState)
 from extract.store_writer import StoreLock, StoreWriter, empty_state, leftovers, referenced_files, write_state
 
-__all__ = ["DEFAULT_SPLITS", "FORMAT", "FORMAT_VERSION", "SPLITS", "BackboneMeta", "BackboneRows", "FeatureSet",
+__all__ = ["FORMAT", "FORMAT_VERSION", "SPLITS", "BackboneMeta", "BackboneRows", "FeatureSet",
            "FeatureStore", "ImageTable", "StoreLock", "StoreState", "StoreWriter", "data_dir", "empty_state",
            "merge_stores", "parts_dir", "pending_batches", "read_state", "write_state"]
 
@@ -120,7 +121,7 @@ class FeatureStore:
             splits=np.asarray(SPLITS, dtype=str)[rank[order]] if len(order) else np.zeros(0, dtype=str),
             paths=[paths[i] for i in order],
             class_names=list(self.root.classes),
-            backbone=dict(meta.record),
+            backbone=BackboneRecord.from_dict(meta.record),
             store_attrs=dict(self.root.attrs),
         )
 
@@ -134,15 +135,15 @@ class FeatureStore:
             "images": images - len(s.failed),
             "failed": len(s.failed),
             "classes": list(s.classes),
-            "splits": {split: int(counts.get(split, 0)) for split in SPLITS},
+            "split_counts": {split: int(counts.get(split, 0)) for split in SPLITS},
             "backbones": {
                 name: {
                     "rows": meta.rows,
                     "dim": meta.dim,
                     "dtype": meta.dtype,
                     "weights": meta.weights_id,
-                    "input_size": meta.record.get("input_size"),
-                    "preprocessing": meta.record.get("preprocessing"),
+                    "input_size": BackboneRecord.from_dict(meta.record).input_size,
+                    "preprocessing": BackboneRecord.from_dict(meta.record).preprocessing.mode,
                     "segments": len(meta.segments),
                 }
                 for name, meta in sorted(s.backbones.items())

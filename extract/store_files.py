@@ -26,6 +26,15 @@ CHUNK_ROWS = 16384  # rows copied or read per step: bounds memory whatever the s
 RECORD_ATTRS = ("name", "preprocessing", "input_size", "feature_dim", "dtype", "created")
 
 
+def plain_record_attrs(record: dict) -> dict:
+    """The record's ``RECORD_ATTRS`` as plain HDF5 attributes (preprocessing as its mode string, as
+    in version-1 records), for readers that do not parse the JSON record."""
+    plain = {key: record[key] for key in RECORD_ATTRS if record.get(key) is not None}
+    if isinstance(plain.get("preprocessing"), dict):
+        plain["preprocessing"] = plain["preprocessing"].get("mode", "")
+    return plain
+
+
 def data_dir(store: Path) -> Path:
     """Committed segment files and image tables (immutable once renamed into place)."""
     return store.with_name(store.name + ".d")
@@ -273,9 +282,8 @@ def write_root(store: Path, state: StoreState, images: list[SegmentRef], summary
         for name, meta in sorted(state.backbones.items()):
             g = bb.create_group(name)
             g.attrs["record"] = json.dumps(meta.record, sort_keys=True)
-            for key in RECORD_ATTRS:
-                if key in meta.record:
-                    g.attrs[key] = meta.record[key]
+            for key, value in plain_record_attrs(meta.record).items():
+                g.attrs[key] = value
             g.attrs["weights_id"] = meta.weights_id or ""
             g.attrs["segments"] = json.dumps([[s.file, s.rows] for s in meta.segments])
             _virtual(g, "features", folder, meta.segments, "features", (meta.dim,), np.dtype(meta.dtype))

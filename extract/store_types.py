@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-# Store attributes that decide which split each image is in (a run may not change them silently).
-DEFAULT_SPLITS = {"validation_split": 0.1, "test_split": 0.1, "seed": 0, "split_group": "", "split_group_by": "none"}
+from extract.record import BackboneRecord
+from extract.splits import SPLITS  # re-exported for the store modules
+
 
 FORMAT = "transferkit-feature-store"
 FORMAT_VERSION = 2
 STR = h5py.string_dtype("utf-8")
-SPLITS = ("train", "validation", "test")
 
 
 @dataclass
@@ -90,7 +90,7 @@ class BackboneMeta:
 
     @property
     def weights_id(self) -> str | None:
-        return self.record.get("weights", {}).get("id")
+        return (self.record.get("weights") or {}).get("id")  # raw: merge compares shards' records as stored
 
 
 @dataclass
@@ -115,7 +115,7 @@ class FeatureSet:
     splits: np.ndarray  # (n,) str: train / validation / test
     paths: list[str]
     class_names: list[str]
-    backbone: dict  # the backbone record (name, preprocessing, input size, weights...)
+    backbone: BackboneRecord  # the store's record of these features (extract/record.py)
     store_attrs: dict
 
     def subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.record import BackboneRecord
 from extract.errors import StoreError
 from extract.store_files import (RowSource, data_dir, images_refs, load_rows, new_name, open_segment, parts_dir,
                                  read_failed, read_images, read_root, read_segment_keys, strings, write_images_file,
@@ -269,7 +270,7 @@ def _fold(store: Path, state: StoreState, parts: list[Path], wanted: dict[str, s
         meta = state.backbones.get(backbone)
         if meta is None:
             meta = state.backbones[backbone] = BackboneMeta(record, dim, dtype, [])
-        if meta.weights_id != record.get("weights", {}).get("id"):
+        if meta.weights_id != BackboneMeta(record, dim, dtype, []).weights_id:
             continue  # a batch from other weights than the store's: never mixed in
         seen = committed(backbone)
         keep = []
@@ -342,12 +343,17 @@ def _compact(store: Path, backbone: str, meta: BackboneMeta, max_segments: int) 
         meta.segments[k:k + 2] = merged.segments
 
 
+def as_record_dict(record: BackboneRecord | dict) -> dict:
+    """The JSON form of a backbone record, as the store's files keep it."""
+    return record.to_dict() if isinstance(record, BackboneRecord) else dict(record)
+
+
 def write_state(path: str | Path, state: StoreState) -> None:
     """Create a store from an in-memory state whose backbones are ``BackboneRows`` (small stores, tests)."""
     with StoreWriter(path) as writer:
         target = StoreState(dict(state.attrs), list(state.classes), state.images, dict(state.failed), {})
         for name, rows in sorted(state.backbones.items()):
-            record = {**rows.record, "dtype": str(rows.features.dtype)}
+            record = {**as_record_dict(rows.record), "dtype": str(rows.features.dtype)}
             writer.write_segment(name, record, rows.path, rows.sha256, rows.features, {})
         writer.commit(target)
 

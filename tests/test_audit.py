@@ -19,8 +19,9 @@ from classify.audit import run_audit
 from extract.neighbours import connected_groups, nearest_other, normalise, similar_pairs
 from cli import cli
 from edge.imageio import load_image
+from extract.files import file_sha256
+from conftest import fake_record
 from extract.store import BackboneRows, empty_state, write_state
-from extract.weights import file_sha256
 
 CLASSES = {"rouge": (200, 40, 40), "vert": (40, 180, 60), "bleu": (40, 60, 200)}
 PER_CLASS = 24
@@ -87,8 +88,7 @@ def write_toy_store(root: Path, store: Path, rows: list[tuple[str, str, str]]) -
                               ("split", split), ("size", 1), ("mtime_ns", 0)):
             getattr(state.images, column).append(value)
     features = np.stack([toy_features(root / p) for p, _, _ in rows])
-    record = {"name": "toy", "preprocessing": "raw", "input_size": 12, "feature_dim": features.shape[1],
-              "weights": {"kind": "none", "id": "toy", "sha256": None, "file": None}}
+    record = fake_record("toy", features.shape[1], input_size=12, dtype=str(features.dtype), preprocessing="raw")
     state.backbones["toy"] = BackboneRows(record, list(state.images.path), list(state.images.sha256), features)
     write_state(store, state)
 

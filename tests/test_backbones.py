@@ -59,7 +59,7 @@ def test_random_init_backbones_give_their_feature_dim(name):
     built = build_backbone(name, weights="none", input_size=32)
     out = built.model(np.zeros((2, 32, 32, 3), np.uint8))
     assert out.shape == (2, get_backbone(name).feature_dim)
-    assert built.record()["weights"]["id"] == "random-init:seed=0"
+    assert built.record.weights.id == "random-init:seed=0" and built.record.weights.seed == 0
 
 
 def test_missing_imagenet_weights_name_the_cache_file(tmp_path, monkeypatch):
@@ -122,7 +122,7 @@ def test_cli_extract_and_store_info(tmp_path, image_folder):
     assert result.exit_code == 0, result.output
     assert "mobilenet_v2: 18 images" in result.output and "18 extracted" in result.output
     info = json.loads(CliRunner().invoke(cli, ["store", "info", store, "--json"]).output)
-    assert {"images", "failed", "classes", "splits", "backbones"} <= set(info)
+    assert {"images", "failed", "classes", "split_counts", "backbones"} <= set(info)
     assert info["backbones"]["mobilenet_v2"] == {**info["backbones"]["mobilenet_v2"], "rows": 18, "dim": 1280}
     missing = CliRunner().invoke(cli, ["store", "info", str(tmp_path / "nope.h5")])
     assert missing.exit_code == 2 and "does not exist" in missing.output

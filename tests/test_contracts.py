@@ -29,6 +29,9 @@ V1_STORE_RECORD = {
 def _record(**changes) -> BackboneRecord:
     weights = WeightsRecord(kind="none", id=random_init_id(4), seed=4)
     return replace(BackboneRecord.create(get_backbone("mobilenet_v2"), weights, 48, dtype="float32"), **changes)
+    spec = get_backbone("mobilenet_v2")
+    return replace(BackboneRecord.create(spec, resolve_weights(spec, "none", seed=4).record(), 48, dtype="float32"),
+                   **changes)
 
 
 # ------------------------------------------------------------------------------------------ the record
@@ -98,6 +101,21 @@ def test_scores_give_accuracy_as_a_fraction():
 
     got = scores(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]))
     assert got["accuracy"] == 0.75 and 0 < got["macro_f1"] < 1
+def test_head_file_with_a_damaged_record_is_refused(tmp_path):
+    from conftest import make_feature_store
+
+    from classify.errors import HeadFileError
+    from classify.persist import load_head
+    from classify.train import fit_heads
+
+    store = make_feature_store(tmp_path / "f.h5")
+    fit_heads(store, kind="softmax", out=tmp_path / "head")
+    config = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert BackboneRecord.from_dict(config["backbone"]) == load_head(tmp_path / "head").backbone
+    config["backbone"]["weights"]["kind"] = "cloud"
+    (tmp_path / "head" / "head.json").write_text(json.dumps(config))
+    with pytest.raises(HeadFileError, match="head.json: backbone record has weights of unknown kind"):
+        load_head(tmp_path / "head")
 
 
 # ------------------------------------------------------------------------------------------ splits

@@ -6,6 +6,7 @@ import pytest
 from conftest import make_image_folder, write_image
 
 from extract.dataset import assign_split, discover
+from extract.splits import SplitSettings
 from extract.errors import DatasetError
 
 
@@ -16,7 +17,7 @@ def test_class_folder_layout_with_unicode_and_nested_files(tmp_path):
     write_image(root / "Ängel" / "c.jpg", (10, 10, 10))
     (root / "Ängel" / "notes.txt").write_text("x")
     (root / "Ängel" / ".hidden.jpg").write_bytes(b"")
-    ds = discover(root, validation_split=0.0, test_split=0.0)
+    ds = discover(root, SplitSettings(validation_split=0.0, test_split=0.0))
     assert ds.layout == "class-folders"
     assert ds.class_names == sorted(["pêche pourrie", "Ängel"])
     assert {e.relpath for e in ds.entries} == {
@@ -50,19 +51,19 @@ def test_mixed_layout_and_empty_folders_are_refused(tmp_path):
 
 def test_hash_splits_have_the_requested_proportions_and_depend_on_seed():
     paths = [f"c/img_{i}.jpg" for i in range(4000)]
-    splits = [assign_split(p, 0, 0.2, 0.1) for p in paths]
+    splits = [assign_split(p, SplitSettings(0.2, 0.1, seed=0)) for p in paths]
     assert abs(splits.count("validation") / 4000 - 0.2) < 0.03
     assert abs(splits.count("test") / 4000 - 0.1) < 0.03
-    other = [assign_split(p, 1, 0.2, 0.1) for p in paths]
+    other = [assign_split(p, SplitSettings(0.2, 0.1, seed=1)) for p in paths]
     assert splits != other
 
 
 def test_adding_images_never_moves_existing_ones(tmp_path):
     root = make_image_folder(tmp_path / "imgs", per_class=20)
-    before = {e.relpath: e.split for e in discover(root, 0.2, 0.2, seed=3).entries}
+    before = {e.relpath: e.split for e in discover(root, SplitSettings(0.2, 0.2, seed=3)).entries}
     make_image_folder(root, per_class=30, start=20)
     write_image(root / "new class" / "x.jpg", (1, 2, 3))
-    after = {e.relpath: e.split for e in discover(root, 0.2, 0.2, seed=3).entries}
+    after = {e.relpath: e.split for e in discover(root, SplitSettings(0.2, 0.2, seed=3)).entries}
     assert len(after) == len(before) + 91
     assert all(after[p] == s for p, s in before.items())
 
@@ -72,15 +73,16 @@ def test_split_group_keeps_copies_of_one_photo_in_one_split(tmp_path):
     for i in range(40):
         for suffix in ("", "_aug1", "_aug2"):
             write_image(root / "chat" / f"img{i}{suffix}.jpg", (200, 30, 30), seed=i)
-    ungrouped = {e.relpath: e.split for e in discover(root, 0.3, 0.3, seed=0).entries}
+    ungrouped = {e.relpath: e.split for e in discover(root, SplitSettings(0.3, 0.3, seed=0)).entries}
     straddling = [i for i in range(40) if len({ungrouped[f"chat/img{i}{s}.jpg"] for s in ("", "_aug1", "_aug2")}) > 1]
     assert straddling, "without a group, copies land in different splits (the leakage this option prevents)"
 
-    grouped = {e.relpath: e.split for e in discover(root, 0.3, 0.3, seed=0, split_group=r"_aug\d+").entries}
+    grouping = SplitSettings(0.3, 0.3, seed=0, split_group=r"_aug\d+")
+    grouped = {e.relpath: e.split for e in discover(root, grouping).entries}
     for i in range(40):
         assert grouped[f"chat/img{i}_aug1.jpg"] == grouped[f"chat/img{i}_aug2.jpg"] == grouped[f"chat/img{i}.jpg"]
         assert grouped[f"chat/img{i}.jpg"] == ungrouped[f"chat/img{i}.jpg"]  # the original keeps its split
     assert len(set(grouped.values())) == 3
 
     with pytest.raises(DatasetError, match="not a valid regular expression"):
-        discover(root, split_group="(")
+        discover(root, SplitSettings(split_group="("))

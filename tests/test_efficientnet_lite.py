@@ -88,7 +88,7 @@ def test_failed_conversion_leaves_no_file(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(efficientnet_lite_weights.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         imagenet_weights_path()
     assert list((tmp_path / "weights").iterdir()) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_head_export_parity_and_graph(head_export):
     assert [d.dim_value or d.dim_param for d in inp.type.tensor_type.shape.dim] == ["N", 32, 32, 3]
     assert outp.name == "probabilities" and outp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert ood.name == "ood_score" and [d.dim_param for d in ood.type.tensor_type.shape.dim] == ["N"]
-    assert not list(out.parent.glob(".*tmp*"))
+    assert not list(out.parent.glob("*tmp*"))
 
 
 def test_head_export_predicts_like_the_head_on_store_features(head_export, workspace):
@@ -104,7 +105,6 @@ def test_metadata_round_trip(head_export, workspace):
     assert meta["preprocessing"] == {"mode": "tf", "in_graph": True, "color": "RGB", "resize": "bilinear"}
     assert meta["backbone"]["name"] == "mobilenet_v2"
     assert meta["backbone"]["weights"]["id"] == f"random-init:seed={STORE_SEED}"
-    assert all(meta["backbone"][k] == features.backbone[k] for k in ("preprocessing", "input_size", "feature_dim"))
     source = meta["source"]
     assert source["kind"] == "head" and source["head_kind"] == "softmax"
     assert Path(source["store"]) == workspace.store.resolve() and Path(source["head"]) == workspace.head.resolve()
@@ -114,6 +114,26 @@ def test_metadata_round_trip(head_export, workspace):
     assert meta["transferkit_version"] == __version__
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["created"])
     assert "quantization" not in meta and metadata == meta
+
+
+def test_backbone_record_is_carried_unchanged(head_export, workspace):
+    """The record written at extraction is the one in the head file, the ONNX metadata and the edge
+    runner's view: equal dicts, extraction-only fields (engine, dtype, created) included."""
+    import h5py
+
+    from edge.model import load_model
+
+    out, _ = head_export
+    with h5py.File(workspace.store, "r") as f:
+        in_store = json.loads(f["backbones/mobilenet_v2"].attrs["record"])
+    in_head = json.loads((workspace.head / "head.json").read_text())["backbone"]
+    in_onnx = read_metadata(out)["backbone"]
+    at_edge = load_model(out, threads=1).backbone
+    assert in_store == in_head == in_onnx == at_edge == workspace.features().backbone.to_dict()
+    assert in_store["record_version"] == 2 and in_store["engine"] == "keras" and in_store["dtype"] == "float32"
+    assert in_store["weights"] == {"kind": "none", "id": f"random-init:seed={STORE_SEED}", "sha256": None,
+                                   "file": None, "seed": STORE_SEED}
+    assert in_onnx["preprocessing"] == {k: v for k, v in read_metadata(out)["preprocessing"].items() if k != "in_graph"}
 
 
 def test_int8_accepted_then_refused_via_cli(workspace, head_export, tmp_path):
@@ -133,6 +153,8 @@ def test_int8_accepted_then_refused_via_cli(workspace, head_export, tmp_path):
     assert meta["quantization"]["format"] == "QDQ" and meta["quantization"]["calibration_images"] > 0
     assert meta["quantization"]["float_model_id"] == float_meta["model_id"] != meta["model_id"]
     assert meta["class_names"] == float_meta["class_names"] and meta["source"] == float_meta["source"]
+    assert meta["backbone"] == float_meta["backbone"]
+    assert 0 <= meta["quantization"]["test_accuracy_int8"] <= 1  # a fraction, like every accuracy
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
 
     refused = runner.invoke(cli, ["export-onnx", "--store", str(workspace.store), "--head", str(workspace.head),
@@ -157,6 +179,7 @@ def test_export_from_fine_tuned_model(fine_tuned, workspace, tmp_path):
     assert meta["class_names"] == info["class_names"]
     assert meta["source"]["kind"] == "fine-tuned" and meta["source"]["model_sha256"] == info["model_sha256"]
     assert meta["source"]["head"]["kind"] == "softmax"
+    assert meta["backbone"] == info["backbone"] == workspace.features().backbone.to_dict()  # the store's, carried
     assert meta["model_id"].startswith("mobilenet_v2-fine-tuned-")
     model, _ = load_fine_tuned(model_path)
     from edge.model import load_model
@@ -169,7 +192,7 @@ def test_export_from_fine_tuned_model(fine_tuned, workspace, tmp_path):
 
 def test_parity_failure_leaves_no_file(head_conversion, tmp_path):
     c = head_conversion
-    off = Conversion(c.model, lambda batch: c.reference(batch) + 1e-3, c.metadata, c.images)
+    off = replace(c, reference=lambda batch: c.reference(batch) + 1e-3)
     out = tmp_path / "model.onnx"
     with pytest.raises(ParityError, match=r"export refused.*tolerance 1e-04"):
         write_checked(off, out, parity_images=4, threads=1)

@@ -51,7 +51,7 @@ def test_store_format_is_plain_h5py(messy_folder, tmp_path):
         group = f["backbones/mobilenet_v2"]
         assert group["features"].shape == (18, 1280) and group["features"].dtype == np.float32
         record = json.loads(group.attrs["record"])
-        assert record["preprocessing"] == "tf" and record["input_size"] == 32
+        assert record["preprocessing"]["mode"] == "tf" and record["input_size"] == 32
         assert record["weights"]["id"] == "random-init:seed=0"
         assert {"tensorflow", "keras", "h5py", "numpy"} <= set(record["versions"])
         assert dict(zip(f["failed/path"].asstr()[()], f["failed/reason"].asstr()[()])) == {
@@ -61,7 +61,7 @@ def test_store_format_is_plain_h5py(messy_folder, tmp_path):
     info = FeatureStore(store).info()
     assert info["images"] == 18 and info["failed"] == 2
     assert [f["path"] for f in info["failures"]] == ["blue/broken.jpg", "red/empty.png"]
-    assert sum(info["splits"].values()) == 18
+    assert sum(info["split_counts"].values()) == 18
     assert info["backbones"] == {"mobilenet_v2": {"rows": 18, "dim": 1280, "dtype": "float32",
                                                   "weights": "random-init:seed=0", "input_size": 32,
                                                   "preprocessing": "tf", "segments": 1}}
@@ -136,7 +136,7 @@ def test_shards_merge_into_the_full_store(image_folder, tmp_path):
     assert merged.keys() == reference.keys()
     for p in merged:
         np.testing.assert_allclose(merged[p], reference[p], rtol=1e-5, atol=1e-6)
-    assert FeatureStore(tmp_path / "merged.h5").info()["splits"] == FeatureStore(full).info()["splits"]
+    assert FeatureStore(tmp_path / "merged.h5").info()["split_counts"] == FeatureStore(full).info()["split_counts"]
 
 
 def test_onnx_engine_matches_keras(image_folder, tmp_path):
@@ -155,14 +155,15 @@ def test_identical_files_in_two_splits_are_reported(tmp_path):
 
     from cli import cli
     from extract.dataset import assign_split
+    from extract.splits import SplitSettings
 
     root = make_image_folder(tmp_path / "images", per_class=4)
     original = root / "red" / "img_0.jpg"
-    split = assign_split("red/img_0.jpg", 0, 0.3, 0.3)
+    split = assign_split("red/img_0.jpg", SplitSettings(0.3, 0.3))
     # copies of one photo under other names: one lands in another split, one in the same split
     names = [f"copy_{i}.jpg" for i in range(200)]
-    other = next(n for n in names if assign_split(f"red/{n}", 0, 0.3, 0.3) != split)
-    same = next(n for n in names if assign_split(f"red/{n}", 0, 0.3, 0.3) == split)
+    other = next(n for n in names if assign_split(f"red/{n}", SplitSettings(0.3, 0.3)) != split)
+    same = next(n for n in names if assign_split(f"red/{n}", SplitSettings(0.3, 0.3)) == split)
     for name in (other, same):
         shutil.copyfile(original, root / "red" / name)
     store = tmp_path / "f.h5"
@@ -182,7 +183,8 @@ def test_identical_files_in_two_splits_are_reported(tmp_path):
 
 
 def test_store_remembers_split_group_and_fine_tune_uses_it(tmp_path):
-    from export.data import from_feature_set, from_folder, split_settings
+    from export.data import from_feature_set, from_folder
+    from extract.splits import SplitSettings
 
     root = make_image_folder(tmp_path / "images", per_class=8)
     for path in list(root.rglob("*.jpg")):
@@ -200,7 +202,7 @@ def test_store_remembers_split_group_and_fine_tune_uses_it(tmp_path):
     with pytest.raises(StoreError, match="--split-group _flip"):
         run_extraction(root, store, split_group="", **TINY)
 
-    settings = split_settings(FeatureStore(store).state.attrs)
-    assert settings["split_group"] == "_flip"
+    settings = SplitSettings.resolve(FeatureStore(store).state.attrs)
+    assert settings.split_group == "_flip"
     folder = from_folder(root, settings)
-    assert dict(zip(folder.relpaths, folder.splits)) == dict(zip(from_feature_set(features).relpaths, features.splits))
+    assert dict(zip(folder.relpaths, folder.split)) == dict(zip(from_feature_set(features).relpaths, features.splits))

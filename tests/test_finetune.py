@@ -12,7 +12,8 @@ from conftest import STORE_SEED, make_image_folder
 
 from classify.persist import load_head
 from cli import cli
-from export.data import from_feature_set, from_folder, load_batch, split_settings
+from export.data import from_feature_set, from_folder, load_batch
+from extract.splits import SplitSettings
 from export.finetune import fine_tune, parse_unfreeze, starting_point
 from export.keras_models import (
     backbone_of,
@@ -33,7 +34,7 @@ def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
 def test_classifier_starts_as_the_head(workspace, head_name):
     head_path = getattr(workspace, head_name)
     trained = load_head(head_path)
-    begin = starting_point(None, head_path, workspace.store, None, None, seed=0)
+    begin = starting_point(workspace.images, None, head_path, workspace.store, None, None, seed=0)
     model = classifier_model(begin.built, 3, begin.layers, begin.dropout)
     for (W, b), (W_head, b_head) in zip(classifier_layers(model), trained.head.network(), strict=True):
         np.testing.assert_array_equal(W, W_head)
@@ -80,7 +81,7 @@ def test_fine_tuned_model_files_and_frozen_statistics(fine_tuned, workspace):
     model, info = load_fine_tuned(out)
     assert info["class_names"] == ["blue", "green", "red"]
     assert info["backbone"]["weights"]["id"] == f"random-init:seed={STORE_SEED}"
-    assert info["splits"] == split_settings(workspace.features().store_attrs)
+    assert info["split_settings"] == SplitSettings.resolve(workspace.features().store_attrs).to_attrs()
     assert info["head"]["kind"] == "softmax" and info["training"]["unfreeze"] == "all"
     fresh = backbone_of(build_backbone("mobilenet_v2", weights="none", input_size=32, seed=STORE_SEED).model)
     tuned = backbone_of(model)
@@ -93,13 +94,20 @@ def test_fine_tuned_model_files_and_frozen_statistics(fine_tuned, workspace):
     assert all(not np.array_equal(tuned.get_layer(name).get_weights()[0], fresh.get_layer(name).get_weights()[0])
                for name in convs)  # --unfreeze all trained every convolution
 
-def test_split_is_the_stores(workspace):
+def test_split_is_the_stores_column(workspace, monkeypatch):
+    """With a store, fine-tuning reads each image's split from the store; it never re-discovers the folder."""
+    from export import finetune
+
     features = workspace.features()
-    images = from_folder(workspace.images, split_settings(features.store_attrs), features.class_names)
-    by_path = dict(zip(images.relpaths, images.splits))
-    assert {p: by_path[p] for p in features.paths} == dict(zip(features.paths, features.splits))
-    default = from_folder(workspace.images, split_settings({}))
-    assert list(default.splits) != list(images.splits)  # the store's seed matters
+    monkeypatch.setattr(finetune, "from_folder", lambda *a, **k: pytest.fail("the folder was re-discovered"))
+    for trained in (None, load_head(workspace.head)):
+        images, settings, _, store = finetune.labelled_images(workspace.images, trained, workspace.store, seed=0)
+        by_path = dict(zip(images.relpaths, images.split))
+        assert by_path == dict(zip(features.paths, features.splits))
+        assert settings.seed == STORE_SEED and store["path"] == str(workspace.store.resolve())
+    monkeypatch.undo()
+    default = from_folder(workspace.images, SplitSettings())
+    assert dict(zip(default.relpaths, default.split)) != by_path  # the store's seed matters
 
 
 def test_cli_fine_tune_with_warm_up(workspace, tmp_path):
@@ -115,7 +123,7 @@ def test_cli_fine_tune_with_warm_up(workspace, tmp_path):
     assert metrics["warmup_epochs"] == 1 and len(metrics["history"]["loss"]) == 2
     assert (tmp_path / "report" / "training_curves.png").is_file()
     _, info = load_fine_tuned(out)
-    assert info["head"] is None and info["splits"]["seed"] == STORE_SEED
+    assert info["head"] is None and info["split_settings"]["seed"] == STORE_SEED
 
 
 def test_cli_fine_tune_from_a_head_shows_progress_and_compares_with_the_head(workspace, tmp_path):
@@ -165,8 +173,9 @@ def test_refusals(workspace, tmp_path):
     assert "--unfreeze must be" in refused(images, "--head", head, "--unfreeze", "top", "--out", tmp_path / "m.keras")
     assert "must end in .keras" in refused(images, "--head", head, "--out", tmp_path / "m.h5")
     other = make_image_folder(tmp_path / "other", per_class=3, classes={"cat": (1, 2, 3), "dog": (200, 100, 0)})
-    assert "has classes ['cat', 'dog']" in refused(other, "--head", head, "--store", workspace.store,
-                                                   "--out", tmp_path / "m.keras")
+    assert "has classes ['cat', 'dog']" in refused(other, "--head", head, "--out", tmp_path / "m.keras")
+    assert "the store's images are not at" in refused(other, "--head", head, "--store", workspace.store,
+                                                      "--out", tmp_path / "m.keras")
     assert list(tmp_path.glob("*.keras")) == []
     with pytest.raises(TransferKitError, match="needs train and validation images"):
         fine_tune(make_image_folder(tmp_path / "tiny", per_class=1), "mobilenet_v2", tmp_path / "m.keras",

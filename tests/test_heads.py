@@ -403,7 +403,7 @@ def test_head_on_a_store_with_other_classes(trained, tmp_path):
 
 
 def test_head_on_a_store_with_other_weights_or_backbone(trained, tmp_path):
-    other = make_feature_store(tmp_path / "w.h5", weights_id="random-init:seed=1")
+    other = make_feature_store(tmp_path / "w.h5", weights_seed=1)
     with pytest.raises(HeadMismatch, match="random-init:seed=1"):
         evaluate(other, trained, report_dir=tmp_path / "report")
     other = make_feature_store(tmp_path / "b.h5", backbone="resnet50")

@@ -49,9 +49,9 @@ def test_int8_engine_is_cached_and_keyed_by_its_images(tmp_path, monkeypatch):
     new = _int8_engines() - before
     assert len(new) == 1
     record = FeatureStore(tmp_path / "a.h5").read("mobilenet_v2@int8").backbone
-    assert record["engine"] == "onnx-int8" and record["quantization"]["format"] == "QDQ"
-    assert record["quantization"]["engine_key"] in new.pop()
-    report = json.loads(next(cache_dir("engines").glob(f"*{record['quantization']['engine_key']}.json")).read_text())
+    assert record.engine == "onnx-int8" and record.quantization["format"] == "QDQ"
+    assert record.quantization["engine_key"] in new.pop()
+    report = json.loads(next(cache_dir("engines").glob(f"*{record.quantization['engine_key']}.json")).read_text())
     assert report["accuracy_fp32"] == 1.0 and report["drop_points"] <= 0.5
 
     with monkeypatch.context() as patch:
@@ -98,13 +98,13 @@ def test_int8_rows_never_mix_with_fp32_rows(tmp_path):
     reader = FeatureStore(store)
     assert reader.backbones == ["mobilenet_v2", "mobilenet_v2@int8"]
     np.testing.assert_array_equal(reader.read("mobilenet_v2").features, fp32_before)
-    assert reader.read("mobilenet_v2").backbone["engine"] == "onnx"
-    assert "quantization" not in reader.read("mobilenet_v2").backbone
+    assert reader.read("mobilenet_v2").backbone.engine == "onnx"
+    assert reader.read("mobilenet_v2").backbone.quantization is None
     int8 = reader.read("mobilenet_v2@int8").features
     assert int8.shape == fp32_before.shape and not np.array_equal(int8, fp32_before)
 
     head = _head_on(reader.read("mobilenet_v2@int8"), store)
-    assert features_for_head(head, store).backbone["engine"] == "onnx-int8"  # not the fp32 rows beside them
+    assert features_for_head(head, store).backbone.engine == "onnx-int8"  # not the fp32 rows beside them
 
     make_image_folder(images, per_class=1, size=40, classes=GREYS, start=50)  # 3 new images
     summary = run_extraction(images, store, **{**INT8, "engine": "auto"})  # both held: auto means fp32

@@ -10,14 +10,16 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from export.data import from_folder, split_settings
+from conftest import fake_record
+from export.data import from_folder
 from extract.dataset import assign_split
 from extract.job import run_extraction
-from extract.leak_free import group_store_splits, near_duplicate_anchors, regroup
+from extract.leak_free import ANCHORS_ATTR, group_store_splits, near_duplicate_anchors, regroup
+from extract.splits import SplitSettings
 from extract.store import BackboneRows, FeatureStore, empty_state, merge_stores, write_state
 from PIL import Image
 
-SETTINGS = {"validation_split": 0.3, "test_split": 0.3, "seed": 0, "split_group": "", "split_group_by": "near-duplicates"}
+SETTINGS = SplitSettings(0.3, 0.3, seed=0, split_group_by="near-duplicates")
 
 
 def _splits_by_path(store) -> dict[str, str]:
@@ -36,14 +38,14 @@ def test_groups_take_their_anchors_split():
     sha[39] = sha[30]  # an exact copy with an unrelated feature row still groups
     anchors = near_duplicate_anchors(paths, sha, features)
     assert set(anchors) == {paths[i] for pair in copies.items() for i in pair} | {paths[30], paths[39]}
-    splits = [assign_split(p, 0, 0.3, 0.3) for p in paths]
+    splits = [assign_split(p, SETTINGS) for p in paths]
     assert any(splits[a] != splits[b] for a, b in copies.items()), "the seed must split some pair, or this proves nothing"
     moved = regroup(splits, paths, anchors, SETTINGS)
     assert moved > 0
     for a, b in [*copies.items(), (30, 39)]:
-        assert splits[a] == splits[b] == assign_split(paths[min(a, b)], 0, 0.3, 0.3)
+        assert splits[a] == splits[b] == assign_split(paths[min(a, b)], SETTINGS)
     untouched = [i for i in range(40) if paths[i] not in anchors]
-    assert all(splits[i] == assign_split(paths[i], 0, 0.3, 0.3) for i in untouched)
+    assert all(splits[i] == assign_split(paths[i], SETTINGS) for i in untouched)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def _assert_copies_together(splits: dict[str, str]) -> None:
 
 def test_extract_keeps_copies_in_one_split_and_remembers(copied_folder, tmp_path):
     per_path = {p.relative_to(copied_folder).as_posix(): None for p in copied_folder.rglob("*.png")}
-    assert any(assign_split(p, 0, 0.3, 0.3) != assign_split(p.replace("copy_of_", ""), 0, 0.3, 0.3) for p in per_path), \
+    assert any(assign_split(p, SETTINGS) != assign_split(p.replace("copy_of_", ""), SETTINGS) for p in per_path), \
         "without grouping some copies straddle splits (else the test proves nothing)"
     summary = _extract(copied_folder, tmp_path / "grouped.h5", split_group_by="near-duplicates")
     assert summary.split_groups == 24 and summary.split_moved > 0 and not summary.copies_across_splits
@@ -82,8 +84,8 @@ def test_extract_keeps_copies_in_one_split_and_remembers(copied_folder, tmp_path
     attrs = FeatureStore(tmp_path / "grouped.h5").state.attrs
     assert attrs["split_group_by"] == "near-duplicates"
     # fine-tune and export see the folder through the store's settings: the same splits
-    folder_view = from_folder(copied_folder, split_settings(attrs))
-    assert dict(zip(folder_view.relpaths, folder_view.splits.tolist())) == splits
+    folder_view = from_folder(copied_folder, SplitSettings.resolve(attrs), anchors=attrs.get(ANCHORS_ATTR, ""))
+    assert dict(zip(folder_view.relpaths, folder_view.split.tolist())) == splits
     # a second run keeps the assignment; changing the setting is refused
     again = _extract(copied_folder, tmp_path / "grouped.h5")
     assert again.split_moved == 0 and _splits_by_path(tmp_path / "grouped.h5") == splits
@@ -94,13 +96,13 @@ def test_extract_keeps_copies_in_one_split_and_remembers(copied_folder, tmp_path
 
 def _shard_state(paths: list[str], features: np.ndarray):
     """A shard store's state as `extract --shard I/2 --split-group-by near-duplicates` leaves it."""
-    state = empty_state(images_root="/nowhere", layout="class-folders", **SETTINGS)
+    state = empty_state(images_root="/nowhere", layout="class-folders", **SETTINGS.to_attrs())
     state.classes = ["c"]
     for p in paths:
         for column, value in (("path", p), ("sha256", p), ("class_name", "c"), ("split", "train"), ("size", 1),
                               ("mtime_ns", 0)):
             getattr(state.images, column).append(value)
-    record = {"name": "toy", "input_size": 8, "weights": {"id": "toy"}}
+    record = fake_record("toy", features.shape[1], input_size=8)
     state.backbones["toy"] = BackboneRows(record, list(paths), list(paths), features)
     group_store_splits(state, "toy", SETTINGS)
     return state

@@ -24,8 +24,9 @@ from bench.common import descendants, process_title
 
 from extract.errors import TransferKitError
 from extract.job import run_extraction
+from extract.record import BackboneRecord
 from extract.store import FeatureStore, parts_dir
-from extract.weights import file_sha256
+from extract.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = dict(backbone="mobilenet_v2", weights="none", input_size=32, engine="onnx", batch_size=4, progress=False)
@@ -83,14 +84,14 @@ def add_bad_files(folder: Path) -> None:
     (folder / "blue" / "notes.txt").write_text("not an image")
 
 
-def record(store: Path) -> dict:
+def record(store: Path) -> BackboneRecord:
     return FeatureStore(store).read("mobilenet_v2").backbone
 
 
 def store_summary(store: Path) -> dict:
     """What `store info` says, less what depends on when and how the rows were written (times, files)."""
     info = FeatureStore(store).info()
-    keys = ("images", "failed", "classes", "splits", "failures", "copies_across_splits", "layout")
+    keys = ("images", "failed", "classes", "split_counts", "failures", "copies_across_splits", "layout")
     backbones = {name: {k: v for k, v in b.items() if k != "segments"} for name, b in info["backbones"].items()}
     return {**{k: info[k] for k in keys}, "backbones": backbones}
 
@@ -188,8 +189,8 @@ def test_same_store_as_the_local_runner_with_bad_files(on_ray, tmp_path, monkeyp
     from extract.engine import onnx_engine_path
     from extract.ray_task import worker_versions
 
-    runner = record(tmp_path / "ray.h5")["runner"]
-    engine_file = onnx_engine_path("mobilenet_v2", "random-init:seed=0", 32)
+    runner = record(tmp_path / "ray.h5").runner
+    engine_file = onnx_engine_path(record(tmp_path / "ray.h5"))
     assert runner["name"] == "ray" and runner["ray_version"] == ray.__version__
     assert runner["engine_sha256"] == file_sha256(engine_file)
     assert runner["worker_versions"] == worker_versions() == results[0]["versions"]
@@ -204,7 +205,7 @@ def test_twenty_changed_and_a_hundred_touched_compute_twenty(on_ray, tmp_path, m
     first = run_extraction(folder, store, **ARGS, ray_options=ray_options(cpus_per_task=2))
     assert first.extracted == 135
     assert {r["intra_op_threads"] for r in results} == {2}
-    assert record(store)["runner"]["intra_op_threads"] == 2
+    assert record(store).runner["intra_op_threads"] == 2
 
     files = sorted(folder.rglob("*.jpg")) + sorted(folder.rglob("*.png"))
     for i, path in enumerate(files[:20]):
@@ -351,8 +352,9 @@ def test_a_retried_task_computes_only_what_its_killed_attempt_did_not_write(on_r
     bad = [item for item in task.items if item[0].endswith(("truncated.jpg", "empty.png"))]
     earlier = [item for item in task.items if item not in bad][:5]
     killed = ShardParts(task.store, task.key)  # what an attempt killed mid-shard left
-    killed.write_segment(task.backbone, task.record, [p for p, _ in earlier], [s for _, s in earlier],
-                         np.full((5, task.feature_dim), 7.0, task.dtype), {bad[0][0]: (bad[0][1], "earlier attempt")})
+    killed.write_segment(task.record.name, task.record.to_dict(), [p for p, _ in earlier], [s for _, s in earlier],
+                         np.full((5, task.record.feature_dim), 7.0, task.record.dtype),
+                         {bad[0][0]: (bad[0][1], "earlier attempt")})
     before = set(parts_dir(store).glob("*.h5"))
 
     result = run_shard_task(task)  # the retry, in this process
