@@ -25,8 +25,13 @@ def _reduce(op: str, data: str, axis: int, out: str, opset: int, prefix: str) ->
     """ReduceSum takes its axes as an input from opset 13, ReduceMin only from opset 18."""
     if op == "ReduceSum" or opset >= 18:
         axes = numpy_helper.from_array(np.array([axis], np.int64), f"{prefix}{op}_axes")
-        return [helper.make_node(op, [data, axes.name], [out], keepdims=0)], [axes]
-    return [helper.make_node(op, [data], [out], axes=[axis], keepdims=0)], []
+        return [helper.make_node(op, [data, axes.name], [out], keepdims=0, name=f"{prefix}{op}")], [axes]
+    return [helper.make_node(op, [data], [out], axes=[axis], keepdims=0, name=f"{prefix}{op}")], []
+
+
+def ood_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes ``add_ood_output`` added (under any prefix a merge put before ``ood/``)."""
+    return [node.name for node in model.graph.node if "ood/" in node.name]
 
 
 def add_ood_output(model: onnx.ModelProto, scorer: MahalanobisScorer, features: str = "features",
@@ -38,11 +43,12 @@ def add_ood_output(model: onnx.ModelProto, scorer: MahalanobisScorer, features: 
     inits = [numpy_helper.from_array(whitening, f"{prefix}whitening"),
              numpy_helper.from_array(centres, f"{prefix}centres"),
              numpy_helper.from_array(np.array([1], np.int64), f"{prefix}class_axis")]
-    nodes = [
-        helper.make_node("MatMul", [features, f"{prefix}whitening"], [f"{prefix}z"]),
-        helper.make_node("Unsqueeze", [f"{prefix}z", f"{prefix}class_axis"], [f"{prefix}z3"]),
-        helper.make_node("Sub", [f"{prefix}z3", f"{prefix}centres"], [f"{prefix}diff"]),
-        helper.make_node("Mul", [f"{prefix}diff", f"{prefix}diff"], [f"{prefix}squared"]),
+    nodes = [  # named, so that int8 quantization can leave them float (export/quantize.py)
+        helper.make_node("MatMul", [features, f"{prefix}whitening"], [f"{prefix}z"], name=f"{prefix}MatMul"),
+        helper.make_node("Unsqueeze", [f"{prefix}z", f"{prefix}class_axis"], [f"{prefix}z3"],
+                         name=f"{prefix}Unsqueeze"),
+        helper.make_node("Sub", [f"{prefix}z3", f"{prefix}centres"], [f"{prefix}diff"], name=f"{prefix}Sub"),
+        helper.make_node("Mul", [f"{prefix}diff", f"{prefix}diff"], [f"{prefix}squared"], name=f"{prefix}Mul"),
     ]
     sum_nodes, sum_inits = _reduce("ReduceSum", f"{prefix}squared", 2, f"{prefix}distances", opset, prefix)
     min_nodes, min_inits = _reduce("ReduceMin", f"{prefix}distances", 1, output, opset, prefix)
