@@ -135,7 +135,7 @@ def predict_command(images, head, model, weights, engine, as_json, unknown, quie
     read or decoded gets an error line and the others are still classified; the exit status is
     then 1. A pattern or folder that matches no image is an error.
 
-    A model.onnx exported from a store and head also scores how far each image is from every
+    A model.onnx written by export-onnx also scores how far each image is from every
     class: --json lines get ood_score and unknown, and an image above the calibrated threshold is
     labelled "unknown" (its best class stays first in top). --unknown off ignores the score.
 

@@ -10,7 +10,7 @@ quoted glob patterns. Each file is classified or gets an ``error``; the CLI exit
 
 A model.onnx exported with the unknown score (``ood_score`` output and ``ood`` metadata) adds
 ``ood_score`` and ``unknown`` to each row, like the edge runner: an unknown image's ``label`` is
-``"unknown"`` and its best class stays first in ``top``. Heads and fine-tuned models have no score.
+``"unknown"`` and its best class stays first in ``top``. Heads and model.keras files have no score.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from classify.ood import unknown_scorer
 from classify.ood_graph import OOD_OUTPUT, add_ood_output
 from classify.persist import head_dir, load_head
 from export.data import LabelledImages, from_feature_set, from_folder, from_store, load_batch
+from export.finetune_ood import add_score_output, penultimate_scorer, with_features_output
 from export.keras_models import load_fine_tuned
 from export.metadata import (INPUT_NAME, OUTPUT_NAME, build_metadata, drift_reference, graph_model_id, path_fingerprint,
                              set_metadata)
@@ -140,10 +141,15 @@ def from_fine_tuned(model_path: str | Path, images_dir: str | Path | None, opset
     images = fine_tuned_images(info, images_dir)
     source = {"kind": "fine-tuned", "model": str(Path(model_path).resolve()), "model_sha256": info["model_sha256"],
               "head": info["head"], "store": info["store"]}
+    two_outputs = with_features_output(model)  # the unknown score, on the fine-tuned network's own features
+    scorer = penultimate_scorer(two_outputs, images, record.input_size)
+    graph = keras_graph(two_outputs, record.input_size, opset)
+    add_score_output(graph, scorer)
     return Conversion(
-        model=keras_graph(model, record.input_size, opset), record=record,
+        model=graph, record=record,
         reference=lambda batch: np.asarray(model(batch, training=False)),
-        metadata=build_metadata(info["class_names"], record, source),
+        metadata={**build_metadata(info["class_names"], record, source),
+                  "ood": {**scorer.calibration_, "features": "penultimate layer of the fine-tuned model"}},
         images=images,
     )
 
