@@ -30,6 +30,7 @@ KEPT_DTYPES = (np.float64, np.float32, np.float16)  # float input keeps its dtyp
 FOLDS_CONSTRAINT = [Interval(Integral, 2, None, closed="left")]
 SEED_CONSTRAINT = [Interval(Integral, 0, None, closed="left")]
 POSITIVE_INT = [Interval(Integral, 1, None, closed="left")]
+STREAM_CONSTRAINT = [*POSITIVE_INT, None]  # ``stream_above_rows``: None is classify.streamed.STREAM_ABOVE_ROWS
 
 
 def _rows(X) -> int | None:

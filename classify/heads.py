@@ -25,12 +25,12 @@ import numpy as np
 from sklearn.utils._param_validation import Interval
 
 from classify.dense import Layers, fold_standardisation, train_dense
-from classify.estimator import (DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, SEED_CONSTRAINT, Head,
-                                LinearHead, binary_to_two_columns, check_grid)
+from classify.estimator import (DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, SEED_CONSTRAINT, STREAM_CONSTRAINT,
+                                Head, LinearHead, binary_to_two_columns, check_grid)
 from classify.kinds import KIND_CHOICES, KIND_NAMES  # noqa: F401  (KIND_CHOICES re-exported)
 from classify.rbf import RBFHead
 from classify.selection import best_index, holdout_split, stratified_folds
-from classify.streamed import STREAM_ABOVE_ROWS, search_C
+from classify.streamed import search_C, streams
 from classify.svm import PairwiseHead, class_scores, fit_temperature, pair_signs, search
 
 
@@ -44,10 +44,10 @@ class SVMHead(PairwiseHead):
     kind = "svm"
     _parameter_constraints: ClassVar[dict] = {"Cs": ["array-like"], "cv": FOLDS_CONSTRAINT,
                                               "n_jobs": POSITIVE_INT, "seed": SEED_CONSTRAINT,
-                                              "stream_above_rows": POSITIVE_INT}
+                                              "stream_above_rows": STREAM_CONSTRAINT}
 
     def __init__(self, Cs=(3e-4, 1e-3, 3e-3, 1e-2), cv: int = DEFAULT_FOLDS, n_jobs: int = 1, seed: int = 0,
-                 stream_above_rows: int = STREAM_ABOVE_ROWS):
+                 stream_above_rows: int | None = None):
         self.Cs = Cs
         self.cv = cv
         self.n_jobs = n_jobs
@@ -58,7 +58,7 @@ class SVMHead(PairwiseHead):
         check_grid(type(self).__name__, "Cs", self.Cs)
 
     def _streams(self, n_rows):
-        return n_rows is not None and n_rows > self.stream_above_rows
+        return streams(n_rows, self.stream_above_rows)
 
     def _fit_streamed(self, X, y) -> None:
         """A multiclass linear SVM (classify.streamed) whose class scores z_c give the pair machines
@@ -113,11 +113,11 @@ class SoftmaxHead(LinearHead):
     kind = "softmax"
     _parameter_constraints: ClassVar[dict] = {"Cs": ["array-like"], "cv": FOLDS_CONSTRAINT, "max_iter": POSITIVE_INT,
                                               "tol": [Interval(Real, 0, None, closed="neither")],
-                                              "seed": SEED_CONSTRAINT, "stream_above_rows": POSITIVE_INT}
+                                              "seed": SEED_CONSTRAINT, "stream_above_rows": STREAM_CONSTRAINT}
     learned_info = ("C_", "cv_accuracy_", "cv_scores_", "n_iter_")
 
     def __init__(self, Cs=(0.01, 0.1, 1.0), cv: int = DEFAULT_FOLDS, max_iter: int = 500, tol: float = 1e-3,
-                 seed: int = 0, stream_above_rows: int = STREAM_ABOVE_ROWS):
+                 seed: int = 0, stream_above_rows: int | None = None):
         self.Cs = Cs
         self.cv = cv
         self.max_iter = max_iter
@@ -129,7 +129,7 @@ class SoftmaxHead(LinearHead):
         check_grid(type(self).__name__, "Cs", self.Cs)
 
     def _streams(self, n_rows):
-        return n_rows is not None and n_rows > self.stream_above_rows
+        return streams(n_rows, self.stream_above_rows)
 
     def _fit_streamed(self, X, y) -> None:
         found = search_C(X, y, len(self.classes_), "multinomial", check_grid("SoftmaxHead", "Cs", self.Cs),

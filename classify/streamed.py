@@ -36,6 +36,11 @@ PRECONDITION_ROWS = 16_384  # rows the preconditioner's correlation matrix is es
 LOSSES = ("multinomial", "pair_squared_hinge")
 
 
+def streams(n_rows: int | None, above: int | None) -> bool:
+    """Whether a fit on ``n_rows`` streams: more than ``above`` rows (None: ``STREAM_ABOVE_ROWS``)."""
+    return n_rows is not None and n_rows > (STREAM_ABOVE_ROWS if above is None else above)
+
+
 def row_chunks(n: int, size: int | None = None):
     """Slices of ``size`` (default ``CHUNK_ROWS``) rows covering ``range(n)``."""
     size = size or CHUNK_ROWS
