@@ -117,7 +117,8 @@ def compare(model: Path, model_label: str, images_folder: Path, threads: int, ba
     result = {
         "model": model_label,
         "images_folder": shown_path(images_folder), "threads": threads, "batch_size": batch,
-        "repeats": repeats, "inference_images": alone["without"][0]["images"], "runner_images": runner["without"][0]["images"],
+        "repeats": repeats, "inference_images": alone["without"][0]["images"],
+        "runner_images": runner["without"][0]["images"],
         "model_ids": {name: runs[0]["model_id"] for name, runs in runner.items()},
         "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
         "cores": len(os.sched_getaffinity(0)),

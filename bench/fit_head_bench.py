@@ -50,6 +50,7 @@ def timed_fit_head(tree: Path, store: Path, out: Path) -> dict:
 def export_commit(commit: str, into: Path) -> Path:
     """The tree of ``commit`` (this repository's) written to ``into``."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
+    into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
 

@@ -9,6 +9,7 @@ docs/bench/store-scale.json and rendered to docs/bench/store-scale.md.
 Example:
     python bench/store_scale.py --rows 100000 --dim 1280
     python bench/store_scale.py --rows 1000000 --dim 1280 --work /tmp/store-1m --fit-mem-gb 8
+    python bench/store_scale.py --rows 100000 --merge-only   # `store merge` alone, for a row measured before
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def run(rows: int, dim: int, backbones: int, work: Path, checkpoints: int, batch
     feature_bytes = rows * dim * 2 * backbones
     result = {
         "rows": rows, "dim": dim, "dtype": "float16", "backbones": backbones, "classes": classes,
-        "machine": machine(), "command": command_line(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(), "command": command_line(), "measured": _now(),
         "load_average_at_start": os.getloadavg()[0],
         "image_table_seconds": round(table_seconds, 2), "build_seconds": round(build_seconds, 2),
         "checkpoints": len(commits), "checkpoint_seconds": [round(c, 3) for c in commits],
@@ -230,7 +231,9 @@ def render(results: dict) -> str:
                      f"{r['load_average_at_start']:.1f} at start (a shared 2-core machine: other jobs ran meanwhile)"
                      + (f"; `store info` re-measured with `{r['info_command']}`" if "info_command" in r else "")
                      + (f"; fit-head re-measured with `{r['fit_command']}`, {r['fit_measured']}, load average "
-                        f"{r['fit_load_average_at_start']:.1f} at start" if "fit_command" in r else "") + ".")
+                        f"{r['fit_load_average_at_start']:.1f} at start" if "fit_command" in r else "")
+                     + (f"; `store merge` re-measured with `{r['merge_command']}`, {r['merge_measured']}, load "
+                        f"average {r['merge_load_average']:.1f} at start" if "merge_command" in r else "") + ".")
     lines.append("\nTimes of `store info`, `fit-head` and `store merge` are whole `python cli.py ...` processes "
                  "(start-up included); fit-head runs under an address-space cap (`--fit-mem-gb`) so a head "
                  "needing more memory than the machine has fails alone instead of taking the machine down.")
@@ -254,22 +257,16 @@ def _note(fit: dict) -> str:
     return "" if fit["status"] == "ok" else f" **{fit['status']}** (cap {fit['mem_cap_gb']} GB)"
 
 
-def _remeasure(args: argparse.Namespace, path: Path) -> None:
-    """Re-measure `store info` or `fit-head` of an existing row on the store kept in ``--work``."""
-    results = json.loads(path.read_text())
-    row, store = results[str(args.rows)], args.work / "store.h5"
-    if args.info_only:
-        row.update(measure_info(store), info_command=command_line())
-    else:
-        if not store.exists():
-            args.work.mkdir(parents=True, exist_ok=True)
-            build_store(store, image_table(args.rows, args.classes), np.arange(args.rows), args.dim, args.backbones,
-                        args.checkpoints, args.batch, args.classes)
-        load, began = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        row.update(measure_fits(store, args.rows * args.dim * 2, args.fit_mem_gb, args.fit_timeout),
-                   fit_command=command_line(), fit_measured=began, fit_load_average_at_start=load)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    write_section(args.out / "store-scale.md", render(results))
+def _remeasure_fits(args: argparse.Namespace) -> None:
+    """Re-measure `fit-head` of the --rows row on the store kept in --work (built there first if absent)."""
+    store = args.work / "store.h5"
+    if not store.exists():
+        args.work.mkdir(parents=True, exist_ok=True)
+        build_store(store, image_table(args.rows, args.classes), np.arange(args.rows), args.dim, args.backbones,
+                    args.checkpoints, args.batch, args.classes)
+    load, began = os.getloadavg()[0], _now()
+    _update_row(args, measure_fits(store, args.rows * args.dim * 2, args.fit_mem_gb, args.fit_timeout),
+                fit_command=command_line(), fit_measured=began, fit_load_average_at_start=load)
 
 
 def main() -> None:
@@ -290,10 +287,24 @@ def main() -> None:
     parser.add_argument("--fit-only", action="store_true",
                         help="Only re-measure `fit-head` on the store in --work, building it there first if absent "
                              "(updates that row).")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="Only re-measure `store merge` of --shards new shard stores of --rows rows in all "
+                             "(updates that row).")
     args = parser.parse_args()
     path = args.out / "store-scale.json"
-    if args.info_only or args.fit_only:
-        _remeasure(args, path)
+    if args.info_only:
+        _update_row(args, measure_info(args.work / "store.h5"), info_command=command_line())
+        return
+    if args.fit_only:
+        _remeasure_fits(args)
+        return
+    if args.merge_only:  # the shards have the row's shape (dim, backbones, classes), not the options'
+        load, row = os.getloadavg()[0], json.loads(path.read_text())[str(args.rows)]
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            merge = _merge(Path(tmp), image_table(args.rows, row["classes"]), row["dim"], row["backbones"],
+                           args.shards, args.batch, row["classes"])
+        _update_row(args, {"merge": merge}, merge_command=command_line(), merge_measured=_now(),
+                    merge_load_average=load)
         return
     with tempfile.TemporaryDirectory(dir=args.work.parent if args.work else None) as tmp:
         work = args.work or Path(tmp)
@@ -304,6 +315,19 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_section(args.out / "store-scale.md", render(results))
+
+
+def _update_row(args: argparse.Namespace, fields: dict, **notes) -> None:
+    """Replace some measurements of the --rows row of the kept results, and render them again."""
+    path = args.out / "store-scale.json"
+    results = json.loads(path.read_text())
+    results[str(args.rows)].update(fields, **notes)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(args.out / "store-scale.md", render(results))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 if __name__ == "__main__":

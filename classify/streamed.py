@@ -131,7 +131,7 @@ class Preconditioner:
         sample = Rows(data.X, data.rows[picked], data.y[picked], data.n_classes, data.mean, data.scale)
         second = np.zeros((data.X.shape[1], data.X.shape[1]))
         for X, _ in sample.chunks():
-            second += X.T.astype(np.float64) @ X
+            second += X.T @ X  # float32 products (no float64 copy of the chunk), summed in float64
         second /= len(picked)
         second[np.diag_indices_from(second)] += ridge
         return cls(cholesky(second, lower=True))

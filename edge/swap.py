@@ -70,6 +70,7 @@ class ModelSwapper:
         return self._try_load()
 
     def _try_load(self) -> EdgeModel | None:
+        log.info("model file %s was replaced: loading and checking it (classification waits)", self.path)
         start = time.perf_counter()
         try:
             model = self._load(self.path, self.threads)

@@ -183,6 +183,9 @@ def _gather(files, order: np.ndarray, total: int, dim: int, dtype: np.dtype) -> 
         for start, block in iter_chunks(ds):
             where = position[offset + start:offset + start + len(block)]
             keep = where >= 0
-            out[where[keep]] = block[keep]
+            if keep.all():
+                out[where] = block  # every row wanted: no filtered copy of the block
+            else:
+                out[where[keep]] = block[keep]
         offset += len(ds)
     return out

@@ -84,7 +84,8 @@ def test_swaps_with_sigkills_around_them_keep_one_line_per_file_and_name_the_mod
             "--batch-size", "3", "--poll-seconds", "0.05", "--threads", "1")
     expected = drop_images(watch, 0, 150)
     for round_, next_model in enumerate(order[1:6], start=1):
-        before, swaps_before = count_lines(results), log_text(log).count("model swapped")
+        text = log_text(log)
+        before, swaps_before, loads_before = count_lines(results), text.count("model swapped"), text.count("loading and")
         proc = start_logged(*args, log=log)
         wait_for(lambda: count_lines(results) > before or proc.poll() is not None)
         replace_atomically(model, versions[next_model])
@@ -93,6 +94,9 @@ def test_swaps_with_sigkills_around_them_keep_one_line_per_file_and_name_the_mod
             after = count_lines(results)
             expected.update(drop_images(watch, 1000, 6))
             wait_for(lambda: count_lines(results) > after)
+        elif round_ == 2:  # as soon as the load starts: during it, or right after it
+            wait_for(lambda: log_text(log).count("loading and checking") > loads_before or proc.poll() is not None,
+                     step=0.001)
         else:  # before, during or just after the load (settling takes --poll-seconds)
             time.sleep(rng.uniform(0.0, 0.15))
         proc.kill()

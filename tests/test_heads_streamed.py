@@ -121,7 +121,7 @@ def test_predictions_in_chunks_equal_one_batch(monkeypatch):
     X, y = _blobs(40)
     head = SoftmaxHead().fit(X, y)
     whole = head.predict_proba(X)
-    monkeypatch.setattr(streamed, "CHUNK_ROWS", 7)
+    monkeypatch.setattr("classify.estimator.PREDICT_ROWS", 7)
     assert np.array_equal(head.predict_proba(X), whole)
 
 
