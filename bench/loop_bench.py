@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, default_data, header, shown_path, write_results  # noqa: E402
+from bench.common import ROOT, default_data, header, write_results  # noqa: E402
 from extract.dataset import walk_image_files  # noqa: E402
 
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                      "accuracy": metrics["accuracy"]}
     seconds["retrain"], out = cli(work, "retrain", "--model", "model.onnx", "--review", "review", "--out",
                                   "model-v2.onnx", "--quiet")
-    return {"data": shown_path(args.data), "unknown": shown_path(args.unknown), "backbone": args.backbone,
+    return {"data": os.path.relpath(args.data, ROOT), "unknown": os.path.relpath(args.unknown, ROOT), "backbone": args.backbone,
             "review_images": held, "unknown_images": args.unknown_images, "ood": ood,
             "retrain_output": out.replace(f"{work.resolve()}/", "").splitlines()[:4], "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
@@ -86,7 +87,7 @@ def to_markdown(result: dict) -> str:
     lines = [header(f"The loop: unknown images and retrain ({result['backbone']}, softmax head)"), "",
              f"Classes of {result['data']} (every photo but the review ones), {result['unknown_images']} photos "
              f"of {result['unknown']} as unknown images. Each model flags at its own threshold (the int8 model's "
-             f"is the float one moved by the median int8 - float score of its calibration images).", "",
+             f"is recalibrated by export-onnx: `ood.int8_calibrated_on`).", "",
              "| model | test accuracy | AUROC | unknown images flagged | in-class test images flagged | threshold |",
              "|---|--:|--:|--:|--:|--:|"]
     lines += [f"| {name} | {r['accuracy']:.4f} | {r['auroc']:.4f} | {r['unknown_flagged']:.1%} | "

@@ -79,9 +79,14 @@ def int8_ood(float_path: Path, int8_path: Path, ood: dict, calibration: Labelled
             scores.append(session.run(["ood_score"], {session.get_inputs()[0].name: batch})[0])
     float_scores, int8_scores = np.concatenate(float_scores), np.concatenate(int8_scores)
     rank = float(np.mean(float_scores <= ood["threshold"]))
-    return {**ood, "threshold": float(np.quantile(int8_scores, rank)), "float_threshold": ood["threshold"],
-            "int8_calibrated_on": f"quantile {rank:.4f} of the int8 scores of {len(int8_scores)} train images: "
-                                  f"the share the float model scores at or below its threshold"}
+    # The calibration images are in-sample for the scorer (their scores are biased low), so the matched
+    # quantile can only be trusted to raise the threshold: on the fruits set it fell to 2863 from 4576
+    # and flagged 17.5 % of the int8 model's in-class test images (docs/bench/loop.md).
+    threshold = max(float(np.quantile(int8_scores, rank)), float(ood["threshold"]))
+    return {**ood, "threshold": threshold, "float_threshold": ood["threshold"],
+            "int8_calibrated_on": f"the larger of the float threshold and the quantile {rank:.4f} of the int8 scores "
+                                  f"of {len(int8_scores)} train images (the share the float model scores at or "
+                                  f"below its threshold)"}
 
 
 @dataclass
