@@ -8,7 +8,7 @@ import click
 
 from classify.kinds import KIND_CHOICES
 from classify.selection import DEFAULT_FOLDS
-from extract.options import backbone_option, engine_option, json_option, split_option, weights_option
+from extract.options import engine_option, features_option, json_option, split_option, weights_option
 
 
 def _number(value: float | None) -> str:
@@ -19,7 +19,9 @@ def _number(value: float | None) -> str:
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--kind", required=True, type=click.Choice(KIND_CHOICES),
               help="svm, softmax, mlp, rbf, or all (fit every kind, keep the best cross-validation accuracy).")
-@backbone_option(help="Backbone whose features to use [default: the store's only one].")
+@features_option(help="Features to train on, as `store info` lists them [default: the store's only ones]; "
+                      "several joined with '+' (efficientnet_lite0+efficientnet_lite1) train on their concatenation, "
+                      "over the images every one of them has.")
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
 @click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=click.IntRange(min=2),
               help="Cross-validation folds (fewer when a class has fewer labelled images).")
@@ -31,13 +33,16 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
 
     Heads are fitted on the train and validation images together; hyper-parameters (C, gamma)
     and, for --kind all, the kind are chosen by stratified k-fold cross-validation on them. The
-    test split is read only after the choice, to report it.
+    test split is read only after the choice, to report it. --kind all ends with the commands of
+    the most accurate recipe measured ("more accuracy: ...") unless the head follows it already.
 
     \b
     Example:
       python cli.py fit-head --store features.h5 --kind all --out head
       python cli.py fit-head --store features.h5 --kind rbf --backbone resnet50 --out head-rbf --json
+      python cli.py fit-head --store features.h5 --kind all --backbone efficientnet_lite0+efficientnet_lite1 --out head
     """
+    from classify.recipe import recipe_hint
     from classify.train import fit_heads
 
     rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, folds=folds, progress=not quiet)
@@ -53,6 +58,9 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
     best = next(row for row in rows if row["saved"])
     click.echo(f"{best['kind']} head ({best['n_train'] + best['n_val']} training images, {best['cv_folds']}-fold CV) "
                f"saved to {best['head']}")
+    hint = recipe_hint(store, best["backbone"], out) if kind == "all" else None
+    if hint:
+        click.echo(hint)
 
 
 @click.command("evaluate")

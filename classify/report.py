@@ -106,7 +106,7 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
     trained = load_head(head)
     features = features_for_head(trained, store)
     X, y, paths = split_rows(features, split, store)
-    name = features.backbone.name
+    name = trained.features_name
     result = Predictions(
         split=split, y=y, probabilities=trained.predict_proba(X), class_names=trained.class_names, paths=paths,
         images_root=str(images) if images else features.store_attrs.get("images_root"),

@@ -9,7 +9,10 @@ Every exported model carries these ``metadata_props`` (JSON values are strings):
   preprocessing        JSON {"mode": ..., "color": "RGB", "resize": "bilinear", "in_graph": true}: the
                        record's preprocessing, marked as inside the graph
   backbone             JSON backbone record, exactly as in the feature store and the head file (its
-                       shape is documented in ``extract/record.py``); the edge runner reads it as JSON
+                       shape is documented in ``extract/record.py``); the edge runner reads it as JSON;
+                       for a model over several backbones, the first
+  backbones            JSON list (models over several backbones only): every backbone's record, in the
+                       order their features are concatenated; input_size is then the largest of theirs
   source               JSON {"kind": "head" | "fine-tuned", paths and fingerprints of what it was made from}
   model_id             "<backbone>-<kind>-<12 hex of graph_digest>": the same for the same computation
   transferkit_version  the version that exported it
@@ -37,7 +40,7 @@ from extract.version import __version__
 TRANSFERKIT_VERSION = __version__
 REQUIRED_KEYS = ("class_names", "input_size", "layout", "input_dtype", "preprocessing", "backbone", "source",
                  "model_id", "transferkit_version", "created")
-JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization", "ood")
+JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "backbones", "source", "quantization", "ood")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
 
@@ -53,15 +56,19 @@ def path_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def build_metadata(class_names: list[str], backbone: BackboneRecord, source: dict) -> dict:
-    """The metadata of a float model, as Python values (``model_id`` is added when the graph is final)."""
+def build_metadata(class_names: list[str], backbone: BackboneRecord, source: dict,
+                   joined: list[BackboneRecord] | None = None) -> dict:
+    """The metadata of a float model, as Python values (``model_id`` is added when the graph is final);
+    ``joined``: every backbone's record, for a model over several."""
+    size = max(record.input_size for record in joined or [backbone])
     return {
         "class_names": list(class_names),
-        "input_size": [backbone.input_size, backbone.input_size],
+        "input_size": [size, size],
         "layout": "NHWC",
         "input_dtype": "uint8",
         "preprocessing": {**asdict(backbone.preprocessing), "in_graph": True},
         "backbone": backbone.to_dict(),
+        **({"backbones": [record.to_dict() for record in joined]} if joined else {}),
         "source": source,
         "transferkit_version": TRANSFERKIT_VERSION,
         "created": utc_now(),

@@ -31,6 +31,7 @@ from extract.segments import BackgroundSegments
 from extract.splits import SplitSettings
 from extract.steps import step
 from extract.store import BackboneMeta, ImageTable, StoreState, StoreWriter, empty_state
+from extract.tta import mirror_averaged
 from extract.weights import resolve_weights
 
 
@@ -169,8 +170,9 @@ def extract_segments(run_engine, segments: BackgroundSegments, record: BackboneR
 
     The local runner and every Ray task (extract/ray_task.py) run this same loop, so both write the same rows.
     """
+    compute = partial(mirror_averaged, run_engine) if record.tta else run_engine
     for paths, shas, batch, failures in decoded_batches(root, todo, record.input_size, batch_size, workers):
-        features = run_engine(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
+        features = compute(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
         segments.add(paths, shas, features.astype(record.dtype), failures)
         yield len(paths), len(failures)
 
@@ -243,6 +245,7 @@ def run_extraction(
     progress: bool = True,
     int8_allowed: bool = True,
     ray_options=None,
+    tta: str | None = None,
 ) -> ExtractionSummary:
     """Compute ``backbone`` features for the images of ``images_dir`` (or of one ``shard``) that
     ``store`` lacks, and fold them into it; see the module docstring.
@@ -251,7 +254,8 @@ def run_extraction(
     ``weights`` none initialises randomly from the split seed. ``ray_options`` (``RayOptions``) spreads
     the compute over Ray tasks, planned here first, so an unchanged folder never starts Ray. ``engine``
     onnx-int8 computes int8 features under ``BACKBONE@int8`` when they pass the accuracy gate
-    (``tolerance`` points, ``extract.int8``), else fp32 with the reason in the notes.
+    (``tolerance`` points, ``extract.int8``), else fp32 with the reason in the notes. ``tta`` flip stores
+    features averaged with the mirror image's under ``BACKBONE@flip`` (``extract.tta``).
     """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
@@ -267,9 +271,9 @@ def run_extraction(
                     "split_group": split_group}
     with StoreWriter(store) as writer:
         state, settings, dataset = _settings_and_images(writer, root, shard, split_group_by, hash_options)
-        name, int8 = _features_name(spec.name, engine, state, int8_allowed, on_ray=ray_options is not None)
+        name, int8 = _features_name(spec.name, engine, state, int8_allowed, on_ray=ray_options is not None, tta=tta)
         previous = state.backbones.get(name)
-        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, previous, store)
+        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, previous, store, tta)
         _scan(state, root, dataset, select_entries(dataset, shard_spec), options.workers)
         removed = writer.commit(state).get(name, 0)  # folds what a killed run left, drops deleted/changed files
         todo, reused = _todo(writer, state, name)
@@ -318,16 +322,17 @@ def _ray_compute(ray_options):
 
 
 def _features_name(backbone: str, engine: str, state: StoreState | None, int8_allowed: bool,
-                   on_ray: bool = False) -> tuple[str, bool]:
+                   on_ray: bool = False, tta: str | None = None) -> tuple[str, bool]:
     """Where this run's features go, and whether they are int8: ``onnx-int8`` asks for int8, and
     ``auto`` keeps int8 on a store that holds only int8 rows of the backbone (never with Ray)."""
     held = state.backbones if state else {}
     int8 = int8_allowed and (engine == INT8_ENGINE or (
-        engine == "auto" and features_name(backbone, True) in held and backbone not in held))
+        engine == "auto" and features_name(backbone, True, tta) in held and features_name(backbone, False, tta)
+        not in held))
     if int8 and on_ray:
         raise TransferKitError("int8 features are computed by --runner local only (the Ray tasks run the "
                                "fp32 engine); use --runner local, or --engine auto for fp32 features")
-    return features_name(backbone, int8), int8
+    return features_name(backbone, int8, tta), int8
 
 
 def _discover(root: Path, settings: SplitSettings, anchors: str, hash_options: dict) -> Dataset:
@@ -342,12 +347,12 @@ def _discover(root: Path, settings: SplitSettings, anchors: str, hash_options: d
 
 
 def _record_for_run(spec: BackboneSpec, weights: str, seed: int, input_size: int | None, dtype: str,
-                    previous: BackboneMeta | None, store: Path) -> BackboneRecord:
+                    previous: BackboneMeta | None, store: Path, tta: str | None = None) -> BackboneRecord:
     """The record of the features this run computes; refuses one that cannot join the store's rows."""
     resolved = resolve_weights(spec, weights, seed=seed)
     stored = BackboneRecord.from_dict(previous.record) if previous else None
     size = int(input_size or (stored.input_size if stored else spec.input_size))
-    record = BackboneRecord.create(spec, resolved.record(), size, dtype=dtype)
+    record = BackboneRecord.create(spec, resolved.record(), size, dtype=dtype, tta=tta)
     if stored is None:
         return record
     if not stored.same_features(record):
@@ -424,8 +429,8 @@ def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tupl
     from tqdm import tqdm
 
     run_engine, quantization = _open_engine(record, weights, options, int8_gate)
-    name = features_name(record.name, bool(int8_gate))
     record = replace(record.with_engine(run_engine.name), quantization=quantization)
+    name = features_name(record.name, bool(int8_gate), record.tta)
     extracted = 0
     loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {record.name}", disable=not options.progress,

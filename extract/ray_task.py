@@ -83,6 +83,7 @@ def local_engine(sha256: str, driver_path: str, engine_ref: list) -> Path:
 def run_shard_task(task: ShardTask) -> dict:
     """Compute one shard into segments; returns what the driver counts and records."""
     from extract.engine import OnnxEngine
+    from extract.int8 import stored_name
     from extract.job import extract_segments
     from extract.segments import BackgroundSegments
     from extract.store import StoreWriter
@@ -94,7 +95,7 @@ def run_shard_task(task: ShardTask) -> dict:
     engine = OnnxEngine(None, task.threads, path=local_engine(task.engine_sha256, task.engine_path, task.engine_ref))
     writer = StoreWriter(task.store)  # segments only: the driver holds the store's lock and folds them
     computed = failed = 0
-    with BackgroundSegments(writer, task.record.name, task.record.to_dict()) as segments:
+    with BackgroundSegments(writer, stored_name(task.record), task.record.to_dict()) as segments:
         for done, bad in extract_segments(engine, segments, task.record, Path(task.root), list(task.items),
                                           task.batch_size, task.threads):
             computed += done

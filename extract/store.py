@@ -108,6 +108,7 @@ class FeatureStore:
         files = [open_segment(folder / seg.file) for seg in meta.segments]  # open now: compaction cannot pull them
         try:
             paths = [p for f in files for p in strings(f["path"])]
+            shas = [s for f in files for s in strings(f["sha256"])]
             rank, image_rows, order = _canonical(paths, table, splits)
             features = _gather(files, order, len(paths), meta.dim)
         finally:
@@ -123,6 +124,7 @@ class FeatureStore:
             class_names=list(self.root.classes),
             backbone=BackboneRecord.from_dict(meta.record),
             store_attrs=dict(self.root.attrs),
+            sha256=[shas[i] for i in order],
         )
 
     def info(self) -> dict:
