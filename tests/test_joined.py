@@ -8,6 +8,7 @@ covariance, fast).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -289,3 +290,12 @@ def test_predict_with_a_joined_head_runs_every_backbone_at_its_size(composed_exp
     result = CliRunner().invoke(cli, ["predict", "--head", str(head), str(images / "red" / "img_0.jpg"),
                                       "--engine", "keras", "--quiet"])
     assert result.exit_code == 0, result.output
+
+
+def test_fine_tune_refuses_a_head_no_single_backbone_computes(tmp_path):
+    from classify.errors import HeadMismatch
+
+    store, _ = _two_backbone_store(tmp_path / "s.h5")
+    fit_heads(store, kind="softmax", backbone=AB, out=tmp_path / "head", folds=2)
+    with pytest.raises(HeadMismatch, match=re.escape(f"takes {AB} features, which no single backbone computes")):
+        load_head(tmp_path / "head").build_backbone()
