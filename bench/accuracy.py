@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, default_data, header, shown_path, write_section  # noqa: E402
+from bench.common import ROOT, command_line, default_data, header, shown_path, write_section  # noqa: E402
 from classify.heads import HEAD_KINDS  # noqa: E402
 from classify.joined import read_features, split_names  # noqa: E402
 from classify.recipe import RECIPE_FEATURES  # noqa: E402
@@ -144,7 +144,8 @@ def evaluate_data(data: str, store: Path, variants: list[str], kinds: list[str],
             f"{k} {r['accuracy_mean']:.3f}" for k, r in results[-1]["rows"].items()), flush=True)
     features = FeatureStore(store)
     return {"data": shown_path(data), "classes": features.root.classes, "backbone_cpu_ms_per_image": part_ms,
-            "variants": results, "not_measured": [v for v in variants if v not in measured]}
+            "variants": results, "not_measured": [v for v in variants if v not in measured],
+            "command": command_line(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def recipe_line(result: dict) -> str:
@@ -166,6 +167,9 @@ def to_markdown(results: list[dict]) -> str:
              f"with the mirror image (`extract --tta flip`). Backbone CPU ms: onnxruntime on one thread, batch 8, "
              f"CPU time of the process on {TIMING_IMAGES} of the set's images (mirror-averaged: both passes); head "
              f"CPU ms: numpy on one BLAS thread. ONNX: the head graph alone.\n"]
+    for r in results:
+        if "command" in r:
+            parts.append(f"`{Path(r['data']).name}` measured {r['measured']} by `{r['command']}`.\n")
     for r in results:
         parts += [f"### {Path(r['data']).name}: {r['variants'][0]['images'] if r['variants'] else 0} images, "
                   f"{len(r['classes'])} classes\n",
@@ -197,7 +201,15 @@ def main() -> None:
     parser.add_argument("--no-extract", action="store_true", help="measure only the features already in the stores")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "accuracy.md"))
+    parser.add_argument("--from-json", nargs="+", metavar="JSON",
+                        help="measure nothing: write --out from the JSON files of earlier runs (e.g. one per data set, "
+                             "measured in parallel); each data set's section names the command that measured it")
     args = parser.parse_args()
+    if args.from_json:
+        results = [r for path in args.from_json for r in json.loads(Path(path).read_text())]
+        write_section(args.out, to_markdown(results))
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+        return
     data = args.data or [d for d in (default_data("trashnet"), default_data("fruits")) if d]
     if not data:
         parser.error("--data is required when ../shared/datasets is absent")
