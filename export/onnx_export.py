@@ -37,7 +37,8 @@ from classify.persist import TRAINED_ON, head_dir, load_head
 from export.composite import build_feature_model
 from export.data import LabelledImages, from_feature_set, from_folder, from_store, load_batch
 from export.keras_models import load_fine_tuned
-from export.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, graph_model_id, path_fingerprint, set_metadata
+from export.metadata import (INPUT_NAME, OUTPUT_NAME, build_metadata, drift_reference, graph_model_id, path_fingerprint,
+                             set_metadata)
 from export.parity import PROBABILITY_ATOL, ParityReport, check_parity
 from export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_TOLERANCE, QuantizationReport, int8_path, quantize_checked
 from extract.engine import keras_to_onnx
@@ -165,9 +166,21 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
         record=trained.backbone,
         reference=lambda batch: trained.predict_proba(np.asarray(backbone(batch, training=False))),
         metadata={**build_metadata(trained.class_names, trained.backbone, source, trained.joined),
-                  "ood": scorer.calibration_},
+                  "ood": scorer.calibration_, **_drift_reference(trained, features)},
         images=from_feature_set(features, images_dir),
     )
+
+
+def _drift_reference(trained, features) -> dict:
+    """``{"drift_reference": ...}`` from the head's predictions on the store's test rows (held out from
+    the head), else its validation rows; ``{}`` for a store with neither."""
+    splits = np.asarray(features.splits)
+    for split in ("test", "validation"):
+        rows = splits == split
+        if rows.any():
+            probabilities = trained.predict_proba(features.features[rows])
+            return {"drift_reference": drift_reference(probabilities, trained.class_names, split)}
+    return {}
 
 
 def write_checked(conversion: Conversion, out: Path, parity_images: int, threads: int | None) -> tuple[dict, ParityReport]:
