@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -145,7 +146,8 @@ def evaluate_data(data: str, store: Path, variants: list[str], kinds: list[str],
     features = FeatureStore(store)
     return {"data": shown_path(data), "classes": features.root.classes, "backbone_cpu_ms_per_image": part_ms,
             "variants": results, "not_measured": [v for v in variants if v not in measured],
-            "command": command_line(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "command": command_line(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average": [round(v, 1) for v in os.getloadavg()]}
 
 
 def recipe_line(result: dict) -> str:
@@ -169,7 +171,9 @@ def to_markdown(results: list[dict]) -> str:
              f"CPU ms: numpy on one BLAS thread. ONNX: the head graph alone.\n"]
     for r in results:
         if "command" in r:
-            parts.append(f"`{Path(r['data']).name}` measured {r['measured']} by `{r['command']}`.\n")
+            load = f" (load average {r['load_average'][1]:g} over the last 5 minutes at the end)" if "load_average" in r else ""
+            parts.append(f"`{Path(r['data']).name}` measured {r['measured']}{load} by `{r['command']}`; head kinds "
+                         f"{', '.join(k for k in r['variants'][0]['rows'] if k != 'all') if r['variants'] else '-'}.\n")
     for r in results:
         parts += [f"### {Path(r['data']).name}: {r['variants'][0]['images'] if r['variants'] else 0} images, "
                   f"{len(r['classes'])} classes\n",
