@@ -8,7 +8,7 @@ import click
 
 from classify.kinds import KIND_CHOICES
 from classify.selection import DEFAULT_FOLDS
-from extract.options import engine_option, features_option, json_option, split_option, weights_option
+from extract.options import engine_option, json_option, split_option, weights_option
 
 
 def _number(value: float | None) -> str:
@@ -19,9 +19,10 @@ def _number(value: float | None) -> str:
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--kind", required=True, type=click.Choice(KIND_CHOICES),
               help="svm, softmax, mlp, rbf, or all (fit every kind, keep the best cross-validation accuracy).")
-@features_option(help="Features to train on, as `store info` lists them [default: the store's only ones]; "
-                      "several joined with '+' (efficientnet_lite0+efficientnet_lite1) train on their concatenation, "
-                      "over the images every one of them has.")
+@click.option("--backbone", default=None,  # a name in the store (BACKBONE@int8, BACKBONE@flip), not only the registry's
+              help="Features to train on, as `store info` lists them [default: the store's only ones]; several "
+                   "joined with '+' (efficientnet_lite0+efficientnet_lite1) train on their concatenation, over the "
+                   "images every one of them has.")
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
 @click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=click.IntRange(min=2),
               help="Cross-validation folds (fewer when a class has fewer labelled images).")

@@ -12,6 +12,7 @@ import numpy as np
 from classify.errors import HeadMismatch, TrainingDataError
 from classify.persist import TrainedHead
 from classify.joined import read_features
+from classify.streamed import row_chunks
 from extract.int8 import stored_name
 from extract.splits import SPLITS, split_counts
 from extract.store import FeatureSet, FeatureStore
@@ -72,7 +73,8 @@ def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.
 
 
 def fingerprint(features: FeatureSet) -> str:
-    """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values."""
+    """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values
+    (as float32, whatever dtype they are held in)."""
     digest = hashlib.sha256()
     records = features.records
     digest.update(json.dumps({  # the keys are part of the fingerprints already in head files: keep them
@@ -83,7 +85,8 @@ def fingerprint(features: FeatureSet) -> str:
         "splits": features.splits.tolist(),
         "labels": features.labels.tolist(),
     }, ensure_ascii=False).encode())
-    digest.update(np.ascontiguousarray(features.features, dtype=np.float32).tobytes())
+    for part in row_chunks(len(features.features)):  # the float32 bytes, hashed a chunk at a time
+        digest.update(np.ascontiguousarray(features.features[part], dtype=np.float32).tobytes())
     return "sha256:" + digest.hexdigest()
 
 

@@ -44,17 +44,19 @@ def joined_name(records) -> str:
     return SEPARATOR.join(stored_name(record) for record in records)
 
 
-def read_features(store: str | Path, backbone: str | None = None, splits: tuple[str, ...] = SPLITS) -> FeatureSet:
-    """The rows of ``backbone`` (``a+b``: of every named backbone, joined and concatenated)."""
+def read_features(store: str | Path, backbone: str | None = None, splits: tuple[str, ...] = SPLITS,
+                  dtype: type | None = np.float32) -> FeatureSet:
+    """The rows of ``backbone`` (``a+b``: of every named backbone, joined and concatenated), as ``dtype``
+    (None: as stored)."""
     names = split_names(backbone)
     reader = FeatureStore(store)
     if len(names) == 1:
-        return reader.read(names[0], splits)
+        return reader.read(names[0], splits, dtype)
     missing = [name for name in names if name not in reader.backbones]
     if missing:
         raise HeadMismatch(f"{store} has no features for {', '.join(missing)} (it has: "
                            f"{', '.join(reader.backbones) or 'none'}); extract them into it first")
-    return join([reader.read(name, splits) for name in names])
+    return join([reader.read(name, splits, dtype) for name in names])
 
 
 def join(parts: list[FeatureSet]) -> FeatureSet:

@@ -33,28 +33,6 @@ def backbone_option(default: str | None = None,
                         show_default=default is not None, help=help)
 
 
-class FeaturesName(click.ParamType):
-    """Stored features: a registered backbone, optionally ``@int8`` and/or ``@flip`` (as ``store info``
-    lists them), or several joined with ``+`` for a head over their concatenated features."""
-
-    name = "NAME[+NAME...]"
-    suffixes = ("@int8", "@flip")
-
-    def convert(self, value, param, ctx):
-        known = {spec.name for spec in list_backbones()}
-        for part in str(value).split("+"):
-            base, *suffixes = part.split("@")
-            if base not in known or any(f"@{s}" not in self.suffixes for s in suffixes):
-                self.fail(f"{part!r} is not a backbone's features: use a registered backbone ({', '.join(sorted(known))}), "
-                          f"optionally with @int8 and/or @flip, and join several with '+'", param, ctx)
-        return str(value)
-
-
-def features_option(help: str) -> Decorator:
-    """``--backbone`` naming stored features (``FeaturesName``); None means the store's only ones."""
-    return click.option("--backbone", type=FeaturesName(), default=None, help=help)
-
-
 def weights_option(default: str | None = None, help: str = WEIGHTS_HELP + ".") -> Decorator:
     """``--weights imagenet|none|PATH``; ``default`` None means the record's (head's, model's) weights."""
     return click.option("--weights", default=default, show_default=default is not None, help=help)
