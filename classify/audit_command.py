@@ -6,7 +6,7 @@ import json
 
 import click
 
-from classify.duplicates import FEATURE_THRESHOLD
+from extract.neighbours import NEAR_DUPLICATE_COSINE as FEATURE_THRESHOLD  # light: classify.duplicates needs scipy
 from extract.options import json_option
 
 
