@@ -77,12 +77,21 @@ def test_non_utf8_names_in_split_folders_are_stored_and_read_back(tmp_path):
     assert info.exit_code == 0 and json.loads(info.output.encode("utf-8"))["images"] == 8
 
 
-def test_a_file_replaced_after_hashing_never_gets_features_of_other_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("held", [True, False], ids=["bytes-held", "read-again"])
+def test_a_file_replaced_after_hashing_never_gets_features_of_other_bytes(tmp_path, monkeypatch, held):
+    """Held bytes (the default): the row gets the features of the bytes that were hashed. Read again
+    (files beyond ``READ_BUDGET_BYTES``): the changed file is a failure. Either way the next run extracts
+    the new content under its own hash."""
+    import hashlib
+    import shutil
+
     root = tmp_path / "images"
     for i, colour in enumerate(("red", "green", "blue") * 2):
         (root / colour).mkdir(parents=True, exist_ok=True)
         (root / colour / f"{i}.png").write_bytes(image_bytes(colour, size=(24 + i, 20)))
+    shutil.copytree(root, tmp_path / "before")
     victim = root / "red" / "0.png"
+    old_sha = hashlib.sha256(victim.read_bytes()).hexdigest()
     real_hash = job._hash_entries
 
     def hash_then_replace(*args, **kwargs):
@@ -91,19 +100,26 @@ def test_a_file_replaced_after_hashing_never_gets_features_of_other_bytes(tmp_pa
         return result
 
     monkeypatch.setattr(job, "_hash_entries", hash_then_replace)
+    if not held:
+        monkeypatch.setattr(job, "READ_BUDGET_BYTES", 0)
     out = tmp_path / "f.h5"
     summary = run_extraction(root, out, **KW)
-    assert dict(summary.failures) == {"red/0.png": "file changed since it was hashed; run extract again to "
-                                                   "extract its new content"}
-    assert "red/0.png" not in _rows(out)
+    if held:
+        assert summary.failures == [] and _rows(out)["red/0.png"] == old_sha
+        _assert_same_features(out, run_extraction(tmp_path / "before", tmp_path / "before.h5", **KW).store)
+    else:
+        assert dict(summary.failures) == {"red/0.png": "file changed since it was hashed; run extract again to "
+                                                       "extract its new content"}
+        assert "red/0.png" not in _rows(out)
     monkeypatch.undo()
     again = run_extraction(root, out, **KW)  # the next run extracts the new content, keyed by its own hash
     assert again.extracted == 1 and again.failures == []
-    import hashlib
     assert _rows(out)["red/0.png"] == hashlib.sha256(victim.read_bytes()).hexdigest()
-    fresh = tmp_path / "fresh.h5"
-    run_extraction(root, fresh, **KW)
-    a, b = FeatureStore(out).read(), FeatureStore(fresh).read()
+    _assert_same_features(out, run_extraction(root, tmp_path / "fresh.h5", **KW).store)
+
+
+def _assert_same_features(store: Path, reference: str) -> None:
+    a, b = FeatureStore(store).read(), FeatureStore(reference).read()
     np.testing.assert_allclose(a.features[a.paths.index("red/0.png")], b.features[b.paths.index("red/0.png")],
                                rtol=1e-5, atol=1e-6)
 
