@@ -65,9 +65,11 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
                    "the image folder to evaluate on.")
 @split_option(default="test")
 @click.option("--report-dir", required=True, type=click.Path(file_okay=False), help="Folder for the report files.")
+@click.option("--ood", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
+              help="Images of none of the classes: report how well the unknown score tells them from the split's.")
 @json_option("Print metrics.json to stdout.")
-@click.option("--quiet", is_flag=True, help="No progress bar (--model runs over the images).")
-def evaluate_command(store, head, model, images, split, report_dir, as_json, quiet):
+@click.option("--quiet", is_flag=True, help="No progress bar (--model or --ood runs over the images).")
+def evaluate_command(store, head, model, images, split, report_dir, ood, as_json, quiet):
     """Evaluate a head, a fine-tuned model or an exported ONNX model on one split and write a report.
 
     Writes classification_report.txt, confusion_matrix.png (counts and row-normalised),
@@ -75,30 +77,42 @@ def evaluate_command(store, head, model, images, split, report_dir, as_json, qui
     into --report-dir. A head is scored on the store's features, a model on the images behind the
     store's rows: same split, same files, comparable reports.
 
+    --ood DIR (images of none of the classes, searched recursively) adds the AUROC of the unknown
+    score (the split's images against DIR's), the share of DIR's images flagged at the calibrated
+    threshold and the share of the split's images flagged (metrics.json key "ood"). A head is
+    scored with the unknown score its export-onnx model would carry.
+
     \b
     Example:
       python cli.py evaluate --store features.h5 --head head --report-dir report
+      python cli.py evaluate --store features.h5 --head head --ood other-photos/ --report-dir report
       python cli.py evaluate --store features.h5 --model model.onnx --report-dir report-onnx
       python cli.py evaluate --model model.keras --images photos/ --report-dir report-ft
     """
+    from classify.ood_report import ood_line
     from classify.report import evaluate, evaluate_model
+    from edge.imageio import printable
 
     if (head is None) == (model is None):
         raise click.UsageError("give either --head HEAD or --model MODEL.onnx|MODEL.keras")
     if head is not None:
         if store is None:
             raise click.UsageError("--head needs --store (the head is scored on the store's features)")
-        metrics = evaluate(store, head, split=split, report_dir=report_dir, images=images)
+        metrics = evaluate(store, head, split=split, report_dir=report_dir, images=images, ood=ood,
+                           progress=not quiet)
     else:
         metrics = evaluate_model(model, split=split, report_dir=report_dir, store=store, images=images,
-                                 progress=not quiet)
+                                 progress=not quiet, ood=ood)
     if as_json:
         click.echo(strict_json(metrics))
         return
     click.echo(f"{metrics['kind']} {'head' if head else 'model'} on {metrics['n']} {split} images: "
                f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
                f"{len(metrics['misclassified'])} misclassified; report in {report_dir}")
-    for path, reason in list(metrics.get("unreadable", {}).items())[:5]:
+    if "ood" in metrics:
+        click.echo(printable(ood_line(metrics["ood"])))
+    unreadable = {**metrics.get("unreadable", {}), **metrics.get("ood", {}).get("unreadable", {})}
+    for path, reason in list(unreadable.items())[:5]:
         click.echo(f"  unreadable: {path}: {reason}", err=True)
 
 

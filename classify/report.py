@@ -99,11 +99,13 @@ def _save_metrics(metrics: dict, report_dir: str | Path) -> dict:
 
 
 def evaluate(store: str | Path, head: str | Path, split: str = "test", report_dir: str | Path = "report",
-             seed: int = 0, images: str | Path | None = None) -> dict:
+             seed: int = 0, images: str | Path | None = None, ood: str | Path | None = None,
+             progress: bool = False) -> dict:
     """Predict ``split`` with the head on the store's features, write the report, return the metrics.
 
     ``images``: where the images are now, for the misclassified grid (default: where they were
-    when the store was extracted).
+    when the store was extracted). ``ood``: a folder of images of no class; adds ``metrics["ood"]``
+    (``classify/ood_report.py``) for the unknown score the head's export would carry.
     """
     trained = load_head(head)
     features = features_for_head(trained, store)
@@ -115,11 +117,25 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
         title=f"{trained.kind} head on {name} features, {split} split ({len(y)} images)",
         tsne_features=X, tsne_title=f"t-SNE of {name} features, {split} split")
     metrics = write_report(result, report_dir, seed)
+    if ood is not None:
+        metrics["ood"] = _head_ood(head, features, X, ood, progress)
     return _save_metrics({
         **metrics, "model": str(head_dir(head)), "head": str(head_dir(head)), "kind": trained.kind,
         "engine": "numpy head on stored features", "store": str(store),
         "same_store_as_training": fingerprint(features) == trained.store.get("fingerprint"),
         "backbone": name}, report_dir)
+
+
+def _head_ood(head: str | Path, features, X: np.ndarray, folder: str | Path, progress: bool) -> dict:
+    """``ood_metrics`` with the scorer export-onnx would add: stored features for the split, the
+    backbone over ``folder``'s images."""
+    from classify.classifiers import head_classifier
+    from classify.ood import unknown_scorer
+    from classify.ood_report import ood_metrics, with_scorer
+
+    scorer = unknown_scorer(features)
+    classifier = with_scorer(head_classifier(head), scorer)
+    return ood_metrics(classifier, scorer.score_samples(X), folder, progress)
 
 
 def _labelled_images(classifier, store, images, split: str):
@@ -158,12 +174,18 @@ def _labelled_images(classifier, store, images, split: str):
 
 def evaluate_model(model: str | Path, split: str = "test", report_dir: str | Path = "report",
                    store: str | Path | None = None, images: str | Path | None = None, seed: int = 0,
-                   progress: bool = False) -> dict:
-    """Run a model.onnx / model.keras over the images of ``split`` and write the same report as a head's."""
+                   progress: bool = False, ood: str | Path | None = None) -> dict:
+    """Run a model.onnx / model.keras over the images of ``split`` and write the same report as a head's.
+
+    ``ood``: a folder of images of no class; adds ``metrics["ood"]`` for the model's unknown score."""
     from classify.classifiers import open_classifier
+    from classify.ood_report import ood_metrics
     from classify.predict import predict_images
 
     classifier = open_classifier(model=model)
+    if ood is not None and classifier.ood is None:
+        raise TransferKitError(f"{model} has no unknown score (ood_score output and ood metadata); "
+                               f"export it again with `python cli.py export-onnx`")
     labelled, tsne = _labelled_images(classifier, store, images, split)
     rows = predict_images(classifier, labelled.paths, progress=progress, keep_probabilities=True)
     ok = [i for i, row in enumerate(rows) if "error" not in row]
@@ -177,6 +199,8 @@ def evaluate_model(model: str | Path, split: str = "test", report_dir: str | Pat
         tsne_features=tsne[ok] if tsne is not None else None,
         tsne_title=f"t-SNE of the store's {classifier.backbone} features, {split} split")
     metrics = write_report(result, report_dir, seed)
+    if ood is not None:
+        metrics["ood"] = ood_metrics(classifier, np.asarray([rows[i]["ood_score"] for i in ok]), ood, progress)
     return _save_metrics({
         **metrics, "model": str(model), "kind": classifier.kind, "engine": classifier.engine,
         "store": str(store) if store else None, "backbone": classifier.backbone,
