@@ -194,3 +194,61 @@ def test_a_deeply_nested_head_file_is_one_error_line(tmp_path):
     (tmp_path / "head.json").write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(HeadFileError, match="nested too deeply"):
         load_head(tmp_path)
+
+
+_FULL_DISK_RUN = """
+import json, subprocess, sys
+from pathlib import Path
+import h5py
+from click.testing import CliRunner
+from cli import cli
+
+images, mnt, fast = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], check=True)
+args = ["extract", images, "--store", str(mnt / "f.h5"), *fast]
+first = CliRunner().invoke(cli, [*args, "--batch-size", "2", "--checkpoint-seconds", "1000"])
+left = sorted(p.name for p in mnt.iterdir())
+kept = sum(len(h5py.File(p, "r")["path"]) for p in (mnt / "f.h5.parts").glob("*.h5"))
+temporary = [p.name for p in mnt.rglob("*") if ".tmp" in p.name]
+subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+second = CliRunner().invoke(cli, [*args, "--json"])
+print(json.dumps({"first": [first.exit_code, first.output], "left": left, "kept": kept, "temporary": temporary,
+                  "second": [second.exit_code, json.loads(second.output) if second.exit_code == 0 else second.output]}))
+"""
+
+
+def _can_mount_a_small_filesystem(where: Path) -> bool:
+    """A tmpfs with a size limit, mounted in a private user+mount namespace (no root needed where
+    unprivileged user namespaces are allowed; gone when the process ends)."""
+    where.mkdir()
+    try:
+        return subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow  # one subprocess importing TensorFlow
+def test_a_really_full_filesystem_is_one_error_line_and_loses_nothing(tmp_path):
+    """The same rules as above on a real 160 KiB filesystem (a tmpfs in a private namespace): the
+    first run fills it, the rows written before are kept, and after the filesystem grows the same
+    command computes only the rest."""
+    mnt = tmp_path / "small"
+    if not _can_mount_a_small_filesystem(mnt):
+        pytest.skip("cannot mount a size-limited tmpfs here (no unshare, or user namespaces are disabled)")
+    root = tmp_path / "images"
+    for i in range(60):
+        colour = ("red", "green", "blue")[i % 3]
+        (root / colour).mkdir(parents=True, exist_ok=True)
+        (root / colour / f"{i}.png").write_bytes(image_bytes(colour, size=(24 + i % 7, 20)))
+    proc = subprocess.run(["unshare", "-Urm", sys.executable, "-c", _FULL_DISK_RUN, str(root), str(mnt),
+                           json.dumps(FAST)], cwd=REPO, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    run = json.loads(proc.stdout.decode().splitlines()[-1])
+    code, output = run["first"]
+    assert code == 1 and output.count("\n") == 1, output
+    assert output.startswith("Error: no space left on device while writing ")
+    assert run["left"] == ["f.h5.parts"] and run["temporary"] == []  # no store, no .lock, no temp file
+    assert 0 < run["kept"] < 60  # some batches were written before the disk filled
+    code, summary = run["second"]
+    assert code == 0 and summary["images"] == 60 and summary["extracted"] == 60 - run["kept"]
