@@ -29,7 +29,7 @@ from extract.leak_free import ANCHORS_ATTR, group_store_splits
 from extract.read_once import READ_BUDGET_BYTES, HeldBytes
 from extract.record import FEATURE_DTYPES, BackboneRecord
 from extract.segments import BackgroundSegments
-from extract.splits import SplitSettings
+from extract.splits import VALIDATION_FROM_TRAIN, SplitSettings
 from extract.steps import step
 from extract.store import BackboneMeta, ImageTable, StoreState, StoreWriter, empty_state
 from extract.weights import resolve_weights
@@ -81,9 +81,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def refuse_hash_options(root: Path, requested: dict) -> None:
-    """Split folders give every image's split: options that draw splits by hash would be ignored."""
-    given = [f"--{key.replace('_', '-')}" for key, value in requested.items() if value is not None]
+def refuse_hash_options(root: Path, requested: dict, validation_from_train: bool = False) -> None:
+    """Split folders give every image's split: options that draw splits by hash would be ignored. Without
+    a validation folder, validation is carved out of train/ by hash: then only --test-split is refused."""
+    given = [f"--{key.replace('_', '-')}" for key, value in requested.items()
+             if value is not None and (key == "test_split" or not validation_from_train)]
+    if given and validation_from_train:
+        raise DatasetError(f"--test-split does not apply: {root} has split folders train/ and test/, and test/ is "
+                           f"the test split; validation is carved out of train/ by hash (--validation-split, "
+                           f"--seed and --split-group set how)")
     if given:
         raise DatasetError(
             f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {root} has split folders "
@@ -303,13 +309,14 @@ def _settings_and_images(writer: StoreWriter, root: Path, shard: str | None, spl
     """The store's state, the run's split settings (the store's where not given) and the folder's images;
     the settings and layout are put in the state's attributes."""
     state = writer.state or empty_state()
-    if writer.state and writer.state.attrs.get("layout") == "split-folders":
-        refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
+    if writer.state and writer.state.attrs.get("layout") == "split-folders":  # before the clash check,
+        refuse_hash_options(root, hash_options,  # whose advice would not apply
+                            writer.state.attrs.get("validation_source") == VALIDATION_FROM_TRAIN)
     settings = SplitSettings.resolve(writer.state.attrs if writer.state else None,
                                      split_group_by=split_group_by, **hash_options)
     dataset = _discover(root, settings, state.attrs.get(ANCHORS_ATTR, ""), hash_options)
-    state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
-                       shard=shard or "")
+    state.attrs.update(settings.to_attrs(), layout=dataset.layout, validation_source=dataset.validation_source,
+                       images_root=str(root.resolve()), shard=shard or "")
     return state, settings, dataset
 
 
@@ -349,7 +356,7 @@ def _discover(root: Path, settings: SplitSettings, anchors: str, hash_options: d
     """The folder's images with their splits (near-duplicate ``anchors`` from the store applied)."""
     dataset = discover(root, settings, split_anchors=anchors)
     if dataset.layout == "split-folders":
-        refuse_hash_options(root, hash_options)
+        refuse_hash_options(root, hash_options, dataset.validation_source == VALIDATION_FROM_TRAIN)
     if settings.split_group_by != "none" and dataset.layout == "split-folders":
         raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
                            f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
