@@ -270,7 +270,7 @@ def _fold(store: Path, state: StoreState, parts: list[Path], wanted: dict[str, s
         meta = state.backbones.get(backbone)
         if meta is None:
             meta = state.backbones[backbone] = BackboneMeta(record, dim, dtype, [])
-        if meta.weights_id != BackboneRecord.from_dict(record).weights.id:
+        if meta.weights_id != BackboneMeta(record, dim, dtype, []).weights_id:
             continue  # a batch from other weights than the store's: never mixed in
         seen = committed(backbone)
         keep = []
