@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import free_destination, fsync_dir, inside, link_or_copy, move_file
+from .files import folder_inside, free_destination, fsync_dir, inside, link_or_copy, move_file
 from .imageio import FileBytes, FileChangedError, ImageDecodeError, decode_image, is_image_name, read_image_file
 from .model import EdgeModel
 from .results import ResultLog
@@ -205,13 +205,25 @@ class Runner:
                         "" if review_copy is None else f", review_copy {review_copy}")
             return None
         try:
-            file = read_image_file(path)
+            file = self._read(record["path"])
         except ImageDecodeError:
             return None  # gone, or not a regular file any more: nothing to settle
         if record.get("sha256") is not None and file.sha256 != record["sha256"]:
             return None  # another file now has that name: it gets its own line
         state = FileState(record["path"], file.size, file.mtime_ns)
         return None if self.results.is_kept(state) else _Settling(record, state, file)
+
+    def _read(self, rel: str) -> FileBytes:
+        """``read_image_file`` of ``watch/rel`` through its folder's descriptor (``folder_inside``): neither
+        a folder nor the file itself swapped for a symlink after ``_owned_path`` checked them is followed."""
+        folder, name = os.path.split(rel)
+        try:
+            with folder_inside(self.config.watch, folder) as fd:
+                return read_image_file(name, dir_fd=fd)
+        except ImageDecodeError:
+            raise
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot open its folder: {exc.strerror or exc}") from None
 
     def _prepare(self, state: FileState) -> _Prepared | None:
         """Read one file once, hash and decode those bytes; None when it vanished or changed since
@@ -222,7 +234,7 @@ class Runner:
             return None
         start = time.perf_counter()
         try:
-            file = read_image_file(path)
+            file = self._read(state.rel)
         except FileChangedError:
             return None
         except ImageDecodeError as exc:

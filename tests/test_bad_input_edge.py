@@ -169,6 +169,38 @@ def test_a_symlink_swapped_into_done_after_the_check_is_not_followed(model, tmp_
     assert {line["path"] for line in strict_lines(tmp_path / "results.jsonl")} == {"a.png", "blue/b.png"}
 
 
+def test_a_folder_swapped_for_a_symlink_after_the_check_is_not_read_through(model, tmp_path, monkeypatch):
+    """watch/sub passes the path check, then becomes a symlink to outside/sub before the read: the read
+    goes through folder descriptors opened with O_NOFOLLOW, so the outside file is never read."""
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    secret, mine = image_bytes("green", compress_level=0), image_bytes("red", compress_level=0)
+    assert len(secret) == len(mine)  # same size and mtime: only the content tells them apart
+    runner, log = _runner(model, tmp_path)
+    watch = Path(runner.config.watch)
+    (watch / "sub").mkdir()
+    (watch / "sub" / "a.png").write_bytes(mine)
+    (outside / "sub" / "a.png").write_bytes(secret)
+    mtime = (watch / "sub" / "a.png").stat().st_mtime_ns
+    os.utime(outside / "sub" / "a.png", ns=(mtime, mtime))
+    real_owned_path = Runner._owned_path
+
+    def owned_then_swapped(self, rel):
+        checked = real_owned_path(self, rel)
+        if rel == "sub/a.png" and checked is not None and not (watch / "sub").is_symlink():
+            (watch / "sub").rename(tmp_path / "old-sub")
+            (watch / "sub").symlink_to(outside / "sub", target_is_directory=True)
+        return checked
+
+    monkeypatch.setattr(Runner, "_owned_path", owned_then_swapped)
+    runner.run()
+    log.close()
+    lines = strict_lines(tmp_path / "results.jsonl")
+    assert hashlib.sha256(secret).hexdigest() not in {line.get("sha256") for line in lines}
+    assert all("label" not in line for line in lines)  # nothing classified through the symlink
+    assert (outside / "sub" / "a.png").read_bytes() == secret
+
+
 @pytest.mark.parametrize("side", ["source", "destination"])
 def test_move_file_never_follows_a_symlinked_folder(tmp_path, side):
     watch, done, outside = tmp_path / "watch", tmp_path / "done", tmp_path / "outside"
