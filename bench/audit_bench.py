@@ -1,11 +1,14 @@
 """What `audit` finds: in the real sets as they are, in copies with planted faults, and its cost at 100k rows.
 
-For each data set: extract it (EfficientNet-Lite0) and audit it; then copy it, move 20 images into
-another class folder (label swaps) and add 15 transformed copies of training images (resized,
-re-encoded at JPEG quality 40, cropped to 92 %, mirrored, in turn) under names that land in the
-test split, extract and audit the copy, and count the swaps among the top 40 suspects and the
-copies grouped with their original. Last, the blockwise similarity search on synthetic features
-(100,000 rows x 1280 by default): seconds and peak memory (tracemalloc) of the search alone.
+For each data set: extract it (EfficientNet-Lite0) and audit it, and set what it finds beside the
+facts issue #18 states about these sets (``KNOWN``: quoted from the issue, the only source of
+those counts; the three conflicting TrashNet files are named there and checked by name); then
+copy it, move 20 images into another class folder (label swaps) and add 15 transformed copies of
+training images (resized, re-encoded at JPEG quality 40, cropped to 92 %, mirrored, rotated by
+30 degrees with black corners, cropped to 80 %, turned by 90 degrees, in turn) under names that
+land in the test split, extract and audit the copy, and count the swaps among the top 40 suspects
+and the copies grouped with their original. Last, the blockwise similarity search on synthetic
+features (100,000 rows x 1280 by default): seconds and peak memory (tracemalloc) of the search alone.
 
 Example:
     python bench/audit_bench.py --synthetic-rows 0      # the shared sets -> docs/bench/audit.md
@@ -52,15 +55,25 @@ def _crop(img: Image.Image, keep: float = 0.92) -> Image.Image:
 
 
 TRANSFORMS = {"resized": lambda im: im.resize((im.width // 2, im.height // 2)), "jpeg40": lambda im: _jpeg(im, 40),
-              "cropped": _crop, "mirrored": ImageOps.mirror}
-MEASURED = {**TRANSFORMS, "cropped80": lambda im: _crop(im, 0.8), "rotated10": lambda im: im.rotate(10),
-            "rotated90": lambda im: im.rotate(90)}
+              "cropped": _crop, "mirrored": ImageOps.mirror, "rotated30": lambda im: _crop(im.rotate(30), 0.9),
+              "cropped80": lambda im: _crop(im, 0.8), "turned90": lambda im: im.rotate(90)}
+MEASURED = {**TRANSFORMS, "rotated10": lambda im: im.rotate(10)}
+
+# What issue #18 states about the shared sets (the counts come from the issue, not from this audit).
+KNOWN = {
+    "fruits": {"pairs": 220, "groups": 133, "test_images": 141, "test_with_train_copy": 32,
+               "accuracy_copies": 0.989, "accuracy_rest": 0.974},
+    "trashnet": {"conflicts": [("glass/glass115.jpg", "metal/metal91.jpg"), ("glass/glass176.jpg", "plastic/plastic152.jpg"),
+                               ("glass/glass389.jpg", "plastic/plastic332.jpg")], "same_object_pairs": 118},
+}
 
 
 def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0) -> dict:
-    """How copies score against their original: centred feature cosine and pixel-signature cosine
-    (best of direct and mirrored), median and 10th percentile over ``sample`` images per transform;
-    and the nearest other image's feature cosine in the set (what an unrelated photo scores)."""
+    """How copies score against their original: centred feature cosine, pixel-signature cosine
+    (best of the 8 dihedral variants) and alignment score (classify/audit_alignment.py), median
+    and 10th percentile over ``sample`` images per transform; and the nearest other image's
+    feature cosine in the set (what an unrelated photo scores)."""
+    from classify.audit_alignment import AlignedImages
     from classify.audit_images import _one
     from extract.neighbours import nearest_other
     from extract.engine import OnnxEngine, onnx_engine_path
@@ -77,20 +90,22 @@ def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0
         return vector / np.linalg.norm(vector)
 
     rows = np.random.default_rng(seed).choice(len(features.paths), min(sample, len(features.paths)), replace=False)
-    scores: dict[str, dict[str, list[float]]] = {k: {"features": [], "pixels": []} for k in MEASURED}
+    scores: dict[str, dict[str, list[float]]] = {k: {"features": [], "pixels": [], "aligned": []} for k in MEASURED}
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
             with Image.open(images / features.paths[row]) as img:
                 img = img.convert("RGB")
             original = unit(features.features[row])
             _, signature, _ = _one(images / features.paths[row])
+            img.save(Path(tmp) / "original.jpg", quality=95)
             for kind, transform in MEASURED.items():
                 copy = transform(img).convert("RGB")
                 copy.save(Path(tmp) / "copy.jpg", quality=90)
                 batch = np.asarray(copy.resize((size, size), Image.BILINEAR))[None]
                 scores[kind]["features"].append(float(unit(engine(batch)[0]) @ original))
-                _, copy_signature, copy_mirror = _one(Path(tmp) / "copy.jpg")
-                scores[kind]["pixels"].append(float(max(signature @ copy_signature, signature @ copy_mirror)))
+                _, copy_signature, copy_variants = _one(Path(tmp) / "copy.jpg")
+                scores[kind]["pixels"].append(float(max(signature @ v for v in [copy_signature, *copy_variants])))
+                scores[kind]["aligned"].append(AlignedImages(tmp, ["original.jpg", "copy.jpg"]).score(0, 1))
     _, nearest = nearest_other(normalise(features.features))
     quantiles = lambda values: {"median": float(np.median(values)), "p10": float(np.quantile(values, 0.1))}
     return {"sample": len(rows), "copies": {k: {m: quantiles(v) for m, v in d.items()} for k, d in scores.items()},
@@ -183,15 +198,47 @@ def _group_line(group: dict) -> str:
 
 def similarity_markdown(result: dict) -> list[str]:
     lines = ["", f"How copies score against their original ({result['sample']} sampled images; median / 10th "
-             "percentile; features: centred cosine, pixels: 16x16 signature, best of direct and mirrored):", "",
-             "| copy | features | pixels |", "|---|---|---|"]
+             "percentile; features: centred cosine, pixels: 16x16 signature, best of its 8 dihedral variants; "
+             "aligned: classify/audit_alignment.py score, a copy from 0.5):", "",
+             "| copy | features | pixels | aligned |", "|---|---|---|---|"]
     for kind, d in result["copies"].items():
-        lines.append(f"| {kind} | {d['features']['median']:.3f} / {d['features']['p10']:.3f} "
-                     f"| {d['pixels']['median']:.3f} / {d['pixels']['p10']:.3f} |")
+        lines.append("| " + " | ".join([kind] + [f"{d[m]['median']:.3f} / {d[m]['p10']:.3f}"
+                                                 for m in ("features", "pixels", "aligned")]) + " |")
     near = result["nearest_other_features"]
     lines.append(f"| nearest other image in the set (median / 90th / 99th percentile) | {near[0.5]:.3f} / "
-                 f"{near[0.9]:.3f} / {near[0.99]:.3f} | |")
+                 f"{near[0.9]:.3f} / {near[0.99]:.3f} | | |")
     return lines
+
+
+def known_facts(name: str, report: dict) -> list[dict]:
+    """Issue #18's facts about ``name`` beside what the audit found: ``{"fact", "issue", "audit"}`` rows."""
+    known, s, effect = KNOWN.get(name), report["summary"], report["leak_effect"] or {}
+    if known is None:
+        return []
+    if name == "trashnet":
+        group_of = {i["path"]: k for k, g in enumerate(report["duplicate_groups"]) for i in g["images"]}
+        conflicts = report["duplicate_groups"]
+        found = [a in group_of and group_of[a] == group_of.get(b) and conflicts[group_of[a]]["label_conflict"]
+                 for a, b in known["conflicts"]]
+        return [{"fact": "identical files with conflicting labels (named in the issue)",
+                 "issue": len(known["conflicts"]), "audit": sum(found)},
+                {"fact": "pairs of the same object (pairs linked, identical files left out)",
+                 "issue": known["same_object_pairs"], "audit": s["distinct_pairs"] - s["pairs"].get("exact", 0)}]
+    return [{"fact": "pairs of copies (distinct pairs linked)", "issue": known["pairs"], "audit": s["distinct_pairs"]},
+            {"fact": "groups of copies", "issue": known["groups"], "audit": s["duplicate_groups"]},
+            {"fact": f"test images with a copy in train (of {known['test_images']}; here of "
+                     f"{effect.get('test_images')})", "issue": known["test_with_train_copy"],
+             "audit": s["test_images_with_train_copy"]},
+            {"fact": "test accuracy on those copies / on the rest", "issue":
+             f"{known['accuracy_copies']:.3f} / {known['accuracy_rest']:.3f}", "audit":
+             f"{effect.get('accuracy_leaked_only') or 0:.3f} / {effect.get('accuracy_without_leaked') or 0:.3f}"}]
+
+
+def facts_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    return ["", "Against the facts issue #18 states about this set:", "", "| fact | issue #18 | audit |", "|---|---|---|",
+            *(f"| {r['fact']} | {r['issue']} | {r['audit']} |" for r in rows)]
 
 
 def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> str:
@@ -206,6 +253,8 @@ def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> 
     lines.append(f"| out-of-fold accuracy | {s['out_of_fold_accuracy']:.3f} | {p['out_of_fold_accuracy']:.3f} |")
     lines.append(f"| audit seconds (in the command / whole command) | {s['seconds']} / {clean['command_seconds']:.1f} "
                  f"| {p['seconds']} / {planted_report['command_seconds']:.1f} |")
+    lines += ["", f"Evidence (pairs): {', '.join(f'{k} {v}' for k, v in s['pairs'].items())}."]
+    lines += facts_markdown(known_facts(name, clean))
     lines += ["", f"Planted: {score['swaps_in_top']} of {SWAPS} label swaps in the top {TOP} suspects; "
               f"{score['copies_found']} of {COPIES} test-split copies grouped with their original "
               f"(by transform: {', '.join(f'{k} {v}' for k, v in score['copies_found_by_transform'].items())})."]
@@ -244,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             planted_report = extract_and_audit(work / f"{name}-planted", work, f"{name}-planted")
             score = score_planted(planted_report, planted)
             results["data"][name] = {"folder": f"../shared/datasets/{name}", "as_is": clean["summary"],
+                                     "known_facts": known_facts(name, clean), "settings": clean["settings"],
                                      "leak_effect": clean["leak_effect"],
                                      "copy_similarities": clean["copy_similarities"], "planted": planted, "score": score,
                                      "planted_summary": planted_report["summary"],

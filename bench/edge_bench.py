@@ -101,6 +101,7 @@ def run_runner(model: Path, images: Path, threads: int, batch_size: int, poll_se
         "first": first if first is not None else wall,
         "wall": wall,
         "rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # every thread of the runner, start-up included
         "steady": _steady_rate(lines) if lines else None,
         "images": len(lines),
         "errors": sum("error" in line for line in lines),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, default_data, fmt, header, spread, write_section  # noqa: E402
+from bench.cputime import run_tree  # noqa: E402
 
 TUTORIAL_SCRIPT = r"""
 import os, sys, time, json
@@ -61,11 +61,6 @@ KERAS_MODULES = {  # registry name -> (constructor, keras.applications module ho
 }
 
 
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_cli_extract(data: str, store: Path, backbone: str, weights: str, batch: int, engine: str,
                     shard: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     """``python cli.py extract`` in a fresh process: wall and CPU seconds, loop rate, images, engine,
@@ -73,11 +68,9 @@ def run_cli_extract(data: str, store: Path, backbone: str, weights: str, batch: 
     cmd = [sys.executable, str(ROOT / "cli.py"), "extract", data, "--store", str(store), "--backbone", backbone,
            "--weights", weights, "--batch-size", str(batch), "--engine", engine, "--json", "--quiet", *extra]
     cmd += ["--shard", shard] if shard else []
-    start, cpu_start = time.perf_counter(), _children_cpu_seconds()
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
-    wall, cpu = time.perf_counter() - start, _children_cpu_seconds() - cpu_start
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"wall_seconds": wall, "cpu_seconds": cpu, "loop_rate": summary["images_per_second"],
+    run = run_tree(cmd, cwd=ROOT, check=True)
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    return {"wall_seconds": run.wall_seconds, "cpu_seconds": run.cpu_seconds, "loop_rate": summary["images_per_second"],
             "images": summary["images"], "engine": summary["engine"], "backbone": summary["backbone"],
             "notes": summary.get("notes", [])}
 

@@ -6,9 +6,9 @@ store, interleaved over --repeats:
 - ``ray-1``: ``--runner ray --cpus-per-task N``: one Ray worker with all N cores of the local instance;
 - ``ray-2``: ``--runner ray --cpus-per-task N/2``: two Ray workers with half the cores each.
 The Ray variants start their own local Ray instance, so Ray's start-up is in their wall time and CPU.
-CPU-seconds are those of the command and of every process below it (Ray's GCS, raylet and workers):
-this script makes itself the children's subreaper and reaps all of them, so the kernel's
-``RUSAGE_CHILDREN`` counts the whole tree. Then: each Ray store against the local one (same rows in
+CPU-seconds are those of the command and of every process it started (Ray's GCS, raylet, agents and
+workers), counted by ``bench/cputime.py`` (a cgroup of its own where one can be made, else /proc
+sampling); ``RUSAGE_CHILDREN`` misses Ray's workers, which the raylet lets the kernel reap. Then: each Ray store against the local one (same rows in
 the canonical order, max |feature difference|), ``fit-head --kind all`` on the local store and the
 two-worker Ray store (same numbers?), and an unchanged re-run with ``--runner ray`` (Ray not started).
 
@@ -18,65 +18,36 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (ROOT, data_parser, descendants, fmt, header, parse_data_args, process_title,  # noqa: E402
                           rss_mib, spread, write_results)
+from bench.cputime import run_tree  # noqa: E402
 
-PR_SET_CHILD_SUBREAPER = 36
+CPU_METHODS = {"cgroup": "charged by the kernel to a cgroup the command ran in",
+               "proc": "the last /proc sample of each process"}
 TASK_TITLE = "ray::run_shard_task"  # what a Ray worker calls itself while it runs an extraction task
 
 
-def become_subreaper() -> None:
-    """Orphaned descendants (Ray's workers outlive the raylet that started them) are re-parented to us."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
-
-
-def reap_all(timeout: float = 120.0) -> None:
-    """Wait for every remaining descendant, so its CPU time lands in RUSAGE_CHILDREN."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            time.sleep(0.05)
-    raise RuntimeError("processes started by the benchmarked command did not exit within 2 minutes")
-
-
 def measured(cmd: list[str]) -> dict:
-    """Wall seconds, CPU-seconds of the whole process tree, the largest resident memory of a Ray task's
-    worker (sampled every 0.2 s), and the JSON summary ``cmd`` printed."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    worker_rss = 0.0
-    while proc.poll() is None:
-        busy = [pid for pid in descendants(proc.pid) if process_title(pid) == TASK_TITLE]
-        worker_rss = max([worker_rss, *(rss_mib(pid) for pid in busy)])
-        time.sleep(0.2)
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - start
-    reap_all()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed: {(stderr or stdout).strip()[-2000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_seconds": wall, "cpu_seconds": cpu, "worker_peak_rss_mib": worker_rss,
-            "summary": json.loads(stdout.strip().splitlines()[-1])}
+    """Wall seconds, CPU-seconds of the whole process tree (``bench.cputime``), the largest resident memory
+    of a Ray task's worker (sampled while the command runs) and the JSON summary ``cmd`` printed."""
+    worker_rss = [0.0]
+
+    def sample_workers(pid: int) -> None:
+        busy = [child for child in descendants(pid) if process_title(child) == TASK_TITLE]
+        worker_rss[0] = max([worker_rss[0], *(rss_mib(child) for child in busy)])
+
+    run = run_tree(cmd, cwd=ROOT, interval=0.1, on_poll=sample_workers, check=True)
+    return {"wall_seconds": run.wall_seconds, "cpu_seconds": run.cpu_seconds, "cpu_method": run.method,
+            "worker_peak_rss_mib": worker_rss[0], "summary": json.loads(run.stdout.strip().splitlines()[-1])}
 
 
 def extract_cmd(data: str, store: Path, backbone: str, weights: str, extra: list[str]) -> list[str]:
@@ -112,10 +83,12 @@ def fit_heads(store: Path, out: Path) -> list[dict]:
 def run_benchmark(data: str, backbone: str, weights: str, repeats: int, work: Path) -> dict:
     from extract.backbones import get_backbone
     from extract.ray_runner import prepare_engine
+    from extract.record import BackboneRecord
     from extract.weights import resolve_weights
 
     spec = get_backbone(backbone)
-    prepare_engine(spec, weights, resolve_weights(spec, weights), spec.input_size, 0)  # converted before timing
+    prepare_engine(BackboneRecord.create(spec, resolve_weights(spec, weights).record(), spec.input_size),
+                   weights)  # converted before timing
     cores = len(os.sched_getaffinity(0))
     runs: dict[str, list[dict]] = {name: [] for name in variants(cores)}
     stores: dict[str, Path] = {}
@@ -129,6 +102,7 @@ def run_benchmark(data: str, backbone: str, weights: str, repeats: int, work: Pa
     images = runs["local"][0]["summary"]["images"]
     return {
         "data": Path(data).name, "backbone": backbone, "weights": weights, "cores": cores, "images": images,
+        "cpu_method": runs["local"][0]["cpu_method"],
         "variants": {name: {"wall": spread([r["wall_seconds"] for r in rs]),
                             "cpu": spread([r["cpu_seconds"] for r in rs]),
                             "loop_rate": spread([r["summary"]["images_per_second"] for r in rs]),
@@ -147,7 +121,8 @@ def to_markdown(r: dict, title: str) -> str:
              "ray-1": f"Ray, 1 worker x {cores} CPUs", "ray-2": f"Ray, 2 workers x {max(1, cores // 2)} CPU"}
     lines = [header(title), f"{n} images, {r['backbone']} (weights {r['weights']}), ONNX engine cached before "
              f"timing; each run a fresh process on an empty store; the Ray runs start their own local Ray instance. "
-             f"Medians (min–max).", "",
+             f"CPU-s: user+system of the command and of every process it started, {CPU_METHODS[r['cpu_method']]} "
+             f"(`bench/cputime.py`). Medians (min–max).", "",
              "| runner | wall s | CPU-s (whole process tree) | CPU-ms per image | loop images/s | "
              "Ray task worker peak RSS |", "|---|---|---|---|---|---|"]
     for name, v in r["variants"].items():
@@ -162,6 +137,9 @@ def to_markdown(r: dict, title: str) -> str:
                  f"**{u['wall_seconds']:.2f} s** wall, {u['cpu_seconds']:.2f} CPU-s (no Ray started)")
     lines.append(f"- `fit-head --kind all` on the local store and on the 2-worker Ray store: same numbers: "
                  f"**{r['fit_head_all']['same']}**")
+    load = r["load_average"]
+    lines.append(f"- load average (1 min) {load['start']:.1f} at the start, {load['end']:.1f} at the end: wall "
+                 f"times on a machine shared with other jobs stretch with it, CPU-s much less")
     if not all(p["same_order"] for p in r["parity"].values()):
         lines.append("- the stores hold the same rows but read them in the order they were written, and the "
                      "stochastic heads (softmax, MLP) depend on row order: reading in one canonical order is "
@@ -173,9 +151,10 @@ def main() -> None:
     parser = data_parser(__doc__, "ray.md")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each variant, interleaved")
     args = parse_data_args(parser)
-    become_subreaper()
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:  # commands run from the repository root: absolute data path
         result = run_benchmark(str(Path(args.data).resolve()), args.backbone, args.weights, args.repeats, Path(work))
+    result["load_average"] = {"start": load_at_start, "end": os.getloadavg()[0]}
     title = f"Ray runner vs local runner: {args.backbone}, {Path(args.data).name}"
     write_results(args.out, to_markdown(result, title), result)
 

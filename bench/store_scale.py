@@ -9,6 +9,7 @@ docs/bench/store-scale.json and rendered to docs/bench/store-scale.md.
 Example:
     python bench/store_scale.py --rows 100000 --dim 1280
     python bench/store_scale.py --rows 1000000 --dim 1280 --work /tmp/store-1m --fit-mem-gb 8
+    python bench/store_scale.py --rows 100000 --merge-only   # `store merge` alone, for a row measured before
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def run(rows: int, dim: int, backbones: int, work: Path, checkpoints: int, batch
     feature_bytes = rows * dim * 2 * backbones
     result = {
         "rows": rows, "dim": dim, "dtype": "float16", "backbones": backbones, "classes": classes,
-        "machine": machine(), "command": command_line(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(), "command": command_line(), "measured": _now(),
         "load_average_at_start": os.getloadavg()[0],
         "image_table_seconds": round(table_seconds, 2), "build_seconds": round(build_seconds, 2),
         "checkpoints": len(commits), "checkpoint_seconds": [round(c, 3) for c in commits],
@@ -218,7 +219,9 @@ def render(results: dict) -> str:
         r = results[key]
         lines.append(f"- {r['rows']:,} rows: `{r['command']}`, {r['measured']}, load average "
                      f"{r['load_average_at_start']:.1f} at start (a shared 2-core machine: other jobs ran meanwhile)"
-                     + (f"; `store info` re-measured with `{r['info_command']}`." if "info_command" in r else "."))
+                     + (f"; `store info` re-measured with `{r['info_command']}`" if "info_command" in r else "")
+                     + (f"; `store merge` re-measured with `{r['merge_command']}`, {r['merge_measured']}, load "
+                        f"average {r['merge_load_average']:.1f} at start" if "merge_command" in r else "") + ".")
     lines.append("\nTimes of `store info`, `fit-head` and `store merge` are whole `python cli.py ...` processes "
                  "(start-up included); fit-head runs under an address-space cap (`--fit-mem-gb`) so a head "
                  "needing more memory than the machine has fails alone instead of taking the machine down.")
@@ -249,13 +252,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--info-only", action="store_true",
                         help="Only re-measure `store info` on the store kept in --work (updates that row).")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="Only re-measure `store merge` of --shards new shard stores of --rows rows in all "
+                             "(updates that row).")
     args = parser.parse_args()
     path = args.out / "store-scale.json"
     if args.info_only:
-        results = json.loads(path.read_text())
-        results[str(args.rows)].update(measure_info(args.work / "store.h5"), info_command=command_line())
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        write_section(args.out / "store-scale.md", render(results))
+        _update_row(args, measure_info(args.work / "store.h5"), info_command=command_line())
+        return
+    if args.merge_only:  # the shards have the row's shape (dim, backbones, classes), not the options'
+        load, row = os.getloadavg()[0], json.loads(path.read_text())[str(args.rows)]
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            merge = _merge(Path(tmp), image_table(args.rows, row["classes"]), row["dim"], row["backbones"],
+                           args.shards, args.batch, row["classes"])
+        _update_row(args, {"merge": merge}, merge_command=command_line(), merge_measured=_now(),
+                    merge_load_average=load)
         return
     with tempfile.TemporaryDirectory(dir=args.work.parent if args.work else None) as tmp:
         work = args.work or Path(tmp)
@@ -266,6 +277,19 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_section(args.out / "store-scale.md", render(results))
+
+
+def _update_row(args: argparse.Namespace, fields: dict, **notes) -> None:
+    """Replace some measurements of the --rows row of the kept results, and render them again."""
+    path = args.out / "store-scale.json"
+    results = json.loads(path.read_text())
+    results[str(args.rows)].update(fields, **notes)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    write_section(args.out / "store-scale.md", render(results))
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from classify import duplicates, label_checks
+from classify.audit_alignment import ALIGNED_THRESHOLD, CANDIDATE_COSINE
 from classify.audit_images import images_reachable, read_images
 from extract.splits import SPLITS
 from extract.store import FeatureSet, FeatureStore
@@ -32,6 +33,11 @@ def _group_ids(n: int, groups: list[duplicates.DuplicateGroup]) -> np.ndarray:
     for group in groups:
         ids[group.rows] = group.rows[0]
     return ids
+
+
+def _counting(bar: tqdm, total: int):
+    bar.reset(total=total)
+    return bar.update
 
 
 def _row(features: FeatureSet, row: int) -> dict:
@@ -60,8 +66,10 @@ def _mislabels(features: FeatureSet, probabilities: np.ndarray, top: int) -> lis
 
 
 def _settings(pixels_used: bool, feature_threshold: float) -> dict:
-    return {"feature_threshold": feature_threshold,
+    return {"feature_threshold": feature_threshold, "mutual_nearest_cosine": duplicates.MUTUAL_COSINE,
             "pixel_threshold": duplicates.PIXEL_THRESHOLD if pixels_used else None,
+            "aligned": {"candidate_cosine": CANDIDATE_COSINE, "candidates_per_image": duplicates.CANDIDATES_PER_IMAGE,
+                        "threshold": ALIGNED_THRESHOLD} if pixels_used else None,
             "mislabel_head": f"logistic regression C={label_checks.MISLABEL_C}, {label_checks.FOLDS}-fold out-of-fold",
             "outlier_mads": label_checks.OUTLIER_MADS}
 
@@ -75,8 +83,10 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
     if images_reachable(images_root, features.paths):
         with tqdm(total=n, unit="img", desc="audit: read images", disable=not progress) as bar:
             pixels = read_images(images_root, features.paths, progress=bar.update)
-    with tqdm(total=n, unit="row", desc="audit: similarities", disable=not progress) as bar:
-        pairs = duplicates.find_pairs(features.features, pixels, feature_threshold, progress=bar.update)
+    with tqdm(total=n, unit="row", desc="audit: similarities", disable=not progress) as bar, \
+            tqdm(unit="pair", desc="audit: align pictures", disable=not progress) as aligning:
+        pairs = duplicates.find_pairs(features.features, pixels, feature_threshold, progress=bar.update,
+                                      align_progress=lambda total: _counting(aligning, total))
     groups = duplicates.group_duplicates(pairs, features.splits, features.labels, features.class_names)
     leaked = duplicates.leaked_test_rows(groups, features.splits)
     with tqdm(total=label_checks.FOLDS, unit="fold", desc="audit: mislabels", disable=not progress) as bar:
@@ -94,6 +104,7 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
         "summary": {
             "duplicate_groups": len(groups), "images_in_groups": sum(len(g.rows) for g in groups),
             "pairs": {kind: int(len(found)) for kind, found in pairs.items()},
+            "distinct_pairs": len({(int(i), int(j)) for found in pairs.values() for i, j, _ in found}),
             "leak_groups": sum(g.leak for g in groups), "label_conflict_groups": sum(g.conflict for g in groups),
             "test_images_with_train_copy": int(leaked.size),
             "out_of_fold_accuracy": float((probabilities.argmax(axis=1) == features.labels).mean()),

@@ -2,11 +2,12 @@
 
 Each file is read once: its bytes are hashed (exact copies) and decoded from the same bytes into a
 ``SIGNATURE_SIZE`` x ``SIGNATURE_SIZE`` greyscale thumbnail (near-exact copies: resized,
-re-encoded, slightly cropped), whose left-right mirror is kept too (mirrored copies). Signatures
-are centred and unit-length, so comparing two is one dot product.
+re-encoded, slightly cropped), whose 7 other dihedral variants are kept too (copies mirrored,
+turned by 90 or 180 degrees, or transposed). Signatures are centred and unit-length, so comparing
+two is one dot product.
 
     >>> pixels = read_images(root, paths)
-    >>> pixels.sha256[0], pixels.signatures.shape, pixels.mirrored.shape   # (n, 256) each
+    >>> pixels.signatures.shape, pixels.variants.shape   # (n, 256), (7, n, 256)
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ SIGNATURE_SIZE = 16
 @dataclass
 class ImageSignatures:
     root: Path
+    paths: list[str]
     sha256: list[str | None]  # None where the file could not be read
     signatures: np.ndarray  # (n, SIGNATURE_SIZE**2) float32, zero rows for unreadable files
-    mirrored: np.ndarray  # the same for the left-right mirrored image
+    variants: np.ndarray  # (7, n, SIGNATURE_SIZE**2): the mirror, the 3 turns, the transposes
     unreadable: list[str]
 
 
@@ -37,14 +39,20 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / norm if norm > 1e-6 else np.zeros_like(vector)
 
 
-def _one(path: Path) -> tuple[str, np.ndarray, np.ndarray] | None:
+def dihedral_variants(square: np.ndarray) -> list[np.ndarray]:
+    """The 7 other images of the square's dihedral group: mirrored, turned by 90/180/270, transposed."""
+    mirror = square[:, ::-1]
+    return [mirror, *(np.rot90(square, k) for k in (1, 2, 3)), *(np.rot90(mirror, k) for k in (1, 2, 3))]
+
+
+def _one(path: Path) -> tuple[str, np.ndarray, list[np.ndarray]] | None:
     try:
         content = read_image_file(path)
         rgb = decode_image(content.data, (SIGNATURE_SIZE, SIGNATURE_SIZE)).astype(np.float32)
     except (OSError, ImageDecodeError):
         return None
     grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    return content.sha256, _unit(grey.ravel()), _unit(grey[:, ::-1].ravel())
+    return content.sha256, _unit(grey.ravel()), [_unit(v.ravel()) for v in dihedral_variants(grey)]
 
 
 def read_images(root: str | Path, paths: list[str], workers: int = 4, progress=None) -> ImageSignatures:
@@ -52,7 +60,7 @@ def read_images(root: str | Path, paths: list[str], workers: int = 4, progress=N
     root = Path(root)
     dim = SIGNATURE_SIZE * SIGNATURE_SIZE
     signatures = np.zeros((len(paths), dim), np.float32)
-    mirrored = np.zeros((len(paths), dim), np.float32)
+    variants = np.zeros((7, len(paths), dim), np.float32)
     hashes: list[str | None] = [None] * len(paths)
     unreadable = []
     with ThreadPoolExecutor(workers) as pool:
@@ -60,10 +68,10 @@ def read_images(root: str | Path, paths: list[str], workers: int = 4, progress=N
             if result is None:
                 unreadable.append(paths[i])
             else:
-                hashes[i], signatures[i], mirrored[i] = result
+                hashes[i], signatures[i], variants[:, i] = result
             if progress:
                 progress(1)
-    return ImageSignatures(root, hashes, signatures, mirrored, unreadable)
+    return ImageSignatures(root, list(paths), hashes, signatures, variants, unreadable)
 
 
 def images_reachable(root: str | Path | None, paths: list[str]) -> bool:

@@ -60,21 +60,29 @@ class DenseFit:
 
 
 class _Adam:
+    """Adam, in place: the same arithmetic as the textbook update, without a temporary per operation
+    (the update of a 1280 x 256 layer is memory-bound and was a third of the mlp head's time)."""
+
     def __init__(self, params: list[np.ndarray], learning_rate: float):
         self.lr = learning_rate
         self.m = [np.zeros_like(p) for p in params]
         self.v = [np.zeros_like(p) for p in params]
+        self.buffers = [(np.empty_like(p), np.empty_like(p)) for p in params]
         self.t = 0
 
     def step(self, params: list[np.ndarray], grads: list[np.ndarray], b1=0.9, b2=0.999, eps=1e-8) -> None:
         self.t += 1
-        lr = self.lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
-        for p, g, m, v in zip(params, grads, self.m, self.v):
+        lr = float(self.lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t))  # the update is float32
+        for p, g, m, v, (a, b) in zip(params, grads, self.m, self.v, self.buffers):
             m *= b1
-            m += (1 - b1) * g
+            m += np.multiply(g, 1 - b1, out=a)
             v *= b2
-            v += (1 - b2) * g * g
-            p -= (lr * m / (np.sqrt(v) + eps)).astype(p.dtype)
+            np.multiply(g, 1 - b2, out=a)
+            v += np.multiply(a, g, out=a)  # (1 - b2) * g * g, in that order
+            np.sqrt(v, out=b)
+            b += eps
+            np.multiply(m, lr, out=a)
+            p -= np.divide(a, b, out=a)  # lr * m / (sqrt(v) + eps)
 
 
 def _init_layers(sizes: list[int], rng: np.random.Generator) -> Layers:

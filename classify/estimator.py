@@ -21,13 +21,25 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from classify.dense import Layers, fold_standardisation, logits, softmax
 from classify.selection import DEFAULT_FOLDS, fold_accuracies, stratified_folds
+from classify.streamed import column_moments, row_chunks
 
 if TYPE_CHECKING:
     import onnx
 
+KEPT_DTYPES = (np.float64, np.float32, np.float16)  # float input keeps its dtype; anything else -> float64
 FOLDS_CONSTRAINT = [Interval(Integral, 2, None, closed="left")]
 SEED_CONSTRAINT = [Interval(Integral, 0, None, closed="left")]
 POSITIVE_INT = [Interval(Integral, 1, None, closed="left")]
+
+
+def _rows(X) -> int | None:
+    """Row count of an input not validated yet (None when it has none: validation then says why)."""
+    from sklearn.utils.validation import _num_samples
+
+    try:
+        return _num_samples(X)
+    except TypeError:
+        return None
 
 
 def check_grid(owner: str, name: str, values) -> list[float]:
@@ -50,27 +62,45 @@ class Head(ClassifierMixin, BaseEstimator):
     def fit(self, X, y) -> "Head":
         self._validate_params()
         self._check_params()
-        X, y = validate_data(self, X, y, dtype=np.float64)
+        streamed = self._streams(_rows(X))
+        # streamed: X stays in its float dtype (float16 from a store), checked for NaN chunk by chunk
+        X, y = validate_data(self, X, y, dtype=KEPT_DTYPES if streamed else np.float64,
+                             ensure_all_finite=not streamed)
         check_classification_targets(y)
         self.classes_, y_index = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs samples of at least 2 classes; got one class: "
                              f"{self.classes_[0]!r}")
-        mean, std = X.mean(axis=0), X.std(axis=0)
+        if streamed:
+            self._set_standardisation(*column_moments(X))
+            self._fit_streamed(X, y_index)
+        else:
+            self._set_standardisation(X.mean(axis=0), X.std(axis=0))
+            self._fit(self._standardise(X), y_index)
+        return self
+
+    def _set_standardisation(self, mean: np.ndarray, std: np.ndarray) -> None:
         self.mean_ = mean.astype(np.float32)
         self.scale_ = np.where(std > 1e-12, std, 1.0).astype(np.float32)  # constant features: keep as is
-        self._fit(self._standardise(X), y_index)
-        return self
 
     def _check_params(self) -> None:
         """Checks the constraints cannot express (the contents of lists)."""
+
+    def _streams(self, n_rows: int | None) -> bool:
+        """Whether ``fit`` on ``n_rows`` rows streams them (classify.streamed) instead of copying them."""
+        return False
 
     def _standardise(self, X: np.ndarray) -> np.ndarray:
         return (np.asarray(X, np.float64) - self.mean_) / self.scale_
 
     def predict_proba(self, X) -> np.ndarray:
+        """Probabilities, ``CHUNK_ROWS`` rows at a time (the rows stay in their float dtype meanwhile)."""
         check_is_fitted(self)
-        return softmax(self._logits(validate_data(self, X, reset=False, dtype=np.float64)))
+        X = validate_data(self, X, reset=False, dtype=KEPT_DTYPES)
+        out = np.empty((len(X), len(self.classes_)))
+        for part in row_chunks(len(X)):
+            out[part] = softmax(self._logits(np.asarray(X[part], np.float64)))
+        return out
 
     def predict(self, X) -> np.ndarray:
         best = np.argmax(self.predict_proba(X), axis=1)
@@ -116,6 +146,10 @@ class Head(ClassifierMixin, BaseEstimator):
     # ---- what each kind provides
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _fit_streamed(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Fit on raw rows ``X`` (mean_ and scale_ already set), for kinds whose ``_streams`` can say yes."""
         raise NotImplementedError
 
     def _layers(self) -> Layers:

@@ -30,7 +30,8 @@ from classify.estimator import (DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, S
 from classify.kinds import KIND_CHOICES, KIND_NAMES  # noqa: F401  (KIND_CHOICES re-exported)
 from classify.rbf import RBFHead
 from classify.selection import best_index, holdout_split, stratified_folds
-from classify.svm import PairwiseHead, pair_signs, search
+from classify.streamed import STREAM_ABOVE_ROWS, search_C
+from classify.svm import PairwiseHead, class_scores, fit_temperature, pair_signs, search
 
 
 class SVMHead(PairwiseHead):
@@ -42,16 +43,34 @@ class SVMHead(PairwiseHead):
 
     kind = "svm"
     _parameter_constraints: ClassVar[dict] = {"Cs": ["array-like"], "cv": FOLDS_CONSTRAINT,
-                                              "n_jobs": POSITIVE_INT, "seed": SEED_CONSTRAINT}
+                                              "n_jobs": POSITIVE_INT, "seed": SEED_CONSTRAINT,
+                                              "stream_above_rows": POSITIVE_INT}
 
-    def __init__(self, Cs=(3e-4, 1e-3, 3e-3, 1e-2), cv: int = DEFAULT_FOLDS, n_jobs: int = 1, seed: int = 0):
+    def __init__(self, Cs=(3e-4, 1e-3, 3e-3, 1e-2), cv: int = DEFAULT_FOLDS, n_jobs: int = 1, seed: int = 0,
+                 stream_above_rows: int = STREAM_ABOVE_ROWS):
         self.Cs = Cs
         self.cv = cv
         self.n_jobs = n_jobs
         self.seed = seed
+        self.stream_above_rows = stream_above_rows
 
     def _check_params(self) -> None:
         check_grid(type(self).__name__, "Cs", self.Cs)
+
+    def _streams(self, n_rows):
+        return n_rows is not None and n_rows > self.stream_above_rows
+
+    def _fit_streamed(self, X, y) -> None:
+        """A multiclass linear SVM (classify.streamed) whose class scores z_c give the pair machines
+        z_i - z_j: their votes rank the classes as the z_c do, so the prediction is the argmax."""
+        found = search_C(X, y, len(self.classes_), "pair_squared_hinge", check_grid("SVMHead", "Cs", self.Cs),
+                         self.mean_, self.scale_, self.seed)
+        S = pair_signs(len(self.classes_))  # (pairs, classes)
+        self.C_, self.cv_scores_ = found.C, [found.scores[found.best]]
+        self.cv_accuracy_ = {f"C={C:g}": score for C, score in zip(found.Cs, found.scores)}
+        self.coef_, self.intercept_ = (S @ found.W.T).astype(np.float32), (S @ found.b).astype(np.float32)
+        held_out = class_scores(found.held_out_decisions @ S.T, len(self.classes_))
+        self.temperature_ = fit_temperature(held_out, y[found.held_out_rows])
 
     def _fit(self, X, y) -> None:
         K = X @ X.T
@@ -94,19 +113,30 @@ class SoftmaxHead(LinearHead):
     kind = "softmax"
     _parameter_constraints: ClassVar[dict] = {"Cs": ["array-like"], "cv": FOLDS_CONSTRAINT, "max_iter": POSITIVE_INT,
                                               "tol": [Interval(Real, 0, None, closed="neither")],
-                                              "seed": SEED_CONSTRAINT}
+                                              "seed": SEED_CONSTRAINT, "stream_above_rows": POSITIVE_INT}
     learned_info = ("C_", "cv_accuracy_", "cv_scores_", "n_iter_")
 
     def __init__(self, Cs=(0.01, 0.1, 1.0), cv: int = DEFAULT_FOLDS, max_iter: int = 500, tol: float = 1e-3,
-                 seed: int = 0):
+                 seed: int = 0, stream_above_rows: int = STREAM_ABOVE_ROWS):
         self.Cs = Cs
         self.cv = cv
         self.max_iter = max_iter
         self.tol = tol
         self.seed = seed
+        self.stream_above_rows = stream_above_rows
 
     def _check_params(self) -> None:
         check_grid(type(self).__name__, "Cs", self.Cs)
+
+    def _streams(self, n_rows):
+        return n_rows is not None and n_rows > self.stream_above_rows
+
+    def _fit_streamed(self, X, y) -> None:
+        found = search_C(X, y, len(self.classes_), "multinomial", check_grid("SoftmaxHead", "Cs", self.Cs),
+                         self.mean_, self.scale_, self.seed, self.tol, self.max_iter)
+        self.C_, self.cv_scores_, self.n_iter_ = found.C, [found.scores[found.best]], found.n_iter
+        self.cv_accuracy_ = {f"C={C:g}": score for C, score in zip(found.Cs, found.scores)}
+        self.coef_, self.intercept_ = found.W.T.astype(np.float32), found.b.astype(np.float32)
 
     def _path(self, X: np.ndarray, y: np.ndarray, Cs: list[float]):
         """The models fitted for each C in ``Cs`` (ascending), each warm-started from the last."""
@@ -149,8 +179,10 @@ class MLPHead(Head):
     """One or two hidden ReLU layers with dropout, then softmax; Adam with early stopping on a
     stratified held-out ``validation_fraction`` of the rows, keeping the best epoch's weights.
 
-    ``patience`` 5: on TrashNet features the best epoch came by the third, and 5-fold CV accuracy
-    was 0.863 at patience 5 vs 0.865 at 10 for 60 % of the CPU time.
+    Batches of 128 at a learning rate of 2e-3 with ``patience`` 3: the best epoch comes by the third
+    on TrashNet and fruits features, and against batches of 64 at 1e-3 with patience 5 the six
+    trainings of ``--kind all`` (five CV folds and the final fit) took half the CPU time for the same
+    CV accuracy (TrashNet 0.867 vs 0.870, fruits 0.980 vs 0.979, std 0.01 across folds).
     """
 
     kind = "mlp"
@@ -165,8 +197,8 @@ class MLPHead(Head):
     }
     learned_info = ("best_epoch_", "n_epochs_", "best_val_loss_")
 
-    def __init__(self, hidden=(256,), dropout: float = 0.3, learning_rate: float = 1e-3, l2: float = 1e-4,
-                 batch_size: int = 64, max_epochs: int = 300, patience: int = 5,
+    def __init__(self, hidden=(256,), dropout: float = 0.3, learning_rate: float = 2e-3, l2: float = 1e-4,
+                 batch_size: int = 128, max_epochs: int = 300, patience: int = 3,
                  validation_fraction: float = 0.1, seed: int = 0):
         self.hidden = hidden
         self.dropout = dropout

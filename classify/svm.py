@@ -111,23 +111,30 @@ class Search:
         return self.fold_scores[self.best]
 
 
-def _fold_decisions(K: np.ndarray, y: np.ndarray, C: float, fold: Fold, n_classes: int) -> np.ndarray:
+def _fold_decisions(K: np.ndarray, y: np.ndarray, Cs: list[float], fold: Fold, n_classes: int) -> list[np.ndarray]:
+    """Held-out decisions of one fold for every C: the fold's kernel blocks are sliced once."""
     train, held = fold
-    svm = fit_pair_svm(K[np.ix_(train, train)], y[train], C, n_classes)
-    return svm.decisions(K[np.ix_(held, train[svm.support])])
+    K_train, K_held = K[np.ix_(train, train)], K[np.ix_(held, train)]
+    decisions = []
+    for C in Cs:
+        svm = fit_pair_svm(K_train, y[train], C, n_classes)
+        decisions.append(svm.decisions(K_held[:, svm.support]))
+    return decisions
 
 
 def search(kernels: list[np.ndarray], y: np.ndarray, Cs: list[float], folds: list[Fold], n_classes: int,
            n_jobs: int = 1) -> Search:
     """Every (kernel, C) on every fold; the best mean accuracy wins (ties: the earlier setting)."""
-    settings = [(k, float(C)) for k in range(len(kernels)) for C in sorted(Cs)]
+    Cs = [float(C) for C in sorted(Cs)]
+    settings = [(k, C) for k in range(len(kernels)) for C in Cs]
     oof = {s: np.zeros((len(y), len(pairs(n_classes)))) for s in settings}
 
-    def run(task: tuple[tuple[int, float], Fold]) -> None:
-        (k, C), fold = task
-        oof[(k, C)][fold[1]] = _fold_decisions(kernels[k], y, C, fold, n_classes)
+    def run(task: tuple[int, Fold]) -> None:
+        k, fold = task
+        for C, decisions in zip(Cs, _fold_decisions(kernels[k], y, Cs, fold, n_classes)):
+            oof[(k, C)][fold[1]] = decisions
 
-    tasks = [(s, fold) for s in settings for fold in folds]
+    tasks = [(k, fold) for k in range(len(kernels)) for fold in folds]
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:  # libsvm releases the GIL
         list(pool.map(run, tasks))
     fold_scores = [[float(np.mean(class_scores(oof[s][held], n_classes).argmax(axis=1) == y[held]))

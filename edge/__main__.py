@@ -12,9 +12,11 @@ from pathlib import Path
 
 from .files import FolderLocked, lock_watch_folder, no_space_reason
 from .imageio import printable
+from .metrics import Metrics
 from .model import ModelError, load_model
 from .results import ResultLog, ResultsLocked
 from .runner import Runner, RunnerConfig
+from .swap import ModelSwapper
 
 DESCRIPTION = """\
 Watch a folder and classify every image that lands in it (subfolders included) with an ONNX
@@ -28,6 +30,8 @@ Example:
   python -m edge --model model.onnx --watch photos/ --results results.jsonl --once
   python -m edge --model model.onnx --watch inbox/ --results results.jsonl \\
       --review review/ --review-below 0.6
+  python -m edge --model model.onnx --watch inbox/ --results results.jsonl \\
+      --metrics /var/lib/node_exporter/textfile/edge.prom
 
 Writers: create files under a temporary name (.part, .tmp, .crdownload, ~ suffix or dot-file)
 and rename them when complete, or never pause longer than --poll-seconds while writing; a file
@@ -48,10 +52,23 @@ walks the whole tree: for folders of tens of thousands of files prefer --done). 
 fsynced per batch; after a crash, power loss or kill, run the same command again: every file
 still gets exactly one line.
 
+Model hot-swap: replace --model by renaming a complete file over it (cp new.onnx model.onnx.tmp;
+mv model.onnx.tmp model.onnx). Once the new file has been unchanged for --poll-seconds, the runner
+loads and checks it between batches (the batch in flight finishes with the old model) and goes on
+with it; every line's "model" names the model that classified it. A file that cannot be used
+(not ONNX, metadata or input breaking the contract) is refused with one log line and the old model
+keeps running; that file is not tried again until it changes. Exactly-once holds across a swap.
+
+Metrics: --metrics FILE is rewritten atomically every --metrics-interval seconds and at exit, in
+the Prometheus text format: images, errors and unknowns, counts per label, a latency histogram,
+the queue, the model id, swaps and refusals, and, for a model whose metadata has drift_reference,
+the class mix and mean top probability of the last --drift-window images against the reference
+split's (edge_drift_class_distance: total-variation distance, 0..1; edge_drift_confidence_change).
+
 Log (stderr, one line per event, control characters in names escaped): start and stop, a stats
 line every --stats-seconds, each skipped entry once (symlinks, FIFOs, devices: never followed or
 read), files left for the next pass because they changed after being read, lines of --results
-ignored because they point outside the runner's folders.
+ignored because they point outside the runner's folders, model swaps and refused model files.
 
 Exit status: 0 finished (also after SIGTERM/SIGINT, which finish the current batch first);
 1 failure while running, one "Error: ..." line (e.g. "Error: no space left on device while
@@ -136,6 +153,12 @@ def build_parser(prog: str = "python -m edge") -> argparse.ArgumentParser:
         "--review-below", type=_probability, default=0.0, metavar="P",
         help="with --review: also images whose top probability is below P (0..1; default: 0, unknowns only)",
     )
+    parser.add_argument("--metrics", metavar="FILE",
+                        help="write Prometheus text-format metrics to FILE (atomically, every --metrics-interval)")
+    parser.add_argument("--metrics-interval", type=_positive(float), default=5.0, metavar="S",
+                        help="with --metrics: seconds between rewrites (default: %(default)s)")
+    parser.add_argument("--drift-window", type=_positive(int), default=500, metavar="N",
+                        help="with --metrics: drift gauges over the last N images (default: %(default)s)")
     return parser
 
 
@@ -156,15 +179,30 @@ def _folder(path: str | None, name: str, watch: str) -> str | None:
     return folder
 
 
+def _output_file(path: str, name: str) -> Path:
+    """``path`` resolved, refused when it is a folder or its folder does not exist."""
+    resolved = Path(os.path.realpath(path))
+    if resolved.is_dir():
+        raise UsageError(f"{name} must be a file, not a folder: {path}")
+    if not resolved.parent.is_dir():
+        raise UsageError(f"folder of {name} does not exist: {resolved.parent}")
+    return resolved
+
+
+def _metrics(args: argparse.Namespace) -> Metrics | None:
+    if args.metrics is None:
+        return None
+    path = _output_file(args.metrics, "--metrics")
+    if path == Path(os.path.realpath(args.results)):
+        raise UsageError("--metrics must be another file than --results")
+    return Metrics(str(path), args.metrics_interval, args.drift_window)
+
+
 def _config(args: argparse.Namespace) -> RunnerConfig:
     if not os.path.isdir(args.watch):
         raise UsageError(f"watch folder not found: {args.watch}")
     watch = os.path.realpath(args.watch)
-    results = Path(os.path.realpath(args.results))
-    if results.is_dir():
-        raise UsageError(f"--results must be a file, not a folder: {args.results}")
-    if not results.parent.is_dir():
-        raise UsageError(f"folder of --results does not exist: {results.parent}")
+    results = _output_file(args.results, "--results")
     if args.review_below and args.review is None:
         raise UsageError("--review-below needs --review DIR (the folder the copies go to)")
     return RunnerConfig(
@@ -212,13 +250,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m edge") -> int:
     _setup_logging()
     try:
         config = _config(args)
+        metrics = _metrics(args)
         model = load_model(args.model, args.threads)
         watch_lock = lock_watch_folder(config.watch)
         results = ResultLog(config.results, config.watch)
     except (UsageError, ModelError, ResultsLocked, FolderLocked, OSError) as exc:
         print(f"edge: error: {printable(no_space_reason(exc) or str(exc))}", file=sys.stderr)
         return 2
-    runner = Runner(model, config, results)
+    swapper = ModelSwapper(args.model, args.threads, model, settle_seconds=config.poll_seconds)
+    runner = Runner(model, config, results, swapper, metrics)
 
     def stop(signum: int, _frame: object) -> None:
         logging.getLogger("edge").info("%s: finishing the current batch", signal.Signals(signum).name)

@@ -1,23 +1,18 @@
-"""File operations for the runner: hashing, staying inside its folders, moving without overwriting
-(idempotently across filesystems), making renames durable, locking the watch folder."""
+"""File operations for the runner: staying inside its folders, moving without overwriting
+(idempotently across filesystems), making renames durable, replacing a file atomically, locking
+the watch folder."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import PurePosixPath
-
-
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def free_destination(folder: str, rel: str, taken: set[str]) -> str:
@@ -177,6 +172,24 @@ def fsync_dir(path: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` whole or not at all: a dot-file beside it is written, fsynced and
+    renamed over it, then the folder is fsynced (readers never see a half-written file). The edge's
+    own copy of ``extract.files.write_atomic``: edge/ imports nothing from the other packages."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    fsync_dir(folder or ".")
 
 
 _H5_ERRNO = re.compile(r"errno = (\d+)")

@@ -9,6 +9,9 @@ The export step writes these ``metadata_props``:
   model_id     string written into every result line         (optional; default: sha256 of the file)
   ood          JSON object with a finite "threshold"          (optional; used only with a graph output
                named ``ood_score``: an image whose score is above the threshold is "unknown")
+  drift_reference JSON {"class_share": {class: share}, "mean_confidence": x, "split": "test", "rows": n}:
+               the predicted class mix and mean top probability on a held-out split (optional; the
+               runner's --metrics compares its last images with it)
   backbone     JSON backbone record, as in the feature store and head file (optional, informational;
                its shape is documented in extract/record.py, read here as plain JSON)
   source                                                     (informational)
@@ -19,7 +22,11 @@ it to what the graph declares, and splits or pads it when the graph has a fixed 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +34,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .files import sha256_file
-
 REQUIRED_KEYS = ("class_names", "input_size", "layout")
+DRIFT_REFERENCE = "drift_reference"
 OOD_OUTPUT = "ood_score"  # the second output export-onnx adds: higher = farther from every class
 ONNX_INPUT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32"}
 
@@ -51,6 +57,8 @@ class EdgeModel:
     output_names: list[str] = field(default_factory=list)  # probabilities first, then ood_score if used
     ood: dict[str, Any] | None = None  # the metadata's calibration when the graph has ``ood_score``
     backbone: dict | None = None  # the backbone record from the metadata, unchanged
+    drift_reference: dict[str, Any] | None = None  # the metadata's ``drift_reference``, checked
+    file_identity: tuple[int, ...] | None = None  # (device, inode, size, mtime_ns) of the file loaded
 
     @property
     def ood_threshold(self) -> float | None:
@@ -174,15 +182,47 @@ def _ood_calibration(session: ort.InferenceSession, meta: dict[str, str], path: 
     return [probabilities, OOD_OUTPUT], calibration
 
 
+def _drift_reference(meta: dict[str, str], class_names: list[str], path: Path) -> dict[str, Any] | None:
+    """The checked ``drift_reference`` metadata, or None for a model without one."""
+    if DRIFT_REFERENCE not in meta:
+        return None
+    reference = _json_field(meta, DRIFT_REFERENCE, path)
+    problem = f"{path}: metadata '{DRIFT_REFERENCE}' must be a JSON object with 'class_share' (class name -> " \
+              f"share between 0 and 1, summing to 1, only names of class_names) and 'mean_confidence' (0..1)"
+    shares = reference.get("class_share") if isinstance(reference, dict) else None
+    if not (isinstance(shares, dict) and set(shares) <= set(class_names)
+            and all(_fraction(v) for v in [*shares.values(), reference.get("mean_confidence")])
+            and abs(sum(shares.values()) - 1) <= 1e-3):
+        raise ModelError(problem)
+    return reference
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+
+
+def _read_model_file(path: Path) -> tuple[bytes, tuple[int, ...]]:
+    """The file's bytes, read once, and the identity (device, inode, size, mtime) of what was read:
+    hashing, loading and the hot-swap check all see the same version of a file being replaced."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelError(f"model file is not a regular file: {path}")
+            data = f.read()
+    except FileNotFoundError:
+        raise ModelError(f"model file not found: {path}") from None
+    except (IsADirectoryError, PermissionError) as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror}") from None
+    return data, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def load_model(path: str | Path, threads: int) -> EdgeModel:
     """Open ``path`` with onnxruntime on the CPU and check it against the metadata contract."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"model file not found: {path}")
+    data, identity = _read_model_file(path)
     try:
-        session = ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(data, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, ...)
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"cannot load ONNX model {path}: {first_line}") from None
@@ -193,7 +233,7 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
         raise ModelError(f"{path}: the model has {len(inputs)} inputs; the runner feeds exactly one image tensor")
     dtype = _check_input(inputs[0], layout, size, meta.get("input_dtype"), path)
     batch_dim = inputs[0].shape[0]
-    model_id = meta.get("model_id") or "sha256:" + sha256_file(str(path))[:16]
+    model_id = meta.get("model_id") or "sha256:" + hashlib.sha256(data).hexdigest()[:16]
     output_names, ood = _ood_calibration(session, meta, path)
     model = EdgeModel(
         session=session,
@@ -207,6 +247,8 @@ def load_model(path: str | Path, threads: int) -> EdgeModel:
         output_names=output_names,
         ood=ood,
         backbone=_json_field(meta, "backbone", path) if "backbone" in meta else None,
+        drift_reference=_drift_reference(meta, class_names, path),
+        file_identity=identity,
     )
     # One run now: checks the output against class_names before any file is touched, and warms up.
     model.predict_scores(np.zeros((1, size[0], size[1], 3), np.uint8))

@@ -13,6 +13,10 @@ Unknown images: with a model that has the ``ood_score`` output and ``ood`` metad
 ``"unknown"`` while ``top`` still lists the best classes. ``review_copy`` (relative to --review) is
 a hard link (or copy) made in step 3 of the protocol, before the move, and is idempotent, so a
 restart after a crash never makes a second one.
+
+Between batches (and at every idle poll) the runner checks whether its model file was replaced
+(``edge.swap``: the next batch uses the new model, the line names it) and writes the stats line and
+the ``--metrics`` file when they are due (``edge.metrics``).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ import numpy as np
 
 from .files import folder_inside, free_destination, fsync_dir, inside, link_or_copy, move_file
 from .imageio import FileBytes, FileChangedError, ImageDecodeError, decode_image, is_image_name, read_image_file
+from .metrics import Metrics
 from .model import EdgeModel
 from .results import ResultLog
 from .stats import Stats
+from .swap import ModelSwapper
 from .watch import FileState, Watcher
 
 log = logging.getLogger("edge")
@@ -93,13 +99,19 @@ def _utc_now() -> str:
 
 
 class Runner:
-    def __init__(self, model: EdgeModel, config: RunnerConfig, results: ResultLog) -> None:
+    def __init__(self, model: EdgeModel, config: RunnerConfig, results: ResultLog,
+                 swapper: ModelSwapper | None = None, metrics: Metrics | None = None) -> None:
+        """``swapper``: loads a replaced model file between batches (None: the model never changes);
+        ``metrics``: the --metrics file to keep up to date (None: none)."""
         self.model = model
         self.config = config
         self.results = results
+        self.swapper = swapper
+        self.metrics = metrics
         self._stop = threading.Event()
         exclude = frozenset(
-            p for p in (config.done, config.quarantine, config.review, str(results.path), str(results.journal_path))
+            p for p in (config.done, config.quarantine, config.review, str(results.path), str(results.journal_path),
+                        metrics.path if metrics else None)
             if p
         )
         self.exclude = exclude
@@ -127,12 +139,39 @@ class Runner:
         self._stop.set()
 
     def run(self) -> None:
+        c = self.config
+        self._model_started()
+        if c.review:
+            log.info("review copies: unknown images%s -> %s",
+                     f" and top probability < {c.review_below:g}" if c.review_below else "", c.review)
+        try:
+            self._recover()
+            while not self._stop.is_set():
+                ready = self.watcher.poll(limit=4 * c.batch_size)
+                for start in range(0, len(ready), c.batch_size):
+                    self._process(ready[start : start + c.batch_size])
+                    self._between_batches()
+                    if self._stop.is_set():
+                        break
+                if not ready:
+                    if c.once and self.watcher.idle:
+                        break
+                    self._stop.wait(self._idle_seconds())
+                    self._between_batches()
+        finally:
+            if self.metrics is not None:
+                self.metrics.write(self.watcher.queue_length)
+        log.info("stopped after %d images (%d errors)", self.stats.total, self.stats.errors)
+
+    def _model_started(self) -> None:
+        """Log what the model is and does (at start-up and after a swap); tell the metrics."""
         m, c = self.model, self.config
         log.info(
             "model %s: %d classes, input %dx%d %s %s (batch %s); watching %s -> %s",
             m.model_id, len(m.class_names), *m.input_size, m.layout, m.input_dtype,
             m.fixed_batch or "dynamic", c.watch, c.results,
         )
+        scores = m.ood_threshold is not None and c.unknown
         if m.ood_threshold is None:
             log.info("unknown detection: not available (the model has no ood_score output and ood metadata)")
         elif not c.unknown:
@@ -140,29 +179,38 @@ class Runner:
         else:
             log.info("unknown detection: on, an image is unknown when its ood_score > %g (%s)",
                      m.ood_threshold, m.ood.get("method", "method not recorded"))
-        if c.review:
-            log.info("review copies: unknown images%s -> %s",
-                     f" and top probability < {c.review_below:g}" if c.review_below else "", c.review)
-        self._recover()
-        while not self._stop.is_set():
-            ready = self.watcher.poll(limit=4 * c.batch_size)
-            for start in range(0, len(ready), c.batch_size):
-                self._process(ready[start : start + c.batch_size])
-                self._report_if_due()
-                if self._stop.is_set():
-                    break
-            if not ready:
-                if c.once and self.watcher.idle:
-                    break
-                wait = self.watcher.seconds_to_next_ready()
-                self._stop.wait(c.poll_seconds if wait is None else min(max(wait, 0.01), c.poll_seconds))
-                self._report_if_due()
-        log.info("stopped after %d images (%d errors)", self.stats.total, self.stats.errors)
+        if self.metrics is not None:
+            labels = [*m.class_names, "unknown"] if scores else m.class_names
+            self.metrics.set_model(m.model_id, m.class_names, m.drift_reference, labels)
+            if m.drift_reference is None:
+                log.info("drift metrics: not available (the model's metadata has no drift_reference)")
 
-    def _report_if_due(self) -> None:
+    def _idle_seconds(self) -> float:
+        """How long to wait for files: until one may have settled, a poll, or a due swap check or
+        metrics write, whichever comes first."""
+        waits = [self.config.poll_seconds, self.watcher.seconds_to_next_ready()]
+        if self.swapper is not None:
+            waits.append(self.swapper.seconds_to_check())
+        if self.metrics is not None:
+            waits.append(self.metrics.seconds_to_due())
+        return max(min(w for w in waits if w is not None), 0.01)
+
+    def _between_batches(self) -> None:
+        """Nothing is in flight: load a replaced model file, write the stats line and metrics if due."""
+        if self.swapper is not None:
+            new = self.swapper.check()
+            if self.metrics is not None:
+                self.metrics.refusals = self.swapper.refusals
+            if new is not None:
+                self.model = new
+                if self.metrics is not None:
+                    self.metrics.swaps += 1
+                self._model_started()
         if self.stats.due():
             queue = f"{self.watcher.queue_length}{'' if self.watcher.queue_complete else '+'}"
             log.info(self.stats.line(queue))
+        if self.metrics is not None:
+            self.metrics.write_if_due(self.watcher.queue_length)
 
     def _recover(self) -> None:
         """Protocol step b: settle files whose line was committed by an interrupted run."""
@@ -272,8 +320,11 @@ class Runner:
             scored = (next(rows), next(scores) if scores is not None else None) if p.image is not None else None
             record = self._record(p, scored, share, now, taken)
             items.append(_Settling(record, p.state, p.file))
-            self.stats.add(record["latency_ms"], "error" not in record)
         self.results.append([item.record for item in items])
+        for item in items:  # counted once the lines are durable
+            self.stats.add(item.record["latency_ms"], "error" not in item.record)
+            if self.metrics is not None:
+                self.metrics.observe(item.record)
         self._settle(items)
 
     def _record(

@@ -17,6 +17,11 @@ Every exported model carries these ``metadata_props`` (JSON values are strings):
   quantization         JSON (int8 models only): method, calibration and the accuracy it was accepted at
   ood                  JSON (models with the second output ``ood_score``): the unknown score's method and
                        calibrated threshold (``classify/ood.py``); an image is unknown when its score is above it
+  drift_reference      JSON (store + head exports): {"class_share": {class: share of images predicted so},
+                       "mean_confidence": mean top probability, "split": ..., "rows": n} on the store's
+                       test split (the validation rows trained the head, so their confidence is optimistic;
+                       validation when a store has no test rows); the edge's --metrics drift gauges compare
+                       the last images with it
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edge.imageio import strict_json
@@ -39,9 +45,19 @@ from extract.version import __version__
 TRANSFERKIT_VERSION = __version__
 REQUIRED_KEYS = ("class_names", "input_size", "layout", "input_dtype", "preprocessing", "backbone", "source",
                  "model_id", "transferkit_version", "created")
-JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization", "ood")
+JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization", "ood",
+             "drift_reference")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
+
+
+def drift_reference(probabilities: np.ndarray, class_names: list[str], split: str) -> dict:
+    """The ``drift_reference`` of a model whose probabilities on the images of ``split`` are
+    ``probabilities`` (rows): the share of images per predicted class and the mean top probability."""
+    predicted = np.bincount(probabilities.argmax(axis=1), minlength=len(class_names))
+    rows = len(probabilities)
+    return {"class_share": {name: round(int(n) / rows, 6) for name, n in zip(class_names, predicted)},
+            "mean_confidence": round(float(probabilities.max(axis=1).mean()), 6), "split": split, "rows": rows}
 
 
 def path_fingerprint(path: str | Path) -> str:

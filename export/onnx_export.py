@@ -35,7 +35,8 @@ from classify.ood_graph import OOD_OUTPUT, add_ood_output
 from classify.persist import head_dir, load_head
 from export.data import LabelledImages, from_feature_set, from_folder, from_store, load_batch
 from export.keras_models import load_fine_tuned
-from export.metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, graph_model_id, path_fingerprint, set_metadata
+from export.metadata import (INPUT_NAME, OUTPUT_NAME, build_metadata, drift_reference, graph_model_id, path_fingerprint,
+                             set_metadata)
 from export.parity import PROBABILITY_ATOL, ParityReport, check_parity
 from export.quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_TOLERANCE, QuantizationReport, int8_path, quantize_checked
 from extract.engine import keras_to_onnx
@@ -162,9 +163,22 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
         model=append_head(keras_graph(built.model, built.input_size, opset), head_graph),
         record=trained.backbone,
         reference=lambda batch: trained.predict_proba(np.asarray(built.model(batch, training=False))),
-        metadata={**build_metadata(trained.class_names, trained.backbone, source), "ood": scorer.calibration_},
+        metadata={**build_metadata(trained.class_names, trained.backbone, source), "ood": scorer.calibration_,
+                  **_drift_reference(trained, features)},
         images=from_feature_set(features, images_dir),
     )
+
+
+def _drift_reference(trained, features) -> dict:
+    """``{"drift_reference": ...}`` from the head's predictions on the store's test rows (held out from
+    the head), else its validation rows; ``{}`` for a store with neither."""
+    splits = np.asarray(features.splits)
+    for split in ("test", "validation"):
+        rows = splits == split
+        if rows.any():
+            probabilities = trained.predict_proba(features.features[rows])
+            return {"drift_reference": drift_reference(probabilities, trained.class_names, split)}
+    return {}
 
 
 def write_checked(conversion: Conversion, out: Path, parity_images: int, threads: int | None) -> tuple[dict, ParityReport]:

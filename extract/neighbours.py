@@ -63,19 +63,50 @@ def similar_pairs(unit: np.ndarray, threshold: float, others: np.ndarray | None 
     return np.concatenate(found) if found else np.zeros((0, 3))
 
 
+def strongest_pairs(pairs: np.ndarray, per_row: int) -> np.ndarray:
+    """The pairs ``(i, j, similarity)`` that are among the ``per_row`` most similar pairs of i or of j."""
+    ranked = pairs[np.argsort(-pairs[:, 2], kind="stable")]
+    ends = np.concatenate([ranked[:, 0], ranked[:, 1]]).astype(np.int64)  # each pair once per end
+    pair_of = np.tile(np.arange(len(ranked)), 2)
+    order = np.lexsort((pair_of, ends))  # by end, then by falling similarity
+    first = np.searchsorted(ends[order], ends[order])
+    keep = np.zeros(len(ranked), bool)
+    keep[pair_of[order][np.arange(len(order)) - first < per_row]] = True
+    return ranked[keep]
+
+
 def nearest_other(unit: np.ndarray, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the index and cosine of its most similar other row (blockwise)."""
+    index, best, _ = nearest_two(unit, block_rows)
+    return index, best
+
+
+def nearest_two(unit: np.ndarray, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row, the index and cosine of its most similar other row, and the second-best cosine."""
     n = len(unit)
     step = block_rows or block_rows_for(n)
     index = np.zeros(n, dtype=np.int64)
     best = np.full(n, -np.inf, dtype=np.float32)
+    second = np.full(n, -np.inf, dtype=np.float32)
     for start in range(0, n, step):
         stop = min(n, start + step)
         sims = unit[start:stop] @ unit.T
-        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+        rows = np.arange(stop - start)
+        sims[rows, np.arange(start, stop)] = -np.inf
         index[start:stop] = sims.argmax(axis=1)
-        best[start:stop] = sims[np.arange(stop - start), index[start:stop]]
-    return index, best
+        best[start:stop] = sims[rows, index[start:stop]]
+        sims[rows, index[start:stop]] = -np.inf
+        second[start:stop] = sims.max(axis=1)
+    return index, best, second
+
+
+def mutual_nearest_pairs(unit: np.ndarray, block_rows: int | None = None) -> np.ndarray:
+    """``(i, j, cosine, margin)``, i < j, for rows that are each other's nearest other row; margin:
+    how much their cosine beats the next-nearest row of either (small inside a dense cluster)."""
+    index, best, second = nearest_two(unit, block_rows)
+    rows = np.flatnonzero((index[index] == np.arange(len(index))) & (np.arange(len(index)) < index))
+    margin = best[rows] - np.maximum(second[rows], second[index[rows]])
+    return np.column_stack([rows, index[rows], best[rows], margin]).astype(np.float64).reshape(-1, 4)
 
 
 def connected_groups(n: int, pairs) -> list[list[int]]:

@@ -13,8 +13,9 @@ is Ray imported and started, so an unchanged folder costs no Ray at all. Then th
 3. folds the segments the tasks write (extract/ray_task.py) into the store at checkpoints and at the
    end, exactly as the local runner folds its own: the result is the local runner's store.
 
-Faults: Ray retries a task whose worker dies (``max_retries``); rows the killed attempt had written are
-kept once (the store keeps one row per path). If the driver dies, the next run folds the segments and
+Faults: Ray retries a task whose worker dies (``max_retries``); the retry computes only what the killed
+attempt's batch files do not hold (rows a checkpoint had folded already are computed again and kept
+once: the store keeps one row per path). If the driver dies, the next run folds the segments and
 computes only what is missing. A file that does not decode is a failed row, never a failed task.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -167,9 +169,10 @@ def compute_on_ray(writer, state, root, todo, record, weights, options, *,
         record = replace(record.with_engine("onnx"),
                          runner=runner_record(engine_sha, ray_options, len(shards), versions))
         engine_ref = ray.put(engine_path.read_bytes())
+        run_key = uuid.uuid4().hex[:12]  # one per run: a retry's batch files are found by its shard's key
         tasks = [ShardTask(str(writer.path.resolve()), str(Path(root).resolve()), items, record,
                            options.batch_size, ray_options.cpus_per_task, engine_sha, str(engine_path.resolve()),
-                           [engine_ref], versions) for items in shards]
+                           [engine_ref], versions, key=f"{run_key}-s{index}") for index, items in enumerate(shards)]
         loop_started = time.monotonic()
         extracted = _run_tasks(tasks, ray_options, writer, state, options.checkpoint_seconds, options.progress)
     writer.commit(state)

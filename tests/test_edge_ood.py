@@ -244,3 +244,26 @@ def test_fixed_batch_models_score_every_image(tmp_path: Path):
     np.testing.assert_allclose(scores[2], scores["N"], rtol=1e-5)
     np.testing.assert_allclose(scores["N"], scorer.score_samples(images.mean(axis=(1, 2))), rtol=1e-3)
     assert (scores["N"][3:] > scorer.threshold_).all() and (scores["N"][:3] <= scorer.threshold_).all()
+
+
+def test_ood_cost_bench_compares_the_model_with_its_score_pruned(tmp_path: Path, inbox: Path):
+    from bench.edge_ood_bench import compare, to_markdown, without_ood
+    from edge.model import load_model
+
+    model, _ = build_ood_model(tmp_path / "ood.onnx")
+    pruned = load_model(without_ood(model, tmp_path / "plain.onnx"), threads=1)
+    full = load_model(model, threads=1)
+    assert pruned.ood is None and [o.name for o in pruned.session.get_outputs()] == ["probabilities"]
+    assert pruned.model_id == full.model_id + "-without-ood"
+    images = np.stack([np.full((16, 16, 3), c, np.uint8) for c in [*COLOURS.values(), GREY]])
+    np.testing.assert_array_equal(pruned.predict(images), full.predict(images))  # only the score is gone
+    with pytest.raises(ValueError, match="no ood_score output"):
+        without_ood(tmp_path / "plain.onnx", tmp_path / "again.onnx")
+
+    result = compare(model, "tiny", inbox, threads=1, batch=2, repeats=1, limit=8)
+    assert result["runner_images"] == 3 and result["inference_images"] == 3
+    assert result["model_ids"]["without"] == full.model_id + "-without-ood"
+    for part in ("inference", "runner"):
+        assert result[part]["with ood_score"]["cpu_ms_per_image"]["median"] > 0
+    text = to_markdown(result)
+    assert "| inference alone: CPU ms per image |" in text and "Load average" in text

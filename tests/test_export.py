@@ -91,6 +91,24 @@ def test_unknown_score_is_in_the_graph_and_calibrated_without_test(head_export, 
     np.testing.assert_allclose(scores, scorer.score_samples(features.features), rtol=2e-3, atol=1e-2)
 
 
+def test_drift_reference_is_the_heads_view_of_the_held_out_test_split(head_export, workspace):
+    """The edge's drift gauges compare with this: the head's predicted class mix and mean top
+    probability on the test rows (the validation rows trained the head)."""
+    from classify.persist import load_head
+    from edge.model import load_model
+
+    out, (metadata, _) = head_export
+    features = workspace.features()
+    rows = np.asarray(features.splits) == "test"
+    probabilities = load_head(workspace.head).predict_proba(features.features[rows])
+    reference = read_metadata(out)["drift_reference"]
+    assert reference == metadata["drift_reference"] and (reference["split"], reference["rows"]) == ("test", rows.sum())
+    shares = np.bincount(probabilities.argmax(axis=1), minlength=3) / rows.sum()
+    assert [reference["class_share"][name] for name in features.class_names] == pytest.approx(shares, abs=1e-6)
+    assert reference["mean_confidence"] == pytest.approx(probabilities.max(axis=1).mean(), abs=1e-6)
+    assert load_model(out, threads=1).drift_reference == reference  # the edge accepts it
+
+
 def test_metadata_round_trip(head_export, workspace):
     out, (metadata, _) = head_export
     meta = read_metadata(out)

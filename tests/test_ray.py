@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -331,3 +332,45 @@ def test_ray_options_need_the_ray_runner(tmp_path):
     folder = make_image_folder(tmp_path / "images", per_class=2, size=24)
     result = CliRunner().invoke(cli, ["extract", str(folder), "--store", str(tmp_path / "f.h5"), "--shards", "4"])
     assert result.exit_code == 2 and "--shards needs --runner ray" in result.output
+
+
+def test_a_retried_task_computes_only_what_its_killed_attempt_did_not_write(on_ray, tmp_path):
+    """A retry reads the batch files of its shard's killed attempt: those rows and failures are not
+    computed again, and the fold keeps them (each image once)."""
+    import extract.ray_runner as runner
+    from extract.ray_task import ShardParts, run_shard_task
+
+    folder = make_image_folder(tmp_path / "images", per_class=4, size=24)
+    add_bad_files(folder)
+    run_extraction(folder, tmp_path / "local.h5", **ARGS)
+    planned: list = []
+    store = tmp_path / "ray.h5"
+    with pytest.MonkeyPatch.context() as mp:  # the driver plans the shard; this test runs its attempts
+        mp.setattr(runner, "_run_tasks", lambda tasks, *args: planned.extend(tasks) or 0)
+        run_extraction(folder, store, **ARGS, ray_options=ray_options(shards=1))
+    (task,) = planned
+    bad = [item for item in task.items if item[0].endswith(("truncated.jpg", "empty.png"))]
+    earlier = [item for item in task.items if item not in bad][:5]
+    killed = ShardParts(task.store, task.key)  # what an attempt killed mid-shard left
+    killed.write_segment(task.record.name, task.record.to_dict(), [p for p, _ in earlier], [s for _, s in earlier],
+                         np.full((5, task.record.feature_dim), 7.0, task.record.dtype),
+                         {bad[0][0]: (bad[0][1], "earlier attempt")})
+    before = set(parts_dir(store).glob("*.h5"))
+
+    result = run_shard_task(task)  # the retry, in this process
+
+    assert (result["computed"], result["failed"], result["resumed"]) == (12, 2, 6)
+    new_rows, new_failures = set(), set()
+    for part in set(parts_dir(store).glob("*.h5")) - before:
+        with h5py.File(part) as f:
+            new_rows |= {p.decode() for p in f["path"][()]}
+            new_failures |= {p.decode() for p in f["failed/path"][()]}
+    assert new_rows == {p for p, _ in task.items} - {p for p, _ in earlier} - {p for p, _ in bad}
+    assert new_failures == {bad[1][0]}
+    assert run_extraction(folder, store, **ARGS, ray_options=ray_options(shards=1)).extracted == 0  # folds
+    got, want = FeatureStore(store).read(), FeatureStore(tmp_path / "local.h5").read()
+    assert got.paths == want.paths  # each image once
+    kept = np.isin(got.paths, [p for p, _ in earlier])
+    assert (got.features[kept] == 7.0).all()  # the earlier attempt's rows, not recomputed ones
+    np.testing.assert_array_equal(got.features[~kept], want.features[~kept])
+    assert FeatureStore(store).state.failed[bad[0][0]][1] == "earlier attempt"
