@@ -113,13 +113,18 @@ def printable(text: str) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def escape_surrogates(text: str) -> str:
+    """Each lone surrogate (an undecodable byte of a non-UTF-8 name, from ``os.fsdecode``) as the six
+    characters ``\\udcXX``, the JSON escape ``json.loads`` reads back to it: the text encodes to UTF-8."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def strict_json(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` that never writes NaN/Infinity (ValueError instead) and whose text encodes to
     valid UTF-8: lone surrogates (non-UTF-8 file names) become ``\\udcXX`` escapes, which Python's
     ``json.loads`` reads back to the same surrogate-escaped string (so ``os.fsencode`` gives the
     original bytes)."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, **kwargs)
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return escape_surrogates(json.dumps(obj, ensure_ascii=False, allow_nan=False, **kwargs))
 
 
 # ------------------------------------------------------------------------------ reading files once

@@ -54,7 +54,8 @@ def test_a_non_utf8_class_folder_goes_through_extract_fit_export_and_the_edge_ru
     watch = tmp_path / "watch"
     shutil.copytree(os.fsencode(images), os.fsencode(watch))
     proc = subprocess.run([sys.executable, "-m", "edge", "--model", str(model), "--watch", str(watch),
-                           "--results", str(tmp_path / "r.jsonl"), "--once", "--unknown", "off"],
+                           "--results", str(tmp_path / "r.jsonl"), "--once", "--unknown", "off",
+                           "--metrics", str(tmp_path / "metrics.prom")],
                           cwd=REPO, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     lines = [json.loads(line) for line in (tmp_path / "r.jsonl").read_bytes().decode("utf-8").splitlines()]
@@ -62,6 +63,8 @@ def test_a_non_utf8_class_folder_goes_through_extract_fit_export_and_the_edge_ru
     from_raw = [line for line in lines if os.fsencode(line["path"]).startswith(RAW + b"/")]
     assert len(from_raw) == 8 and {line["label"] for line in from_raw} == {CLASS}  # colours this far apart
     assert {os.fsencode(t["label"]) for line in lines for t in line["top"]} == {b"blue", RAW}
+    metrics = (tmp_path / "metrics.prom").read_bytes().decode("utf-8")  # valid UTF-8, the name escaped
+    assert 'edge_class_total{label="caf\\\\udce9"} 8' in metrics
 
     report = tmp_path / "report"
     _ok(["evaluate", "--store", str(store), "--head", str(head), "--split", "train", "--report-dir", str(report)])
