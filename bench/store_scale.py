@@ -102,8 +102,9 @@ def measured(args: list[str], mem_cap_gb: float | None = None, timeout: float = 
     else:
         lines = [line for line in stderr.strip().splitlines() if line.strip()] or ["?"]
         status = "failed: " + lines[-1][:200]
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "status": status,
-            "mem_cap_gb": mem_cap_gb, "stdout_tail": stdout.strip()[-300:]}
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "status": status,
+            "mem_cap_gb": mem_cap_gb, "stdout_tail": stdout.strip()[-3000:]}
 
 
 def disk_bytes(store: Path) -> int:
@@ -135,14 +136,24 @@ def run(rows: int, dim: int, backbones: int, work: Path, checkpoints: int, batch
     }
     result["disk_over_features"] = round(result["disk_bytes"] / feature_bytes, 3)
     result.update(measure_info(store))
-    one_backbone = rows * dim * 2
-    for kind in ("svm", "softmax"):
-        fit = measured(["fit-head", "--store", str(store), "--kind", kind, "--backbone", "synthetic0",
-                        "--out", str(work / f"head-{kind}"), "--json"], fit_mem_gb, fit_timeout)
-        fit["peak_over_feature_bytes"] = round(fit["peak_rss_mb"] * 2**20 / one_backbone, 2)
-        result[f"fit_{kind}"] = fit
+    result.update(measure_fits(store, rows * dim * 2, fit_mem_gb, fit_timeout))
     result["merge"] = _merge(work, table, dim, backbones, shards, batch, classes)
     return result
+
+
+def measure_fits(store: Path, one_backbone: int, fit_mem_gb: float, fit_timeout: float) -> dict:
+    """`fit-head --kind svm` and `--kind softmax` on the store, each in a fresh process: seconds, CPU
+    seconds, peak RSS and its ratio to one backbone's feature bytes, the head's CV and test accuracy."""
+    fits = {}
+    for kind in ("svm", "softmax"):
+        fit = measured(["fit-head", "--store", str(store), "--kind", kind, "--backbone", "synthetic0",
+                        "--out", str(store.parent / f"head-{kind}"), "--json", "--quiet"], fit_mem_gb, fit_timeout)
+        fit["peak_over_feature_bytes"] = round(fit["peak_rss_mb"] * 2**20 / one_backbone, 2)
+        if fit["status"] == "ok":
+            row = json.loads(fit["stdout_tail"].splitlines()[-1])
+            fit.update(cv_accuracy=row["cv_accuracy"], cv_folds=row["cv_folds"], test_accuracy=row["test_accuracy"])
+        fits[f"fit_{kind}"] = fit
+    return fits
 
 
 def measure_info(store: Path) -> dict:
@@ -207,8 +218,7 @@ def render(results: dict) -> str:
     for key in sorted(results, key=int):
         r = results[key]
         c, info, merge = r["checkpoint_seconds"], r["store_info"], r["merge"]
-        fits = [f"{f['seconds']}, {f['peak_rss_mb']} ({f['peak_over_feature_bytes']}x){_note(f)}"
-                for f in (r["fit_svm"], r["fit_softmax"])]
+        fits = [_fit_cell(f) for f in (r["fit_svm"], r["fit_softmax"])]
         lines.append(f"| {r['rows']:,} x {r['dim']} | {r['build_seconds']} | {len(c)}: {c[0]} / {c[-1]} "
                      f"({r['last_over_first_checkpoint']}x) | {r['disk_over_features']} | {info['seconds']}, "
                      f"{info['peak_rss_mb']}; {_library_info(r)} ({r['store_info_in_process_seconds']}) | "
@@ -220,12 +230,22 @@ def render(results: dict) -> str:
         lines.append(f"- {r['rows']:,} rows: `{r['command']}`, {r['measured']}, load average "
                      f"{r['load_average_at_start']:.1f} at start (a shared 2-core machine: other jobs ran meanwhile)"
                      + (f"; `store info` re-measured with `{r['info_command']}`" if "info_command" in r else "")
+                     + (f"; fit-head re-measured with `{r['fit_command']}`, {r['fit_measured']}, load average "
+                        f"{r['fit_load_average_at_start']:.1f} at start" if "fit_command" in r else "")
                      + (f"; `store merge` re-measured with `{r['merge_command']}`, {r['merge_measured']}, load "
                         f"average {r['merge_load_average']:.1f} at start" if "merge_command" in r else "") + ".")
     lines.append("\nTimes of `store info`, `fit-head` and `store merge` are whole `python cli.py ...` processes "
                  "(start-up included); fit-head runs under an address-space cap (`--fit-mem-gb`) so a head "
                  "needing more memory than the machine has fails alone instead of taking the machine down.")
     return "\n".join(lines) + "\n"
+
+
+def _fit_cell(fit: dict) -> str:
+    """seconds (CPU seconds), MB (x features)[, CV / test accuracy and folds]."""
+    cpu = f" ({fit['cpu_seconds']} CPU)" if "cpu_seconds" in fit else ""
+    accuracy = (f"; CV {fit['cv_accuracy']:.3f} ({fit['cv_folds']} fold{'s' if fit['cv_folds'] > 1 else ''}), "
+                f"test {fit['test_accuracy']:.3f}" if "cv_accuracy" in fit else "")
+    return f"{fit['seconds']}{cpu}, {fit['peak_rss_mb']} ({fit['peak_over_feature_bytes']}x){accuracy}{_note(fit)}"
 
 
 def _library_info(result: dict) -> str:
@@ -235,6 +255,18 @@ def _library_info(result: dict) -> str:
 
 def _note(fit: dict) -> str:
     return "" if fit["status"] == "ok" else f" **{fit['status']}** (cap {fit['mem_cap_gb']} GB)"
+
+
+def _remeasure_fits(args: argparse.Namespace) -> None:
+    """Re-measure `fit-head` of the --rows row on the store kept in --work (built there first if absent)."""
+    store = args.work / "store.h5"
+    if not store.exists():
+        args.work.mkdir(parents=True, exist_ok=True)
+        build_store(store, image_table(args.rows, args.classes), np.arange(args.rows), args.dim, args.backbones,
+                    args.checkpoints, args.batch, args.classes)
+    load, began = os.getloadavg()[0], _now()
+    _update_row(args, measure_fits(store, args.rows * args.dim * 2, args.fit_mem_gb, args.fit_timeout),
+                fit_command=command_line(), fit_measured=began, fit_load_average_at_start=load)
 
 
 def main() -> None:
@@ -252,6 +284,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--info-only", action="store_true",
                         help="Only re-measure `store info` on the store kept in --work (updates that row).")
+    parser.add_argument("--fit-only", action="store_true",
+                        help="Only re-measure `fit-head` on the store in --work, building it there first if absent "
+                             "(updates that row).")
     parser.add_argument("--merge-only", action="store_true",
                         help="Only re-measure `store merge` of --shards new shard stores of --rows rows in all "
                              "(updates that row).")
@@ -259,6 +294,9 @@ def main() -> None:
     path = args.out / "store-scale.json"
     if args.info_only:
         _update_row(args, measure_info(args.work / "store.h5"), info_command=command_line())
+        return
+    if args.fit_only:
+        _remeasure_fits(args)
         return
     if args.merge_only:  # the shards have the row's shape (dim, backbones, classes), not the options'
         load, row = os.getloadavg()[0], json.loads(path.read_text())[str(args.rows)]

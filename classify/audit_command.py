@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from classify.duplicates import FEATURE_THRESHOLD
 from edge.imageio import strict_json
+from extract.neighbours import NEAR_DUPLICATE_COSINE as FEATURE_THRESHOLD  # light: classify.duplicates needs scipy
 from extract.options import json_option
 
 

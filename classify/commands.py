@@ -7,7 +7,7 @@ import click
 from classify.kinds import KIND_CHOICES
 from edge.imageio import printable, strict_json
 from classify.selection import DEFAULT_FOLDS
-from extract.options import backbone_option, engine_option, json_option, split_option, weights_option
+from extract.options import engine_option, json_option, split_option, weights_option
 
 
 def _number(value: float | None) -> str:
@@ -18,7 +18,8 @@ def _number(value: float | None) -> str:
 @click.option("--store", required=True, type=click.Path(exists=True, dir_okay=False), help="HDF5 feature store.")
 @click.option("--kind", required=True, type=click.Choice(KIND_CHOICES),
               help="svm, softmax, mlp, rbf, or all (fit every kind, keep the best cross-validation accuracy).")
-@backbone_option(help="Backbone whose features to use [default: the store's only one].")
+@click.option("--backbone", default=None,  # a name in the store (BACKBONE@int8 too), not only the registry's
+              help="Backbone whose features to use, as the store names it [default: the store's only one].")
 @click.option("--out", required=True, type=click.Path(), help="Head folder to write (head.json + weights.npz).")
 @click.option("--folds", default=DEFAULT_FOLDS, show_default=True, type=click.IntRange(min=2),
               help="Cross-validation folds (fewer when a class has fewer labelled images).")

@@ -10,6 +10,7 @@ import numpy as np
 
 from classify.errors import HeadMismatch, TrainingDataError
 from classify.persist import TrainedHead
+from classify.streamed import row_chunks
 from edge.imageio import strict_json
 from extract.int8 import stored_name
 from extract.splits import SPLITS, split_counts
@@ -69,7 +70,8 @@ def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.
 
 
 def fingerprint(features: FeatureSet) -> str:
-    """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values."""
+    """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values
+    (as float32, whatever dtype they are held in)."""
     digest = hashlib.sha256()
     digest.update(strict_json({  # the keys are part of the fingerprints already in head files: keep them
         "backbone": features.backbone.name,
@@ -79,7 +81,8 @@ def fingerprint(features: FeatureSet) -> str:
         "splits": features.splits.tolist(),
         "labels": features.labels.tolist(),
     }).encode())  # the same text as json.dumps(ensure_ascii=False) for names that are valid UTF-8
-    digest.update(np.ascontiguousarray(features.features, dtype=np.float32).tobytes())
+    for part in row_chunks(len(features.features)):  # the float32 bytes, hashed a chunk at a time
+        digest.update(np.ascontiguousarray(features.features[part], dtype=np.float32).tobytes())
     return "sha256:" + digest.hexdigest()
 
 

@@ -26,10 +26,12 @@ from classify.streamed import column_moments, row_chunks
 if TYPE_CHECKING:
     import onnx
 
+PREDICT_ROWS = 1024  # rows predicted at a time: a few float64 copies of 1024 x dim each
 KEPT_DTYPES = (np.float64, np.float32, np.float16)  # float input keeps its dtype; anything else -> float64
 FOLDS_CONSTRAINT = [Interval(Integral, 2, None, closed="left")]
 SEED_CONSTRAINT = [Interval(Integral, 0, None, closed="left")]
 POSITIVE_INT = [Interval(Integral, 1, None, closed="left")]
+STREAM_CONSTRAINT = [*POSITIVE_INT, None]  # ``stream_above_rows``: None is classify.streamed.STREAM_ABOVE_ROWS
 
 
 def _rows(X) -> int | None:
@@ -94,11 +96,11 @@ class Head(ClassifierMixin, BaseEstimator):
         return (np.asarray(X, np.float64) - self.mean_) / self.scale_
 
     def predict_proba(self, X) -> np.ndarray:
-        """Probabilities, ``CHUNK_ROWS`` rows at a time (the rows stay in their float dtype meanwhile)."""
+        """Probabilities, ``PREDICT_ROWS`` rows at a time (the rows stay in their float dtype meanwhile)."""
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=KEPT_DTYPES)
         out = np.empty((len(X), len(self.classes_)))
-        for part in row_chunks(len(X)):
+        for part in row_chunks(len(X), PREDICT_ROWS):
             out[part] = softmax(self._logits(np.asarray(X[part], np.float64)))
         return out
 

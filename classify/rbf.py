@@ -58,7 +58,9 @@ class RBFHead(PairwiseHead):
                              f"so it stops at {MAX_ROWS} rows: use a linear head")
         gammas = [g / X.shape[1] for g in check_grid("RBFHead", "gammas", self.gammas)]
         d2 = squared_distances(X, X)
-        kernels = [np.exp(-gamma * d2) for gamma in gammas]
+        kernels = [np.multiply(d2, -gamma) for gamma in gammas]
+        for K in kernels:
+            np.exp(K, out=K)  # in place: one n x n array per gamma
         del d2
         found = search(kernels, y, check_grid("RBFHead", "Cs", self.Cs), stratified_folds(y, self.cv, self.seed),
                        len(self.classes_), self.n_jobs)

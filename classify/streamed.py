@@ -36,6 +36,11 @@ PRECONDITION_ROWS = 16_384  # rows the preconditioner's correlation matrix is es
 LOSSES = ("multinomial", "pair_squared_hinge")
 
 
+def streams(n_rows: int | None, above: int | None) -> bool:
+    """Whether a fit on ``n_rows`` streams: more than ``above`` rows (None: ``STREAM_ABOVE_ROWS``)."""
+    return n_rows is not None and n_rows > (STREAM_ABOVE_ROWS if above is None else above)
+
+
 def row_chunks(n: int, size: int | None = None):
     """Slices of ``size`` (default ``CHUNK_ROWS``) rows covering ``range(n)``."""
     size = size or CHUNK_ROWS
@@ -58,15 +63,16 @@ def standardised(X: np.ndarray, rows: np.ndarray | slice, mean: np.ndarray, scal
 
 
 def column_moments(X: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of each column over ``rows`` (all by default), chunk by chunk,
-    accumulated in float64 around a first estimate (so large means do not cost precision)."""
+    """Mean and standard deviation of each column over ``rows`` (all by default), a float32 chunk at
+    a time around a first estimate (so large means cost no precision), the chunks' sums in float64."""
     rows = np.arange(len(X)) if rows is None else rows
-    shift = np.asarray(X[rows[:CHUNK_ROWS]], dtype=np.float64).mean(axis=0)
+    shift = np.asarray(X[rows[:CHUNK_ROWS]], dtype=np.float32).mean(axis=0, dtype=np.float64).astype(np.float32)
     total, squares = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    buffer = np.empty((min(CHUNK_ROWS, len(rows)), X.shape[1]), np.float32)
     with np.errstate(invalid="ignore"):  # NaN or infinity in X: refused below
         for part in row_chunks(len(rows)):
-            chunk = np.asarray(X[rows[part]], dtype=np.float64) - shift
-            total += chunk.sum(axis=0)
+            chunk = standardised(X, rows[part], shift, np.float32(1.0), buffer)
+            total += chunk.sum(axis=0, dtype=np.float64)
             squares += np.einsum("ij,ij->j", chunk, chunk)
     if not (np.isfinite(total).all() and np.isfinite(squares).all()):
         raise ValueError("Input X contains NaN or infinity.")
@@ -126,7 +132,7 @@ class Preconditioner:
         sample = Rows(data.X, data.rows[picked], data.y[picked], data.n_classes, data.mean, data.scale)
         second = np.zeros((data.X.shape[1], data.X.shape[1]))
         for X, _ in sample.chunks():
-            second += X.T.astype(np.float64) @ X
+            second += X.T @ X  # float32 products (no float64 copy of the chunk), summed in float64
         second /= len(picked)
         second[np.diag_indices_from(second)] += ridge
         return cls(cholesky(second, lower=True))
@@ -194,8 +200,9 @@ def decisions(X: np.ndarray, rows: np.ndarray, mean: np.ndarray, scale: np.ndarr
     """``standardised(X[rows]) @ W + b`` (rows, classes), chunk by chunk."""
     W, b = split_params(params, X.shape[1], n_classes)
     out = np.empty((len(rows), n_classes))
+    buffer = np.empty((min(CHUNK_ROWS, len(rows)), X.shape[1]), np.float32)
     for part in row_chunks(len(rows)):
-        out[part] = standardised(X, rows[part], mean, scale) @ W.astype(np.float32) + b
+        out[part] = standardised(X, rows[part], mean, scale, buffer) @ W.astype(np.float32) + b
     return out
 
 

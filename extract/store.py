@@ -96,11 +96,13 @@ class FeatureStore:
             )
         return backbone
 
-    def read(self, backbone: str | None = None, splits: tuple[str, ...] = SPLITS) -> FeatureSet:
-        """The rows of ``backbone`` in ``splits``, as float32, in canonical order (split, then path).
+    def read(self, backbone: str | None = None, splits: tuple[str, ...] = SPLITS,
+             dtype: type | None = np.float32) -> FeatureSet:
+        """The rows of ``backbone`` in ``splits``, as ``dtype`` (None: as stored, e.g. float16), in
+        canonical order (split, then path).
 
         Only that backbone's segments are read, a chunk at a time, straight into the result: peak
-        memory is the float32 result plus one chunk and the path strings.
+        memory is the result (``n x dim x itemsize``) plus one chunk and the path strings.
         """
         name = self._backbone(backbone)
         meta = self.root.backbones[name]
@@ -110,7 +112,7 @@ class FeatureStore:
         try:
             paths = [p for f in files for p in strings(f["path"])]
             rank, image_rows, order = _canonical(paths, table, splits)
-            features = _gather(files, order, len(paths), meta.dim)
+            features = _gather(files, order, len(paths), meta.dim, np.dtype(meta.dtype if dtype is None else dtype))
         finally:
             for f in files:
                 f.close()
@@ -172,17 +174,20 @@ def _canonical(paths: list[str], table: ImageTable, splits) -> tuple[np.ndarray,
     return rank, image_rows, selected[np.lexsort((keys, rank[selected]))]
 
 
-def _gather(files, order: np.ndarray, total: int, dim: int) -> np.ndarray:
-    """float32 rows ``order`` of the concatenated segments, read chunk by chunk into place."""
+def _gather(files, order: np.ndarray, total: int, dim: int, dtype: np.dtype) -> np.ndarray:
+    """Rows ``order`` of the concatenated segments as ``dtype``, read chunk by chunk into place."""
     position = np.full(total, -1, dtype=np.int64)
     position[order] = np.arange(len(order))
-    out = np.empty((len(order), dim), dtype=np.float32)
+    out = np.empty((len(order), dim), dtype=dtype)
     offset = 0
     for f in files:
         ds = f["features"]
         for start, block in iter_chunks(ds):
             where = position[offset + start:offset + start + len(block)]
             keep = where >= 0
-            out[where[keep]] = block[keep]
+            if keep.all():
+                out[where] = block  # every row wanted: no filtered copy of the block
+            else:
+                out[where[keep]] = block[keep]
         offset += len(ds)
     return out

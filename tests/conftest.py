@@ -78,10 +78,11 @@ SPLIT_SIZES = {"train": 24, "validation": 8, "test": 8}
 
 def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, spread: float = 4.0,
                        seed: int = 0, backbone: str = "mobilenet_v2", weights_seed: int = 0,
-                       images_root: str = "/nonexistent/images", features: np.ndarray | None = None) -> Path:
+                       images_root: str = "/nonexistent/images", features: np.ndarray | None = None,
+                       dtype=np.float32) -> Path:
     """A store whose features are Gaussian blobs, one per class (separable when ``spread`` is large),
-    recorded as ``dim``-wide features of ``backbone`` with random weights from ``weights_seed``;
-    ``features`` replaces them, rows in the order written (class, then split, then index)."""
+    recorded as ``dim``-wide ``dtype`` features of ``backbone`` with random weights from
+    ``weights_seed``; ``features`` replaces them, rows in the order written (class, then split, then index)."""
     sizes = sizes or {name: SPLIT_SIZES for name in classes}
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1, (len(classes), dim)) * spread
@@ -99,7 +100,7 @@ def make_feature_store(path: Path, classes=CLASSES, sizes=None, dim: int = 16, s
     record = fake_record(backbone, dim, weights_seed=weights_seed)
     state.backbones[backbone] = BackboneRows(record=record, path=list(state.images.path),
                                              sha256=list(state.images.sha256),
-                                             features=np.asarray(rows if features is None else features, np.float32))
+                                             features=np.asarray(rows if features is None else features, dtype))
     write_state(path, state)
     return path
 

@@ -46,6 +46,17 @@ def test_fit_head_json_prints_one_object_per_head(store, tmp_path):
     assert load_head(tmp_path / "head").class_names == list(CLASSES)
 
 
+def test_fit_head_takes_any_backbone_the_store_holds(tmp_path):
+    """--backbone names the store's features (int8 ones are BACKBONE@int8), not only registered backbones."""
+    store = make_feature_store(tmp_path / "int8.h5", backbone="mobilenet_v2@int8")
+    result = invoke("fit-head", "--store", store, "--kind", "softmax", "--backbone", "mobilenet_v2@int8",
+                    "--out", tmp_path / "head", "--quiet")
+    assert result.exit_code == 0, result.output
+    result = invoke("fit-head", "--store", store, "--kind", "softmax", "--backbone", "resnet50", "--out",
+                    tmp_path / "head2", "--quiet")
+    assert result.exit_code == 1 and "has no features for backbone 'resnet50'" in result.output
+
+
 def test_fit_head_prints_a_leaderboard(store, tmp_path):
     result = invoke("fit-head", "--store", store, "--kind", "svm", "--out", tmp_path / "head", "--seed", 3, "--quiet")
     assert result.exit_code == 0 and result.stderr == "", result.output

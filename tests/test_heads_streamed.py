@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 
 import numpy as np
@@ -10,8 +11,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import classify.streamed as streamed
+import classify.train as train
+from classify.data import fingerprint
 from classify.heads import SoftmaxHead, SVMHead
 from classify.streamed import Rows, column_moments, fit_linear, search_C
+from conftest import make_feature_store
+from extract.store import FeatureStore
 
 
 def _blobs(n_per_class: int, dim: int = 6, classes: int = 3, spread: float = 1.5, seed: int = 0):
@@ -116,7 +121,7 @@ def test_predictions_in_chunks_equal_one_batch(monkeypatch):
     X, y = _blobs(40)
     head = SoftmaxHead().fit(X, y)
     whole = head.predict_proba(X)
-    monkeypatch.setattr(streamed, "CHUNK_ROWS", 7)
+    monkeypatch.setattr("classify.estimator.PREDICT_ROWS", 7)
     assert np.array_equal(head.predict_proba(X), whole)
 
 
@@ -125,3 +130,27 @@ def test_nan_in_streamed_rows_is_refused():
     X[5, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         SoftmaxHead(stream_above_rows=10).fit(X.astype(np.float16), y)
+
+
+def test_fit_head_hands_the_heads_the_stored_float16_rows_as_a_view(tmp_path, monkeypatch):
+    """fit-head reads a float16 store as float16 and gives the heads the labelled rows without a copy;
+    above the threshold svm and softmax then stream (one held-out score); the fingerprint is the
+    one a float32 read gives."""
+    sizes = {name: {"train": 150, "validation": 30, "test": 30} for name in ("a", "b", "c")}
+    store = make_feature_store(tmp_path / "f16.h5", classes=("a", "b", "c"), sizes=sizes, dtype=np.float16)
+    monkeypatch.setattr(streamed, "STREAM_ABOVE_ROWS", 400)  # 540 labelled rows
+    seen = []
+    real = train.fit_candidates
+
+    def spy(kinds, X, y, *args, **kwargs):
+        seen.append(X)
+        return real(kinds, X, y, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit_candidates", spy)
+    rows = {r["kind"]: r for r in train.fit_heads(store, kind="all", out=tmp_path / "head")}
+    (X,) = seen
+    assert X.dtype == np.float16 and X.base is not None and len(X) == 540  # a view of the read rows
+    assert rows["svm"]["cv_folds"] == rows["softmax"]["cv_folds"] == 1 and rows["mlp"]["cv_folds"] == 5
+    assert min(r["test_accuracy"] for r in rows.values()) > 0.9
+    saved = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert saved["store"]["fingerprint"] == fingerprint(FeatureStore(store).read())  # float32 read
