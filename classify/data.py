@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 from classify.errors import HeadMismatch, TrainingDataError
 from classify.persist import TrainedHead
 from classify.streamed import row_chunks
+from edge.imageio import strict_json
 from extract.int8 import stored_name
 from extract.splits import SPLITS, split_counts
 from extract.store import FeatureSet, FeatureStore
@@ -73,14 +73,14 @@ def fingerprint(features: FeatureSet) -> str:
     """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values
     (as float32, whatever dtype they are held in)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({  # the keys are part of the fingerprints already in head files: keep them
+    digest.update(strict_json({  # the keys are part of the fingerprints already in head files: keep them
         "backbone": features.backbone.name,
         "weights": features.backbone.weights.id,
         "classes": features.class_names,
         "paths": features.paths,
         "splits": features.splits.tolist(),
         "labels": features.labels.tolist(),
-    }, ensure_ascii=False).encode())
+    }).encode())  # the same text as json.dumps(ensure_ascii=False) for names that are valid UTF-8
     for part in row_chunks(len(features.features)):  # the float32 bytes, hashed a chunk at a time
         digest.update(np.ascontiguousarray(features.features[part], dtype=np.float32).tobytes())
     return "sha256:" + digest.hexdigest()
