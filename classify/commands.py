@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from classify.kinds import KIND_CHOICES
+from edge.imageio import printable, strict_json
 from classify.selection import DEFAULT_FOLDS
 from extract.options import engine_option, json_option, split_option, weights_option
 
@@ -49,7 +48,7 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
     rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, folds=folds, progress=not quiet)
     if as_json:
         for row in rows:
-            click.echo(json.dumps(row, ensure_ascii=False))
+            click.echo(strict_json(row))
         return
     click.echo(f"{'kind':<9}{'CV acc':>15}{'test acc':>10}{'test F1':>9}{'fit s':>8}")
     for row in rows:
@@ -114,7 +113,7 @@ def evaluate_command(store, head, model, images, split, report_dir, ood, as_json
         metrics = evaluate_model(model, split=split, report_dir=report_dir, store=store, images=images,
                                  progress=not quiet, ood=ood)
     if as_json:
-        click.echo(json.dumps(metrics, ensure_ascii=False))
+        click.echo(strict_json(metrics))
         return
     click.echo(f"{metrics['kind']} {'head' if head else 'model'} on {metrics['n']} {split} images: "
                f"accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, "
@@ -157,7 +156,6 @@ def predict_command(images, head, model, weights, engine, as_json, unknown, quie
     from classify.classifiers import open_classifier
     from classify.predict import predict_images
     from extract.inputs import collect_images
-    from edge.imageio import printable, strict_json
 
     files, failed = collect_images(list(images))
     classifier = open_classifier(head=head, model=model, weights=weights, engine=engine)

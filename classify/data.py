@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from classify.errors import HeadMismatch, TrainingDataError
 from classify.persist import TrainedHead
 from classify.joined import read_features
 from classify.streamed import row_chunks
+from edge.imageio import strict_json
 from extract.int8 import stored_name
 from extract.splits import SPLITS, split_counts
 from extract.store import FeatureSet, FeatureStore
@@ -77,14 +77,14 @@ def fingerprint(features: FeatureSet) -> str:
     (as float32, whatever dtype they are held in)."""
     digest = hashlib.sha256()
     records = features.records
-    digest.update(json.dumps({  # the keys are part of the fingerprints already in head files: keep them
+    digest.update(strict_json({  # the keys are part of the fingerprints already in head files: keep them
         "backbone": "+".join(record.name for record in records),
         "weights": "+".join(record.weights.id for record in records),
         "classes": features.class_names,
         "paths": features.paths,
         "splits": features.splits.tolist(),
         "labels": features.labels.tolist(),
-    }, ensure_ascii=False).encode())
+    }).encode())  # the same text as json.dumps(ensure_ascii=False) for names that are valid UTF-8
     for part in row_chunks(len(features.features)):  # the float32 bytes, hashed a chunk at a time
         digest.update(np.ascontiguousarray(features.features[part], dtype=np.float32).tobytes())
     return "sha256:" + digest.hexdigest()

@@ -29,6 +29,7 @@ import numpy as np
 
 from classify.errors import HeadFileError, HeadMismatch
 from classify.heads import HEAD_KINDS, Head
+from edge.imageio import strict_json
 from extract.clock import utc_now
 from extract.files import file_sha256, write_atomic
 from extract.record import BackboneRecord, RecordError
@@ -112,11 +113,10 @@ class TrainedHead:
     def to_onnx(self, opset: int = 17) -> "onnx.ModelProto":
         """The head graph with the class order, kind and backbone record in its metadata."""
         return self.head.to_onnx(opset, metadata={
-            "class_names": json.dumps(self.class_names, ensure_ascii=False),
+            "class_names": strict_json(self.class_names),
             "head_kind": self.kind,
-            "backbone": json.dumps(self.backbone.to_dict(), ensure_ascii=False, sort_keys=True),
-            **({"backbones": json.dumps([r.to_dict() for r in self.joined], ensure_ascii=False, sort_keys=True)}
-               if self.joined else {}),
+            "backbone": strict_json(self.backbone.to_dict(), sort_keys=True),
+            **({"backbones": strict_json([r.to_dict() for r in self.joined], sort_keys=True)} if self.joined else {}),
         })
 
 
@@ -164,7 +164,7 @@ def save_head(trained: TrainedHead, out: str | Path) -> Path:
         "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(weights).hexdigest()},
     }
     write_atomic(folder / WEIGHTS_NAME, weights)
-    write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+    write_atomic(folder / CONFIG_NAME, (strict_json(config, indent=2) + "\n").encode())
     return folder
 
 

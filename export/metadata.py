@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from edge.imageio import strict_json
 from extract.clock import utc_now
 from extract.errors import TransferKitError
 from extract.files import file_sha256
@@ -68,7 +70,7 @@ def path_fingerprint(path: str | Path) -> str:
         return file_sha256(path)
     digest = hashlib.sha256()
     for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(item.relative_to(path).as_posix().encode() + b"\0" + file_sha256(item).encode())
+        digest.update(os.fsencode(item.relative_to(path).as_posix()) + b"\0" + file_sha256(item).encode())
     return digest.hexdigest()
 
 
@@ -138,7 +140,7 @@ def set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
     """Replace ``metadata_props`` with ``metadata`` (JSON-encoding the structured values)."""
     del model.metadata_props[:]
     for key, value in metadata.items():
-        text = json.dumps(value, ensure_ascii=False, sort_keys=True) if key in JSON_KEYS else str(value)
+        text = strict_json(value, sort_keys=True) if key in JSON_KEYS else str(value)
         model.metadata_props.add(key=key, value=text)
 
 

@@ -158,6 +158,8 @@ def store_info_command(store, as_json):
         return
     click.echo(f"{info['path']}: {info['images']} images, {info['failed']} failed, {len(info['classes'])} classes")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in info["split_counts"].items()))
+    if info["validation"]:
+        click.echo(f"  validation: {info['validation']}")
     click.echo("  classes: " + ", ".join(map(printable, info["classes"])))
     for name, b in info["backbones"].items():
         click.echo(f"  {name}: {b['rows']} rows x {b['dim']} {b['dtype']}, {b['input_size']} px, "

@@ -16,6 +16,7 @@ from extract.errors import StoreError
 from extract.record import BackboneRecord
 from extract.store_files import (data_dir, images_refs, iter_chunks, load_rows, open_segment, parts_dir, read_images,
                                  read_root, strings)
+from extract.splits import describe_validation
 from extract.store_merge import merge_stores
 from extract.store_types import (FORMAT, FORMAT_VERSION, SPLITS, BackboneMeta, BackboneRows,
                                  FeatureSet, ImageTable, StoreState)
@@ -157,6 +158,7 @@ class FeatureStore:
             "pending_rows": self.pending_rows(),
             "leftovers": self.leftovers(),
             "layout": s.attrs.get("layout"),
+            "validation": describe_validation(dict(s.attrs)),
             "created": s.attrs.get("created"),
             "updated": s.attrs.get("updated"),
         }
