@@ -56,6 +56,8 @@ def export_commit(commit: str, into: Path) -> Path:
 
 
 def run(store: Path, repeats: int, baseline: str | None, work: Path) -> dict:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # before the runs: the code they measure
     trees = {"this checkout": ROOT}
     if baseline:
         trees[f"commit {baseline}"] = export_commit(baseline, work / "baseline")
@@ -64,8 +66,7 @@ def run(store: Path, repeats: int, baseline: str | None, work: Path) -> dict:
         for name, tree in trees.items():
             runs[name].append(timed_fit_head(tree, store, work / "head"))
     return {"repeats": repeats, "baseline": baseline,
-            "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip(),
+            "commit": commit,
             "results": {name: {"wall": spread([r["wall_seconds"] for r in rs]),
                                "cpu": spread([r["cpu_seconds"] for r in rs]),
                                "peak_rss_mib": spread([r["peak_rss_mib"] for r in rs]),
@@ -112,7 +113,8 @@ def main() -> None:
         title, source = shown_path(args.store), f"the store `{shown_path(args.store)}`"
     else:
         title = f"{Path(args.data).name}, {args.backbone}"
-        source = f"`{shown_path(args.data)}` extracted with {args.backbone} into a new store"
+        shown = args.data if not os.path.isabs(args.data) else shown_path(args.data)  # ../shared/... as typed
+        source = f"`{shown}` extracted with {args.backbone} into a new store"
     result.update(source=source)
     write_results(args.out, to_markdown(result, title), result)
 

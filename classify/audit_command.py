@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from classify.duplicates import FEATURE_THRESHOLD
+from edge.imageio import strict_json
+from extract.neighbours import NEAR_DUPLICATE_COSINE as FEATURE_THRESHOLD  # light: classify.duplicates needs scipy
 from extract.options import json_option
 
 
@@ -36,7 +35,7 @@ def audit_command(store, backbone, report_dir, images, threshold, top, as_json, 
     report = run_audit(store, backbone=backbone, report_dir=report_dir, images=images, feature_threshold=threshold,
                        top=top, progress=not quiet)
     if as_json:
-        click.echo(json.dumps(report, ensure_ascii=False))
+        click.echo(strict_json(report))
         return
     s, effect = report["summary"], report["leak_effect"]
     click.echo(f"{report['images']} images: {s['duplicate_groups']} duplicate groups ({s['images_in_groups']} images), "

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from html import escape
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from classify.label_checks import leak_effect_sentence
+from edge.imageio import strict_json
 
 THUMB_PX = 112
 SHOWN_GROUPS = 150
@@ -133,6 +133,6 @@ def write_report(report: dict, report_dir: str | Path, thumbnails: bool = True) 
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "audit.json", out / "audit.html"]
     report = {**report, "files": [str(f) for f in files]}
-    files[0].write_text(json.dumps(report, indent=1, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    files[0].write_text(strict_json(report, indent=1) + "\n", encoding="utf-8")
     files[1].write_text(render_html(report, thumbnails), encoding="utf-8")
     return [str(f) for f in files]

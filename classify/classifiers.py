@@ -65,7 +65,7 @@ def head_classifier(head: str | Path, weights: str | None = None, engine: str = 
     description = ("onnxruntime (cached backbone engine) + numpy head" if backbone.name == "onnx"
                    else "Keras backbone + numpy head")
     return Classifier(name=str(head), kind=trained.kind, class_names=list(trained.class_names),
-                      input_size=trained.backbone.input_size, engine=description, backbone=trained.backbone.name,
+                      input_size=trained.input_size, engine=description, backbone=trained.features_name,
                       run=lambda batch: trained.predict_proba(backbone(batch)), features=backbone, head=trained)
 
 

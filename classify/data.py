@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +10,9 @@ import numpy as np
 
 from classify.errors import HeadMismatch, TrainingDataError
 from classify.persist import TrainedHead
+from classify.joined import read_features
 from classify.streamed import row_chunks
+from edge.imageio import strict_json
 from extract.int8 import stored_name
 from extract.splits import SPLITS, split_counts
 from extract.store import FeatureSet, FeatureStore
@@ -20,10 +21,12 @@ from extract.store import FeatureSet, FeatureStore
 def unfinished_extraction(features: FeatureSet, store: str | Path) -> str | None:
     """Why the store has fewer rows than images, when an extraction did not finish; else None."""
     info = FeatureStore(store).info()
-    name = features.backbone.name
-    rows = info["backbones"].get(name, {}).get("rows", len(features.paths))
-    if rows >= info["images"]:
+    short = [(stored_name(record), info["backbones"].get(stored_name(record), {}).get("rows", len(features.paths)))
+             for record in features.records]
+    short = [(name, rows) for name, rows in short if rows < info["images"]]
+    if not short:
         return None
+    name, rows = short[0]
     return (f"{store} has {name} features for only {rows} of its {info['images']} images because an extraction "
             f"did not finish (interrupted?); run the same extract command again to resume")
 
@@ -73,31 +76,37 @@ def fingerprint(features: FeatureSet) -> str:
     """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values
     (as float32, whatever dtype they are held in)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({  # the keys are part of the fingerprints already in head files: keep them
-        "backbone": features.backbone.name,
-        "weights": features.backbone.weights.id,
+    records = features.records
+    digest.update(strict_json({  # the keys are part of the fingerprints already in head files: keep them
+        "backbone": "+".join(record.name for record in records),
+        "weights": "+".join(record.weights.id for record in records),
         "classes": features.class_names,
         "paths": features.paths,
         "splits": features.splits.tolist(),
         "labels": features.labels.tolist(),
-    }, ensure_ascii=False).encode())
+    }).encode())  # the same text as json.dumps(ensure_ascii=False) for names that are valid UTF-8
     for part in row_chunks(len(features.features)):  # the float32 bytes, hashed a chunk at a time
         digest.update(np.ascontiguousarray(features.features[part], dtype=np.float32).tobytes())
     return "sha256:" + digest.hexdigest()
 
 
 def features_for_head(trained: TrainedHead, store: str | Path) -> FeatureSet:
-    """The store's features of the head's backbone (its int8 ones for a head trained on those);
-    refuses other weights, input size or classes."""
-    name = stored_name(trained.backbone)
-    reader = FeatureStore(store)
-    if name not in reader.backbones:
-        raise HeadMismatch(f"the head was trained on {name} features; {store} has features for "
-                           f"{', '.join(reader.backbones) or 'no backbone'}")
-    features = reader.read(name)
-    if not trained.backbone.same_features(features.backbone) or features.features.shape[1] != trained.n_features:
-        raise HeadMismatch(f"the head was trained on {trained.backbone.describe()}; "
-                           f"{store} holds {features.backbone.describe()}")
+    """The store's features of the head's backbone (its int8 or mirror-averaged ones for a head trained
+    on those; every backbone's, joined, for a head over several); refuses other weights, input size or
+    classes."""
+    names = [stored_name(record) for record in trained.records]
+    available = FeatureStore(store).backbones
+    for name in names:
+        if name not in available:
+            raise HeadMismatch(f"the head was trained on {trained.features_name} features; {store} has features "
+                               f"for {', '.join(available) or 'no backbone'}")
+    features = read_features(store, "+".join(names))
+    for wanted, found in zip(trained.records, features.records):
+        if not wanted.same_features(found):
+            raise HeadMismatch(f"the head was trained on {wanted.describe()}; {store} holds {found.describe()}")
+    if features.features.shape[1] != trained.n_features:
+        raise HeadMismatch(f"the head takes {trained.n_features} features; {store} gives "
+                           f"{features.features.shape[1]} for {trained.features_name}")
     if features.class_names != trained.class_names:
         raise HeadMismatch(f"the head knows classes [{', '.join(trained.class_names)}]; {store} has "
                            f"[{', '.join(features.class_names)}]")

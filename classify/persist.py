@@ -1,6 +1,7 @@
 """Save and load heads without pickle: ``HEAD/head.json`` (config) + ``HEAD/weights.npz`` (arrays).
 
-The JSON holds the kind, hyper-parameters, class names in order, the backbone record, the store the
+The JSON holds the kind, hyper-parameters, class names in order, the backbone record (a head over
+several backbones: the first, and every one in ``backbones``, in column order), the store the
 head was trained on (path + fingerprint), its metrics, the tool version and the sha256 of the
 weights file. The npz holds the standardisation, the learned arrays and the class names again, so
 the class order is covered by the hash. Loading parses JSON and reads plain numeric arrays with
@@ -26,8 +27,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from classify.errors import HeadFileError
+from classify.errors import HeadFileError, HeadMismatch
 from classify.heads import HEAD_KINDS, Head
+from edge.imageio import strict_json
 from extract.clock import utc_now
 from extract.files import file_sha256, write_atomic
 from extract.record import BackboneRecord, RecordError
@@ -40,7 +42,8 @@ if TYPE_CHECKING:
 
 TOOL_VERSION = __version__
 HEAD_FORMAT = "transferkit-head"
-HEAD_FORMAT_VERSION = 1
+HEAD_FORMAT_VERSION = 2  # the newest this reads; written only by heads over several backbones
+SINGLE_BACKBONE_FORMAT_VERSION = 1  # every other head, so older transferkits still read them
 CONFIG_NAME = "head.json"
 WEIGHTS_NAME = "weights.npz"
 TRAINED_ON = "the head was trained on"  # starts the messages refusing another backbone or weights
@@ -52,10 +55,16 @@ class TrainedHead:
 
     head: Head
     class_names: list[str]
-    backbone: BackboneRecord  # the store's record of the features it was trained on, unchanged
+    backbone: BackboneRecord  # the store's record of the features it was trained on, unchanged (the first, joined)
     store: dict  # {"path": ..., "fingerprint": ...} of the features it was trained on
     metrics: dict = field(default_factory=dict)
     tool_version: str = TOOL_VERSION
+    joined: list[BackboneRecord] = field(default_factory=list)  # every backbone's record when over several
+
+    @property
+    def records(self) -> list[BackboneRecord]:
+        """The records of the backbones whose features the head takes, concatenated in this order."""
+        return list(self.joined) or [self.backbone]
 
     @property
     def kind(self) -> str:
@@ -72,20 +81,42 @@ class TrainedHead:
         """The frozen backbone whose features this head takes, built from its record (refuses other weights)."""
         from extract.models import build_from_record
 
+        if len(self.records) > 1 or self.backbone.tta:
+            raise HeadMismatch(f"the head takes {self.features_name} features, which no single backbone "
+                               f"computes; train a head on one backbone's plain features for this")
+
         return build_from_record(self.backbone, weights, who=TRAINED_ON)
 
+    @property
+    def features_name(self) -> str:
+        from classify.joined import joined_name
+
+        return joined_name(self.records)
+
     def open_engine(self, weights: str | None = None, engine: str = "auto", threads: int | None = None):
-        """An engine computing this head's features (a cached ONNX engine needs no TensorFlow)."""
+        """An engine computing this head's features (a cached ONNX engine needs no TensorFlow) from images
+        at ``input_size``: each backbone's, resized and mirror-averaged as its record says, concatenated."""
+        from classify.joined import JoinedEngine
         from extract.engine import open_engine
 
-        return open_engine(self.backbone, weights, engine, threads, who=TRAINED_ON)
+        if len(self.records) > 1 and weights is not None:
+            raise HeadMismatch("--weights applies to a head over one backbone; this head records each "
+                               "backbone's weights")
+        return JoinedEngine(self.records, [open_engine(record, weights, engine, threads, who=TRAINED_ON)
+                                           for record in self.records])
+
+    @property
+    def input_size(self) -> int:
+        """The size images are decoded at for this head: the largest of its backbones' input sizes."""
+        return max(record.input_size for record in self.records)
 
     def to_onnx(self, opset: int = 17) -> "onnx.ModelProto":
         """The head graph with the class order, kind and backbone record in its metadata."""
         return self.head.to_onnx(opset, metadata={
-            "class_names": json.dumps(self.class_names, ensure_ascii=False),
+            "class_names": strict_json(self.class_names),
             "head_kind": self.kind,
-            "backbone": json.dumps(self.backbone.to_dict(), ensure_ascii=False, sort_keys=True),
+            "backbone": strict_json(self.backbone.to_dict(), sort_keys=True),
+            **({"backbones": strict_json([r.to_dict() for r in self.joined], sort_keys=True)} if self.joined else {}),
         })
 
 
@@ -118,7 +149,7 @@ def save_head(trained: TrainedHead, out: str | Path) -> Path:
     weights = _npz_bytes({**head.learned_arrays(), "class_names": np.asarray(trained.class_names, dtype=str)})
     config = {
         "format": HEAD_FORMAT,
-        "format_version": HEAD_FORMAT_VERSION,
+        "format_version": HEAD_FORMAT_VERSION if trained.joined else SINGLE_BACKBONE_FORMAT_VERSION,
         "tool_version": trained.tool_version,
         "created": utc_now(),
         "kind": head.kind,
@@ -127,12 +158,13 @@ def save_head(trained: TrainedHead, out: str | Path) -> Path:
         "n_features": trained.n_features,
         "class_names": list(trained.class_names),
         "backbone": trained.backbone.to_dict(),
+        **({"backbones": [record.to_dict() for record in trained.joined]} if trained.joined else {}),
         "store": trained.store,
         "metrics": trained.metrics,
         "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(weights).hexdigest()},
     }
     write_atomic(folder / WEIGHTS_NAME, weights)
-    write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
+    write_atomic(folder / CONFIG_NAME, (strict_json(config, indent=2) + "\n").encode())
     return folder
 
 
@@ -218,9 +250,21 @@ def load_head(path: str | Path) -> TrainedHead:
     if config["tool_version"] != TOOL_VERSION:
         warnings.warn(f"{config_path} was written by transferkit {config['tool_version']}, this is "
                       f"{TOOL_VERSION}; check its predictions", stacklevel=2)
+    backbone, joined = _records(config, config_path)
+    return TrainedHead(head=head, class_names=class_names, backbone=backbone, store=config["store"],
+                       metrics=config["metrics"], tool_version=config["tool_version"], joined=joined)
+
+
+def _records(config: dict, config_path: Path) -> tuple[BackboneRecord, list[BackboneRecord]]:
+    """The head's backbone record, and every backbone's for a head over several (else [])."""
+    joined = config.get("backbones", [])
+    if not isinstance(joined, list) or len(joined) == 1:
+        raise HeadFileError(f"{config_path} is damaged: 'backbones' must list two or more backbone records")
     try:
         backbone = BackboneRecord.from_dict(config["backbone"])
+        records = [BackboneRecord.from_dict(record) for record in joined]
     except RecordError as exc:
         raise HeadFileError(f"{config_path}: {exc}; re-run fit-head") from None
-    return TrainedHead(head=head, class_names=class_names, backbone=backbone, store=config["store"],
-                       metrics=config["metrics"], tool_version=config["tool_version"])
+    if records and records[0] != backbone:
+        raise HeadFileError(f"{config_path} is damaged: 'backbone' is not the first of 'backbones'")
+    return backbone, records

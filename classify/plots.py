@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from edge.imageio import ImageDecodeError, load_image
+from edge.imageio import ImageDecodeError, load_image, printable
 
 TSNE_MAX_POINTS = 2000
 GRID_MAX = 25
@@ -145,7 +145,8 @@ def misclassified_png(errors: list[dict], images_root: str | None, path: Path, t
         ax.imshow(image)
         if not found:
             ax.text(TILE / 2, TILE / 2, "(image not found)", ha="center", va="center", fontsize=7)
-        ax.set_title(f"{_short(item['path'])}\ntrue: {item['true']}\npred: {item['predicted']} "
+        ax.set_title(f"{_short(printable(item['path']))}\ntrue: {printable(item['true'])}\n"
+                     f"pred: {printable(item['predicted'])} "
                      f"({item['probability']:.2f})", fontsize=7)
         ax.set_axis_off()
     figure.suptitle(_wrapped(title, 2.6 * columns))

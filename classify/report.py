@@ -12,7 +12,6 @@ Writes ``REPORT_FILES`` into the report folder (``tsne.png`` only where features
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from classify import plots
 from classify.data import features_for_head, fingerprint, split_rows
 from classify.persist import head_dir, load_head
 from classify.scoring import scores
+from edge.imageio import printable, strict_json
 from extract.errors import TransferKitError
 from extract.splits import SplitSettings
 
@@ -56,14 +56,16 @@ def _per_class_rows(y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> 
 
 
 def write_report(result: Predictions, report_dir: str | Path, seed: int = 0) -> dict:
-    """The report files and the metrics every kind of model shares."""
+    """The report files and the metrics every kind of model shares (class names escaped by ``printable``
+    in the text, CSV and figures; exact in the metrics, whose JSON is ``strict_json``)."""
     y, probabilities, names = result.y, result.probabilities, result.class_names
+    shown = [printable(name) for name in names]
     pred = probabilities.argmax(axis=1)
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = list(range(len(names)))
     (out / "classification_report.txt").write_text(
-        result.title + "\n\n" + classification_report(y, pred, labels=labels, target_names=names, digits=3,
+        result.title + "\n\n" + classification_report(y, pred, labels=labels, target_names=shown, digits=3,
                                                        zero_division=0),
         encoding="utf-8",
     )
@@ -71,12 +73,12 @@ def write_report(result: Predictions, report_dir: str | Path, seed: int = 0) -> 
     with open(out / "per_class.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(per_class[0]))
         writer.writeheader()
-        writer.writerows(per_class)
+        writer.writerows({**row, "class": printable(row["class"])} for row in per_class)
     matrix = confusion_matrix(y, pred, labels=labels)
-    plots.confusion_matrix_png(matrix, names, out / "confusion_matrix.png", result.title)
+    plots.confusion_matrix_png(matrix, shown, out / "confusion_matrix.png", result.title)
     files = [name for name in REPORT_FILES if name != "tsne.png" or result.tsne_features is not None]
     if result.tsne_features is not None:
-        plots.tsne_png(result.tsne_features, y, names, out / "tsne.png", result.tsne_title, seed=seed)
+        plots.tsne_png(result.tsne_features, y, shown, out / "tsne.png", result.tsne_title, seed=seed)
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-probabilities[wrong, pred[wrong]], kind="stable")]
     errors = [{"path": result.paths[i], "true": names[y[i]], "predicted": names[pred[i]],
@@ -91,7 +93,7 @@ def write_report(result: Predictions, report_dir: str | Path, seed: int = 0) -> 
 
 
 def _save_metrics(metrics: dict, report_dir: str | Path) -> dict:
-    (Path(report_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n",
+    (Path(report_dir) / "metrics.json").write_text(strict_json(metrics, indent=2) + "\n",
                                                    encoding="utf-8")
     return metrics
 
@@ -108,7 +110,7 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
     trained = load_head(head)
     features = features_for_head(trained, store)
     X, y, paths = split_rows(features, split, store)
-    name = features.backbone.name
+    name = trained.features_name
     result = Predictions(
         split=split, y=y, probabilities=trained.predict_proba(X), class_names=trained.class_names, paths=paths,
         images_root=str(images) if images else features.store_attrs.get("images_root"),

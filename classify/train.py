@@ -21,12 +21,13 @@ from threadpoolctl import threadpool_limits
 from classify.data import check_trainable, fingerprint
 from classify.estimator import DEFAULT_FOLDS, Head, cross_val_scores
 from classify.heads import HEAD_KINDS, KIND_CHOICES, make_head
+from classify.joined import joined_name, read_features
 from classify.persist import TrainedHead, save_head
 from classify.scoring import scores
 from classify.selection import best_index
 from extract.engine import default_threads
 from extract.splits import split_counts
-from extract.store import FeatureSet, FeatureStore
+from extract.store import FeatureSet
 
 SLOWEST_FIRST = ("mlp", "rbf", "svm", "softmax")
 
@@ -92,7 +93,7 @@ def _row(kind: str, head: Head, cv: list[float], seconds: float, features: Featu
         "test_accuracy": test.get("accuracy"), "test_macro_f1": test.get("macro_f1"),
         "fit_seconds": round(seconds, 3),
         "n_train": counts["train"], "n_val": counts["validation"], "n_test": counts["test"],
-        "backbone": features.backbone.name, "seed": seed,
+        "backbone": joined_name(features.records), "seed": seed,
         "params": head.get_params(), "learned": head.get_learned_info(),
     }
 
@@ -104,7 +105,7 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
     ``progress``: a bar over the kinds on stderr, naming the ones still being fitted."""
     if kind not in KIND_CHOICES:
         raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(KIND_CHOICES)}")
-    features = FeatureStore(store).read(backbone, dtype=None)  # as stored: heads convert what they need
+    features = read_features(store, backbone, dtype=None)  # as stored: heads convert what they need
     check_trainable(features, store)
     labelled = labelled_rows(features)
     kinds = list(HEAD_KINDS) if kind == "all" else [kind]
@@ -112,7 +113,7 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
     best = choose([float(np.mean(cv)) for _, cv, _ in fitted])  # chosen before the test split is looked at
     rows = [_row(name, *fit, features, seed) for name, fit in zip(kinds, fitted)]
     saved = save_head(TrainedHead(
-        head=fitted[best][0], class_names=features.class_names, backbone=features.backbone,
+        head=fitted[best][0], class_names=features.class_names, backbone=features.backbone, joined=features.joined,
         store={"path": str(Path(store).resolve()), "fingerprint": fingerprint(features),
                "split_counts": split_counts(features.splits)},
         metrics=rows[best],

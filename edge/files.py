@@ -7,10 +7,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import filecmp
 import os
 import re
 import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 
 
@@ -45,60 +46,116 @@ def inside(root: str, rel: str) -> str | None:
     return path
 
 
-def make_folders_inside(root: str, rel_dir: str) -> None:
-    """Create ``root/rel_dir`` one level at a time, refusing any component that is a symlink or not a
-    folder (``os.makedirs`` would follow a symlinked component out of ``root``)."""
-    path = root
-    for part in [p for p in rel_dir.split("/") if p]:
-        path = os.path.join(path, part)
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            if os.path.islink(path) or not os.path.isdir(path):
-                raise NotADirectoryError(errno.ENOTDIR, "not a folder the runner owns", path) from None
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NO_FOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _same_content(a: str, b: str) -> bool:
+@contextlib.contextmanager
+def folder_inside(root: str, rel_dir: str, create: bool = False) -> Iterator[int]:
+    """A descriptor of the folder ``root/rel_dir``, opened one component at a time relative to the one
+    before, with O_NOFOLLOW (each created first when ``create``). A component that is a symlink or not
+    a folder, even one swapped in after ``inside`` checked the path, raises OSError (ELOOP/ENOTDIR)
+    instead of being followed; what is then done through the descriptor (``dir_fd=``) happens in that
+    very folder, whatever the tree does meanwhile (``os.makedirs`` or a path would follow a symlink)."""
+    fd = os.open(root, _FOLDER_FLAGS)
     try:
-        return os.path.getsize(a) == os.path.getsize(b) and filecmp.cmp(a, b, shallow=False)
+        for part in [p for p in rel_dir.split("/") if p]:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, dir_fd=fd)
+            inner = os.open(part, _FOLDER_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _same_content(a_dir: int, a: str, b_dir: int, b: str) -> bool:
+    """True when the regular files ``a`` and ``b`` (symlinks not followed) hold the same bytes."""
+    try:
+        with open(a, "rb", opener=_opener(a_dir)) as fa, open(b, "rb", opener=_opener(b_dir)) as fb:
+            if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
+                return False
+            while True:
+                block = fa.read(1 << 20)
+                if block != fb.read(1 << 20):
+                    return False
+                if not block:
+                    return True
     except OSError:
         return False
 
 
-def move_file(src: str, dst: str) -> None:
-    """Move ``src`` to ``dst`` (whose folder exists); never overwrites (FileExistsError).
+def _opener(dir_fd: int, flags_extra: int = 0, mode: int = 0o666):
+    """An ``open(opener=...)`` that opens relative to ``dir_fd`` and never follows a symlink."""
+    return lambda name, flags: os.open(name, flags | flags_extra | _NO_FOLLOW, mode, dir_fd=dir_fd)
 
-    Across filesystems the copy goes to a dot-file next to ``dst`` first and is renamed once
-    complete, so a crash never leaves a half-copied file under the final name. Idempotent: when
-    ``dst`` already holds the same bytes (a crash between the copy and the unlink), the move only
-    removes ``src``, instead of leaving a second copy under another name.
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _between(src_root: str, src_rel: str, dst_root: str, dst_rel: str):
+    """``(source folder fd, source name, destination folder fd, destination name, done)`` for a move or
+    a link (folders through ``folder_inside``, the destination's created); ``done`` when the destination
+    already holds the source's bytes; FileExistsError when it holds anything else."""
+    src_dir, src = os.path.split(src_rel)
+    dst_dir, dst = os.path.split(dst_rel)
+    with folder_inside(src_root, src_dir) as src_fd, folder_inside(dst_root, dst_dir, create=True) as dst_fd:
+        done = _exists(dst_fd, dst)
+        if done and not _same_content(src_fd, src, dst_fd, dst):
+            raise FileExistsError(errno.EEXIST, "destination exists", dst_rel)
+        yield src_fd, src, dst_fd, dst, done
+
+
+def move_file(src_root: str, src_rel: str, dst_root: str, dst_rel: str) -> None:
+    """Move ``src_root/src_rel`` to ``dst_root/dst_rel`` (its folders created); never overwrites
+    (FileExistsError) and never follows a symlink on either side (``folder_inside``): the rename is
+    made between folder descriptors (renameat), so a folder swapped for a symlink after the runner
+    checked the paths cannot redirect it.
+
+    Across filesystems the copy goes to a dot-file next to the destination first and is renamed once
+    complete, so a crash never leaves a half-copied file under the final name. Idempotent: when the
+    destination already holds the same bytes (a crash between the copy and the unlink), the move only
+    removes the source, instead of leaving a second copy under another name.
     """
-    if os.path.lexists(dst):
-        if not os.path.islink(dst) and _same_content(src, dst):
-            os.unlink(src)
-            return
-        raise FileExistsError(errno.EEXIST, "destination exists", dst)
-    try:
-        os.rename(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        _copy_then_rename(src, dst)
-        os.unlink(src)
+    with _between(src_root, src_rel, dst_root, dst_rel) as (src_fd, src, dst_fd, dst, done):
+        if not done:
+            try:
+                os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+            _copy_then_rename(src_fd, src, dst_fd, dst)
+        os.unlink(src, dir_fd=src_fd)
 
 
-def _copy_then_rename(src: str, dst: str) -> None:
-    """Copy ``src`` to a dot-file next to ``dst``, fsync it, then rename it to ``dst``: a crash
-    never leaves a half-copied file under the final name."""
-    partial = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.edge-partial")
+def _copy_then_rename(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+    """Copy ``src`` to a dot-file next to ``dst`` (mode and times kept), fsync it, then rename it to
+    ``dst``: a crash never leaves a half-copied file under the final name."""
+    partial = f".{dst}.edge-partial"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial, dir_fd=dst_fd)  # left by a crash mid-copy
     try:
-        shutil.copy2(src, partial)
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-        os.rename(partial, dst)
+        with open(src, "rb", opener=_opener(src_fd)) as fin, \
+                open(partial, "wb", opener=_opener(dst_fd, os.O_EXCL)) as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            st = os.fstat(fin.fileno())
+            os.fchmod(fout.fileno(), stat.S_IMODE(st.st_mode))
+            fout.flush()
+            os.utime(fout.fileno(), ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.fsync(fout.fileno())
+        os.rename(partial, dst, src_dir_fd=dst_fd, dst_dir_fd=dst_fd)
     except OSError:
         with contextlib.suppress(OSError):
-            os.unlink(partial)
+            os.unlink(partial, dir_fd=dst_fd)
         raise
 
 
@@ -184,21 +241,21 @@ def lock_watch_folder(watch: str) -> list[int]:
     return held
 
 
-def link_or_copy(src: str, dst: str) -> None:
-    """Hard-link ``src`` as ``dst`` (whose folder exists), or copy it where a link is impossible
-    (another filesystem, links not supported); never overwrites (FileExistsError).
+def link_or_copy(src_root: str, src_rel: str, dst_root: str, dst_rel: str) -> None:
+    """Hard-link ``src_root/src_rel`` as ``dst_root/dst_rel`` (its folders created), or copy it where a
+    link is impossible (another filesystem, links not supported); never overwrites (FileExistsError)
+    and never follows a symlink (as ``move_file``).
 
-    Idempotent: when ``dst`` already holds the same bytes (a restart after a crash), nothing is
-    done, so a re-run never leaves a second copy.
+    Idempotent: when the destination already holds the same bytes (a restart after a crash), nothing
+    is done, so a re-run never leaves a second copy.
     """
-    if os.path.lexists(dst):
-        if not os.path.islink(dst) and _same_content(src, dst):
+    with _between(src_root, src_rel, dst_root, dst_rel) as (src_fd, src, dst_fd, dst, done):
+        if done:
             return
-        raise FileExistsError(errno.EEXIST, "destination exists", dst)
-    try:
-        os.link(src, dst, follow_symlinks=False)
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-            raise
-    _copy_then_rename(src, dst)
+        try:
+            os.link(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise
+        _copy_then_rename(src_fd, src, dst_fd, dst)

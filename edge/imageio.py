@@ -113,13 +113,18 @@ def printable(text: str) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def escape_surrogates(text: str) -> str:
+    """Each lone surrogate (an undecodable byte of a non-UTF-8 name, from ``os.fsdecode``) as the six
+    characters ``\\udcXX``, the JSON escape ``json.loads`` reads back to it: the text encodes to UTF-8."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def strict_json(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` that never writes NaN/Infinity (ValueError instead) and whose text encodes to
     valid UTF-8: lone surrogates (non-UTF-8 file names) become ``\\udcXX`` escapes, which Python's
     ``json.loads`` reads back to the same surrogate-escaped string (so ``os.fsencode`` gives the
     original bytes)."""
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, **kwargs)
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return escape_surrogates(json.dumps(obj, ensure_ascii=False, allow_nan=False, **kwargs))
 
 
 # ------------------------------------------------------------------------------ reading files once
@@ -151,7 +156,7 @@ class FileBytes:
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink, not followed"))
 
 
 def _not_regular(mode: int) -> str:
@@ -159,11 +164,12 @@ def _not_regular(mode: int) -> str:
     return f"not a regular file ({kind})"
 
 
-def _open_failure(path: str | Path, exc: OSError) -> str:
+def _open_failure(path: str | Path, exc: OSError, dir_fd: int | None = None) -> str:
     if exc.errno == errno.ENOENT:
-        return "dangling symlink (its target does not exist)" if os.path.islink(path) else "file not found"
+        linked = dir_fd is None and os.path.islink(path)
+        return "dangling symlink (its target does not exist)" if linked else "file not found"
     if exc.errno == errno.ELOOP:
-        return "symlink loop"
+        return "symlink loop" if dir_fd is None else _not_regular(stat.S_IFLNK)
     if exc.errno in (errno.EACCES, errno.EPERM):
         return "permission denied"
     if exc.errno == errno.EISDIR:
@@ -171,15 +177,16 @@ def _open_failure(path: str | Path, exc: OSError) -> str:
     return f"cannot open file: {exc.strerror or exc}"
 
 
-def stat_regular_file(path: str | Path) -> os.stat_result:
-    """``os.stat`` (links followed) of a regular file, else ImageDecodeError with the reason.
+def stat_regular_file(path: str | Path, dir_fd: int | None = None) -> os.stat_result:
+    """``os.stat`` (links followed; with ``dir_fd``, of the name ``path`` in that folder, not followed)
+    of a regular file, else ImageDecodeError with the reason.
 
     Cheap (reads nothing): callers that may reuse a hash computed earlier check size and mtime
     with it, and call ``read_image_file`` only when they need the bytes."""
     try:
-        st = os.stat(path)
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=dir_fd is None)
     except OSError as exc:
-        raise ImageDecodeError(_open_failure(path, exc)) from None
+        raise ImageDecodeError(_open_failure(path, exc, dir_fd)) from None
     if not stat.S_ISREG(st.st_mode):
         raise ImageDecodeError(_not_regular(st.st_mode))
     return st
@@ -197,19 +204,22 @@ def _read_all(fd: int, expected: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_image_file(path: str | Path) -> FileBytes:
+def read_image_file(path: str | Path, dir_fd: int | None = None) -> FileBytes:
     """Read a regular file whole, once, without ever blocking or reading a device.
 
     Symlinks are followed; a FIFO, device, socket, directory, dangling link, link loop, unreadable
     or oversized file raises ImageDecodeError with a short reason. The file is opened
     non-blocking (a FIFO swapped in after the check cannot hang the open) and checked again on the
     open descriptor. A file whose size or mtime changed while it was read raises FileChangedError.
+    With ``dir_fd`` (the edge runner, see ``edge/files.folder_inside``), ``path`` is a name in that
+    folder and a symlink there is refused, not followed (O_NOFOLLOW), even one swapped in after a check.
     """
-    stat_regular_file(path)  # refuse devices and FIFOs before opening them at all
+    stat_regular_file(path, dir_fd)  # refuse devices and FIFOs before opening them at all
+    no_follow = 0 if dir_fd is None else os.O_NOFOLLOW
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | no_follow, dir_fd=dir_fd)
     except OSError as exc:
-        raise ImageDecodeError(_open_failure(path, exc)) from None
+        raise ImageDecodeError(_open_failure(path, exc, dir_fd)) from None
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):

@@ -41,6 +41,7 @@ from collections import Counter, deque
 from typing import Any
 
 from .files import write_atomic
+from .imageio import escape_surrogates
 
 log = logging.getLogger("edge")
 
@@ -48,8 +49,10 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 
 def escape_label(value: str) -> str:
-    """A label value as the text format wants it: backslash, double quote and newline escaped."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """A label value as the text format wants it: backslash, double quote and newline escaped; an
+    undecodable byte of a non-UTF-8 class name (a lone surrogate) becomes the text ``\\udcXX``, as in
+    the JSON lines, so the file stays valid UTF-8."""
+    return escape_surrogates(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def number(value: float) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import free_destination, fsync_dir, inside, link_or_copy, make_folders_inside, move_file
+from .files import folder_inside, free_destination, fsync_dir, inside, link_or_copy, move_file
 from .imageio import FileBytes, FileChangedError, ImageDecodeError, decode_image, is_image_name, read_image_file
 from .metrics import Metrics
 from .model import EdgeModel
@@ -253,13 +253,25 @@ class Runner:
                         "" if review_copy is None else f", review_copy {review_copy}")
             return None
         try:
-            file = read_image_file(path)
+            file = self._read(record["path"])
         except ImageDecodeError:
             return None  # gone, or not a regular file any more: nothing to settle
         if record.get("sha256") is not None and file.sha256 != record["sha256"]:
             return None  # another file now has that name: it gets its own line
         state = FileState(record["path"], file.size, file.mtime_ns)
         return None if self.results.is_kept(state) else _Settling(record, state, file)
+
+    def _read(self, rel: str) -> FileBytes:
+        """``read_image_file`` of ``watch/rel`` through its folder's descriptor (``folder_inside``): neither
+        a folder nor the file itself swapped for a symlink after ``_owned_path`` checked them is followed."""
+        folder, name = os.path.split(rel)
+        try:
+            with folder_inside(self.config.watch, folder) as fd:
+                return read_image_file(name, dir_fd=fd)
+        except ImageDecodeError:
+            raise
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot open its folder: {exc.strerror or exc}") from None
 
     def _prepare(self, state: FileState) -> _Prepared | None:
         """Read one file once, hash and decode those bytes; None when it vanished or changed since
@@ -270,7 +282,7 @@ class Runner:
             return None
         start = time.perf_counter()
         try:
-            file = read_image_file(path)
+            file = self._read(state.rel)
         except FileChangedError:
             return None
         except ImageDecodeError as exc:
@@ -381,13 +393,13 @@ class Runner:
                 if "review_copy" in item.record and self.config.review:
                     self._abandoned.add((self.config.review, item.record["review_copy"]))
                 continue
-            if "review_copy" in item.record and self.config.review and self._review_copy(src, item):
+            if "review_copy" in item.record and self.config.review and self._review_copy(item):
                 folders.add(os.path.dirname(os.path.join(self.config.review, item.record["review_copy"])))
             folder = self._folder_for(item.record)
             if folder is None or "moved_to" not in item.record:
                 kept.append(item.state)
                 continue
-            dst = self._move(src, folder, item)
+            dst = self._move(folder, item)
             if dst is None:
                 kept.append(item.state)
                 continue
@@ -396,38 +408,37 @@ class Runner:
             fsync_dir(folder)
         self.results.checkpoint(kept)
 
-    def _review_copy(self, src: str, item: _Settling) -> bool:
-        """Hard-link (or copy) ``src`` to its planned ``review_copy``; False (logged) when impossible."""
+    def _review_copy(self, item: _Settling) -> bool:
+        """Hard-link (or copy) the file to its planned ``review_copy``; False (logged) when impossible."""
         rel = item.record["review_copy"]
         try:
-            dst = inside(self.config.review, rel)
-            if dst is None:
+            if inside(self.config.review, rel) is None:
                 raise NotADirectoryError(errno.ENOTDIR, "the destination leads through a symlink", rel)
-            make_folders_inside(self.config.review, os.path.dirname(rel))
-            link_or_copy(src, dst)
+            link_or_copy(self.config.watch, item.state.rel, self.config.review, rel)
         except OSError as exc:
             log.warning("cannot make the review copy of %s (%s)", item.state.rel, exc)
             return False
         return True
 
-    def _move(self, src: str, folder: str, item: _Settling) -> str | None:
-        """Move ``src`` to its planned place under ``folder``; None (logged) when it must stay."""
+    def _move(self, folder: str, item: _Settling) -> str | None:
+        """Move the file to its planned place under ``folder`` (returns that path); None (logged) when it
+        must stay. ``inside`` refuses a planned path through a symlink; ``move_file`` also refuses one
+        swapped in after that check (it never follows a symlink)."""
         rel = item.record["moved_to"]
         try:
-            dst = inside(folder, rel)
-            if dst is None:
+            if inside(folder, rel) is None:
                 raise NotADirectoryError(errno.ENOTDIR, "the destination leads through a symlink", rel)
-            make_folders_inside(folder, os.path.dirname(rel))
             try:
-                move_file(src, dst)
+                move_file(self.config.watch, item.state.rel, folder, rel)
             except FileExistsError:  # only if something else wrote into the folder meanwhile
-                dst = os.path.join(folder, free_destination(folder, rel, set()))
-                log.warning("%s already exists: %s moved to %s instead", rel, item.state.rel, dst)
-                move_file(src, dst)
+                rel = free_destination(folder, rel, set())
+                log.warning("%s already exists: %s moved to %s instead", item.record["moved_to"], item.state.rel,
+                            os.path.join(folder, rel))
+                move_file(self.config.watch, item.state.rel, folder, rel)
         except OSError as exc:
             log.warning("cannot move %s (%s): left in place, remembered as reported", item.state.rel, exc)
             return None
-        return dst
+        return os.path.join(folder, rel)
 
 
 def review_folder_name(label: str) -> str:

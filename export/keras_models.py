@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 import extract.preprocessing  # noqa: F401  (registers ImagePreprocessing for deserialisation)
+from edge.imageio import strict_json
 from extract.errors import TransferKitError
 from extract.files import atomic_write, file_sha256, write_atomic
 from extract.models import BuiltBackbone
@@ -110,7 +111,7 @@ def save_fine_tuned(model: keras.Model, path: Path, info: dict) -> None:
         model.save(tmp)
         sha = file_sha256(tmp)
     document = {"format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION, **info, "model_sha256": sha}
-    write_atomic(sidecar_path(path), json.dumps(document, indent=2, ensure_ascii=False).encode())
+    write_atomic(sidecar_path(path), strict_json(document, indent=2).encode())
 
 
 def read_sidecar(path: str | Path) -> dict:

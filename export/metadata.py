@@ -9,7 +9,10 @@ Every exported model carries these ``metadata_props`` (JSON values are strings):
   preprocessing        JSON {"mode": ..., "color": "RGB", "resize": "bilinear", "in_graph": true}: the
                        record's preprocessing, marked as inside the graph
   backbone             JSON backbone record, exactly as in the feature store and the head file (its
-                       shape is documented in ``extract/record.py``); the edge runner reads it as JSON
+                       shape is documented in ``extract/record.py``); the edge runner reads it as JSON;
+                       for a model over several backbones, the first
+  backbones            JSON list (models over several backbones only): every backbone's record, in the
+                       order their features are concatenated; input_size is then the largest of theirs
   source               JSON {"kind": "head" | "fine-tuned", paths and fingerprints of what it was made from}
   model_id             "<backbone>-<kind>-<12 hex of graph_digest>": the same for the same computation
   transferkit_version  the version that exported it
@@ -28,12 +31,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from edge.imageio import strict_json
 from extract.clock import utc_now
 from extract.errors import TransferKitError
 from extract.files import file_sha256
@@ -43,7 +48,7 @@ from extract.version import __version__
 TRANSFERKIT_VERSION = __version__
 REQUIRED_KEYS = ("class_names", "input_size", "layout", "input_dtype", "preprocessing", "backbone", "source",
                  "model_id", "transferkit_version", "created")
-JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "source", "quantization", "ood",
+JSON_KEYS = ("class_names", "input_size", "preprocessing", "backbone", "backbones", "source", "quantization", "ood",
              "drift_reference")
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
@@ -65,19 +70,23 @@ def path_fingerprint(path: str | Path) -> str:
         return file_sha256(path)
     digest = hashlib.sha256()
     for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(item.relative_to(path).as_posix().encode() + b"\0" + file_sha256(item).encode())
+        digest.update(os.fsencode(item.relative_to(path).as_posix()) + b"\0" + file_sha256(item).encode())
     return digest.hexdigest()
 
 
-def build_metadata(class_names: list[str], backbone: BackboneRecord, source: dict) -> dict:
-    """The metadata of a float model, as Python values (``model_id`` is added when the graph is final)."""
+def build_metadata(class_names: list[str], backbone: BackboneRecord, source: dict,
+                   joined: list[BackboneRecord] | None = None) -> dict:
+    """The metadata of a float model, as Python values (``model_id`` is added when the graph is final);
+    ``joined``: every backbone's record, for a model over several."""
+    size = max(record.input_size for record in joined or [backbone])
     return {
         "class_names": list(class_names),
-        "input_size": [backbone.input_size, backbone.input_size],
+        "input_size": [size, size],
         "layout": "NHWC",
         "input_dtype": "uint8",
         "preprocessing": {**asdict(backbone.preprocessing), "in_graph": True},
         "backbone": backbone.to_dict(),
+        **({"backbones": [record.to_dict() for record in joined]} if joined else {}),
         "source": source,
         "transferkit_version": TRANSFERKIT_VERSION,
         "created": utc_now(),
@@ -131,7 +140,7 @@ def set_metadata(model: onnx.ModelProto, metadata: dict) -> None:
     """Replace ``metadata_props`` with ``metadata`` (JSON-encoding the structured values)."""
     del model.metadata_props[:]
     for key, value in metadata.items():
-        text = json.dumps(value, ensure_ascii=False, sort_keys=True) if key in JSON_KEYS else str(value)
+        text = strict_json(value, sort_keys=True) if key in JSON_KEYS else str(value)
         model.metadata_props.add(key=key, value=text)
 
 

@@ -4,7 +4,8 @@ Two sources:
 - a fine-tuned ``.keras`` model (``--model``), converted whole with tf2onnx;
 - a frozen backbone and a trained head (``--store`` + ``--head``): the backbone is rebuilt from the
   head's backbone record with the very same weights, converted with tf2onnx, and the head's own
-  ONNX graph is appended with ``onnx.compose.merge_models``.
+  ONNX graph is appended with ``onnx.compose.merge_models``. A head over several backbones or over
+  mirror-averaged features gets them all in the same graph (``export.composite``).
 
 Either way the ``backbone`` metadata is the record carried by the head (or the model's sidecar),
 unchanged: the one written when the features were extracted.
@@ -32,7 +33,8 @@ import onnx
 from classify.data import features_for_head
 from classify.ood import unknown_scorer
 from classify.ood_graph import OOD_OUTPUT, add_ood_output
-from classify.persist import head_dir, load_head
+from classify.persist import TRAINED_ON, head_dir, load_head
+from export.composite import build_feature_model
 from export.data import LabelledImages, from_feature_set, from_folder, from_store, load_batch
 from export.finetune_ood import add_score_output, penultimate_scorer, with_features_output
 from export.keras_models import load_fine_tuned
@@ -158,7 +160,7 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
               opset: int) -> Conversion:
     trained = load_head(head)
     features = features_for_head(trained, store)
-    built = trained.build_backbone(weights)
+    backbone = build_feature_model(trained.records, weights, who=TRAINED_ON)
     scorer = unknown_scorer(features)  # the "unknown" score: a second output, calibrated without the test split
     head_graph = trained.to_onnx(opset)
     add_ood_output(head_graph, scorer)
@@ -166,11 +168,11 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
               "store_sha256": path_fingerprint(store), "head": str(head_dir(head).resolve()),
               "head_fingerprint": path_fingerprint(head_dir(head))}
     return Conversion(
-        model=append_head(keras_graph(built.model, built.input_size, opset), head_graph),
+        model=append_head(keras_graph(backbone, trained.input_size, opset), head_graph),
         record=trained.backbone,
-        reference=lambda batch: trained.predict_proba(np.asarray(built.model(batch, training=False))),
-        metadata={**build_metadata(trained.class_names, trained.backbone, source), "ood": scorer.calibration_,
-                  **_drift_reference(trained, features)},
+        reference=lambda batch: trained.predict_proba(np.asarray(backbone(batch, training=False))),
+        metadata={**build_metadata(trained.class_names, trained.backbone, source, trained.joined),
+                  "ood": scorer.calibration_, **_drift_reference(trained, features)},
         images=from_feature_set(features, images_dir),
     )
 

@@ -6,7 +6,9 @@ Two layouts are understood:
   (with a ``split_group`` pattern, of the path with the pattern's matches removed, so that copies
   of one photo share a split).
 - ``DIR/{train,validation,test}/<class>/...`` (``val``/``valid`` accepted for validation): the
-  folders give the splits.
+  folders give the splits. Without a validation folder (``train/`` and ``test/`` only), validation is
+  carved out of ``train/`` by the same hash rule (``validation_split`` of it, drawn from the seed and
+  each path); ``test/`` is never touched.
 
 Images may sit in nested folders below their class folder. Hidden files and folders are skipped.
 Class names are folder names (NFC-normalised, accents and spaces kept), sorted like Keras does.
@@ -19,12 +21,13 @@ import json
 import os
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge.imageio import is_image_name
 from extract.errors import DatasetError
-from extract.splits import SplitSettings, split_counts
+from extract.splits import (VALIDATION_BY_HASH, VALIDATION_FOLDER, VALIDATION_FROM_TRAIN, SplitSettings,
+                            split_counts)
 
 SPLIT_FOLDERS = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
                  "valid": "validation", "test": "test", "testing": "test"}
@@ -44,6 +47,7 @@ class Dataset:
     entries: list[ImageEntry]
     class_names: list[str]
     ignored: list[str] = field(default_factory=list)  # files without an image extension
+    validation_source: str = VALIDATION_BY_HASH  # where the validation images come from (extract.splits)
 
     def split_counts(self) -> dict[str, int]:
         return split_counts(e.split for e in self.entries)
@@ -141,6 +145,8 @@ def discover(root: str | Path, settings: SplitSettings = SplitSettings(), split_
     entries: list[ImageEntry] = []
     ignored: list[str] = []
     groups = [(d, SPLIT_FOLDERS[d.name.lower()]) for d in split_named] if split_named else [(root, None)]
+    source = _validation_source(split for _, split in groups)
+    carve = replace(settings, test_split=0.0)  # validation out of train/, when there is no validation folder
     for base, split in groups:
         for class_dir in _class_dirs(base):
             class_name = _norm(class_dir.name)
@@ -150,6 +156,8 @@ def discover(root: str | Path, settings: SplitSettings = SplitSettings(), split_
                     ignored.append(relpath)
                     continue
                 entry_split = split or assign_split(split_key(anchors.get(relpath, relpath), group), settings)
+                if split == "train" and source == VALIDATION_FROM_TRAIN:
+                    entry_split = assign_split(split_key(relpath, group), carve)
                 entries.append(ImageEntry(relpath, class_name, entry_split))
     if not entries:
         raise DatasetError(
@@ -158,4 +166,13 @@ def discover(root: str | Path, settings: SplitSettings = SplitSettings(), split_
     class_names = sorted({e.class_name for e in entries})
     entries.sort(key=lambda e: e.relpath)
     layout = "split-folders" if split_named else "class-folders"
-    return Dataset(root=root, layout=layout, entries=entries, class_names=class_names, ignored=ignored)
+    return Dataset(root=root, layout=layout, entries=entries, class_names=class_names, ignored=ignored,
+                   validation_source=source)
+
+
+def _validation_source(folder_splits) -> str:
+    """``VALIDATION_BY_HASH`` for class folders (split None), else whether a validation folder exists."""
+    splits = set(folder_splits)
+    if splits == {None}:
+        return VALIDATION_BY_HASH
+    return VALIDATION_FOLDER if "validation" in splits else VALIDATION_FROM_TRAIN

@@ -42,6 +42,7 @@ from extract.errors import StoreError, TransferKitError
 from extract.paths import cache_dir
 from extract.quantization import quantize_int8, settings
 from extract.files import atomic_write, file_sha256, write_atomic
+from extract.tta import tta_suffix
 
 INT8_ENGINE = "onnx-int8"
 INT8_SUFFIX = "@int8"
@@ -57,17 +58,18 @@ NOT_FASTER = ("; int8 is barely faster than fp32 here, so --engine auto gives fp
               "EfficientNet-Lite0 and MobileNetV2)")
 
 
-def features_name(backbone: str, int8: bool) -> str:
-    """The name the store keeps a backbone's features under: ``resnet50`` or ``resnet50@int8``."""
-    return backbone + INT8_SUFFIX if int8 else backbone
+def features_name(backbone: str, int8: bool, tta: str | None = None) -> str:
+    """The name the store keeps a backbone's features under: ``resnet50``, ``resnet50@int8``, and
+    ``@flip`` after either for mirror-averaged features (``extract.tta``)."""
+    return (backbone + INT8_SUFFIX if int8 else backbone) + tta_suffix(tta)
 
 
 def stored_name(record) -> str:
     """The name features described by ``record`` (a ``BackboneRecord`` or its JSON) are stored under
-    (int8 records carry ``quantization``)."""
+    (int8 records carry ``quantization``, mirror-averaged ones ``tta``)."""
     if isinstance(record, dict):
-        return features_name(record.get("name", ""), bool(record.get("quantization")))
-    return features_name(record.name, bool(record.quantization))
+        return features_name(record.get("name", ""), bool(record.get("quantization")), record.get("tta"))
+    return features_name(record.name, bool(record.quantization), record.tta)
 
 
 class Int8Refused(TransferKitError):

@@ -26,11 +26,13 @@ from extract.engine import ENGINES
 from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.int8 import INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
+from extract.read_once import READ_BUDGET_BYTES, HeldBytes
 from extract.record import FEATURE_DTYPES, BackboneRecord
 from extract.segments import BackgroundSegments
-from extract.splits import SplitSettings
+from extract.splits import VALIDATION_FROM_TRAIN, SplitSettings
 from extract.steps import step
 from extract.store import BackboneMeta, ImageTable, StoreState, StoreWriter, empty_state
+from extract.tta import mirror_averaged
 from extract.weights import resolve_weights
 
 
@@ -80,9 +82,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return index, count
 
 
-def refuse_hash_options(root: Path, requested: dict) -> None:
-    """Split folders give every image's split: options that draw splits by hash would be ignored."""
-    given = [f"--{key.replace('_', '-')}" for key, value in requested.items() if value is not None]
+def refuse_hash_options(root: Path, requested: dict, validation_from_train: bool = False) -> None:
+    """Split folders give every image's split: options that draw splits by hash would be ignored. Without
+    a validation folder, validation is carved out of train/ by hash: then only --test-split is refused."""
+    given = [f"--{key.replace('_', '-')}" for key, value in requested.items()
+             if value is not None and (key == "test_split" or not validation_from_train)]
+    if given and validation_from_train:
+        raise DatasetError(f"--test-split does not apply: {root} has split folders train/ and test/, and test/ is "
+                           f"the test split; validation is carved out of train/ by hash (--validation-split, "
+                           f"--seed and --split-group set how)")
     if given:
         raise DatasetError(
             f"{' and '.join(given)} {'does' if len(given) == 1 else 'do'} not apply: {root} has split folders "
@@ -90,27 +98,36 @@ def refuse_hash_options(root: Path, requested: dict) -> None:
             f"{'it' if len(given) == 1 else 'them'}, or move the images into DIR/<class>/ to split by hash")
 
 
-def _fingerprint(path: Path, known: tuple[str, int, int] | None) -> tuple[str, int, int, str | None]:
+def _fingerprint(path: Path, known: tuple[str, int, int] | None,
+                 keep=lambda file: None) -> tuple[str, int, int, str | None]:
     """``(sha256, size, mtime_ns, None)`` of one file, reusing the stored hash when size and mtime are
-    unchanged; ``("", -1, -1, reason)`` for an entry that is not a readable regular file (FIFO,
-    device, dangling link, link loop, permission denied, changed while read)."""
+    unchanged (the file is not read); ``("", -1, -1, reason)`` for an entry that is not a readable
+    regular file (FIFO, device, dangling link, link loop, permission denied, changed while read).
+    A file that is read is handed to ``keep`` (``HeldBytes.keep``), so its decode need not read it again."""
     try:
         st = stat_regular_file(path)
         if known and known[0] and (known[1], known[2]) == (st.st_size, st.st_mtime_ns):
             return known[0], st.st_size, st.st_mtime_ns, None
         file = read_image_file(path)
+        keep(file)
         return file.sha256, file.size, file.mtime_ns, None
     except ImageDecodeError as exc:
         return "", -1, -1, str(exc)
 
 
-def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable,
-                  workers: int) -> tuple[ImageTable, dict[str, tuple[str, str]]]:
-    """Content hashes, and ``path -> ("", reason)`` for the entries that cannot be read."""
+def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable, workers: int,
+                  held: HeldBytes | None = None) -> tuple[ImageTable, dict[str, tuple[str, str]]]:
+    """Content hashes, and ``path -> ("", reason)`` for the entries that cannot be read; the bytes of
+    the files read go to ``held``."""
     known = {p: (s, size, m) for p, s, size, m in
              zip(previous.path, previous.sha256, previous.size, previous.mtime_ns)}
+    held = HeldBytes(0) if held is None else held
+
+    def fingerprint(entry: ImageEntry):
+        return _fingerprint(root / entry.relpath, known.get(entry.relpath), partial(held.keep, entry.relpath))
+
     with ThreadPoolExecutor(workers) as pool:
-        hashed = list(pool.map(lambda e: _fingerprint(root / e.relpath, known.get(e.relpath)), entries))
+        hashed = list(pool.map(fingerprint, entries))
     table = ImageTable(
         path=[e.relpath for e in entries],
         sha256=[h[0] for h in hashed],
@@ -123,31 +140,36 @@ def _hash_entries(root: Path, entries: list[ImageEntry], previous: ImageTable,
     return table, unreadable
 
 
-def _decode(root: Path, relpath: str, sha256: str, size: int) -> np.ndarray | str:
-    """Read the file once and decode those bytes, only if they are the content the row is keyed by
-    (a file replaced after hashing is a failure now and gets extracted by the next run)."""
+def _decode(root: Path, relpath: str, sha256: str, size: int, held: HeldBytes | None = None) -> np.ndarray | str:
+    """Decode the bytes the hash pass read (``held``), or else read the file once and decode those bytes
+    only if they are the content the row is keyed by (a file replaced after hashing is a failure now
+    and gets extracted by the next run)."""
     try:
-        file = read_image_file(root / relpath)
-        if file.sha256 != sha256:
-            return "file changed since it was hashed; run extract again to extract its new content"
+        file = held.take(relpath, sha256) if held is not None else None
+        if file is None:
+            file = read_image_file(root / relpath)
+            if file.sha256 != sha256:
+                return "file changed since it was hashed; run extract again to extract its new content"
         return decode_image(file.data, (size, size))
     except ImageDecodeError as exc:
         return str(exc)
 
 
-def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_size: int, workers: int):
-    """Yield ``(paths, shas, uint8 batch, failures)``, decoding up to two batches ahead."""
+def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_size: int, workers: int,
+                    held: HeldBytes | None = None):
+    """Yield ``(paths, shas, uint8 batch, failures)``, decoding up to two batches ahead (from the bytes
+    in ``held`` where the hash pass kept them)."""
     chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
         for chunk in chunks[:2]:
-            pending.append((chunk, [pool.submit(_decode, root, p, s, size) for p, s in chunk]))
+            pending.append((chunk, [pool.submit(_decode, root, p, s, size, held) for p, s in chunk]))
         next_chunk = 2
         while pending:
             chunk, futures = pending.popleft()
             if next_chunk < len(chunks):
                 c = chunks[next_chunk]
-                pending.append((c, [pool.submit(_decode, root, p, s, size) for p, s in c]))
+                pending.append((c, [pool.submit(_decode, root, p, s, size, held) for p, s in c]))
                 next_chunk += 1
             paths, shas, arrays, failures = [], [], [], {}
             for (path, sha), future in zip(chunk, futures):
@@ -163,14 +185,15 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
 
 
 def extract_segments(run_engine, segments: BackgroundSegments, record: BackboneRecord, root: Path,
-                     todo: list[tuple[str, str]], batch_size: int, workers: int):
+                     todo: list[tuple[str, str]], batch_size: int, workers: int, held: HeldBytes | None = None):
     """The extraction loop: decode, infer, hand the rows to ``segments`` (written off this thread);
     yields (computed, failed) per batch.
 
     The local runner and every Ray task (extract/ray_task.py) run this same loop, so both write the same rows.
     """
-    for paths, shas, batch, failures in decoded_batches(root, todo, record.input_size, batch_size, workers):
-        features = run_engine(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
+    compute = partial(mirror_averaged, run_engine) if record.tta else run_engine
+    for paths, shas, batch, failures in decoded_batches(root, todo, record.input_size, batch_size, workers, held):
+        features = compute(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
         segments.add(paths, shas, features.astype(record.dtype), failures)
         yield len(paths), len(failures)
 
@@ -243,6 +266,7 @@ def run_extraction(
     progress: bool = True,
     int8_allowed: bool = True,
     ray_options=None,
+    tta: str | None = None,
 ) -> ExtractionSummary:
     """Compute ``backbone`` features for the images of ``images_dir`` (or of one ``shard``) that
     ``store`` lacks, and fold them into it; see the module docstring.
@@ -251,7 +275,8 @@ def run_extraction(
     ``weights`` none initialises randomly from the split seed. ``ray_options`` (``RayOptions``) spreads
     the compute over Ray tasks, planned here first, so an unchanged folder never starts Ray. ``engine``
     onnx-int8 computes int8 features under ``BACKBONE@int8`` when they pass the accuracy gate
-    (``tolerance`` points, ``extract.int8``), else fp32 with the reason in the notes.
+    (``tolerance`` points, ``extract.int8``), else fp32 with the reason in the notes. ``tta`` flip stores
+    features averaged with the mirror image's under ``BACKBONE@flip`` (``extract.tta``).
     """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
@@ -267,15 +292,15 @@ def run_extraction(
                     "split_group": split_group}
     with StoreWriter(store) as writer:
         state, settings, dataset = _settings_and_images(writer, root, shard, split_group_by, hash_options)
-        name, int8 = _features_name(spec.name, engine, state, int8_allowed, on_ray=ray_options is not None)
+        name, int8 = _features_name(spec.name, engine, state, int8_allowed, on_ray=ray_options is not None, tta=tta)
         previous = state.backbones.get(name)
-        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, previous, store)
-        _scan(state, root, dataset, select_entries(dataset, shard_spec), options.workers)
+        record = _record_for_run(spec, weights, settings.seed, input_size, dtype, previous, store, tta)
+        held = _scan(state, root, dataset, select_entries(dataset, shard_spec), options.workers, not ray_options)
         removed = writer.commit(state).get(name, 0)  # folds what a killed run left, drops deleted/changed files
-        todo, reused = _todo(writer, state, name)
+        todo, reused = _todo(writer, state, name, held)
         notes: list[str] = []
         int8_gate = (dataset, previous, tolerance, notes) if int8 else None
-        compute = partial(_compute, int8_gate=int8_gate) if ray_options is None else _ray_compute(ray_options)
+        compute = _ray_compute(ray_options) if ray_options else partial(_compute, int8_gate=int8_gate, held=held)
         extracted, engine_name, loop_seconds = compute(writer, state, root, todo, record, weights, options)
         split_groups, split_moved = _group_splits(writer, state, name, settings)
         run = dict(engine=engine_name, extracted=extracted, reused=reused, removed=removed, notes=notes,
@@ -288,13 +313,14 @@ def _settings_and_images(writer: StoreWriter, root: Path, shard: str | None, spl
     """The store's state, the run's split settings (the store's where not given) and the folder's images;
     the settings and layout are put in the state's attributes."""
     state = writer.state or empty_state()
-    if writer.state and writer.state.attrs.get("layout") == "split-folders":
-        refuse_hash_options(root, hash_options)  # before the clash check, whose advice would not apply
+    if writer.state and writer.state.attrs.get("layout") == "split-folders":  # before the clash check,
+        refuse_hash_options(root, hash_options,  # whose advice would not apply
+                            writer.state.attrs.get("validation_source") == VALIDATION_FROM_TRAIN)
     settings = SplitSettings.resolve(writer.state.attrs if writer.state else None,
                                      split_group_by=split_group_by, **hash_options)
     dataset = _discover(root, settings, state.attrs.get(ANCHORS_ATTR, ""), hash_options)
-    state.attrs.update(settings.to_attrs(), layout=dataset.layout, images_root=str(root.resolve()),
-                       shard=shard or "")
+    state.attrs.update(settings.to_attrs(), layout=dataset.layout, validation_source=dataset.validation_source,
+                       images_root=str(root.resolve()), shard=shard or "")
     return state, settings, dataset
 
 
@@ -318,23 +344,24 @@ def _ray_compute(ray_options):
 
 
 def _features_name(backbone: str, engine: str, state: StoreState | None, int8_allowed: bool,
-                   on_ray: bool = False) -> tuple[str, bool]:
+                   on_ray: bool = False, tta: str | None = None) -> tuple[str, bool]:
     """Where this run's features go, and whether they are int8: ``onnx-int8`` asks for int8, and
     ``auto`` keeps int8 on a store that holds only int8 rows of the backbone (never with Ray)."""
     held = state.backbones if state else {}
     int8 = int8_allowed and (engine == INT8_ENGINE or (
-        engine == "auto" and features_name(backbone, True) in held and backbone not in held))
+        engine == "auto" and features_name(backbone, True, tta) in held and features_name(backbone, False, tta)
+        not in held))
     if int8 and on_ray:
         raise TransferKitError("int8 features are computed by --runner local only (the Ray tasks run the "
                                "fp32 engine); use --runner local, or --engine auto for fp32 features")
-    return features_name(backbone, int8), int8
+    return features_name(backbone, int8, tta), int8
 
 
 def _discover(root: Path, settings: SplitSettings, anchors: str, hash_options: dict) -> Dataset:
     """The folder's images with their splits (near-duplicate ``anchors`` from the store applied)."""
     dataset = discover(root, settings, split_anchors=anchors)
     if dataset.layout == "split-folders":
-        refuse_hash_options(root, hash_options)
+        refuse_hash_options(root, hash_options, dataset.validation_source == VALIDATION_FROM_TRAIN)
     if settings.split_group_by != "none" and dataset.layout == "split-folders":
         raise DatasetError(f"{root} has split folders, which fix every image's split; --split-group-by needs "
                            f"DIR/<class>/ (`python cli.py audit` lists copies across your split folders)")
@@ -342,12 +369,12 @@ def _discover(root: Path, settings: SplitSettings, anchors: str, hash_options: d
 
 
 def _record_for_run(spec: BackboneSpec, weights: str, seed: int, input_size: int | None, dtype: str,
-                    previous: BackboneMeta | None, store: Path) -> BackboneRecord:
+                    previous: BackboneMeta | None, store: Path, tta: str | None = None) -> BackboneRecord:
     """The record of the features this run computes; refuses one that cannot join the store's rows."""
     resolved = resolve_weights(spec, weights, seed=seed)
     stored = BackboneRecord.from_dict(previous.record) if previous else None
     size = int(input_size or (stored.input_size if stored else spec.input_size))
-    record = BackboneRecord.create(spec, resolved.record(), size, dtype=dtype)
+    record = BackboneRecord.create(spec, resolved.record(), size, dtype=dtype, tta=tta)
     if stored is None:
         return record
     if not stored.same_features(record):
@@ -358,20 +385,28 @@ def _record_for_run(spec: BackboneSpec, weights: str, seed: int, input_size: int
     return record
 
 
-def _scan(state: StoreState, root: Path, dataset: Dataset, entries: list[ImageEntry], workers: int) -> None:
-    """Put the folder's images (hashed; unreadable ones as failures) and classes into ``state``."""
-    state.images, unreadable = _hash_entries(root, entries, state.images, workers)
+def _scan(state: StoreState, root: Path, dataset: Dataset, entries: list[ImageEntry], workers: int,
+          keep_bytes: bool = True) -> HeldBytes:
+    """Put the folder's images (hashed; unreadable ones as failures) and classes into ``state``; returns
+    the bytes of the files read (up to ``READ_BUDGET_BYTES``; none unless ``keep_bytes``) for their decode."""
+    held = HeldBytes(READ_BUDGET_BYTES if keep_bytes else 0)
+    state.images, unreadable = _hash_entries(root, entries, state.images, workers, held)
     state.failed.update(unreadable)
     state.classes = dataset.class_names
+    return held
 
 
-def _todo(writer: StoreWriter, state: StoreState, backbone: str) -> tuple[list[tuple[str, str]], int]:
-    """(path, sha256) of the images without a row or an earlier failure, and how many rows are kept."""
+def _todo(writer: StoreWriter, state: StoreState, backbone: str,
+          held: HeldBytes | None = None) -> tuple[list[tuple[str, str]], int]:
+    """(path, sha256) of the images without a row or an earlier failure, and how many rows are kept;
+    ``held`` keeps only the bytes of those images."""
     paths, shas = writer.keys(backbone)
     have = set(zip(paths, shas))
     failed_before = {(p, s) for p, (s, _) in state.failed.items()}
     todo = [(p, s) for p, s in zip(state.images.path, state.images.sha256)
             if (p, s) not in have and (p, s) not in failed_before]
+    if held is not None:
+        held.retain(p for p, _ in todo)
     return todo, len(paths)
 
 
@@ -413,10 +448,12 @@ def _open_engine(record: BackboneRecord, weights: str, options: ComputeOptions, 
 
 
 def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tuple[str, str]],
-             record: BackboneRecord, weights: str, options: ComputeOptions, int8_gate=None) -> tuple[int, str, float]:
+             record: BackboneRecord, weights: str, options: ComputeOptions, int8_gate=None,
+             held: HeldBytes | None = None) -> tuple[int, str, float]:
     """Decode, run and write ``todo`` in batches, folding into the store every checkpoint.
 
     ``int8_gate``: (dataset, the store's int8 rows, tolerance, notes) for an int8 run, else None.
+    ``held``: the bytes the hash pass read (``extract.read_once``).
     Returns (images extracted, engine name, seconds in the loop). Ctrl-C keeps what was computed.
     """
     if not todo:  # nothing to compute: the backbone is not even built
@@ -424,8 +461,8 @@ def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tupl
     from tqdm import tqdm
 
     run_engine, quantization = _open_engine(record, weights, options, int8_gate)
-    name = features_name(record.name, bool(int8_gate))
     record = replace(record.with_engine(run_engine.name), quantization=quantization)
+    name = features_name(record.name, bool(int8_gate), record.tta)
     extracted = 0
     loop_started = last_checkpoint = time.monotonic()
     bar = tqdm(total=len(todo), unit="img", desc=f"extract {record.name}", disable=not options.progress,
@@ -433,7 +470,7 @@ def _compute(writer: StoreWriter, state: StoreState, root: Path, todo: list[tupl
     try:
         with BackgroundSegments(writer, name, record.to_dict()) as segments:
             for computed, failed in extract_segments(run_engine, segments, record, root, todo, options.batch_size,
-                                                     options.workers):
+                                                     options.workers, held):
                 extracted += computed
                 bar.update(computed + failed)
                 if time.monotonic() - last_checkpoint > options.checkpoint_seconds:

@@ -21,6 +21,7 @@ import json
 
 import numpy as np
 
+from edge.imageio import strict_json
 from extract.dataset import assign_split, compile_group, split_key
 from extract.neighbours import NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, normalise, similar_pairs
 from extract.splits import SplitSettings
@@ -46,7 +47,7 @@ def anchors_from_attrs(attrs: dict | None) -> dict[str, str]:
 
 
 def anchors_to_attr(anchors: dict[str, str]) -> str:
-    return json.dumps(anchors, ensure_ascii=False, sort_keys=True)
+    return strict_json(anchors, sort_keys=True)
 
 
 def regroup(splits: list[str], paths: list[str], anchors: dict[str, str], settings: SplitSettings) -> int:

@@ -120,6 +120,7 @@ def run_shard_task(task: ShardTask) -> dict:
     """Compute one shard into segments (less what an earlier, killed attempt wrote); returns what the
     driver counts and records."""
     from extract.engine import OnnxEngine
+    from extract.int8 import stored_name
     from extract.job import extract_segments
     from extract.segments import BackgroundSegments
 
@@ -134,7 +135,7 @@ def run_shard_task(task: ShardTask) -> dict:
     computed = sum(item in rows for item in task.items)
     failed = sum(item in failures and item not in rows for item in task.items)
     resumed = computed + failed
-    with BackgroundSegments(parts, task.record.name, task.record.to_dict()) as segments:
+    with BackgroundSegments(parts, stored_name(task.record), task.record.to_dict()) as segments:
         for done, bad in extract_segments(engine, segments, task.record, Path(task.root), todo,
                                           task.batch_size, task.threads):
             computed += done

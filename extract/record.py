@@ -7,7 +7,9 @@ computed by ``extract`` the feature dtype, the engine, the library versions and 
 
 It is written once, when features are first extracted, and carried unchanged: feature store ->
 head file -> ONNX metadata (``backbone``) -> edge results. Nothing downstream rebuilds it from
-the registry. ``to_dict`` gives this JSON shape (``record_version`` 2)::
+the registry. ``to_dict`` gives this JSON shape (``record_version`` 2; 3 for mirror-averaged features,
+which add ``"tta": "flip"``, so that a transferkit older than them refuses them instead of taking them
+for plain features)::
 
     {"record_version": 2, "name": "efficientnet_lite0",
      "constructor": "extract.efficientnet_lite:EfficientNetLite0", "feature_dim": 1280,
@@ -39,7 +41,9 @@ from extract.version import __version__
 if TYPE_CHECKING:
     from extract.backbones import BackboneSpec
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3  # the newest this reads; written only by records of mirror-averaged features
+PLAIN_RECORD_VERSION = 2  # written by every other record, so older transferkits still read them
+TTA_CHOICES = ("flip",)  # flip: features averaged with the horizontally mirrored image's (extract/tta.py)
 FEATURE_DTYPES = ("float32", "float16")
 WEIGHT_KINDS = ("imagenet", "file", "none")
 VERSIONED_PACKAGES = ("tensorflow", "keras", "onnxruntime", "numpy", "h5py")
@@ -86,7 +90,14 @@ class BackboneRecord:
     created: str | None = None
     runner: dict | None = None  # with `extract --runner ray`: how the rows were computed (extract/ray_runner.py)
     quantization: dict | None = None  # int8 features (`extract --engine onnx-int8`): extract/int8.py
-    record_version: int = RECORD_VERSION
+    tta: str | None = None  # "flip": each row averages the image's and its mirror image's features
+    record_version: int = PLAIN_RECORD_VERSION
+
+    def __post_init__(self):
+        if self.tta is not None and self.tta not in TTA_CHOICES:
+            raise RecordError(f"backbone record has unknown tta {self.tta!r}; expected one of {', '.join(TTA_CHOICES)}")
+        # a transferkit that cannot average mirrors must refuse these features, not take them for plain ones
+        object.__setattr__(self, "record_version", RECORD_VERSION if self.tta else PLAIN_RECORD_VERSION)
 
     @classmethod
     def create(cls, spec: BackboneSpec, weights: WeightsRecord, input_size: int, **extraction) -> BackboneRecord:
@@ -100,12 +111,15 @@ class BackboneRecord:
         return replace(self, engine=engine)
 
     def same_features(self, other: BackboneRecord) -> bool:
-        """Whether features described by ``other`` can be mixed with these (same backbone, weights, size)."""
-        return (self.name, self.weights.id, self.input_size) == (other.name, other.weights.id, other.input_size)
+        """Whether features described by ``other`` can be mixed with these (same backbone, weights, size,
+        and both plain or both mirror-averaged)."""
+        return ((self.name, self.weights.id, self.input_size, self.tta)
+                == (other.name, other.weights.id, other.input_size, other.tta))
 
     def describe(self) -> str:
         """``mobilenet_v2 features from weights random-init:seed=0 at 32 px``, for messages."""
-        return f"{self.name} features from weights {self.weights.id} at {self.input_size} px"
+        mirrored = ", averaged with the mirror image" if self.tta == "flip" else ""
+        return f"{self.name} features from weights {self.weights.id} at {self.input_size} px{mirrored}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +140,7 @@ class BackboneRecord:
                 input_size=_typed(data, "input_size", int), preprocessing=_preprocessing(data.get("preprocessing")),
                 weights=_weights(data.get("weights")), dtype=data.get("dtype"), engine=data.get("engine"),
                 versions=dict(data.get("versions") or {}), created=data.get("created"), runner=data.get("runner"),
-                quantization=data.get("quantization"),
+                quantization=data.get("quantization"), tta=data.get("tta"),
             )
         except (TypeError, ValueError) as exc:
             raise RecordError(f"damaged backbone record: {exc}") from None

@@ -22,6 +22,11 @@ from extract.errors import DatasetError, StoreError
 
 SPLITS = ("train", "validation", "test")
 GROUP_BY_CHOICES = ("none", "near-duplicates")  # --split-group-by (see extract/leak_free.py)
+# Where a store's validation images come from (store attribute ``validation_source``):
+VALIDATION_BY_HASH = "hash"  # DIR/<class>/: a share of every class's images, by hash
+VALIDATION_FOLDER = "folder"  # DIR/{train,validation,test}/: the validation (val, valid) folder
+VALIDATION_FROM_TRAIN = "train-by-hash"  # DIR/{train,test}/ without one: a share of train/, by the same hash rule
+LAYOUT_ATTRS = ("layout", "validation_source")  # store attributes that describe the folder's layout
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,21 @@ class SplitSettings:
             chosen = requested.get(key)
             values[key] = type(default)(chosen if chosen is not None else stored.get(key, default))
         return cls(**values)
+
+
+def describe_validation(attrs: dict) -> str | None:
+    """Where a store's validation split comes from, for ``store info`` (None for a store that predates
+    the ``validation_source`` attribute)."""
+    source = attrs.get("validation_source")
+    share = f"{float(attrs.get('validation_split', 0)) * 100:g} %"
+    seed = attrs.get("seed", 0)
+    if source == VALIDATION_FROM_TRAIN:
+        return f"{share} of train/ by hash (seed {seed}; no validation folder; test/ untouched)"
+    if source == VALIDATION_BY_HASH:
+        return f"{share} of the images by hash (seed {seed})"
+    if source == VALIDATION_FOLDER:
+        return "the validation folder"
+    return None
 
 
 def split_counts(splits: Iterable[str]) -> dict[str, int]:

@@ -16,6 +16,7 @@ from extract.errors import StoreError
 from extract.record import BackboneRecord
 from extract.store_files import (data_dir, images_refs, iter_chunks, load_rows, open_segment, parts_dir, read_images,
                                  read_root, strings)
+from extract.splits import describe_validation
 from extract.store_merge import merge_stores
 from extract.store_types import (FORMAT, FORMAT_VERSION, SPLITS, BackboneMeta, BackboneRows,
                                  FeatureSet, ImageTable, StoreState)
@@ -110,6 +111,7 @@ class FeatureStore:
         files = [open_segment(folder / seg.file) for seg in meta.segments]  # open now: compaction cannot pull them
         try:
             paths = [p for f in files for p in strings(f["path"])]
+            shas = [s for f in files for s in strings(f["sha256"])]
             rank, image_rows, order = _canonical(paths, table, splits)
             features = _gather(files, order, len(paths), meta.dim, np.dtype(meta.dtype if dtype is None else dtype))
         finally:
@@ -125,6 +127,7 @@ class FeatureStore:
             class_names=list(self.root.classes),
             backbone=BackboneRecord.from_dict(meta.record),
             store_attrs=dict(self.root.attrs),
+            sha256=[shas[i] for i in order],
         )
 
     def info(self) -> dict:
@@ -155,6 +158,7 @@ class FeatureStore:
             "pending_rows": self.pending_rows(),
             "leftovers": self.leftovers(),
             "layout": s.attrs.get("layout"),
+            "validation": describe_validation(dict(s.attrs)),
             "created": s.attrs.get("created"),
             "updated": s.attrs.get("updated"),
         }

@@ -18,7 +18,7 @@ from extract.errors import StoreError
 from extract.leak_free import ANCHORS_BACKBONE_ATTR, group_store_splits
 from extract.store_files import (data_dir, images_refs, load_rows, new_name, open_segment, parts_dir, read_images,
                                  read_root, strings, write_images_file, write_root)
-from extract.splits import SplitSettings
+from extract.splits import LAYOUT_ATTRS, SplitSettings
 from extract.store_types import BackboneMeta, SegmentRef, StoreState
 from extract.store_writer import StoreLock, empty_state, leftovers, split_counts
 
@@ -37,7 +37,7 @@ def merge_stores(out: str | Path, inputs: list[str | Path], force: bool = False,
     root = _common_settings(shards, states, images_root)
     _refuse_overlap(shards, states)
     first = states[0]
-    merged = empty_state(**{k: first.attrs[k] for k in (*SplitSettings.keys(), "layout") if k in first.attrs},
+    merged = empty_state(**{k: first.attrs[k] for k in (*SplitSettings.keys(), *LAYOUT_ATTRS) if k in first.attrs},
                          images_root=root, shard="")
     merged.classes = list(first.classes)
     lock = StoreLock(out)
@@ -116,7 +116,7 @@ def _common_settings(shards: list[Path], states: list[StoreState], images_root: 
         if state.classes != first.classes:
             raise StoreError(f"{shard} has classes [{', '.join(state.classes)}], {name0} has "
                              f"[{', '.join(first.classes)}]; only shards of one image folder can be merged")
-        diff = [k for k in (*SplitSettings.keys(), "layout") if state.attrs.get(k) != first.attrs.get(k)]
+        diff = [k for k in (*SplitSettings.keys(), *LAYOUT_ATTRS) if state.attrs.get(k) != first.attrs.get(k)]
         if diff:
             raise StoreError(f"{shard} was extracted with other {', '.join(diff)} than {name0}; cannot merge")
         if sorted(state.backbones) != sorted(first.backbones):

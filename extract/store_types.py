@@ -104,7 +104,8 @@ class StoreState:
 
 @dataclass
 class FeatureSet:
-    """What heads train on: the rows of one backbone joined with the image table.
+    """What heads train on: the rows of one backbone (or of several, joined image by image:
+    ``classify.joined``) with the image table.
 
     Rows are in the canonical order (split in ``SPLITS`` order, then path), whatever built the
     store, so the same images always give the same head; ``subset`` is then a view, not a copy.
@@ -115,8 +116,15 @@ class FeatureSet:
     splits: np.ndarray  # (n,) str: train / validation / test
     paths: list[str]
     class_names: list[str]
-    backbone: BackboneRecord  # the store's record of these features (extract/record.py)
+    backbone: BackboneRecord  # the store's record of these features (extract/record.py); the first when joined
     store_attrs: dict
+    sha256: list[str] = field(default_factory=list)  # content hash of each row's image
+    joined: list[BackboneRecord] = field(default_factory=list)  # every backbone's record, in column order, when joined
+
+    @property
+    def records(self) -> list[BackboneRecord]:
+        """The records of the features' column blocks, in order (one for a single backbone)."""
+        return list(self.joined) or [self.backbone]
 
     def subset(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         rows = np.flatnonzero(self.splits == split)

@@ -4,6 +4,7 @@ forged log lines, two runners on one folder, a full disk, and the cross-filesyst
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -136,6 +137,88 @@ def _runner(model: Path, tmp_path: Path, **config) -> tuple[Runner, ResultLog]:
                        once=True, stats_seconds=0, **config)
     log = ResultLog(cfg.results, cfg.watch)
     return Runner(load_model(str(model), 1), cfg, log), log
+
+
+def test_a_symlink_swapped_into_done_after_the_check_is_not_followed(model, tmp_path, monkeypatch):
+    """--done/blue passes every check, then is replaced by a symlink to outside/ at the last moment
+    (just before the rename): the rename goes between folder descriptors opened with O_NOFOLLOW
+    (renameat), not through the path, so the file is not moved outside; it stays where it was."""
+    done, outside = tmp_path / "done", tmp_path / "outside"
+    outside.mkdir()
+    (done / "blue").mkdir(parents=True)
+    runner, log = _runner(model, tmp_path, done=str(done))
+    watch = Path(runner.config.watch)
+    (watch / "blue").mkdir()
+    (watch / "blue" / "b.png").write_bytes(image_bytes("blue"))
+    (watch / "a.png").write_bytes(image_bytes("red"))
+    real_rename = os.rename
+
+    def swap_then_rename(src, dst, *args, **kwargs):
+        if os.fspath(dst).endswith("b.png") and not (done / "blue").is_symlink():
+            (done / "blue").rmdir()
+            (done / "blue").symlink_to(outside, target_is_directory=True)
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", swap_then_rename)
+    runner.run()
+    log.close()
+    monkeypatch.undo()
+    assert (done / "blue").is_symlink() and snapshot(outside) == {}  # swapped, and nothing went through it
+    assert (watch / "blue" / "b.png").read_bytes() == image_bytes("blue")  # left in place, remembered
+    assert (done / "a.png").is_file()
+    assert {line["path"] for line in strict_lines(tmp_path / "results.jsonl")} == {"a.png", "blue/b.png"}
+
+
+def test_a_folder_swapped_for_a_symlink_after_the_check_is_not_read_through(model, tmp_path, monkeypatch):
+    """watch/sub passes the path check, then becomes a symlink to outside/sub before the read: the read
+    goes through folder descriptors opened with O_NOFOLLOW, so the outside file is never read."""
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    secret, mine = image_bytes("green", compress_level=0), image_bytes("red", compress_level=0)
+    assert len(secret) == len(mine)  # same size and mtime: only the content tells them apart
+    runner, log = _runner(model, tmp_path)
+    watch = Path(runner.config.watch)
+    (watch / "sub").mkdir()
+    (watch / "sub" / "a.png").write_bytes(mine)
+    (outside / "sub" / "a.png").write_bytes(secret)
+    mtime = (watch / "sub" / "a.png").stat().st_mtime_ns
+    os.utime(outside / "sub" / "a.png", ns=(mtime, mtime))
+    real_owned_path = Runner._owned_path
+
+    def owned_then_swapped(self, rel):
+        checked = real_owned_path(self, rel)
+        if rel == "sub/a.png" and checked is not None and not (watch / "sub").is_symlink():
+            (watch / "sub").rename(tmp_path / "old-sub")
+            (watch / "sub").symlink_to(outside / "sub", target_is_directory=True)
+        return checked
+
+    monkeypatch.setattr(Runner, "_owned_path", owned_then_swapped)
+    runner.run()
+    log.close()
+    lines = strict_lines(tmp_path / "results.jsonl")
+    assert hashlib.sha256(secret).hexdigest() not in {line.get("sha256") for line in lines}
+    assert all("label" not in line for line in lines)  # nothing classified through the symlink
+    assert (outside / "sub" / "a.png").read_bytes() == secret
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_move_file_never_follows_a_symlinked_folder(tmp_path, side):
+    watch, done, outside = tmp_path / "watch", tmp_path / "done", tmp_path / "outside"
+    for folder in (watch, done, outside / "sub"):
+        folder.mkdir(parents=True)
+    (outside / "sub" / "x.png").write_bytes(b"outside")
+    if side == "source":  # watch/sub -> outside/sub: the file there is not the runner's to move
+        (watch / "sub").symlink_to(outside / "sub", target_is_directory=True)
+    else:  # done/sub -> outside/sub: nothing may be written there
+        (watch / "sub").mkdir()
+        (watch / "sub" / "y.png").write_bytes(b"inside")
+        (done / "sub").symlink_to(outside / "sub", target_is_directory=True)
+    before = snapshot(outside)
+    name = "x.png" if side == "source" else "y.png"
+    with pytest.raises(OSError) as refused:
+        move_file(str(watch), f"sub/{name}", str(done), f"sub/{name}")
+    assert refused.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    assert snapshot(outside) == before and snapshot(done) == {}
 
 
 def test_a_file_replaced_while_read_is_classified_as_read_and_its_new_version_gets_its_own_line(
@@ -295,9 +378,9 @@ def test_move_file_is_idempotent_but_never_overwrites_other_content(tmp_path):
     dst.parent.mkdir()
     src.write_bytes(b"same")
     dst.write_bytes(b"same")
-    move_file(str(src), str(dst))
+    move_file(str(tmp_path), "a.png", str(tmp_path), "d/a.png")
     assert not src.exists() and dst.read_bytes() == b"same"
     src.write_bytes(b"other")
     with pytest.raises(FileExistsError):
-        move_file(str(src), str(dst))
+        move_file(str(tmp_path), "a.png", str(tmp_path), "d/a.png")
     assert src.read_bytes() == b"other" and dst.read_bytes() == b"same"

@@ -77,12 +77,21 @@ def test_non_utf8_names_in_split_folders_are_stored_and_read_back(tmp_path):
     assert info.exit_code == 0 and json.loads(info.output.encode("utf-8"))["images"] == 8
 
 
-def test_a_file_replaced_after_hashing_never_gets_features_of_other_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("held", [True, False], ids=["bytes-held", "read-again"])
+def test_a_file_replaced_after_hashing_never_gets_features_of_other_bytes(tmp_path, monkeypatch, held):
+    """Held bytes (the default): the row gets the features of the bytes that were hashed. Read again
+    (files beyond ``READ_BUDGET_BYTES``): the changed file is a failure. Either way the next run extracts
+    the new content under its own hash."""
+    import hashlib
+    import shutil
+
     root = tmp_path / "images"
     for i, colour in enumerate(("red", "green", "blue") * 2):
         (root / colour).mkdir(parents=True, exist_ok=True)
         (root / colour / f"{i}.png").write_bytes(image_bytes(colour, size=(24 + i, 20)))
+    shutil.copytree(root, tmp_path / "before")
     victim = root / "red" / "0.png"
+    old_sha = hashlib.sha256(victim.read_bytes()).hexdigest()
     real_hash = job._hash_entries
 
     def hash_then_replace(*args, **kwargs):
@@ -91,19 +100,26 @@ def test_a_file_replaced_after_hashing_never_gets_features_of_other_bytes(tmp_pa
         return result
 
     monkeypatch.setattr(job, "_hash_entries", hash_then_replace)
+    if not held:
+        monkeypatch.setattr(job, "READ_BUDGET_BYTES", 0)
     out = tmp_path / "f.h5"
     summary = run_extraction(root, out, **KW)
-    assert dict(summary.failures) == {"red/0.png": "file changed since it was hashed; run extract again to "
-                                                   "extract its new content"}
-    assert "red/0.png" not in _rows(out)
+    if held:
+        assert summary.failures == [] and _rows(out)["red/0.png"] == old_sha
+        _assert_same_features(out, run_extraction(tmp_path / "before", tmp_path / "before.h5", **KW).store)
+    else:
+        assert dict(summary.failures) == {"red/0.png": "file changed since it was hashed; run extract again to "
+                                                       "extract its new content"}
+        assert "red/0.png" not in _rows(out)
     monkeypatch.undo()
     again = run_extraction(root, out, **KW)  # the next run extracts the new content, keyed by its own hash
     assert again.extracted == 1 and again.failures == []
-    import hashlib
     assert _rows(out)["red/0.png"] == hashlib.sha256(victim.read_bytes()).hexdigest()
-    fresh = tmp_path / "fresh.h5"
-    run_extraction(root, fresh, **KW)
-    a, b = FeatureStore(out).read(), FeatureStore(fresh).read()
+    _assert_same_features(out, run_extraction(root, tmp_path / "fresh.h5", **KW).store)
+
+
+def _assert_same_features(store: Path, reference: str) -> None:
+    a, b = FeatureStore(store).read(), FeatureStore(reference).read()
     np.testing.assert_allclose(a.features[a.paths.index("red/0.png")], b.features[b.paths.index("red/0.png")],
                                rtol=1e-5, atol=1e-6)
 
@@ -178,3 +194,61 @@ def test_a_deeply_nested_head_file_is_one_error_line(tmp_path):
     (tmp_path / "head.json").write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(HeadFileError, match="nested too deeply"):
         load_head(tmp_path)
+
+
+_FULL_DISK_RUN = """
+import json, subprocess, sys
+from pathlib import Path
+import h5py
+from click.testing import CliRunner
+from cli import cli
+
+images, mnt, fast = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], check=True)
+args = ["extract", images, "--store", str(mnt / "f.h5"), *fast]
+first = CliRunner().invoke(cli, [*args, "--batch-size", "2", "--checkpoint-seconds", "1000"])
+left = sorted(p.name for p in mnt.iterdir())
+kept = sum(len(h5py.File(p, "r")["path"]) for p in (mnt / "f.h5.parts").glob("*.h5"))
+temporary = [p.name for p in mnt.rglob("*") if ".tmp" in p.name]
+subprocess.run(["mount", "-o", "remount,size=64m", str(mnt)], check=True)
+second = CliRunner().invoke(cli, [*args, "--json"])
+print(json.dumps({"first": [first.exit_code, first.output], "left": left, "kept": kept, "temporary": temporary,
+                  "second": [second.exit_code, json.loads(second.output) if second.exit_code == 0 else second.output]}))
+"""
+
+
+def _can_mount_a_small_filesystem(where: Path) -> bool:
+    """A tmpfs with a size limit, mounted in a private user+mount namespace (no root needed where
+    unprivileged user namespaces are allowed; gone when the process ends)."""
+    where.mkdir()
+    try:
+        return subprocess.run(["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slow  # one subprocess importing TensorFlow
+def test_a_really_full_filesystem_is_one_error_line_and_loses_nothing(tmp_path):
+    """The same rules as above on a real 160 KiB filesystem (a tmpfs in a private namespace): the
+    first run fills it, the rows written before are kept, and after the filesystem grows the same
+    command computes only the rest."""
+    mnt = tmp_path / "small"
+    if not _can_mount_a_small_filesystem(mnt):
+        pytest.skip("cannot mount a size-limited tmpfs here (no unshare, or user namespaces are disabled)")
+    root = tmp_path / "images"
+    for i in range(60):
+        colour = ("red", "green", "blue")[i % 3]
+        (root / colour).mkdir(parents=True, exist_ok=True)
+        (root / colour / f"{i}.png").write_bytes(image_bytes(colour, size=(24 + i % 7, 20)))
+    proc = subprocess.run(["unshare", "-Urm", sys.executable, "-c", _FULL_DISK_RUN, str(root), str(mnt),
+                           json.dumps(FAST)], cwd=REPO, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    run = json.loads(proc.stdout.decode().splitlines()[-1])
+    code, output = run["first"]
+    assert code == 1 and output.count("\n") == 1, output
+    assert output.startswith("Error: no space left on device while writing ")
+    assert run["left"] == ["f.h5.parts"] and run["temporary"] == []  # no store, no .lock, no temp file
+    assert 0 < run["kept"] < 60  # some batches were written before the disk filled
+    code, summary = run["second"]
+    assert code == 0 and summary["images"] == 60 and summary["extracted"] == 60 - run["kept"]

@@ -12,7 +12,7 @@ import pytest
 from extract.backbones import get_backbone
 from extract.errors import DatasetError, StoreError
 from extract.files import atomic_write, file_sha256, write_atomic
-from extract.record import RECORD_VERSION, BackboneRecord, Preprocessing, RecordError, WeightsRecord
+from extract.record import PLAIN_RECORD_VERSION, RECORD_VERSION, BackboneRecord, Preprocessing, RecordError, WeightsRecord
 from extract.splits import SPLITS, SplitSettings, split_counts
 from extract.record import random_init_id
 
@@ -41,7 +41,7 @@ def test_record_round_trips_through_json():
     record = _record(engine="onnx")
     data = json.loads(json.dumps(record.to_dict()))
     assert BackboneRecord.from_dict(data) == record
-    assert data["record_version"] == RECORD_VERSION
+    assert data["record_version"] == PLAIN_RECORD_VERSION
     assert data["weights"] == {"kind": "none", "id": "random-init:seed=4", "sha256": None, "file": None, "seed": 4}
     assert data["preprocessing"] == {"mode": "tf", "color": "RGB", "resize": "bilinear"}
     assert {"python", "transferkit", "keras", "numpy"} <= set(data["versions"]) and data["created"]

@@ -86,3 +86,55 @@ def test_split_group_keeps_copies_of_one_photo_in_one_split(tmp_path):
 
     with pytest.raises(DatasetError, match="not a valid regular expression"):
         discover(root, SplitSettings(split_group="("))
+
+
+def _names(root, split_folder: str, per_class: int, start: int = 0) -> None:
+    """Empty files named like images (discovery reads names only)."""
+    for colour in ("red", "green", "blue"):
+        folder = root / split_folder / colour
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(start, start + per_class):
+            (folder / f"img_{i}.jpg").write_bytes(b"")
+
+
+def test_validation_is_carved_out_of_train_by_hash_when_there_is_no_validation_folder(tmp_path):
+    _names(tmp_path, "train", 100)
+    _names(tmp_path, "test", 10)
+    settings = SplitSettings(validation_split=0.2, seed=4)
+    first = discover(tmp_path, settings)
+    splits = {e.relpath: e.split for e in first.entries}
+    assert first.validation_source == "train-by-hash" and splits == {
+        e.relpath: e.split for e in discover(tmp_path, settings).entries}  # deterministic
+    assert all(split == "test" for path, split in splits.items() if path.startswith("test/"))  # never touched
+    carved = [path for path, split in splits.items() if split == "validation"]
+    assert all(path.startswith("train/") for path in carved) and 30 <= len(carved) <= 90  # about 20 % of 300
+    assert carved != [e.relpath for e in discover(tmp_path, SplitSettings(0.2, seed=5)).entries
+                      if e.split == "validation"]  # drawn from the seed
+    assert {e.split for e in discover(tmp_path, SplitSettings(0.0)).entries} == {"train", "test"}
+    _names(tmp_path, "train", 50, start=100)  # new images never move existing ones
+    after = {e.relpath: e.split for e in discover(tmp_path, settings).entries}
+    assert {path: after[path] for path in splits} == splits
+    with_folder = tmp_path / "with-val"
+    for split in ("train", "validation", "test"):
+        _names(with_folder, split, 5)
+    found = discover(with_folder, settings)
+    assert found.validation_source == "folder" and found.split_counts() == {"train": 15, "validation": 15, "test": 15}
+
+
+def test_store_info_states_the_carved_validation_and_test_split_is_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    make_image_folder(tmp_path / "images" / "train", per_class=10)
+    make_image_folder(tmp_path / "images" / "test", per_class=2, start=10)
+    fast = ["--backbone", "mobilenet_v2", "--weights", "none", "--input-size", "32", "--engine", "keras", "--quiet"]
+    store = str(tmp_path / "f.h5")
+    extract = ["extract", str(tmp_path / "images"), "--store", store, *fast]
+    refused = CliRunner().invoke(cli, [*extract, "--test-split", "0.2"])
+    assert refused.exit_code == 1 and refused.output.startswith("Error: --test-split does not apply")
+    assert CliRunner().invoke(cli, [*extract, "--validation-split", "0.3", "--seed", "2"]).exit_code == 0
+    info = CliRunner().invoke(cli, ["store", "info", store])
+    assert "  validation: 30 % of train/ by hash (seed 2; no validation folder; test/ untouched)\n" in info.output
+    counts = dict(part.split() for part in info.output.split("splits: ")[1].splitlines()[0].split(", "))
+    assert counts["test"] == "6" and int(counts["validation"]) > 0

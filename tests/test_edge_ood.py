@@ -188,13 +188,13 @@ def test_link_or_copy_copies_when_links_are_impossible(tmp_path: Path, monkeypat
         raise OSError(errno.EXDEV, "cross-device link")
 
     monkeypatch.setattr(edge_files.os, "link", no_links)
-    link_or_copy(str(src), str(tmp_path / "b.png"))
+    link_or_copy(str(tmp_path), "a.png", str(tmp_path), "b.png")
     assert (tmp_path / "b.png").read_bytes() == b"pixels" and not os.path.samefile(src, tmp_path / "b.png")
-    link_or_copy(str(src), str(tmp_path / "b.png"))  # idempotent
+    link_or_copy(str(tmp_path), "a.png", str(tmp_path), "b.png")  # idempotent
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png"]
     (tmp_path / "c.png").write_bytes(b"other")
     with pytest.raises(FileExistsError):
-        link_or_copy(str(src), str(tmp_path / "c.png"))
+        link_or_copy(str(tmp_path), "a.png", str(tmp_path), "c.png")
 
 
 def test_review_folder_names_stay_inside_the_review_folder():

@@ -206,3 +206,80 @@ def test_store_remembers_split_group_and_fine_tune_uses_it(tmp_path):
     assert settings.split_group == "_flip"
     folder = from_folder(root, settings)
     assert dict(zip(folder.relpaths, folder.split)) == dict(zip(from_feature_set(features).relpaths, features.splits))
+
+
+def _count_opens(monkeypatch, root) -> dict[str, int]:
+    """relpath -> how many times a file under ``root`` is opened (``os.open`` and ``open``)."""
+    import builtins
+    import os
+    from collections import Counter
+
+    opened: Counter = Counter()
+    prefix = str(root) + os.sep
+    real_os_open, real_open = os.open, builtins.open
+
+    def count(path) -> None:
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(prefix):
+            opened[os.path.relpath(path, root)] += 1
+
+    def os_open(path, *args, **kwargs):
+        count(path)
+        return real_os_open(path, *args, **kwargs)
+
+    def builtin_open(path, *args, **kwargs):
+        count(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", builtin_open)
+    return opened
+
+
+def test_each_new_file_is_read_once_and_its_row_is_keyed_by_those_bytes(image_folder, tmp_path, monkeypatch):
+    import os
+
+    import extract.job
+
+    images = sorted(p.relative_to(image_folder).as_posix() for p in image_folder.rglob("*.*"))
+    opened = _count_opens(monkeypatch, image_folder)
+    store = tmp_path / "f.h5"
+    assert run_extraction(image_folder, store, **TINY).extracted == len(images)
+    assert dict(opened) == {rel: 1 for rel in images}  # hashed and decoded from one read
+    assert _stored_shas(store) == {p: hashlib.sha256((image_folder / p).read_bytes()).hexdigest() for p in images}
+
+    opened.clear()
+    touched = image_folder / images[0]
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    again = run_extraction(image_folder, store, **TINY)
+    assert again.extracted == 0 and dict(opened) == {images[0]: 1}  # unchanged: not read; touched: hashed only
+
+    monkeypatch.setattr(extract.job, "READ_BUDGET_BYTES", 0)  # no bytes held: the decode reads the file again
+    opened.clear()
+    reread = run_extraction(image_folder, tmp_path / "reread.h5", **TINY)
+    assert reread.extracted == len(images) and set(opened.values()) == {2}
+    held_features, reread_features = _features_by_path(store), _features_by_path(tmp_path / "reread.h5")
+    for path in images:  # the same bytes, the same features
+        np.testing.assert_array_equal(held_features[path], reread_features[path])
+
+
+def _stored_shas(store) -> dict[str, str]:
+    from extract.store import read_state
+
+    rows = read_state(store).backbones["mobilenet_v2"]
+    return dict(zip(rows.path, rows.sha256))
+
+
+def test_held_bytes_stay_within_their_budget_and_are_handed_out_once():
+    from edge.imageio import FileBytes
+    from extract.read_once import HeldBytes
+
+    held = HeldBytes(budget=10)
+    a, b, c = FileBytes(b"aaaa", 4, 0), FileBytes(b"bbbbbb", 6, 0), FileBytes(b"c", 1, 0)
+    for name, file in (("a", a), ("b", b), ("c", c)):
+        held.keep(name, file)
+    assert held.held == 10 and len(held) == 2  # c would go over the budget: its decode reads the file
+    assert held.take("a", hashlib.sha256(b"other").hexdigest()) is None  # other content: never handed out
+    assert held.take("a", a.sha256) is None and held.held == 6  # taken (or refused) once, then gone
+    held.keep("c", c)
+    held.retain(["c"])
+    assert held.take("b", b.sha256) is None and held.take("c", c.sha256) is c and held.held == 0

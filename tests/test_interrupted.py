@@ -47,7 +47,8 @@ def test_split_folders_refuse_hash_split_options_and_advise_what_works(tmp_path)
     images = tmp_path / "images"
     make_image_folder(images / "train", per_class=3)
     make_image_folder(images / "test", per_class=1, classes={"red": (220, 30, 30), "green": (30, 200, 40)})
-    store = tmp_path / "f.h5"
+    make_image_folder(images / "val", per_class=1, start=5)  # with a validation folder no option applies
+    store = tmp_path / "f.h5"  # (without one, see test_dataset.py: validation is carved out of train/)
     new = CliRunner().invoke(cli, ["extract", str(images), "--store", str(store), *EXTRACT, "--test-split", "0.2"])
     assert new.exit_code == 1 and not store.exists()
     assert new.output == (f"Error: --test-split does not apply: {images} has split folders (train/, validation/ or "
