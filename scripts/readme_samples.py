@@ -4,7 +4,10 @@ Every ```text block of README.md whose first line starts with ``$ `` is a sample
 line is run (in order, block after block, in one work folder) and the lines after it are replaced by what
 the command printed (stdout and stderr, progress bars off). No sample output is typed by hand, and a
 command that fails stops the script with its output, so the README cannot show a command that does not
-run as written.
+run as written. A block right after a ``<!-- readme-samples: skip -->`` line is left alone (its text says
+where its real output came from, e.g. a run on other data). The only edit made to an output: the work
+folder's absolute path is shown relative ("inbox" for /tmp/.../inbox) and the home folder as "~", so
+the README names no path of the machine it ran on.
 
 The work folder holds what the samples name: ``photos/`` (the fruits set), the sanity photos
 (``banana.jpg``, ...), ``apple1.jpg``/``apple2.jpg`` and an ``inbox/`` of fruit photos for the edge runner.
@@ -27,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```text\n(\$ .*?)^```$", re.M | re.S)
 INBOX_IMAGES = 12
+SKIP = "<!-- readme-samples: skip -->"
 
 
 def prepare(work: Path, data: Path) -> None:
@@ -53,6 +57,7 @@ def run(command: str, work: Path) -> str:
     done = subprocess.run(command, shell=True, cwd=work, env=env, text=True, capture_output=True,
                           errors="backslashreplace")
     output = (done.stdout + done.stderr).rstrip("\n")
+    output = output.replace(f"{work.resolve()}/", "").replace(str(work.resolve()), ".").replace(str(Path.home()), "~")
     print(f"$ {command}\n{output}\n", flush=True)
     if done.returncode != 0:
         raise SystemExit(f"README sample failed (exit {done.returncode}): {command}")
@@ -78,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="readme-samples-") as tmp:
         work = Path(tmp)
         prepare(work, args.data)
-        fresh = BLOCK.sub(lambda m: f"```text\n{rerun_block(m.group(1), work)}```", text)
+        fresh = BLOCK.sub(lambda m: m.group(0) if text[:m.start()].rstrip().endswith(SKIP)
+                          else f"```text\n{rerun_block(m.group(1), work)}```", text)
     if not args.check:
         args.readme.write_text(fresh)
     return 0
