@@ -157,7 +157,7 @@ def add_review_images(plan: list[tuple[Path, Path]]) -> tuple[dict[str, int], in
             already += 1
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
-        link_or_copy(str(src), str(dst))
+        link_or_copy(str(src.parent), src.name, str(dst.parent), dst.name)
         added[dst.parent.name] = added.get(dst.parent.name, 0) + 1
     return added, already
 

@@ -2,12 +2,13 @@
 
 Every ```text block of README.md whose first line starts with ``$ `` is a sample session: each ``$ COMMAND``
 line is run (in order, block after block, in one work folder) and the lines after it are replaced by what
-the command printed (stdout and stderr, progress bars off). No sample output is typed by hand, and a
+the command printed (stdout and stderr, without the progress bars' lines). No sample output is typed by hand, and a
 command that fails stops the script with its output, so the README cannot show a command that does not
 run as written. A block right after a ``<!-- readme-samples: skip -->`` line is left alone (its text says
 where its real output came from, e.g. a run on other data). The only edit made to an output: the work
-folder's absolute path is shown relative ("inbox" for /tmp/.../inbox) and the home folder as "~", so
-the README names no path of the machine it ran on.
+folder's absolute path is shown relative ("inbox" for /tmp/.../inbox, "photos" for the data set it links
+to), the home folder as "~", and blank lines (a progress bar's last clear) are dropped, so the README
+names no path of the machine it ran on.
 
 The work folder holds what the samples name: ``photos/`` (the fruits set), the sanity photos
 (``banana.jpg``, ...), ``apple1.jpg``/``apple2.jpg`` and an ``inbox/`` of fruit photos for the edge runner.
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```text\n(\$ .*?)^```$", re.M | re.S)
 INBOX_IMAGES = 12
 SKIP = "<!-- readme-samples: skip -->"
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*[\d.]+[kM]?/[\d.]+[kM]?\s*\[")  # tqdm's lines: a terminal overwrites them
 
 
 def prepare(work: Path, data: Path) -> None:
@@ -52,12 +54,13 @@ def prepare(work: Path, data: Path) -> None:
 
 def run(command: str, work: Path) -> str:
     """``command`` as a user types it in ``work``; its output, or SystemExit when it fails."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO), "COLUMNS": "120",
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(REPO), "COLUMNS": "120",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     done = subprocess.run(command, shell=True, cwd=work, env=env, text=True, capture_output=True,
                           errors="backslashreplace")
-    output = (done.stdout + done.stderr).rstrip("\n")
-    output = output.replace(f"{work.resolve()}/", "").replace(str(work.resolve()), ".").replace(str(Path.home()), "~")
+    lines = (done.stdout + done.stderr).splitlines()
+    output = "\n".join(line for line in lines if line.strip() and not PROGRESS_BAR.search(line))
+    output = output.replace(str((work / "photos").resolve()), "photos").replace(f"{work.resolve()}/", "").replace(str(work.resolve()), ".").replace(str(Path.home()), "~")
     print(f"$ {command}\n{output}\n", flush=True)
     if done.returncode != 0:
         raise SystemExit(f"README sample failed (exit {done.returncode}): {command}")

@@ -248,7 +248,10 @@ def test_a_really_full_filesystem_is_one_error_line_and_loses_nothing(tmp_path):
     code, output = run["first"]
     assert code == 1 and output.count("\n") == 1, output
     assert output.startswith("Error: no space left on device while writing ")
-    assert run["left"] == ["f.h5.parts"] and run["temporary"] == []  # no store, no .lock, no temp file
-    assert 0 < run["kept"] < 60  # some batches were written before the disk filled
+    # no store, no .lock, no temp file; whether a batch file landed before the disk filled depends on how
+    # the background writer grouped the rows (seen both ways): the in-process ENOSPC test above pins that
+    # kept rows are not computed again, here the rerun must compute exactly what was not kept
+    assert run["left"] in ([], ["f.h5.parts"]) and run["temporary"] == []
+    assert 0 <= run["kept"] < 60
     code, summary = run["second"]
     assert code == 0 and summary["images"] == 60 and summary["extracted"] == 60 - run["kept"]
