@@ -34,7 +34,18 @@ from classify.streamed import search_C, streams
 from classify.svm import PairwiseHead, class_scores, fit_temperature, pair_signs, search
 
 
-class SVMHead(PairwiseHead):
+class _CGridStreamed:
+    """What the svm and softmax heads share: a grid of C values, and a streamed fit above
+    ``stream_above_rows`` labelled rows (classify.streamed)."""
+
+    def _check_params(self) -> None:
+        check_grid(type(self).__name__, "Cs", self.Cs)
+
+    def _streams(self, n_rows):
+        return streams(n_rows, self.stream_above_rows)
+
+
+class SVMHead(_CGridStreamed, PairwiseHead):
     """Linear SVM (libsvm one-vs-one on the linear Gram matrix); C by CV accuracy (ties: the smaller C).
 
     The pair decisions are linear in x: ``coef_`` (pairs, features) and ``intercept_`` on
@@ -55,12 +66,6 @@ class SVMHead(PairwiseHead):
         self.n_jobs = n_jobs
         self.seed = seed
         self.stream_above_rows = stream_above_rows
-
-    def _check_params(self) -> None:
-        check_grid(type(self).__name__, "Cs", self.Cs)
-
-    def _streams(self, n_rows):
-        return streams(n_rows, self.stream_above_rows)
 
     def _fit_streamed(self, X, y) -> None:
         """A multiclass linear SVM (classify.streamed) whose class scores z_c give the pair machines
@@ -103,7 +108,7 @@ class SVMHead(PairwiseHead):
         return {"coef_": (n_pairs, n_features), "intercept_": (n_pairs,), "temperature_": ()}
 
 
-class SoftmaxHead(LinearHead):
+class SoftmaxHead(_CGridStreamed, LinearHead):
     """Multinomial logistic regression (lbfgs); C by CV accuracy (ties: the smaller C).
 
     Each fold walks the C grid upwards from the previous solution (``warm_start``), so the larger,
@@ -127,12 +132,6 @@ class SoftmaxHead(LinearHead):
         self.tol = tol
         self.seed = seed
         self.stream_above_rows = stream_above_rows
-
-    def _check_params(self) -> None:
-        check_grid(type(self).__name__, "Cs", self.Cs)
-
-    def _streams(self, n_rows):
-        return streams(n_rows, self.stream_above_rows)
 
     def _fit_streamed(self, X, y) -> None:
         found = search_C(X, y, len(self.classes_), "multinomial", check_grid("SoftmaxHead", "Cs", self.Cs),
