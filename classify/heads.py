@@ -39,7 +39,11 @@ class _CGridStreamed:
     ``stream_above_rows`` labelled rows (classify.streamed)."""
 
     def _check_params(self) -> None:
-        check_grid(type(self).__name__, "Cs", self.Cs)
+        self._C_grid()
+
+    def _C_grid(self) -> list[float]:
+        """The validated C values (``check_grid``), named after the head in its errors."""
+        return check_grid(type(self).__name__, "Cs", self.Cs)
 
     def _streams(self, n_rows):
         return streams(n_rows, self.stream_above_rows)
@@ -70,7 +74,7 @@ class SVMHead(_CGridStreamed, PairwiseHead):
     def _fit_streamed(self, X, y) -> None:
         """A multiclass linear SVM (classify.streamed) whose class scores z_c give the pair machines
         z_i - z_j: their votes rank the classes as the z_c do, so the prediction is the argmax."""
-        found = search_C(X, y, len(self.classes_), "pair_squared_hinge", check_grid("SVMHead", "Cs", self.Cs),
+        found = search_C(X, y, len(self.classes_), "pair_squared_hinge", self._C_grid(),
                          self.mean_, self.scale_, self.seed)
         S = pair_signs(len(self.classes_))  # (pairs, classes)
         self.C_, self.cv_scores_ = found.C, [found.scores[found.best]]
@@ -81,7 +85,7 @@ class SVMHead(_CGridStreamed, PairwiseHead):
 
     def _fit(self, X, y) -> None:
         K = X @ X.T
-        found = search([K], y, check_grid("SVMHead", "Cs", self.Cs), stratified_folds(y, self.cv, self.seed),
+        found = search([K], y, self._C_grid(), stratified_folds(y, self.cv, self.seed),
                        len(self.classes_), self.n_jobs)
         self.C_ = found.settings[found.best][1]
         self.cv_accuracy_ = {f"C={C:g}": float(np.mean(s)) for (_, C), s in zip(found.settings, found.fold_scores)}
@@ -134,7 +138,7 @@ class SoftmaxHead(_CGridStreamed, LinearHead):
         self.stream_above_rows = stream_above_rows
 
     def _fit_streamed(self, X, y) -> None:
-        found = search_C(X, y, len(self.classes_), "multinomial", check_grid("SoftmaxHead", "Cs", self.Cs),
+        found = search_C(X, y, len(self.classes_), "multinomial", self._C_grid(),
                          self.mean_, self.scale_, self.seed, self.tol, self.max_iter)
         self.C_, self.cv_scores_, self.n_iter_ = found.C, [found.scores[found.best]], found.n_iter
         self.cv_accuracy_ = {f"C={C:g}": score for C, score in zip(found.Cs, found.scores)}
@@ -156,7 +160,7 @@ class SoftmaxHead(_CGridStreamed, LinearHead):
             yield model
 
     def _fit(self, X, y) -> None:
-        Cs = check_grid(type(self).__name__, "Cs", self.Cs)
+        Cs = self._C_grid()
         X = X.astype(np.float32)
         scores, solutions = [], []  # (folds, Cs) accuracies and (coef, intercept)
         for train, held in stratified_folds(y, self.cv, self.seed):
