@@ -90,7 +90,13 @@ class BackboneMeta:
 
     @property
     def weights_id(self) -> str | None:
-        return (self.record.get("weights") or {}).get("id")  # raw: merge compares shards' records as stored
+        return record_weights_id(self.record)
+
+
+def record_weights_id(record: dict) -> str | None:
+    """The weights id of a record as stored (not parsed: merge compares and refuses shards' partial or
+    foreign records with its own message)."""
+    return (record.get("weights") or {}).get("id")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from extract.store_files import (RowSource, data_dir, images_refs, load_rows, ne
                                  read_failed, read_images, read_root, read_segment_keys, strings, write_images_file,
                                  write_root, write_segment_file)
 from extract.store_types import (FORMAT, FORMAT_VERSION, SPLITS, BackboneMeta, BackboneRows, ImageTable, SegmentRef,
-                                 StoreState)
+                                 StoreState, record_weights_id)
 
 MAX_SEGMENTS = 16
 COMPACT_MAX_BYTES = 256 << 20  # a merged segment is built in memory first (full-disk safety)
@@ -270,7 +270,7 @@ def _fold(store: Path, state: StoreState, parts: list[Path], wanted: dict[str, s
         meta = state.backbones.get(backbone)
         if meta is None:
             meta = state.backbones[backbone] = BackboneMeta(record, dim, dtype, [])
-        if meta.weights_id != BackboneMeta(record, dim, dtype, []).weights_id:
+        if meta.weights_id != record_weights_id(record):
             continue  # a batch from other weights than the store's: never mixed in
         seen = committed(backbone)
         keep = []
