@@ -8,7 +8,6 @@ inference, so the backbone is never waiting on JPEG decoding.
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_r
 from extract.backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
-from extract.engine import ENGINES
+from extract.engine import ENGINES, default_threads
 from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.int8 import INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
@@ -215,6 +214,13 @@ def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[Imag
     return [e for e in dataset.entries if shard_of(e.relpath, count) == index]
 
 
+def decode_workers() -> int:
+    """Decoding and hashing threads by default: one per core this process may use (not ``os.cpu_count()``,
+    which counts the host's cores in a container limited to two), at least 2 (hashing waits on reads),
+    at most 8."""
+    return max(2, min(8, default_threads()))
+
+
 @dataclass(frozen=True)
 class ComputeOptions:
     """How the features of the images to do are computed and written."""
@@ -295,7 +301,7 @@ def run_extraction(
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
     spec, shard_spec = get_backbone(backbone), parse_shard(shard)
-    options = ComputeOptions(engine, batch_size, workers or max(2, min(8, (os.cpu_count() or 2))), threads,
+    options = ComputeOptions(engine, batch_size, workers or decode_workers(), threads,
                              streams, checkpoint_seconds, progress)
     options.check(dtype)
     if ray_options is not None:

@@ -105,3 +105,15 @@ def test_cli_refuses_more_streams_than_threads(tmp_path):
     assert too_many.output == "Error: --streams must be between 1 and the inference threads (2)\n"
     zero = CliRunner().invoke(cli, [*args, "--streams", "0"])
     assert zero.exit_code == 2 and "--streams" in zero.output
+
+
+def test_decode_threads_follow_the_cores_this_process_may_use(monkeypatch):
+    from extract.job import decode_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 64)  # a container's host
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert decode_workers() == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert decode_workers() == 2
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    assert decode_workers() == 8 and stream_plan() == (MAX_STREAMS, 8)
