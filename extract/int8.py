@@ -41,6 +41,7 @@ from extract.engine import OnnxEngine
 from extract.errors import StoreError, TransferKitError
 from extract.paths import cache_dir
 from extract.quantization import quantize_int8, settings
+from extract.streams import stream_plan
 from extract.files import atomic_write, file_sha256, write_atomic
 from extract.tta import tta_suffix
 
@@ -333,7 +334,8 @@ def open_int8_engine(plan: GatePlan, fp32_path, tolerance: float = DEFAULT_TOLER
     """The int8 engine for ``plan`` (quantized now or taken from the cache); raises ``Int8Refused``.
 
     ``fp32_path`` is a callable giving the fp32 ONNX engine's path, called only when quantizing.
-    ``threads`` and ``streams`` as in ``OnnxEngine``.
+    ``threads`` inference threads in all (the gate runs one batch on all of them) are shared by the
+    engine's ``streams`` (``extract.streams``).
     """
     report, cached = cached_report(plan.engine_path), True
     if report is None:
@@ -345,7 +347,8 @@ def _accepted(path: Path, report: GateReport, cached: bool, tolerance: float, th
               streams: int = 1) -> Int8Choice:
     if not report.accepts(tolerance):
         raise Int8Refused(report.describe(tolerance))
-    return Int8Choice(Int8Engine(path, report, threads, streams), report, cached)
+    streams, threads_each = stream_plan(threads, streams)
+    return Int8Choice(Int8Engine(path, report, threads_each, streams), report, cached)
 
 
 def int8_engine_for_store(dataset: Dataset, backbone: str, weights_id: str, input_size: int,

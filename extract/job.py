@@ -463,7 +463,8 @@ def _open_engine(record: BackboneRecord, weights: str, options: ComputeOptions, 
     dataset, previous, tolerance, notes = int8_gate
     choice = int8_engine_for_store(
         dataset, record.name, record.weights.id, record.input_size, previous.record if previous else None,
-        lambda: open_engine(record, weights, "onnx", threads).path, tolerance, threads, options.workers, streams)
+        lambda: open_engine(record, weights, "onnx", options.threads).path, tolerance, options.threads,
+        options.workers, streams)
     notes.append(choice.report.describe(tolerance) + (" (cached)" if choice.cached else ""))
     return choice.engine, choice.record
 

@@ -158,3 +158,19 @@ def test_extract_on_a_cached_int8_engine_imports_no_tensorflow_nor_sklearn(tmp_p
     assert done.returncode == 0, done.stderr
     assert "mobilenet_v2@int8: 30 images" in done.stdout and "(cached)" in done.stderr
     assert done.stderr.splitlines()[-1] == "heavy: []", done.stderr
+
+
+def test_the_int8_engine_runs_in_streams_like_fp32(tmp_path, monkeypatch):
+    import extract.job
+
+    images = _grey_folder(tmp_path / "images", size=40)  # the first test's images: its cached engine
+    real, used = extract.job.run_in_streams, []
+
+    def spy(compute, items, streams, take):
+        engine = compute.args[0]  # compute: partial(_features_of, engine, feature_dim)
+        used.append((engine.name, streams, engine.session.get_session_options().intra_op_num_threads))
+        return real(compute, items, streams, take)
+
+    monkeypatch.setattr(extract.job, "run_in_streams", spy)
+    summary = run_extraction(images, tmp_path / "a.h5", threads=2, **INT8)
+    assert summary.backbone == "mobilenet_v2@int8" and used == [("onnx-int8", 2, 1)]
