@@ -6,7 +6,8 @@ Per backbone (default: ResNet50 with random weights, EfficientNet-Lite0 with its
    alternate, each a fresh process on an empty store over ``--shard`` of the folder (``all``: the whole
    folder): whole-process wall and CPU time, the decode+inference+write loop's rate, and the fixed
    costs (start-up, scan, hashing, final commit: the whole process less the loop);
-2. the two engines alone on up to ``--alone-images`` of the shard's pre-decoded tensors, three ways:
+2. after each fp32 + int8 pair of runs (so that changing load hits all alike), the two engines alone on
+   up to ``--alone-images`` of the shard's pre-decoded tensors, three ways:
    as ``extract`` runs them (``extract.streams``: several batches at once), one batch at a time on
    every core (onnxruntime's usual way), and on one thread (images per CPU-second: the cost that
    load from other processes changes least);
@@ -82,27 +83,29 @@ def _pass_rates(engine, tensors, batch: int, streams: int) -> tuple[float, float
     return len(tensors) / max(wall, 1e-9), len(tensors) / max(cpu, 1e-9)
 
 
-def engines_alone(files: dict[str, Path], tensors, batch: int, repeats: int) -> dict:
-    """``{arrangement: {precision: {"rate": [...], "cpu_rate": [...]}}}``: both engines on the same tensors,
-    a pass of each in turn for every arrangement and repeat."""
-    from extract.engine import OnnxEngine
+class EnginesAlone:
+    """Both engines on the same pre-decoded tensors, every arrangement; ``measure`` adds one repeat (a pass
+    of each engine in turn) to ``rates``: ``{arrangement: {precision: {"rate": [...], "cpu_rate": [...]}}}``."""
 
-    engines = {}
-    for name in ARRANGEMENTS:
-        streams, threads = _arrangement(name)
-        for precision in ("fp32", "int8"):
-            if (precision, threads) not in engines:
-                engines[(precision, threads)] = OnnxEngine(None, threads, path=files[precision])
-                engines[(precision, threads)](tensors[:batch])  # warm-up
-    out = {name: {p: {"rate": [], "cpu_rate": []} for p in ("fp32", "int8")} for name in ARRANGEMENTS}
-    for _ in range(repeats):
+    def __init__(self, files: dict[str, Path], tensors, batch: int):
+        from extract.engine import OnnxEngine
+
+        self.tensors, self.batch, self.engines = tensors, batch, {}
+        for name in ARRANGEMENTS:
+            threads = _arrangement(name)[1]
+            for precision in ("fp32", "int8"):
+                if (precision, threads) not in self.engines:
+                    self.engines[(precision, threads)] = engine = OnnxEngine(None, threads, path=files[precision])
+                    engine(tensors[:batch])  # warm-up
+        self.rates = {name: {p: {"rate": [], "cpu_rate": []} for p in ("fp32", "int8")} for name in ARRANGEMENTS}
+
+    def measure(self) -> None:
         for name in ARRANGEMENTS:
             streams, threads = _arrangement(name)
             for precision in ("fp32", "int8"):
-                rate, cpu_rate = _pass_rates(engines[(precision, threads)], tensors, batch, streams)
-                out[name][precision]["rate"].append(rate)
-                out[name][precision]["cpu_rate"].append(cpu_rate)
-    return out
+                rate, cpu_rate = _pass_rates(self.engines[(precision, threads)], self.tensors, self.batch, streams)
+                self.rates[name][precision]["rate"].append(rate)
+                self.rates[name][precision]["cpu_rate"].append(cpu_rate)
 
 
 def store_accuracy(store: Path, name: str) -> dict:
@@ -121,31 +124,35 @@ def store_accuracy(store: Path, name: str) -> dict:
 
 
 def _speed_runs(data: str, backbone: str, weights: str, batch: int, repeats: int, shard: str | None,
-                gate_shard: str, forced: tuple[str, ...]) -> tuple[dict, dict, dict]:
-    """The warm-up (quantizing) run, the alternating fp32/int8 runs and the head accuracy of the last
-    run's stores (real weights only)."""
+                gate_shard: str, forced: tuple[str, ...], alone_images: int) -> tuple[dict, dict, dict, dict]:
+    """The warm-up (quantizing) run; then per repeat an fp32 and an int8 `extract` and the engines alone
+    (so that changing load hits all alike); and the head accuracy of the last run's stores (real weights
+    only). Returns (warm-up run, runs by precision, engines-alone rates, accuracy by precision)."""
     with tempfile.TemporaryDirectory() as tmp:
         warm = run_cli_extract(data, Path(tmp) / "warm.h5", backbone, weights, batch, "onnx-int8", gate_shard,
                                forced)
+        alone = EnginesAlone(engine_files(data, backbone, weights),
+                             decoded_tensors(data, 224, limit=alone_images, shard=shard), batch)
         runs = {"fp32": [], "int8": []}
         for i in range(repeats):
             for precision, engine in PRECISIONS.items():
                 store = Path(tmp) / f"{precision}{i}.h5"
                 runs[precision].append({**run_cli_extract(data, store, backbone, weights, batch, engine, shard,
                                                           forced), "store": store})
+            alone.measure()
         # random weights: lbfgs crawls on their features and the accuracy says little (the gate covers them)
         accuracy = {} if weights == "none" else {p: store_accuracy(rs[-1]["store"], rs[-1]["backbone"])
                                                  for p, rs in runs.items()}
-    return warm, runs, accuracy
+    return warm, runs, alone.rates, accuracy
 
 
 def speed(data: str, backbone: str, weights: str, batch: int, repeats: int, shard: str | None,
           gate_shard: str = "0/64", alone_images: int = 256) -> dict:
     """``tolerance`` is lifted for random weights: their gate measures noise, and speed is the question."""
     forced = ("--tolerance", "100") if weights == "none" else ()
-    warm, runs, accuracy = _speed_runs(data, backbone, weights, batch, repeats, shard, gate_shard, forced)
+    warm, runs, alone, accuracy = _speed_runs(data, backbone, weights, batch, repeats, shard, gate_shard, forced,
+                                              alone_images)
     files = engine_files(data, backbone, weights)
-    alone = engines_alone(files, decoded_tensors(data, 224, limit=alone_images, shard=shard), batch, repeats)
     result = {"images": runs["fp32"][0]["images"], "first_int8_wall": warm["wall_seconds"],
               "warm_notes": warm["notes"], "forced": bool(forced), "engines": {}, "accuracy": accuracy,
               "alone_images": min(alone_images, runs["fp32"][0]["images"]), "gate_shard": gate_shard,
