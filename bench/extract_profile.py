@@ -67,7 +67,7 @@ def categorize(stack: str) -> str | None:
     if any(f.startswith("_compute (extract/job.py") for f in frames):
         return "loop: " + _loop_category(stack)
     if len(frames) == 1:  # no Python frame yet (or any more)
-        return "outside the loop: interpreter start and exit"
+        return "outside the loop: no Python frame (interpreter start and exit, native waits)"
     return "outside the loop: " + next((c for needle, c in OUTSIDE_RULES if needle in stack), "other")
 
 
@@ -104,8 +104,9 @@ def to_markdown(r: dict) -> str:
              f"py-spy at {r['rate']} samples/s over one `extract` of shard {r['shard']} of "
              f"{Path(r['data']).name} ({runs[0]['images']} images) per streams setting; load average "
              f"{r['load_before']:.1f} before on {r['cores']} cores. Main thread: share of its samples (of wall "
-             f"time); other threads: seconds busy (onnxruntime's own intra-op threads are not Python threads "
-             f"and are not sampled).\n",
+             f"time); other threads: seconds they spent decoding, writing or computing (wall time: time a busy "
+             f"machine preempts them counts too; onnxruntime's own intra-op threads are not Python threads and "
+             f"are not sampled).\n",
              "| | " + " | ".join(f"--streams {p['streams']}" for p in runs) + " |",
              "|---|" + "---|" * len(runs),
              "| `extract` loop (images/s) | " + " | ".join(f"{p['loop_rate']:.1f}" for p in runs) + " |",
