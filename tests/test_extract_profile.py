@@ -29,7 +29,7 @@ def test_main_thread_samples_outside_the_loop_and_other_threads():
         "outside the loop: scan and hashing"
     assert categorize("thread (1): MainThread;<module> (cli.py:3);_find_and_load (<frozen importlib>:1)") == \
         "outside the loop: imports"
-    assert categorize("thread (1): MainThread") == "outside the loop: no Python frame (interpreter start and exit, native waits)"
+    assert categorize("thread (1): MainThread").startswith("outside the loop: no Python frame")
     worker = "thread (2): ThreadPoolExecutor-1_0;_bootstrap (threading.py:1);_worker (concurrent/futures/thread.py:83)"
     assert categorize(worker + ";_decode (extract/job.py:153);decode_image (edge/imageio.py:338)") == \
         "decode threads: decoding"

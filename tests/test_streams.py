@@ -92,7 +92,7 @@ def test_extract_writes_the_same_rows_whatever_the_streams(tmp_path, monkeypatch
     one = run_extraction(images, tmp_path / "one.h5", threads=2, streams=1, **SMALL)
     two = run_extraction(images, tmp_path / "two.h5", threads=2, **SMALL)  # default: one stream per thread
     assert used == [1, 2] and one.extracted == two.extracted == 15
-    a, b = FeatureStore(tmp_path / "one.h5").read("mobilenet_v2"), FeatureStore(tmp_path / "two.h5").read("mobilenet_v2")
+    a, b = (FeatureStore(tmp_path / name).read("mobilenet_v2") for name in ("one.h5", "two.h5"))
     assert list(a.paths) == list(b.paths)
     np.testing.assert_allclose(a.features, b.features, rtol=1e-5, atol=1e-6)
 
