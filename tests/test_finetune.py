@@ -136,6 +136,7 @@ def test_cli_fine_tune_from_a_head_shows_progress_and_compares_with_the_head(wor
     comparison = next(line for line in result.stdout.splitlines() if line.startswith("compared with the head: "))
     assert f"vs {head_accuracy:.2f}% head on the same test split ({len(y_test)} images in the store)" in comparison
     assert "fine-tuning epoch 1/1 (" in result.stderr and "val_accuracy" in result.stderr  # progress on stderr
+    assert "caching train (+ mirrored)" in result.stderr and "caching validation" in result.stderr
     assert "fine-tuning epoch" not in result.stdout
 
 

@@ -58,6 +58,15 @@ def test_cuts_that_do_not_exist_are_refused(backbone):
         _graph_from(base, base.get_layer("block_12_project_BN"))
 
 
+def test_cli_refuses_more_blocks_than_the_backbone_has(workspace, tmp_path):
+    result = CliRunner().invoke(cli, ["fine-tune", str(workspace.images), "--head", str(workspace.head),
+                                      "--store", str(workspace.store), "--blocks", "16", "--out", str(tmp_path / "m.keras")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == ("Error: --blocks must be between 0 and 15 for mobilenet_v2 "
+                                                      "(16 blocks), got 16")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_keep_rule():
     assert keep_fine_tuned(0.90, 0.89) and not keep_fine_tuned(0.89, 0.89) and not keep_fine_tuned(0.88, 0.89)
     won = HeadComparison("svm", head=0.871, fine_tuned=0.889, validation_images=252, train_images=1770)
