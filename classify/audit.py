@@ -57,7 +57,9 @@ def _group_dict(features: FeatureSet, group: duplicates.DuplicateGroup) -> dict:
             "leak": group.leak, "label_conflict": group.conflict}
 
 
-def _mislabels(features: FeatureSet, probabilities: np.ndarray, top: int) -> list[dict]:
+def _mislabels(features: FeatureSet, probabilities: np.ndarray | None, top: int) -> list[dict]:
+    if probabilities is None:  # too few distinct images to cross-validate
+        return []
     names = features.class_names
     return [{**_row(features, row), "suggested": names[suggested], "p_label": round(p_label, 4),
              "p_suggested": round(p_suggested, 4)}
@@ -107,7 +109,8 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
             "distinct_pairs": len({(int(i), int(j)) for found in pairs.values() for i, j, _ in found}),
             "leak_groups": sum(g.leak for g in groups), "label_conflict_groups": sum(g.conflict for g in groups),
             "test_images_with_train_copy": int(leaked.size),
-            "out_of_fold_accuracy": float((probabilities.argmax(axis=1) == features.labels).mean()),
+            "out_of_fold_accuracy": None if probabilities is None else
+            float((probabilities.argmax(axis=1) == features.labels).mean()),
             "outliers": int(outlier_rows.size), "seconds": round(time.perf_counter() - started, 2),
         },
         "leak_effect": label_checks.leak_effect(features.features, features.labels, features.splits, leaked, seed),
