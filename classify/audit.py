@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from classify import duplicates, label_checks
 from classify.audit_alignment import ALIGNED_THRESHOLD, CANDIDATE_COSINE
-from classify.audit_images import images_reachable, read_images
+from classify.audit_images import images_reachable
 from extract.splits import SPLITS
 from extract.store import FeatureSet, FeatureStore
 
@@ -81,14 +81,13 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
     """Everything the report shows, as one JSON-ready dict (no files written)."""
     started = time.perf_counter()
     n = len(features.paths)
-    pixels = None
-    if images_reachable(images_root, features.paths):
-        with tqdm(total=n, unit="img", desc="audit: read images", disable=not progress) as bar:
-            pixels = read_images(images_root, features.paths, progress=bar.update)
-    with tqdm(total=n, unit="row", desc="audit: similarities", disable=not progress) as bar, \
+    reading = progress and images_reachable(images_root, features.paths)
+    with tqdm(total=n, unit="img", desc="audit: read images", disable=not reading) as read, \
+            tqdm(total=n, unit="row", desc="audit: similarities", disable=not progress) as bar, \
             tqdm(unit="pair", desc="audit: align pictures", disable=not progress) as aligning:
-        pairs = duplicates.find_pairs(features.features, pixels, feature_threshold, progress=bar.update,
-                                      align_progress=lambda total: _counting(aligning, total))
+        pairs, pixels = duplicates.copy_pairs(features.features, features.paths, features.sha256, images_root,
+                                              feature_threshold, read_progress=read.update, progress=bar.update,
+                                              align_progress=lambda total: _counting(aligning, total))
     groups = duplicates.group_duplicates(pairs, features.splits, features.labels, features.class_names)
     leaked = duplicates.leaked_test_rows(groups, features.splits)
     with tqdm(total=label_checks.FOLDS, unit="fold", desc="audit: mislabels", disable=not progress) as bar:

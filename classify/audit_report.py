@@ -70,7 +70,7 @@ def _summary_html(report: dict) -> str:
              if s["out_of_fold_accuracy"] is not None else "too few distinct images to look for mislabels",
              f"{s['outliers']} outliers; audit took {s['seconds']} s"]
     if not report["image_files_read"]:
-        lines.append("image files not found: no file hashes, no pixel comparison, no thumbnails")
+        lines.append("image files not found: no pixel comparison, no aligned pictures, no thumbnails (identical files from the stored hashes)")
     effect = report.get("leak_effect")
     if effect:
         lines.append(f"{escape(leak_effect_sentence(effect))} ({escape(effect['head'])})")

@@ -186,7 +186,7 @@ def test_cli_audit_without_the_image_files(audited, tmp_path):
                                       "--images", str(tmp_path), "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.splitlines()[0])
-    assert not report["image_files_read"] and set(report["summary"]["pairs"]) == {"features", "mutual"}
+    assert not report["image_files_read"] and set(report["summary"]["pairs"]) == {"features", "mutual", "exact"}
     assert "<img" not in (tmp_path / "r" / "audit.html").read_text()
     bad = CliRunner().invoke(cli, ["audit", "--store", str(base / "features.h5"), "--backbone", "nope",
                                    "--report-dir", str(moved)])
