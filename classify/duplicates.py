@@ -40,7 +40,7 @@ import numpy as np
 from classify.audit_alignment import CANDIDATE_COSINE, aligned_pairs
 from classify.audit_images import ImageSignatures, images_reachable, read_images
 from extract.neighbours import (NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, mutual_nearest_pairs,
-                                normalise, similar_pairs, strongest_pairs)
+                                normalise, similar_and_nearest, similar_pairs, strongest_pairs)
 from extract.splits import SPLITS
 
 FEATURE_THRESHOLD = NEAR_DUPLICATE_COSINE
@@ -85,8 +85,8 @@ def find_pairs(features: np.ndarray, pixels: ImageSignatures | None, feature_thr
     callable that counts them (or None).
     """
     unit = normalise(features)
-    close = similar_pairs(unit, min(feature_threshold, CANDIDATE_COSINE), progress=progress)
-    mutual = mutual_nearest_pairs(unit)
+    close, nearest = similar_and_nearest(unit, min(feature_threshold, CANDIDATE_COSINE), progress=progress)
+    mutual = mutual_nearest_pairs(unit, nearest=nearest)
     keep = (mutual[:, 2] >= MUTUAL_COSINE) & (mutual[:, 2] < feature_threshold) & (mutual[:, 3] >= MUTUAL_MARGIN)
     found = {"features": close[close[:, 2] >= feature_threshold], "mutual": mutual[keep, :3]}
     if pixels is not None:
