@@ -20,9 +20,9 @@ from threadpoolctl import threadpool_limits
 
 from classify.data import check_trainable
 from classify.estimator import DEFAULT_FOLDS, Head, cross_val_scores
+from classify.fingerprints import training_store
 from classify.heads import HEAD_KINDS, KIND_CHOICES, make_head
 from classify.joined import joined_name, read_features
-from classify.fingerprints import training_store
 from classify.persist import TrainedHead, save_head
 from classify.progress import FitProgress, KindBar
 from classify.scoring import scores
