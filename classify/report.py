@@ -150,7 +150,10 @@ def _read_for_evaluation(trained: TrainedHead, store: str | Path, split: str,
         features = features_for_head(trained, store)
         return features, features
     features = features_for_head(trained, store, (split,))
-    return features, read_features(store, trained.features_name, with_features=False)
+    rows = read_features(store, trained.features_name, with_features=False)
+    if not len(features.paths):
+        split_rows(rows, split, store)  # refuses the empty split, quoting every split's count
+    return features, rows
 
 
 def _head_ood(head: str | Path, features, X: np.ndarray, folder: str | Path, progress: bool) -> dict:
