@@ -38,9 +38,9 @@ BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(off
               help="Images whose paths are equal once REGEX matches are removed share a split, e.g. "
                    "'_aug\\d+' keeps img1.jpg and img1_aug3.jpg together [default: none, or the store's].")
 @click.option("--split-group-by", type=click.Choice(GROUP_BY_CHOICES), default=None,
-              help="near-duplicates: images whose files are identical or whose features are nearly identical "
-                   "(the audit's rule) share a split, found once the features are computed [default: none, or "
-                   "the store's].")
+              help="near-duplicates: the groups of copies `audit` reports (identical files, nearly identical "
+                   "features, rotated, zoomed or mirrored copies) share a split, found once the features are "
+                   "computed [default: none, or the store's].")
 @dtype_option
 @engines_option(extra=(INT8_ENGINE,),
                 help="auto: onnxruntime (converted once and cached, checked against Keras), Keras if that fails; "
