@@ -83,7 +83,7 @@ def test_head_wins_no_model_written(workspace, tmp_path):
     out = tmp_path / "m.keras"
     result = CliRunner().invoke(cli, [
         "fine-tune", str(workspace.images), "--head", str(workspace.head), "--store", str(workspace.store),
-        "--epochs", "1", "--learning-rate", "50", "--batch-size", "16", "--out", str(out), "--quiet"])
+        "--epochs", "1", "--learning-rate", "50", "--batch-size", "12", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "m-report" / "metrics.json").read_text())
     comparison = metrics["comparison"]
@@ -131,7 +131,7 @@ def fine_tuned_won(workspace, tmp_path_factory):
     out = tmp_path_factory.mktemp("won") / "m.keras"
     try:
         result = fine_tune(workspace.images, None, out, head=workspace.head, store=workspace.store, epochs=1,
-                           batch_size=16)
+                           batch_size=12)  # 36 train images: whole batches, one trace of the train step
     finally:
         patch.undo()
     return out, result, events
