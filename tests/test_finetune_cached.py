@@ -83,7 +83,7 @@ def test_head_wins_no_model_written(workspace, tmp_path):
     out = tmp_path / "m.keras"
     result = CliRunner().invoke(cli, [
         "fine-tune", str(workspace.images), "--head", str(workspace.head), "--store", str(workspace.store),
-        "--epochs", "1", "--learning-rate", "50", "--batch-size", "16", "--out", str(out), "--quiet"])
+        "--epochs", "1", "--learning-rate", "50", "--batch-size", "12", "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "m-report" / "metrics.json").read_text())
     comparison = metrics["comparison"]
@@ -131,7 +131,7 @@ def fine_tuned_won(workspace, tmp_path_factory):
     out = tmp_path_factory.mktemp("won") / "m.keras"
     try:
         result = fine_tune(workspace.images, None, out, head=workspace.head, store=workspace.store, epochs=1,
-                           batch_size=16)
+                           batch_size=12)  # 36 train images: whole batches, one trace of the train step
     finally:
         patch.undo()
     return out, result, events
@@ -172,3 +172,25 @@ def test_validation_decides_and_test_is_read_only_afterwards(fine_tuned_won, wor
     assert reported and min(reported) > decided_at  # test images are decoded after the decision, for the report
     assert result.comparison["validation_images"] == sum(s == "validation" for s in split_of.values())
     assert result.test["images"] == len(test_paths)
+
+
+@pytest.mark.parametrize("kind", ["rbf", "mlp"])
+def test_the_head_to_beat_and_the_classifiers_start(kind):
+    """The head to beat has the --head's kind; the classifier starts from its dense layers, or from a
+    softmax probe when the kind has none (rbf)."""
+    from export.finetune_cached import baseline_head
+    from export.front_cache import CachedSplit
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 8))
+
+    def split(n):
+        labels = np.arange(n) % 3
+        tensors = (centres[labels][:, None, None, :] + rng.normal(0, 1, (n, 2, 2, 8))).astype(np.float32)
+        return CachedSplit(tensors, labels, tensors[:, :, ::-1])
+
+    back = keras.Sequential([keras.Input((2, 2, 8)), keras.layers.GlobalAveragePooling2D()])
+    accuracy, layers, dropout = baseline_head(kind, split(30), split(15), back, seed=0)
+    assert 0.9 <= accuracy <= 1.0  # well separated classes
+    assert [W.shape for W, _ in layers][-1] == (layers[-1][0].shape[0], 3)
+    assert len(layers) == (1 if kind == "rbf" else 2) and dropout == (0.0 if kind == "rbf" else pytest.approx(0.3))
