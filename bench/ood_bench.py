@@ -13,6 +13,7 @@ in-class images pass, the share of unknown images flagged and of in-class test i
 
 Example:
     python bench/ood_bench.py --data ../shared/datasets/fruits --data ../shared/datasets/trashnet
+    python bench/ood_bench.py --work /tmp/ood-stores   # keeps the stores: a second run extracts nothing
 """
 
 from __future__ import annotations
@@ -114,12 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="two image folders [default: ../shared/datasets/fruits and trashnet]")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "ood.md")
+    parser.add_argument("--work", type=Path, default=None, metavar="DIR",
+                        help="keep the two feature stores in DIR and reuse them next time (extract is incremental) "
+                             "[default: a temporary folder]")
     args = parser.parse_args(argv)
     data = args.data or [Path(d) for d in (default_data("fruits"), default_data("trashnet")) if d]
     if len(data) != 2:
         parser.error("give exactly two --data folders (their classes must not overlap)")
     with tempfile.TemporaryDirectory(prefix="transferkit-ood-") as tmp:
-        stores = [Path(tmp) / f"{i}.h5" for i in range(2)]
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        stores = [work / f"{folder.name}.h5" for folder in data]
         for folder, store in zip(data, stores):
             _extract(str(folder), store, args.backbone)
         pairs = []
