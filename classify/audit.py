@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from classify import duplicates, label_checks
 from classify.audit_alignment import ALIGNED_THRESHOLD, CANDIDATE_COSINE
-from classify.audit_images import images_reachable, read_images
+from classify.audit_images import images_reachable
 from extract.splits import SPLITS
 from extract.store import FeatureSet, FeatureStore
 
@@ -57,7 +57,9 @@ def _group_dict(features: FeatureSet, group: duplicates.DuplicateGroup) -> dict:
             "leak": group.leak, "label_conflict": group.conflict}
 
 
-def _mislabels(features: FeatureSet, probabilities: np.ndarray, top: int) -> list[dict]:
+def _mislabels(features: FeatureSet, probabilities: np.ndarray | None, top: int) -> list[dict]:
+    if probabilities is None:  # too few distinct images to cross-validate
+        return []
     names = features.class_names
     return [{**_row(features, row), "suggested": names[suggested], "p_label": round(p_label, 4),
              "p_suggested": round(p_suggested, 4)}
@@ -79,14 +81,13 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
     """Everything the report shows, as one JSON-ready dict (no files written)."""
     started = time.perf_counter()
     n = len(features.paths)
-    pixels = None
-    if images_reachable(images_root, features.paths):
-        with tqdm(total=n, unit="img", desc="audit: read images", disable=not progress) as bar:
-            pixels = read_images(images_root, features.paths, progress=bar.update)
-    with tqdm(total=n, unit="row", desc="audit: similarities", disable=not progress) as bar, \
+    reading = progress and images_reachable(images_root, features.paths)
+    with tqdm(total=n, unit="img", desc="audit: read images", disable=not reading) as read, \
+            tqdm(total=n, unit="row", desc="audit: similarities", disable=not progress) as bar, \
             tqdm(unit="pair", desc="audit: align pictures", disable=not progress) as aligning:
-        pairs = duplicates.find_pairs(features.features, pixels, feature_threshold, progress=bar.update,
-                                      align_progress=lambda total: _counting(aligning, total))
+        pairs, pixels = duplicates.copy_pairs(features.features, features.paths, features.sha256, images_root,
+                                              feature_threshold, read_progress=read.update, progress=bar.update,
+                                              align_progress=lambda total: _counting(aligning, total))
     groups = duplicates.group_duplicates(pairs, features.splits, features.labels, features.class_names)
     leaked = duplicates.leaked_test_rows(groups, features.splits)
     with tqdm(total=label_checks.FOLDS, unit="fold", desc="audit: mislabels", disable=not progress) as bar:
@@ -107,7 +108,8 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
             "distinct_pairs": len({(int(i), int(j)) for found in pairs.values() for i, j, _ in found}),
             "leak_groups": sum(g.leak for g in groups), "label_conflict_groups": sum(g.conflict for g in groups),
             "test_images_with_train_copy": int(leaked.size),
-            "out_of_fold_accuracy": float((probabilities.argmax(axis=1) == features.labels).mean()),
+            "out_of_fold_accuracy": None if probabilities is None else
+            float((probabilities.argmax(axis=1) == features.labels).mean()),
             "outliers": int(outlier_rows.size), "seconds": round(time.perf_counter() - started, 2),
         },
         "leak_effect": label_checks.leak_effect(features.features, features.labels, features.splits, leaked, seed),

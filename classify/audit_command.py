@@ -46,7 +46,8 @@ def audit_command(store, backbone, report_dir, images, threshold, top, as_json, 
     click.echo(f"{len(report['mislabel_suspects'])} mislabel suspects, {s['outliers']} outliers; "
                f"report in {report['files'][1]} ({s['seconds']} s)")
     if not report["image_files_read"]:
-        click.echo("  note: image files not found (pass --images DIR): no file hashes, pixel checks or thumbnails",
+        click.echo("  note: image files not found (pass --images DIR): no pixel checks, aligned pictures or "
+                   "thumbnails; identical files from the stored hashes",
                    err=True)
 
 

@@ -66,10 +66,11 @@ def _summary_html(report: dict) -> str:
              f"<span class=flag>{s['leak_groups']} across splits</span>, "
              f"<span class=flag>{s['label_conflict_groups']} with conflicting labels</span>",
              f"{s['test_images_with_train_copy']} test images have a copy in train",
-             f"out-of-fold accuracy of the linear head: {s['out_of_fold_accuracy']:.3f}",
+             f"out-of-fold accuracy of the linear head: {s['out_of_fold_accuracy']:.3f}"
+             if s["out_of_fold_accuracy"] is not None else "too few distinct images to look for mislabels",
              f"{s['outliers']} outliers; audit took {s['seconds']} s"]
     if not report["image_files_read"]:
-        lines.append("image files not found: no file hashes, no pixel comparison, no thumbnails")
+        lines.append("image files not found: no pixel comparison, no aligned pictures, no thumbnails (identical files from the stored hashes)")
     effect = report.get("leak_effect")
     if effect:
         lines.append(f"{escape(leak_effect_sentence(effect))} ({escape(effect['head'])})")

@@ -11,6 +11,7 @@ busy 2-core machine OpenBLAS threads waiting for a core made the mlp head 4-7x s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -123,10 +124,10 @@ def _gradients(layers: Layers, X: np.ndarray, y: np.ndarray, dropout: float, l2:
 def train_dense(
     X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, n_classes: int,
     hidden: tuple[int, ...], dropout: float, learning_rate: float, l2: float, batch_size: int,
-    max_epochs: int, patience: int, seed: int,
+    max_epochs: int, patience: int, seed: int, on_epoch: Callable[[int], None] | None = None,
 ) -> DenseFit:
     """Mini-batch Adam; stops when the validation loss has not improved for ``patience`` epochs
-    and returns the weights of the best epoch."""
+    and returns the weights of the best epoch. ``on_epoch(epoch)`` after each epoch (1-based)."""
     rng = np.random.default_rng(seed)
     X = np.asarray(X, np.float32)
     X_val = np.asarray(X_val, np.float32)
@@ -142,6 +143,8 @@ def train_dense(
                 batch = order[start:start + batch_size]
                 adam.step(params, _gradients(layers, X[batch], y[batch], dropout, l2, rng))
             val_loss = cross_entropy(forward(layers, X_val), y_val)
+            if on_epoch is not None:
+                on_epoch(epoch)
             if val_loss < best[0] - 1e-4:
                 best = (val_loss, epoch, [p.copy() for p in params])
             elif epoch - best[1] >= patience:

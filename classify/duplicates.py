@@ -25,18 +25,22 @@ copies cropped to 90 % score 0.93 (median), re-augmented stock photos 0.75-0.95,
 of the same kind of fruit up to about 0.87. At 0.90, 10 of 12 sampled fruits pairs were copies.
 
 Groups are connected components: two images are in one group when a chain of pairs links them.
+``copy_pairs`` gathers every kind of evidence and ``copy_groups`` makes the groups: the audit
+reports them and ``extract --split-group-by near-duplicates`` keeps each in one split
+(``extract/leak_free.py``), so both see the same groups.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from classify.audit_alignment import CANDIDATE_COSINE, aligned_pairs
-from classify.audit_images import ImageSignatures
+from classify.audit_images import ImageSignatures, images_reachable, read_images
 from extract.neighbours import (NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, mutual_nearest_pairs,
-                                normalise, similar_pairs, strongest_pairs)
+                                normalise, similar_and_nearest, similar_pairs, strongest_pairs)
 from extract.splits import SPLITS
 
 FEATURE_THRESHOLD = NEAR_DUPLICATE_COSINE
@@ -81,8 +85,8 @@ def find_pairs(features: np.ndarray, pixels: ImageSignatures | None, feature_thr
     callable that counts them (or None).
     """
     unit = normalise(features)
-    close = similar_pairs(unit, min(feature_threshold, CANDIDATE_COSINE), progress=progress)
-    mutual = mutual_nearest_pairs(unit)
+    close, nearest = similar_and_nearest(unit, min(feature_threshold, CANDIDATE_COSINE), progress=progress)
+    mutual = mutual_nearest_pairs(unit, nearest=nearest)
     keep = (mutual[:, 2] >= MUTUAL_COSINE) & (mutual[:, 2] < feature_threshold) & (mutual[:, 3] >= MUTUAL_MARGIN)
     found = {"features": close[close[:, 2] >= feature_threshold], "mutual": mutual[keep, :3]}
     if pixels is not None:
@@ -94,12 +98,35 @@ def find_pairs(features: np.ndarray, pixels: ImageSignatures | None, feature_thr
     return found
 
 
+def copy_pairs(features: np.ndarray, paths: list[str], sha256: list[str | None], images_root: str | Path | None,
+               feature_threshold: float = FEATURE_THRESHOLD, read_progress=None, progress=None,
+               align_progress=None) -> tuple[dict[str, np.ndarray], ImageSignatures | None]:
+    """``find_pairs`` on the features and, when ``images_root`` still holds the files, on the files
+    too (read once: hashes, thumbnails); without the files, exact copies come from the stored
+    ``sha256``. Returns the pairs and the files' signatures (None without the files)."""
+    pixels = read_images(images_root, paths, progress=read_progress) if images_reachable(images_root, paths) else None
+    pairs = find_pairs(features, pixels, feature_threshold, progress=progress, align_progress=align_progress)
+    if pixels is None:
+        pairs["exact"] = exact_pairs(list(sha256))
+    return pairs, pixels
+
+
+def pair_groups(n: int, pairs: dict[str, np.ndarray]) -> list[list[int]]:
+    """Connected groups (lists of rows, 2+ each) of every kind of pair."""
+    every = [p[:, :3] for p in pairs.values() if len(p)]
+    return connected_groups(n, np.concatenate(every) if every else np.zeros((0, 3)))
+
+
+def copy_groups(features: np.ndarray, paths: list[str], sha256: list[str | None],
+                images_root: str | Path | None) -> list[list[int]]:
+    """The rows of each group of copies the audit reports (see ``copy_pairs``)."""
+    return pair_groups(len(paths), copy_pairs(features, paths, sha256, images_root)[0])
+
+
 def group_duplicates(pairs: dict[str, np.ndarray], splits: np.ndarray, labels: np.ndarray,
                      class_names: list[str]) -> list[DuplicateGroup]:
     """Connected groups with their evidence, splits and labels; leaks and conflicts first."""
-    n = len(splits)
-    every = [p for p in pairs.values() if len(p)]
-    groups = connected_groups(n, np.concatenate(every) if every else np.zeros((0, 3)))
+    groups = pair_groups(len(splits), pairs)
     group_of = {row: k for k, rows in enumerate(groups) for row in rows}
     kinds: list[set[str]] = [set() for _ in groups]
     best = [0.0] * len(groups)

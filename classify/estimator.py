@@ -20,7 +20,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from classify.dense import Layers, fold_standardisation, logits, softmax
-from classify.selection import DEFAULT_FOLDS, fold_accuracies, stratified_folds
+from classify.progress import SILENT, FitProgress, Prefixed, fold_label
+from classify.selection import DEFAULT_FOLDS, stratified_folds
 from classify.streamed import column_moments, row_chunks
 
 if TYPE_CHECKING:
@@ -61,7 +62,10 @@ class Head(ClassifierMixin, BaseEstimator):
     kind: ClassVar[str]
     learned_info: ClassVar[tuple[str, ...]] = ()  # JSON-able learned values saved in head.json
 
-    def fit(self, X, y) -> "Head":
+    def fit(self, X, y, progress: FitProgress | None = None) -> "Head":
+        """Choose the hyper-parameters by CV and fit on all rows; ``progress`` hears of each fit
+        the search makes (classify.progress: a fit parameter, so clone and get_params never see it)."""
+        progress = progress or SILENT
         self._validate_params()
         self._check_params()
         streamed = self._streams(_rows(X))
@@ -75,10 +79,10 @@ class Head(ClassifierMixin, BaseEstimator):
                              f"{self.classes_[0]!r}")
         if streamed:
             self._set_standardisation(*column_moments(X))
-            self._fit_streamed(X, y_index)
+            self._fit_streamed(X, y_index, progress)
         else:
             self._set_standardisation(X.mean(axis=0), X.std(axis=0))
-            self._fit(self._standardise(X), y_index)
+            self._fit(self._standardise(X), y_index, progress)
         return self
 
     def _set_standardisation(self, mean: np.ndarray, std: np.ndarray) -> None:
@@ -147,10 +151,10 @@ class Head(ClassifierMixin, BaseEstimator):
 
     # ---- what each kind provides
 
-    def _fit(self, X: np.ndarray, y: np.ndarray) -> None:
+    def _fit(self, X: np.ndarray, y: np.ndarray, progress: FitProgress) -> None:
         raise NotImplementedError
 
-    def _fit_streamed(self, X: np.ndarray, y: np.ndarray) -> None:
+    def _fit_streamed(self, X: np.ndarray, y: np.ndarray, progress: FitProgress) -> None:
         """Fit on raw rows ``X`` (mean_ and scale_ already set), for kinds whose ``_streams`` can say yes."""
         raise NotImplementedError
 
@@ -188,9 +192,15 @@ def binary_to_two_columns(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.n
     return np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
 
 
-def cross_val_scores(head: Head, X, y, n_folds: int = DEFAULT_FOLDS, seed: int = 0) -> list[float]:
+def cross_val_scores(head: Head, X, y, n_folds: int = DEFAULT_FOLDS, seed: int = 0,
+                     progress: FitProgress | None = None) -> list[float]:
     """Accuracy of a fresh clone of ``head`` on each stratified fold of ``(X, y)`` (the folds the
-    tuned heads search on, given the same labels, count and seed)."""
+    tuned heads search on, given the same labels, count and seed); each clone's fits are reported
+    to ``progress`` under its fold's name."""
     X, y = np.asarray(X), np.asarray(y)
-    return fold_accuracies(stratified_folds(y, n_folds, seed), y,
-                           lambda train, held: clone(head).fit(X[train], y[train]).predict(X[held]))
+    folds = stratified_folds(y, n_folds, seed)
+    accuracies = []
+    for i, (train, held) in enumerate(folds):
+        fitted = clone(head).fit(X[train], y[train], progress=Prefixed(progress or SILENT, fold_label(i, len(folds))))
+        accuracies.append(float(np.mean(fitted.predict(X[held]) == y[held])))
+    return accuracies

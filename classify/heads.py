@@ -29,6 +29,7 @@ from classify.estimator import (DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, S
                                 Head, LinearHead, binary_to_two_columns, check_grid)
 from classify.kinds import KIND_CHOICES, KIND_NAMES  # noqa: F401  (KIND_CHOICES re-exported)
 from classify.rbf import RBFHead
+from classify.progress import fold_label
 from classify.selection import best_index, holdout_split, stratified_folds
 from classify.streamed import search_C, streams
 from classify.svm import PairwiseHead, class_scores, fit_temperature, pair_signs, search
@@ -71,11 +72,11 @@ class SVMHead(_CGridStreamed, PairwiseHead):
         self.seed = seed
         self.stream_above_rows = stream_above_rows
 
-    def _fit_streamed(self, X, y) -> None:
+    def _fit_streamed(self, X, y, progress) -> None:
         """A multiclass linear SVM (classify.streamed) whose class scores z_c give the pair machines
         z_i - z_j: their votes rank the classes as the z_c do, so the prediction is the argmax."""
         found = search_C(X, y, len(self.classes_), "pair_squared_hinge", self._C_grid(),
-                         self.mean_, self.scale_, self.seed)
+                         self.mean_, self.scale_, self.seed, progress=progress)
         S = pair_signs(len(self.classes_))  # (pairs, classes)
         self.C_, self.cv_scores_ = found.C, [found.scores[found.best]]
         self.cv_accuracy_ = {f"C={C:g}": score for C, score in zip(found.Cs, found.scores)}
@@ -83,13 +84,13 @@ class SVMHead(_CGridStreamed, PairwiseHead):
         held_out = class_scores(found.held_out_decisions @ S.T, len(self.classes_))
         self.temperature_ = fit_temperature(held_out, y[found.held_out_rows])
 
-    def _fit(self, X, y) -> None:
+    def _fit(self, X, y, progress) -> None:
         K = X @ X.T
         found = search([K], y, self._C_grid(), stratified_folds(y, self.cv, self.seed),
-                       len(self.classes_), self.n_jobs)
+                       len(self.classes_), self.n_jobs, progress)
         self.C_ = found.settings[found.best][1]
         self.cv_accuracy_ = {f"C={C:g}": float(np.mean(s)) for (_, C), s in zip(found.settings, found.fold_scores)}
-        svm = self._finish(found, K, y)
+        svm = self._finish(found, K, y, progress, f"C={self.C_:g}")
         self.coef_ = (X[svm.support].T @ svm.dual).T.astype(np.float32)  # decisions = x @ coef_.T + intercept_
         self.intercept_ = svm.intercept.astype(np.float32)
 
@@ -137,9 +138,9 @@ class SoftmaxHead(_CGridStreamed, LinearHead):
         self.seed = seed
         self.stream_above_rows = stream_above_rows
 
-    def _fit_streamed(self, X, y) -> None:
+    def _fit_streamed(self, X, y, progress) -> None:
         found = search_C(X, y, len(self.classes_), "multinomial", self._C_grid(),
-                         self.mean_, self.scale_, self.seed, self.tol, self.max_iter)
+                         self.mean_, self.scale_, self.seed, self.tol, self.max_iter, progress=progress)
         self.C_, self.cv_scores_, self.n_iter_ = found.C, [found.scores[found.best]], found.n_iter
         self.cv_accuracy_ = {f"C={C:g}": score for C, score in zip(found.Cs, found.scores)}
         self.coef_, self.intercept_ = found.W.T.astype(np.float32), found.b.astype(np.float32)
@@ -159,13 +160,17 @@ class SoftmaxHead(_CGridStreamed, LinearHead):
                 model.set_params(C=C).fit(X, y)
             yield model
 
-    def _fit(self, X, y) -> None:
+    def _fit(self, X, y, progress) -> None:
         Cs = self._C_grid()
         X = X.astype(np.float32)
         scores, solutions = [], []  # (folds, Cs) accuracies and (coef, intercept)
-        for train, held in stratified_folds(y, self.cv, self.seed):
-            models = [(np.mean(m.predict(X[held]) == y[held]), m.coef_.copy(), m.intercept_.copy())
-                      for m in self._path(X[train], y[train], Cs)]
+        folds = stratified_folds(y, self.cv, self.seed)
+        progress.planned(len(Cs) * len(folds) + 1)
+        for f, (train, held) in enumerate(folds):
+            models = []
+            for C, m in zip(Cs, self._path(X[train], y[train], Cs)):
+                models.append((np.mean(m.predict(X[held]) == y[held]), m.coef_.copy(), m.intercept_.copy()))
+                progress.fitted(f"C={C:g} {fold_label(f, len(folds))}")
             scores.append([score for score, *_ in models])
             solutions.append([solution for _, *solution in models])
         scores = np.array(scores).T  # (Cs, folds)
@@ -176,6 +181,7 @@ class SoftmaxHead(_CGridStreamed, LinearHead):
         # the fit on every row starts from the folds' mean solution at the chosen C, not from zero
         start = tuple(np.mean([fold[best][i] for fold in solutions], axis=0) for i in (0, 1))
         (model,) = self._path(X, y, [self.C_], start)
+        progress.fitted(f"C={self.C_:g} all rows")
         self.n_iter_ = int(model.n_iter_.max())
         coef, intercept = model.coef_, model.intercept_
         if len(self.classes_) == 2:
@@ -229,13 +235,16 @@ class MLPHead(Head):
         if not _hidden_ok(self.hidden):
             raise ValueError(f"MLPHead: hidden must be one or two positive integers, got {self.hidden!r}")
 
-    def _fit(self, X, y) -> None:
+    def _fit(self, X, y, progress) -> None:
+        """One training (its CV folds are other fits: ``cross_val_scores``); epochs are noted as they end."""
+        progress.planned(1)
         train, held = holdout_split(y, self.validation_fraction, self.seed)
         fit = train_dense(
             X[train], y[train], X[held], y[held], len(self.classes_), tuple(self.hidden), float(self.dropout),
             float(self.learning_rate), float(self.l2), int(self.batch_size), int(self.max_epochs),
-            int(self.patience), int(self.seed),
+            int(self.patience), int(self.seed), on_epoch=lambda epoch: progress.note(f"epoch {epoch}"),
         )
+        progress.fitted(f"{fit.epochs} epochs")
         self.coefs_ = [W for W, _ in fit.layers]
         self.intercepts_ = [b for _, b in fit.layers]
         self.best_epoch_, self.n_epochs_, self.best_val_loss_ = fit.best_epoch, fit.epochs, fit.best_val_loss

@@ -52,7 +52,7 @@ class RBFHead(PairwiseHead):
         check_grid(type(self).__name__, "Cs", self.Cs)
         check_grid(type(self).__name__, "gammas", self.gammas)
 
-    def _fit(self, X, y) -> None:
+    def _fit(self, X, y, progress) -> None:
         if len(X) > MAX_ROWS:
             raise ValueError(f"RBFHead: {len(X)} rows; the kernel search keeps {len(X)}^2 floats per gamma, "
                              f"so it stops at {MAX_ROWS} rows: use a linear head")
@@ -62,13 +62,14 @@ class RBFHead(PairwiseHead):
         for K in kernels:
             np.exp(K, out=K)  # in place: one n x n array per gamma
         del d2
+        names = [f"gamma={gamma:.4g}" for gamma in gammas]
         found = search(kernels, y, check_grid("RBFHead", "Cs", self.Cs), stratified_folds(y, self.cv, self.seed),
-                       len(self.classes_), self.n_jobs)
+                       len(self.classes_), self.n_jobs, progress, names)
         k, self.C_ = found.settings[found.best]
         self.gamma_ = gammas[k]
         self.cv_accuracy_ = {f"gamma={gammas[i]:.4g},C={C:g}": float(np.mean(s))
                              for (i, C), s in zip(found.settings, found.fold_scores)}
-        svm = self._finish(found, kernels[k], y)
+        svm = self._finish(found, kernels[k], y, progress, f"{names[k]} C={self.C_:g}")
         self.support_vectors_ = X[svm.support].astype(np.float32)
         self.n_support_vectors_ = len(svm.support)
         self.coef_, self.intercept_ = svm.dual.astype(np.float32), svm.intercept.astype(np.float32)

@@ -11,7 +11,7 @@ with the same seed sees the same folds, so their scores compare like with like.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -49,8 +49,3 @@ def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray
     held = np.sort(np.asarray(held))
     return np.setdiff1d(np.arange(len(y)), held), held
 
-
-def fold_accuracies(folds: list[Fold], y: np.ndarray,
-                    fit_predict: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[float]:
-    """Accuracy on each fold's held-out rows of ``fit_predict(train_rows, held_out_rows)``."""
-    return [float(np.mean(fit_predict(train, held) == y[held])) for train, held in folds]

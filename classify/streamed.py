@@ -23,10 +23,13 @@ warm-started from the previous solution, and the final fit on every row starts f
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
+from classify.progress import SILENT, FitProgress
 from classify.selection import best_index, holdout_split
 
 STREAM_ABOVE_ROWS = 10_000  # the default switch: more labelled rows than this are streamed
@@ -172,9 +175,11 @@ def objective(params: np.ndarray, data: Rows, C: float, loss: str,
 
 
 def fit_linear(data: Rows, C: float, loss: str, start: np.ndarray | None = None, tol: float = 1e-3,
-               max_iter: int = 500, preconditioner: Preconditioner | None = None) -> tuple[np.ndarray, int]:
+               max_iter: int = 500, preconditioner: Preconditioner | None = None,
+               on_iteration: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
     """Parameters ``[W.ravel(), b]`` minimising ``objective`` (L-BFGS-B with scikit-learn's settings,
-    on the preconditioned V), started from ``start`` (zeros by default), and the iterations it took."""
+    on the preconditioned V), started from ``start`` (zeros by default), and the iterations it took;
+    ``on_iteration(i)`` after each iteration (1-based)."""
     import warnings
 
     from scipy.optimize import minimize
@@ -190,9 +195,18 @@ def fit_linear(data: Rows, C: float, loss: str, start: np.ndarray | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         found = minimize(objective, x0, args=(data, C, loss, preconditioner), jac=True, method="L-BFGS-B",
+                         callback=_counting(on_iteration),
                          options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
     V, b = split_params(found.x, dim, k)
     return np.concatenate([preconditioner.weights(V).ravel(), b]), int(found.nit)
+
+
+def _counting(on_iteration: Callable[[int], None] | None) -> Callable | None:
+    """An L-BFGS callback calling ``on_iteration`` with the iteration's number."""
+    if on_iteration is None:
+        return None
+    done = itertools.count(1)
+    return lambda *_: on_iteration(next(done))
 
 
 def decisions(X: np.ndarray, rows: np.ndarray, mean: np.ndarray, scale: np.ndarray, params: np.ndarray,
@@ -230,21 +244,28 @@ class StreamedFit:
 
 def search_C(X: np.ndarray, y: np.ndarray, n_classes: int, loss: str, Cs: list[float], mean: np.ndarray,
              scale: np.ndarray, seed: int, tol: float = 1e-3, max_iter: int = 500,
-             fraction: float = HOLDOUT_FRACTION) -> StreamedFit:
+             fraction: float = HOLDOUT_FRACTION, progress: FitProgress = SILENT) -> StreamedFit:
     """Walk ``Cs`` (ascending) on the rows outside a stratified held-out ``fraction``, each C
     warm-started from the last; keep the best held-out accuracy (ties: the smaller C); refit on
-    every row from that C's solution."""
+    every row from that C's solution. ``progress``: one fit per C and the final one, iterations noted."""
     train, held = holdout_split(y, fraction, seed)
     mean, scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
     data = Rows(X, train, y[train], n_classes, mean, scale)
     preconditioner = Preconditioner.estimate(data)
     path, held_decisions = [], []
+    progress.planned(len(Cs) + 1)
     for C in Cs:
-        path.append(fit_linear(data, C, loss, path[-1] if path else None, tol, max_iter, preconditioner)[0])
+        setting = f"C={C:g} held-out {fraction:g}"
+        path.append(fit_linear(data, C, loss, path[-1] if path else None, tol, max_iter, preconditioner,
+                               lambda i: progress.note(f"{setting} iteration {i}"))[0])
         held_decisions.append(decisions(X, held, mean, scale, path[-1], n_classes))
+        progress.fitted(setting)
     scores = [float(np.mean(d.argmax(axis=1) == y[held])) for d in held_decisions]
     best = best_index(scores)
     everything = Rows(X, np.arange(len(y)), y, n_classes, mean, scale)
-    final, n_iter = fit_linear(everything, Cs[best], loss, path[best], tol, max_iter, preconditioner)
+    setting = f"C={Cs[best]:g} all rows"
+    final, n_iter = fit_linear(everything, Cs[best], loss, path[best], tol, max_iter, preconditioner,
+                               lambda i: progress.note(f"{setting} iteration {i}"))
+    progress.fitted(setting)
     W, b = split_params(final, X.shape[1], n_classes)
     return StreamedFit([float(C) for C in Cs], scores, best, held, held_decisions[best], W, b, n_iter)

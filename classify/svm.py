@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from classify.estimator import Head
+from classify.progress import SILENT, FitProgress, fold_label
 from classify.selection import Fold, best_index
 
 if TYPE_CHECKING:
@@ -114,30 +115,40 @@ class Search:
         return self.fold_scores[self.best]
 
 
-def _fold_decisions(K: np.ndarray, y: np.ndarray, Cs: list[float], fold: Fold, n_classes: int) -> list[np.ndarray]:
-    """Held-out decisions of one fold for every C: the fold's kernel blocks are sliced once."""
+def _fold_decisions(K: np.ndarray, y: np.ndarray, Cs: list[float], fold: Fold, n_classes: int,
+                    report: Callable[[float], None]) -> list[np.ndarray]:
+    """Held-out decisions of one fold for every C: the fold's kernel blocks are sliced once;
+    ``report(C)`` after each fit."""
     train, held = fold
     K_train, K_held = K[np.ix_(train, train)], K[np.ix_(held, train)]
     decisions = []
     for C in Cs:
         svm = fit_pair_svm(K_train, y[train], C, n_classes)
         decisions.append(svm.decisions(K_held[:, svm.support]))
+        report(C)
     return decisions
 
 
 def search(kernels: list[np.ndarray], y: np.ndarray, Cs: list[float], folds: list[Fold], n_classes: int,
-           n_jobs: int = 1) -> Search:
-    """Every (kernel, C) on every fold; the best mean accuracy wins (ties: the earlier setting)."""
+           n_jobs: int = 1, progress: FitProgress = SILENT, kernel_names: list[str] | None = None) -> Search:
+    """Every (kernel, C) on every fold; the best mean accuracy wins (ties: the earlier setting).
+    ``progress`` hears of each fit, named ``"<kernel name> C=.. fold i/k"``, and of the final fit
+    that ``PairwiseHead._finish`` makes (planned here)."""
     Cs = [float(C) for C in sorted(Cs)]
     settings = [(k, C) for k in range(len(kernels)) for C in Cs]
     oof = {s: np.zeros((len(y), len(pairs(n_classes)))) for s in settings}
+    names = [f"{name} " for name in kernel_names] if kernel_names else [""] * len(kernels)
+    progress.planned(len(settings) * len(folds) + 1)
 
-    def run(task: tuple[int, Fold]) -> None:
-        k, fold = task
-        for C, decisions in zip(Cs, _fold_decisions(kernels[k], y, Cs, fold, n_classes)):
+    def run(task: tuple[int, int]) -> None:
+        k, f = task
+        fold = folds[f]
+        label = fold_label(f, len(folds))
+        for C, decisions in zip(Cs, _fold_decisions(kernels[k], y, Cs, fold, n_classes,
+                                                    lambda C: progress.fitted(f"{names[k]}C={C:g} {label}"))):
             oof[(k, C)][fold[1]] = decisions
 
-    tasks = [(k, fold) for k in range(len(kernels)) for fold in folds]
+    tasks = [(k, f) for k in range(len(kernels)) for f in range(len(folds))]
     with ThreadPoolExecutor(max_workers=n_jobs) as pool:  # libsvm releases the GIL
         list(pool.map(run, tasks))
     fold_scores = [[float(np.mean(class_scores(oof[s][held], n_classes).argmax(axis=1) == y[held]))
@@ -155,12 +166,15 @@ class PairwiseHead(Head):
 
     learned_info = ("C_", "cv_accuracy_", "cv_scores_")
 
-    def _finish(self, found: Search, K: np.ndarray, y: np.ndarray) -> PairSVM:
-        """Record the search, fit the chosen SVM on all rows, fit the temperature out of fold."""
+    def _finish(self, found: Search, K: np.ndarray, y: np.ndarray, progress: FitProgress, setting: str) -> PairSVM:
+        """Record the search, fit the chosen SVM on all rows (``setting`` names it to ``progress``),
+        fit the temperature out of fold."""
         n_classes = len(self.classes_)
         self.cv_scores_ = found.best_scores
         self.temperature_ = fit_temperature(class_scores(found.out_of_fold, n_classes), y)
-        return fit_pair_svm(K, y, found.settings[found.best][1], n_classes)
+        svm = fit_pair_svm(K, y, found.settings[found.best][1], n_classes)
+        progress.fitted(f"{setting} all rows")
+        return svm
 
     def _decisions(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError

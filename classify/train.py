@@ -12,17 +12,19 @@ same folds to every kind. The test split is read only after the choice is made, 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from classify.data import check_trainable, fingerprint
+from classify.data import check_trainable
 from classify.estimator import DEFAULT_FOLDS, Head, cross_val_scores
+from classify.fingerprints import training_store
 from classify.heads import HEAD_KINDS, KIND_CHOICES, make_head
 from classify.joined import joined_name, read_features
 from classify.persist import TrainedHead, save_head
+from classify.progress import FitProgress, KindBar
 from classify.scoring import scores
 from classify.selection import best_index
 from extract.engine import default_threads
@@ -32,14 +34,16 @@ from extract.store import FeatureSet
 SLOWEST_FIRST = ("mlp", "rbf", "svm", "softmax")
 
 
-def _fit_one(kind: str, X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[Head, list[float], float]:
-    """The fitted head, its accuracy on each CV fold (at its chosen setting), and the seconds it took."""
+def _fit_one(kind: str, X: np.ndarray, y: np.ndarray, folds: int, seed: int,
+             progress: FitProgress) -> tuple[Head, list[float], float]:
+    """The fitted head, its accuracy on each CV fold (at its chosen setting), and the seconds it
+    took; ``progress`` hears of every fit (the search's, and the CV folds of heads without one)."""
     started = time.perf_counter()
     head = make_head(kind, seed)
     if "cv" in head.get_params():
         head.set_params(cv=folds)
-    head.fit(X, y)
-    cv = getattr(head, "cv_scores_", None) or cross_val_scores(make_head(kind, seed), X, y, folds, seed)
+    head.fit(X, y, progress=progress)
+    cv = getattr(head, "cv_scores_", None) or cross_val_scores(make_head(kind, seed), X, y, folds, seed, progress)
     return head, [float(s) for s in cv], time.perf_counter() - started
 
 
@@ -52,20 +56,18 @@ def fit_candidates(kinds: list[str], X: np.ndarray, y: np.ndarray, folds: int, s
                    progress: bool = False) -> list[tuple[Head, list[float], float]]:
     """Fit each kind on ``(X, y)``, one thread per core, each with BLAS on one thread (the fits are
     independent; libsvm and numpy's products release the GIL). Results come back in ``kinds`` order
-    and do not depend on the number of threads."""
-    from tqdm import tqdm
-
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(min(len(kinds), default_threads())) as pool, \
-            tqdm(total=len(kinds), desc="fit-head", unit="head", disable=not progress, leave=False) as bar:
-        futures = {kind: pool.submit(_fit_one, kind, X, y, folds, seed) for kind in _slowest_first(kinds)}
-        futures = {futures[kind]: kind for kind in kinds}  # results in ``kinds`` order
-        running = list(kinds)
-        bar.set_postfix_str(f"fitting {', '.join(running)} on {len(y)} images")
-        for future in as_completed(futures):
-            running.remove(futures[future])
-            bar.set_postfix_str(f"fitting {', '.join(running)} on {len(y)} images" if running else "done")
-            bar.update()
-        return [future.result() for future in futures]
+    and do not depend on the number of threads. ``progress``: one bar per kind on stderr, a tick
+    per fit of its search (``C=0.01 fold 2/5``), one line per kind when done."""
+    bars = {kind: KindBar(kind, position, enabled=progress) for position, kind in enumerate(kinds)}
+    try:
+        with threadpool_limits(limits=1, user_api="blas"), \
+                ThreadPoolExecutor(min(len(kinds), default_threads())) as pool:
+            futures = {kind: pool.submit(_fit_one, kind, X, y, folds, seed, bars[kind])
+                       for kind in _slowest_first(kinds)}
+            return [futures[kind].result() for kind in kinds]
+    finally:
+        for bar in bars.values():
+            bar.close()
 
 
 def _slowest_first(kinds: list[str]) -> list[str]:
@@ -102,7 +104,7 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
               seed: int = 0, folds: int = DEFAULT_FOLDS, progress: bool = False) -> list[dict]:
     """Fit ``kind`` (or every kind for ``"all"``), save the best to ``out``; one metrics dict per head.
 
-    ``progress``: a bar over the kinds on stderr, naming the ones still being fitted."""
+    ``progress``: a bar per kind on stderr, a tick per fit of its hyper-parameter search."""
     if kind not in KIND_CHOICES:
         raise ValueError(f"unknown head kind {kind!r}; choose one of {', '.join(KIND_CHOICES)}")
     features = read_features(store, backbone, dtype=None)  # as stored: heads convert what they need
@@ -114,8 +116,7 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
     rows = [_row(name, *fit, features, seed) for name, fit in zip(kinds, fitted)]
     saved = save_head(TrainedHead(
         head=fitted[best][0], class_names=features.class_names, backbone=features.backbone, joined=features.joined,
-        store={"path": str(Path(store).resolve()), "fingerprint": fingerprint(features),
-               "split_counts": split_counts(features.splits)},
+        store=training_store(store, features),
         metrics=rows[best],
     ), out)
     return [{**row, "saved": i == best, "head": str(saved) if i == best else None} for i, row in enumerate(rows)]

@@ -1,14 +1,15 @@
 """Leak-free splits: copies of one photo found in the features share a split.
 
-``extract --split-group-by near-duplicates`` links images whose files are byte-identical or whose
-centred features have cosine >= ``NEAR_DUPLICATE_COSINE`` (the audit's rule, without its pixel
-check, which needs a second pass over the files); each group of linked images gets one *anchor*,
+``extract --split-group-by near-duplicates`` groups copies exactly as ``audit`` does
+(``classify.duplicates.copy_groups``: identical files, nearly identical features, mutual nearest
+neighbours and, when the image folder is still there, thumbnails and aligned pictures, which find
+copies rotated with black corners, zoomed or mirrored); each group gets one *anchor*,
 its first path in sorted order, and every member takes the split the anchor's path would get.
 The anchors are stored with the store (attribute ``split_anchors``, JSON ``{path: anchor}``, only
 for images in a group), so ``discover`` gives every later reader -- the next extract run,
 ``fine-tune``, ``store merge`` -- the same assignment.
 
-    >>> anchors = near_duplicate_anchors(paths, sha256, features)
+    >>> anchors = near_duplicate_anchors(paths, sha256, features, images_root)
     >>> dataset = discover(root, settings, split_anchors=anchors)
 
 Adding images keeps existing splits except where a new image links two groups (the merged group
@@ -23,7 +24,6 @@ import numpy as np
 
 from edge.imageio import strict_json
 from extract.dataset import assign_split, compile_group, split_key
-from extract.neighbours import NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, normalise, similar_pairs
 from extract.splits import SplitSettings
 
 ANCHORS_ATTR = "split_anchors"
@@ -31,11 +31,12 @@ ANCHORS_BACKBONE_ATTR = "split_anchors_backbone"  # the backbone whose features 
 
 
 def near_duplicate_anchors(paths: list[str], sha256: list[str], features: np.ndarray,
-                           threshold: float = NEAR_DUPLICATE_COSINE) -> dict[str, str]:
+                           images_root: str | None = None) -> dict[str, str]:
     """``{path: anchor}`` for every image in a group of copies (anchor: the group's smallest path)."""
-    pairs = np.concatenate([exact_pairs(list(sha256)), similar_pairs(normalise(features), threshold)])
+    from classify.duplicates import copy_groups  # scipy, Pillow: only for this option
+
     anchors = {}
-    for rows in connected_groups(len(paths), pairs):
+    for rows in copy_groups(features, list(paths), list(sha256), images_root):
         anchor = min(paths[r] for r in rows)
         anchors.update({paths[r]: anchor for r in rows})
     return anchors
@@ -68,7 +69,7 @@ def group_store_splits(state, backbone: str, settings: SplitSettings) -> tuple[i
     attrs = state.attrs
     if attrs.get(ANCHORS_BACKBONE_ATTR, backbone) == backbone and backbone in state.backbones:
         rows = state.backbones[backbone]
-        anchors = near_duplicate_anchors(rows.path, rows.sha256, rows.features)
+        anchors = near_duplicate_anchors(rows.path, rows.sha256, rows.features, attrs.get("images_root"))
         attrs[ANCHORS_ATTR], attrs[ANCHORS_BACKBONE_ATTR] = anchors_to_attr(anchors), backbone
     anchors = anchors_from_attrs(attrs)
     moved = regroup(state.images.split, state.images.path, anchors, settings)

@@ -83,27 +83,41 @@ def nearest_other(unit: np.ndarray, block_rows: int | None = None) -> tuple[np.n
 
 def nearest_two(unit: np.ndarray, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each row, the index and cosine of its most similar other row, and the second-best cosine."""
+    return similar_and_nearest(unit, np.inf, block_rows)[1]
+
+
+def similar_and_nearest(unit: np.ndarray, threshold: float, block_rows: int | None = None, progress=None):
+    """``similar_pairs(unit, threshold)`` and ``nearest_two(unit)`` in one blockwise pass (each block
+    of rows against every row: the cost of one full pass instead of a half and a full one)."""
     n = len(unit)
     step = block_rows or block_rows_for(n)
     index = np.zeros(n, dtype=np.int64)
     best = np.full(n, -np.inf, dtype=np.float32)
     second = np.full(n, -np.inf, dtype=np.float32)
+    found = []
     for start in range(0, n, step):
         stop = min(n, start + step)
         sims = unit[start:stop] @ unit.T
         rows = np.arange(stop - start)
         sims[rows, np.arange(start, stop)] = -np.inf
+        pair_rows, cols = np.nonzero(sims >= threshold)
+        keep = pair_rows + start < cols
+        found.append(np.column_stack([pair_rows[keep] + start, cols[keep], sims[pair_rows[keep], cols[keep]]]))
         index[start:stop] = sims.argmax(axis=1)
         best[start:stop] = sims[rows, index[start:stop]]
         sims[rows, index[start:stop]] = -np.inf
         second[start:stop] = sims.max(axis=1)
-    return index, best, second
+        if progress:
+            progress(stop - start)
+    pairs = np.concatenate(found) if found else np.zeros((0, 3))
+    return pairs, (index, best, second)
 
 
-def mutual_nearest_pairs(unit: np.ndarray, block_rows: int | None = None) -> np.ndarray:
+def mutual_nearest_pairs(unit: np.ndarray, block_rows: int | None = None, nearest=None) -> np.ndarray:
     """``(i, j, cosine, margin)``, i < j, for rows that are each other's nearest other row; margin:
-    how much their cosine beats the next-nearest row of either (small inside a dense cluster)."""
-    index, best, second = nearest_two(unit, block_rows)
+    how much their cosine beats the next-nearest row of either (small inside a dense cluster).
+    ``nearest``: ``nearest_two(unit)`` when already computed."""
+    index, best, second = nearest if nearest is not None else nearest_two(unit, block_rows)
     rows = np.flatnonzero((index[index] == np.arange(len(index))) & (np.arange(len(index)) < index))
     margin = best[rows] - np.maximum(second[rows], second[index[rows]])
     return np.column_stack([rows, index[rows], best[rows], margin]).astype(np.float64).reshape(-1, 4)

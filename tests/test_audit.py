@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 from classify.audit import run_audit
-from extract.neighbours import connected_groups, nearest_other, normalise, similar_pairs
+from extract.neighbours import connected_groups, nearest_other, normalise, similar_and_nearest, similar_pairs
 from cli import cli
 from edge.imageio import load_image
 from extract.files import file_sha256
@@ -186,7 +186,7 @@ def test_cli_audit_without_the_image_files(audited, tmp_path):
                                       "--images", str(tmp_path), "--quiet", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.splitlines()[0])
-    assert not report["image_files_read"] and set(report["summary"]["pairs"]) == {"features", "mutual"}
+    assert not report["image_files_read"] and set(report["summary"]["pairs"]) == {"features", "mutual", "exact"}
     assert "<img" not in (tmp_path / "r" / "audit.html").read_text()
     bad = CliRunner().invoke(cli, ["audit", "--store", str(base / "features.h5"), "--backbone", "nope",
                                    "--report-dir", str(moved)])
@@ -199,12 +199,15 @@ def test_blockwise_pairs_match_the_full_matrix():
     full = unit @ unit.T
     expected = {(i, j) for i, j in zip(*np.nonzero(np.triu(full, 1) >= 0.6))}
     for block in (1, 7, 103):
-        pairs = similar_pairs(unit, 0.6, block_rows=block)
-        assert {(int(i), int(j)) for i, j, _ in pairs} == expected
-        assert np.allclose(pairs[:, 2], [full[int(i), int(j)] for i, j, _ in pairs])
+        for pairs in (similar_pairs(unit, 0.6, block_rows=block), similar_and_nearest(unit, 0.6, block_rows=block)[0]):
+            assert {(int(i), int(j)) for i, j, _ in pairs} == expected
+            assert np.allclose(pairs[:, 2], [full[int(i), int(j)] for i, j, _ in pairs])
     index, best = nearest_other(unit, block_rows=10)
     np.fill_diagonal(full, -np.inf)
     assert (index == full.argmax(axis=1)).all() and np.allclose(best, full.max(axis=1))
+    _, (fused_index, fused_best, second) = similar_and_nearest(unit, 0.6, block_rows=7)
+    assert (fused_index == index).all() and np.allclose(fused_best, best)
+    assert np.allclose(second, np.sort(full, axis=1)[:, -2])
     assert connected_groups(5, [(0, 3, 1), (3, 4, 1)]) == [[0, 3, 4]]
 
 

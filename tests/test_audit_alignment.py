@@ -183,3 +183,34 @@ def test_mutual_nearest_neighbours_above_the_cosine_are_pairs():
     found = find_pairs(np.vstack([rows, filler]), None)
     assert {(int(i), int(j)) for i, j, _ in found["mutual"]} == {(0, 1), (3, 4)}
     assert len(found["features"]) == 0
+
+
+def test_pairs_are_visited_so_that_each_image_is_prepared_once():
+    """A chain of 40 images in shuffled numbering: visited in locality order, an LRU cache of 3
+    images misses each image once; in the numbering's order it would miss most pairs."""
+    from functools import lru_cache
+
+    from classify.audit_alignment import locality_order
+
+    numbering = np.random.default_rng(0).permutation(40)
+    pairs = np.array([sorted((numbering[k], numbering[k + 1])) for k in range(39)], dtype=np.float64)
+    pairs = np.column_stack([pairs, np.ones(len(pairs))])
+
+    def misses(order) -> int:
+        cache = lru_cache(maxsize=3)(lambda row: row)
+        for i, j in pairs[order, :2].astype(int):
+            cache(i), cache(j)
+        return cache.cache_info().misses
+
+    assert misses(locality_order(pairs, 40)) == 40
+    assert misses(np.lexsort((pairs[:, 1], pairs[:, 0]))) > 50
+
+
+def test_a_mirrors_spectrum_is_the_spectrum_of_the_mirrored_picture():
+    from classify.audit_alignment import COARSE_PX, _LogPolar, _View
+
+    polar = _LogPolar(COARSE_PX)
+    picture = np.asarray(fruit_photo(PALETTES["pomme"], seed=3).convert("L").resize((COARSE_PX, COARSE_PX)),
+                         np.float32)
+    view = _View(picture, polar.spectrum(picture), picture, picture > 0, picture)
+    assert np.allclose(view.mirrored().spectrum, polar.spectrum(picture[:, ::-1]), atol=1e-3 * np.abs(view.spectrum).max())

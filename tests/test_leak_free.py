@@ -125,3 +125,26 @@ def test_merge_finds_groups_across_shards(tmp_path):
     splits = _splits_by_path(tmp_path / "merged.h5")
     assert all(splits[paths[i]] == splits[paths[i + 20]] for i in range(20))
     assert FeatureStore(tmp_path / "merged.h5").state.attrs["split_group_by"] == "near-duplicates"
+
+
+def test_a_rotated_copy_takes_its_originals_split(tmp_path):
+    """A copy rotated by 30 degrees with black corners, whose features are under the features rule
+    (centred cosine about 0.85): the audit's alignment links it, so the split does too."""
+    from test_audit_alignment import COPIES, LookAlikeFeatures, PALETTES, _save, fruit_photo
+
+    root, rows = tmp_path / "images", []
+    for name, palette in PALETTES.items():  # two classes: centring keeps them apart, as real classes are
+        rows += [_save(root, f"{name}/photo{k}.jpg", fruit_photo(palette, seed=10 * len(name) + k)) for k in range(6)]
+    rotated = "pomme/rotated30_black_corners.jpg"  # a copy of photo0 to LookAlikeFeatures
+    rows.append(_save(root, rotated, COPIES["rotated30_black_corners"](Image.open(root / rows[0]))))
+    settings = SplitSettings(0.3, 0.3, seed=0, split_group_by="near-duplicates")
+    assert assign_split(rotated, settings) != assign_split(rows[0], settings), "the seed must split the pair"
+    features = LookAlikeFeatures()
+    features = np.stack([features(root / path) for path in rows])
+    sha = [f"h{i}" for i in range(len(rows))]
+    assert near_duplicate_anchors(rows, sha, features) == {}  # the features alone miss it
+    anchors = near_duplicate_anchors(rows, sha, features, str(root))
+    assert anchors == {rows[0]: rows[0], rotated: rows[0]}
+    splits = [assign_split(p, settings) for p in rows]
+    regroup(splits, rows, anchors, settings)
+    assert splits[0] == splits[-1] == assign_split(rows[0], settings)
