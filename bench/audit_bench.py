@@ -34,6 +34,7 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, default_data, header, run_script, write_section  # noqa: E402
+from bench.cputime import run_tree  # noqa: E402
 from classify.duplicates import FEATURE_THRESHOLD  # noqa: E402
 from classify.label_checks import leak_effect_sentence  # noqa: E402
 from extract.neighbours import block_rows_for, normalise  # noqa: E402
@@ -148,10 +149,10 @@ def extract_and_audit(images: Path, work: Path, name: str) -> dict:
     store, report_dir = work / f"{name}.h5", work / f"{name}-audit"
     run_script(["cli.py", "extract", str(images), "--store", str(store), "--backbone", "efficientnet_lite0",
                 "--quiet", "--json"])
-    seconds, lines = run_script(["cli.py", "audit", "--store", str(store), "--report-dir", str(report_dir),
-                                 "--quiet", "--json"])
-    report = json.loads(lines[-1])
-    report["command_seconds"] = seconds
+    run = run_tree([sys.executable, "cli.py", "audit", "--store", str(store), "--report-dir", str(report_dir),
+                    "--quiet", "--json"], cwd=ROOT, check=True)
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report["command_seconds"], report["command_cpu_seconds"] = run.wall_seconds, run.cpu_seconds
     return report
 
 
@@ -259,6 +260,8 @@ def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> 
     lines.append(f"| out-of-fold accuracy | {s['out_of_fold_accuracy']:.3f} | {p['out_of_fold_accuracy']:.3f} |")
     lines.append(f"| audit seconds (in the command / whole command) | {s['seconds']} / {clean['command_seconds']:.1f} "
                  f"| {p['seconds']} / {planted_report['command_seconds']:.1f} |")
+    lines.append(f"| whole command CPU seconds (all processes) | {clean['command_cpu_seconds']:.1f} "
+                 f"| {planted_report['command_cpu_seconds']:.1f} |")
     lines += ["", f"Evidence (pairs): {', '.join(f'{k} {v}' for k, v in s['pairs'].items())}."]
     lines += facts_markdown(known_facts(name, clean))
     lines += ["", f"Planted: {score['swaps_in_top']} of {SWAPS} label swaps in the top {TOP} suspects; "
@@ -301,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             planted_report = extract_and_audit(work / f"{name}-planted", work, f"{name}-planted")
             score = score_planted(planted_report, planted)
             results["data"][name] = {"folder": f"../shared/datasets/{name}", "as_is": clean["summary"],
+                                     "command_seconds": {
+                                         k: {"wall": r["command_seconds"], "cpu": r["command_cpu_seconds"]}
+                                         for k, r in (("as_is", clean), ("planted", planted_report))},
                                      "known_facts": known_facts(name, clean), "settings": clean["settings"],
                                      "leak_effect": clean["leak_effect"],
                                      "copy_similarities": clean["copy_similarities"], "planted": planted, "score": score,
