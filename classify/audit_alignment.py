@@ -21,7 +21,12 @@ candidate pairs: from 0.6 up, 16 of 16 sampled pairs were copies; between 0.3 an
 were apples and oranges and the look-alikes smooth bananas (different photos of bananas scored up
 to 0.65 before the outline was left out, up to 0.51 after); different photos mostly score under 0.2.
 A pair whose coarse (64 px) alignment correlates under ``COARSE_FLOOR`` is rejected without the
-full-size step.
+full-size step. Candidates below ``CANDIDATE_COSINE`` were tried on the unmodified sets: down to
+0.65 (5 per image) they add 1,196 pairs to align in fruits and 875 in TrashNet (+9 and +8 CPU
+seconds on a loaded machine) and link 4 and 1 more pairs, of which 3 and 0 looked like copies;
+looking only around images with black fill (down to 0.55, 3 per image) added 1,849 fruits pairs
+for 3 more links. Not worth it: the copies rotated by 30 degrees or more that the audit misses
+mostly fail the alignment itself (their scores are in ``docs/bench/audit.md``).
 
 Cost: each image is decoded and prepared once per run (its mirror is a view of it: a mirror only
 reverses the angles of the log-polar spectrum), pairs are visited in reverse Cuthill-McKee order
