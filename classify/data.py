@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from classify.errors import HeadMismatch, TrainingDataError
+from classify.fingerprints import fingerprint  # noqa: F401  (re-exported: tests and older callers)
 from classify.persist import TrainedHead
 from classify.joined import read_features
-from classify.streamed import row_chunks
-from edge.imageio import strict_json
 from extract.int8 import stored_name
 from extract.splits import SPLITS, split_counts
 from extract.store import FeatureSet, FeatureStore
@@ -72,35 +70,17 @@ def split_rows(features: FeatureSet, split: str, store: str | Path) -> tuple[np.
     return features.features[mask], features.labels[mask], paths
 
 
-def fingerprint(features: FeatureSet) -> str:
-    """sha256 over the backbone, weights, classes, rows (path, split, label) and feature values
-    (as float32, whatever dtype they are held in)."""
-    digest = hashlib.sha256()
-    records = features.records
-    digest.update(strict_json({  # the keys are part of the fingerprints already in head files: keep them
-        "backbone": "+".join(record.name for record in records),
-        "weights": "+".join(record.weights.id for record in records),
-        "classes": features.class_names,
-        "paths": features.paths,
-        "splits": features.splits.tolist(),
-        "labels": features.labels.tolist(),
-    }).encode())  # the same text as json.dumps(ensure_ascii=False) for names that are valid UTF-8
-    for part in row_chunks(len(features.features)):  # the float32 bytes, hashed a chunk at a time
-        digest.update(np.ascontiguousarray(features.features[part], dtype=np.float32).tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
-def features_for_head(trained: TrainedHead, store: str | Path) -> FeatureSet:
-    """The store's features of the head's backbone (its int8 or mirror-averaged ones for a head trained
-    on those; every backbone's, joined, for a head over several); refuses other weights, input size or
-    classes."""
+def features_for_head(trained: TrainedHead, store: str | Path, splits: tuple[str, ...] = SPLITS) -> FeatureSet:
+    """The store's features of the head's backbone in ``splits`` (its int8 or mirror-averaged ones for a
+    head trained on those; every backbone's, joined, for a head over several); refuses other weights,
+    input size or classes."""
     names = [stored_name(record) for record in trained.records]
     available = FeatureStore(store).backbones
     for name in names:
         if name not in available:
             raise HeadMismatch(f"the head was trained on {trained.features_name} features; {store} has features "
                                f"for {', '.join(available) or 'no backbone'}")
-    features = read_features(store, "+".join(names))
+    features = read_features(store, "+".join(names), splits)
     for wanted, found in zip(trained.records, features.records):
         if not wanted.same_features(found):
             raise HeadMismatch(f"the head was trained on {wanted.describe()}; {store} holds {found.describe()}")

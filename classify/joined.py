@@ -45,18 +45,18 @@ def joined_name(records) -> str:
 
 
 def read_features(store: str | Path, backbone: str | None = None, splits: tuple[str, ...] = SPLITS,
-                  dtype: type | None = np.float32) -> FeatureSet:
+                  dtype: type | None = np.float32, with_features: bool = True) -> FeatureSet:
     """The rows of ``backbone`` (``a+b``: of every named backbone, joined and concatenated), as ``dtype``
-    (None: as stored)."""
+    (None: as stored); ``with_features=False``: the rows without their features (``FeatureStore.read``)."""
     names = split_names(backbone)
     reader = FeatureStore(store)
     if len(names) == 1:
-        return reader.read(names[0], splits, dtype)
+        return reader.read(names[0], splits, dtype, with_features)
     missing = [name for name in names if name not in reader.backbones]
     if missing:
         raise HeadMismatch(f"{store} has no features for {', '.join(missing)} (it has: "
                            f"{', '.join(reader.backbones) or 'none'}); extract them into it first")
-    return join([reader.read(name, splits, dtype) for name in names])
+    return join([reader.read(name, splits, dtype, with_features) for name in names])
 
 
 def join(parts: list[FeatureSet]) -> FeatureSet:

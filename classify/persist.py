@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from classify.errors import HeadFileError, HeadMismatch
+from classify.fingerprints import SplitFingerprint, recorded_split_fingerprints
 from classify.heads import HEAD_KINDS, Head
 from edge.imageio import strict_json
 from extract.clock import utc_now
@@ -56,7 +57,7 @@ class TrainedHead:
     head: Head
     class_names: list[str]
     backbone: BackboneRecord  # the store's record of the features it was trained on, unchanged (the first, joined)
-    store: dict  # {"path": ..., "fingerprint": ...} of the features it was trained on
+    store: dict  # classify.fingerprints.training_store: path and fingerprints of the features it was trained on
     metrics: dict = field(default_factory=dict)
     tool_version: str = TOOL_VERSION
     joined: list[BackboneRecord] = field(default_factory=list)  # every backbone's record when over several
@@ -65,6 +66,11 @@ class TrainedHead:
     def records(self) -> list[BackboneRecord]:
         """The records of the backbones whose features the head takes, concatenated in this order."""
         return list(self.joined) or [self.backbone]
+
+    @property
+    def split_fingerprints(self) -> dict[str, SplitFingerprint] | None:
+        """Each split's fingerprints at fit time (classify.fingerprints); None for heads saved before them."""
+        return recorded_split_fingerprints(self.store, "the head's head.json")
 
     @property
     def kind(self) -> str:
@@ -251,6 +257,7 @@ def load_head(path: str | Path) -> TrainedHead:
         warnings.warn(f"{config_path} was written by transferkit {config['tool_version']}, this is "
                       f"{TOOL_VERSION}; check its predictions", stacklevel=2)
     backbone, joined = _records(config, config_path)
+    recorded_split_fingerprints(config["store"], str(config_path))  # a damaged entry is refused on load
     return TrainedHead(head=head, class_names=class_names, backbone=backbone, store=config["store"],
                        metrics=config["metrics"], tool_version=config["tool_version"], joined=joined)
 

@@ -19,12 +19,15 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from classify import plots
-from classify.data import features_for_head, fingerprint, split_rows
-from classify.persist import head_dir, load_head
+from classify.data import features_for_head, split_rows
+from classify.fingerprints import changed_splits, same_whole_store
+from classify.joined import read_features
+from classify.persist import TrainedHead, head_dir, load_head
 from classify.scoring import scores
 from edge.imageio import printable, strict_json
 from extract.errors import TransferKitError
 from extract.splits import SplitSettings
+from extract.store import FeatureSet
 
 REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "per_class.csv", "tsne.png",
                 "misclassified.png", "metrics.json")
@@ -106,10 +109,22 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
     ``images``: where the images are now, for the misclassified grid (default: where they were
     when the store was extracted). ``ood``: a folder of images of no class; adds ``metrics["ood"]``
     (``classify/ood_report.py``) for the unknown score the head's export would carry.
+
+    Only ``split``'s features are read (with ``ood`` also the train and validation ones, which the
+    unknown score is fitted on): peak memory grows with that split's rows, not the store's
+    (docs/store-format.md, reading cost). The head is evaluated on any store with its backbone,
+    weights and classes (others are refused); ``metrics["same_store_as_training"]`` says whether
+    the store is the one it was fitted on, unchanged, and ``changed_since_training`` which splits
+    differ: ``split`` by its rows and features, train and validation by their rows (paths, content
+    sha256, labels; their features are not read: classify/fingerprints.py). A head saved before
+    per-split fingerprints has ``changed_since_training`` None and is checked, as then, on every
+    split's features.
     """
     trained = load_head(head)
-    features = features_for_head(trained, store)
+    features, rows = _read_for_evaluation(trained, store, split, everything=ood is not None)
     X, y, paths = split_rows(features, split, store)
+    recorded = trained.split_fingerprints
+    changed = None if recorded is None else changed_splits(recorded, rows, features, split)
     name = trained.features_name
     result = Predictions(
         split=split, y=y, probabilities=trained.predict_proba(X), class_names=trained.class_names, paths=paths,
@@ -122,8 +137,23 @@ def evaluate(store: str | Path, head: str | Path, split: str = "test", report_di
     return _save_metrics({
         **metrics, "model": str(head_dir(head)), "head": str(head_dir(head)), "kind": trained.kind,
         "engine": "numpy head on stored features", "store": str(store),
-        "same_store_as_training": fingerprint(features) == trained.store.get("fingerprint"),
-        "backbone": name}, report_dir)
+        "same_store_as_training": same_whole_store(trained.store, features) if changed is None else not changed,
+        "changed_since_training": changed, "backbone": name}, report_dir)
+
+
+def _read_for_evaluation(trained: TrainedHead, store: str | Path, split: str,
+                         everything: bool) -> tuple[FeatureSet, FeatureSet]:
+    """The head's features of ``split`` (of every split when ``everything``, or for a head without
+    per-split fingerprints, whose check needs them all), and every split's rows without features
+    (for the fingerprints of the rows the head learned from)."""
+    if everything or trained.split_fingerprints is None:
+        features = features_for_head(trained, store)
+        return features, features
+    features = features_for_head(trained, store, (split,))
+    rows = read_features(store, trained.features_name, with_features=False)
+    if not len(features.paths):
+        split_rows(rows, split, store)  # refuses the empty split, quoting every split's count
+    return features, rows
 
 
 def _head_ood(head: str | Path, features, X: np.ndarray, folder: str | Path, progress: bool) -> dict:

@@ -195,7 +195,8 @@ def fit_linear(data: Rows, C: float, loss: str, start: np.ndarray | None = None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         found = minimize(objective, x0, args=(data, C, loss, preconditioner), jac=True, method="L-BFGS-B",
-                         callback=_counting(on_iteration), options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
+                         callback=_counting(on_iteration),
+                         options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
     V, b = split_params(found.x, dim, k)
     return np.concatenate([preconditioner.weights(V).ravel(), b]), int(found.nit)
 

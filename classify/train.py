@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from classify.data import check_trainable, fingerprint
+from classify.data import check_trainable
 from classify.estimator import DEFAULT_FOLDS, Head, cross_val_scores
+from classify.fingerprints import training_store
 from classify.heads import HEAD_KINDS, KIND_CHOICES, make_head
 from classify.joined import joined_name, read_features
 from classify.persist import TrainedHead, save_head
@@ -115,8 +116,7 @@ def fit_heads(store: str | Path, kind: str = "all", backbone: str | None = None,
     rows = [_row(name, *fit, features, seed) for name, fit in zip(kinds, fitted)]
     saved = save_head(TrainedHead(
         head=fitted[best][0], class_names=features.class_names, backbone=features.backbone, joined=features.joined,
-        store={"path": str(Path(store).resolve()), "fingerprint": fingerprint(features),
-               "split_counts": split_counts(features.splits)},
+        store=training_store(store, features),
         metrics=rows[best],
     ), out)
     return [{**row, "saved": i == best, "head": str(saved) if i == best else None} for i, row in enumerate(rows)]

@@ -18,11 +18,19 @@ from extract.options import backbone_option, weights_option
 @click.option("--store", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Feature store whose train/validation/test split to use "
                    "[default: the head's store, if it exists].")
+@click.option("--cache-front/--no-cache-front", default=True, show_default=True,
+              help="Train the last --blocks blocks on the frozen front's outputs, computed once per image, and "
+                   "keep the model only if it beats the head on validation; --no-cache-front: train the top "
+                   "--unfreeze layers end to end on augmented images.")
+@click.option("--blocks", default=4, show_default=True, type=click.IntRange(min=0),
+              help="With --cache-front: backbone blocks to train, counted from the top.")
 @click.option("--unfreeze", default="20", show_default=True, metavar="N|all",
-              help="Backbone layers to train, counted from the top (BatchNorm layers always stay frozen).")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1),
-              help="Fine-tuning epochs (early stopping may end sooner).")
-@click.option("--learning-rate", default=1e-5, show_default=True, type=click.FloatRange(min=0, min_open=True))
+              help="With --no-cache-front: backbone layers to train, counted from the top "
+                   "(BatchNorm layers always stay frozen).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Fine-tuning epochs (early stopping may end sooner) [default: 6 with --cache-front, else 10].")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="[default: 1e-4 decaying to 0 (cosine) with --cache-front, else 1e-5].")
 @click.option("--image-size", type=int, default=None,
               help="Square input size [default: the head's, or the backbone's native size].")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -32,46 +40,66 @@ from extract.options import backbone_option, weights_option
 @click.option("--patience", default=3, show_default=True, type=click.IntRange(min=1),
               help="Early-stopping patience in epochs.")
 @click.option("--warmup-epochs", default=2, show_default=True, type=click.IntRange(min=0),
-              help="Epochs training a new classifier on the frozen backbone first (not used with --head).")
+              help="With --no-cache-front: epochs training a new classifier on the frozen backbone first "
+                   "(not used with --head).")
 @click.option("--report-dir", type=click.Path(file_okay=False), default=None,
               help="Where training_curves.png, test_report.txt and metrics.json go [default: MODEL-report/].")
 @click.option("--quiet", is_flag=True, help="No progress bars and epoch lines (on stderr).")
-def fine_tune_command(images_dir, backbone, out, head, store, unfreeze, epochs, learning_rate, image_size, batch_size,
-                      weights, seed, patience, warmup_epochs, report_dir, quiet):
-    """Fine-tune a backbone and its classifier end to end on IMAGES_DIR (augmentation in training only).
+def fine_tune_command(images_dir, backbone, out, head, store, cache_front, blocks, unfreeze, epochs, learning_rate,
+                      image_size, batch_size, weights, seed, patience, warmup_epochs, report_dir, quiet):
+    """Fine-tune a backbone and its classifier on IMAGES_DIR; keep it only if it beats the head.
+
+    By default the frozen front of the backbone runs once per image (its outputs are cached in
+    memory) and the last --blocks blocks and the classifier train on them; the model is written only
+    when its validation accuracy beats a head of the --head's kind (softmax without --head) fitted on
+    the same train images. The test split is read afterwards, for the report.
 
     \b
     Example:
       python cli.py fine-tune photos/ --head head --store features.h5 --out model.keras
-      python cli.py fine-tune photos/ --backbone efficientnet_lite0 --unfreeze all --epochs 5 --out model.keras
+      python cli.py fine-tune photos/ --backbone efficientnet_lite0 --no-cache-front --unfreeze all --out model.keras
     """
     from export.finetune import fine_tune
 
     result = fine_tune(
         images_dir, backbone, out, head=head, unfreeze=unfreeze, epochs=epochs, learning_rate=learning_rate,
         image_size=image_size, batch_size=batch_size, seed=seed, store=store, weights=weights, patience=patience,
-        report_dir=report_dir, warmup_epochs=warmup_epochs, progress=not quiet,
+        report_dir=report_dir, warmup_epochs=warmup_epochs, progress=not quiet, cache_front=cache_front,
+        blocks=blocks,
     )
-    test = result.test
+    trained = (f"the last {len(result.cut['blocks'])} blocks ({result.trainable_layers} layers) trained on the "
+               f"cached output of {result.cut['layer']}" if result.cut else
+               f"{result.trainable_layers} backbone layers trained")
     click.echo(
-        f"{result.model_path}: {result.trainable_layers} backbone layers trained for {result.epochs_run} epochs "
-        f"(best {result.best_epoch}) after {result.warmup_epochs} warm-up epochs in {result.seconds:.0f} s; "
-        f"validation accuracy {100 * result.validation_before['accuracy']:.1f}% before fine-tuning"
+        (f"{result.model_path}: " if result.written else "") + f"{trained} for {result.epochs_run} epochs (best {result.best_epoch}) after {result.warmup_epochs} warm-up "
+        f"epochs in {result.seconds:.0f} s; validation accuracy {100 * result.validation_before['accuracy']:.1f}% "
+        f"before fine-tuning"
     )
+    _echo_comparisons(result)
+    click.echo(f"report: {result.report_dir}")
+    for path, reason in list(result.skipped.items())[:10]:
+        click.echo(f"  skipped: {path}: {reason}")
+
+
+def _echo_comparisons(result) -> None:
+    """The validation decision (cached front), then the test figures, which are a report only."""
+    from export.finetune_cached import HeadComparison
+
+    if result.comparison:
+        decided = HeadComparison(**{k: v for k, v in result.comparison.items() if k != "kept"})
+        click.echo(decided.line(result.model_path))
+    test = result.test
     if test["images"]:
         click.echo(f"test: accuracy {100 * test['accuracy']:.2f}%, macro-F1 {test['macro_f1']:.3f} "
-                   f"on {test['images']} images")
+                   f"on {test['images']} images" + ("" if result.written else " (the fine-tuned model, not written)"))
     if test["images"] and result.head_test:
         before = result.head_test
         verdict = ("better than" if test["accuracy"] > before["accuracy"] else
                    "the same as" if test["accuracy"] == before["accuracy"] else "WORSE than")
+        advice = "; keep the head (export-onnx --store ... --head ...)" if verdict == "WORSE than" else ""
         click.echo(f"compared with the head: {100 * test['accuracy']:.2f}% fine-tuned vs "
                    f"{100 * before['accuracy']:.2f}% head on the same test split ({before['images']} images "
-                   f"in the store): {verdict} the head"
-                   + ("; keep the head (export-onnx --store ... --head ...)" if verdict == "WORSE than" else ""))
-    click.echo(f"report: {result.report_dir}")
-    for path, reason in list(result.skipped.items())[:10]:
-        click.echo(f"  skipped: {path}: {reason}")
+                   f"in the store): {verdict} the head" + ("" if result.comparison else advice))
 
 
 @click.command("export-onnx")

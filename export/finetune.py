@@ -1,27 +1,35 @@
-"""Fine-tune a backbone and its classifier end to end on the images (linear probe, then fine-tune).
+"""Fine-tune a backbone and its classifier (linear probe, then fine-tune), in one of two modes.
 
-One Keras model takes uint8 RGB images: augmentation (training only) -> the backbone's preprocessing
--> the backbone, called with ``training=False`` so BatchNorm keeps its statistics -> the classifier.
-The classifier starts from a trained head when one is given (a head is dense layers with the
+**Cached front** (the default, ``export.finetune_cached``, whose docstring holds the design): the
+backbone is cut before its last ``blocks`` blocks (4); the frozen front's outputs are computed once
+per image and kept in memory (lite0 at 224 px: 37,632 bytes per image); the last blocks and the
+classifier train on them for a few epochs (6, Adam at 1e-4 with cosine decay, each train image as-is
+or mirrored). The model is written only when its validation accuracy beats a head of the ``--head``'s
+kind fitted on the same train images; one line says which was kept.
+
+**End to end on images** (``cache_front=False``): one Keras model takes uint8 RGB images:
+augmentation (training only) -> the backbone's preprocessing -> the backbone -> the classifier. The
+classifier starts from a trained head when one is given (a head is dense layers with the
 standardisation folded in, so the model predicts exactly what the head predicted); otherwise a
 random one is warmed up for a few epochs on the frozen backbone. Then the top ``unfreeze`` backbone
-layers (never BatchNorm) train with a small learning rate, with early stopping on the validation
-loss that restores the best epoch, and a checkpoint of the best model on disk meanwhile.
+layers train with a small learning rate (1e-5). The model is always written.
 
-With a store, images get the store's own train/validation/test column; without one, splits are
-drawn from ``SplitSettings`` with the given seed.
+In both, the backbone is called with ``training=False`` so BatchNorm keeps its statistics (and its
+layers never train); early stopping on the validation loss restores the best epoch, with a checkpoint
+of the best model on disk meanwhile. With a store, images get the store's own train/validation/test
+column; without one, splits are drawn from ``SplitSettings`` with the given seed. The test split is
+read only after training and the choice, for the report.
 
 Example::
 
     result = fine_tune("photos/", "efficientnet_lite0", "model.keras", head="head", store="features.h5")
-    print(result.test)
+    print(result.comparison, result.written, result.test)
 """
 
 from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -34,9 +42,24 @@ from classify.persist import TrainedHead, head_dir, load_head
 from classify.scoring import scores
 from edge.imageio import ImageDecodeError, load_image
 from export.data import LabelledImages, from_feature_set, from_folder, from_store
+from export.finetune_cached import (
+    CACHED_EPOCHS,
+    CACHED_LEARNING_RATE,
+    DEFAULT_BLOCKS,
+    HeadComparison,
+    train_cached,
+)
 from export.keras_models import classifier_model, save_fine_tuned, set_trainable
 from export.metadata import TRANSFERKIT_VERSION, path_fingerprint
-from export.progress import EpochProgress
+from export.fit_loop import (
+    TrainingRun,
+    checkpointed_fit,
+    compile_classifier,
+    empty_history,
+    progress_bars,
+    quiet_fit,
+    record_history,
+)
 from extract.clock import utc_now
 from extract.errors import TransferKitError
 from extract.leak_free import ANCHORS_ATTR
@@ -75,6 +98,9 @@ class FineTuneResult:
     skipped: dict[str, str] = field(default_factory=dict)  # undecodable images -> reason
     seconds: float = 0.0
     head_test: dict | None = None  # the starting head on the same test split (accuracy, macro_f1, images)
+    comparison: dict | None = None  # cached-front mode: validation accuracies that decided (HeadComparison)
+    written: bool = True  # whether the model file was written (False: the head was kept)
+    cut: dict | None = None  # cached-front mode: cut layer, blocks trained, cache bytes per image
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,11 +137,6 @@ def image_dataset(images: LabelledImages, size: int, batch_size: int, shuffle: b
     ds = ds.map(tf_decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.filter(decoded).map(without_flag)
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def _compile(model: keras.Model, learning_rate: float) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
 
 
 def evaluate_test(model, dataset, class_names: list[str], report_dir: Path) -> dict:
@@ -189,10 +210,18 @@ class StartingPoint:
     images: LabelledImages  # with the store's split column, or splits drawn from split_settings
     split_settings: SplitSettings
     split_anchors: str = ""  # the store's near-duplicate anchors (JSON), see extract/leak_free.py
-    layers: list | None = None  # the head's dense layers (standardisation folded in)
-    dropout: float = 0.0
     store: dict | None = None  # path and sha256 of the store
     head: dict | None = None  # path, kind and fingerprint of the head
+    trained: TrainedHead | None = None  # the head itself
+
+    @property
+    def layers(self) -> list | None:
+        """The head's dense layers (standardisation folded in); refused for a head that has none (rbf)."""
+        return self.trained.head.network() if self.trained is not None else None
+
+    @property
+    def dropout(self) -> float:
+        return float(getattr(self.trained.head, "dropout", 0.0)) if self.trained is not None else 0.0
 
 
 def labelled_images(images_dir: str | Path, trained: TrainedHead | None, store: str | Path | None,
@@ -236,7 +265,7 @@ def starting_point(images_dir: str | Path, backbone: str | None, head: str | Pat
     folder = head_dir(head)
     return StartingPoint(
         built=trained.build_backbone(weights), images=images, split_settings=settings, split_anchors=anchors,
-        layers=trained.head.network(), dropout=float(getattr(trained.head, "dropout", 0.0)), store=store_info,
+        store=store_info, trained=trained,
         head={"path": str(folder.resolve()), "kind": trained.kind, "fingerprint": path_fingerprint(folder)},
     )
 
@@ -254,6 +283,17 @@ class TrainingSettings:
     warmup_epochs: int = 2
     verbose: int = 0
     progress: bool = False  # a bar per epoch on stderr
+    cache_front: bool = True  # train the last ``blocks`` blocks on cached front outputs (export.finetune_cached)
+    blocks: int = DEFAULT_BLOCKS
+
+    @classmethod
+    def for_mode(cls, cache_front: bool, epochs: int | None, learning_rate: float | None,
+                 **kwargs) -> "TrainingSettings":
+        """Settings with the mode's own defaults for what is None: 6 epochs at 1e-4 (cosine) on the cached
+        front, 10 epochs at 1e-5 end to end on images."""
+        return cls(epochs=epochs or (CACHED_EPOCHS if cache_front else 10),
+                   learning_rate=learning_rate or (CACHED_LEARNING_RATE if cache_front else DEFAULT_LEARNING_RATE),
+                   cache_front=cache_front, **kwargs)
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
@@ -261,20 +301,13 @@ class TrainingSettings:
         parse_unfreeze(self.unfreeze)
 
     def describe(self) -> dict:
-        return {"unfreeze": str(self.unfreeze), "warmup_epochs": self.warmup_epochs, "epochs": self.epochs,
-                "learning_rate": self.learning_rate, "batch_size": self.batch_size, "patience": self.patience,
-                "seed": self.seed, "augmentation": "flip horizontal, rotation 0.1, zoom 0.1"}
-
-
-@dataclass
-class TrainingRun:
-    """What ``train`` did: the curves, and where fine-tuning stopped."""
-
-    history: dict[str, list[float]]
-    trainable_layers: int
-    epochs_run: int
-    best_epoch: int  # 1-based fine-tuning epoch whose weights were kept
-    validation_before: dict
+        common = {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
+                  "patience": self.patience, "seed": self.seed}
+        if self.cache_front:
+            return {"mode": "cached-front", "blocks": self.blocks, **common, "schedule": "cosine decay to 0",
+                    "augmentation": "mirror (cached)"}
+        return {"mode": "images", "unfreeze": str(self.unfreeze), "warmup_epochs": self.warmup_epochs, **common,
+                "augmentation": "flip horizontal, rotation 0.1, zoom 0.1"}
 
 
 def train(model: keras.Model, train_ds, val_ds, settings: TrainingSettings, checkpoint: Path,
@@ -282,39 +315,20 @@ def train(model: keras.Model, train_ds, val_ds, settings: TrainingSettings, chec
     """Warm up the classifier on the frozen backbone (``warmup_epochs``), then fine-tune the top
     layers with early stopping that restores the best epoch (checkpointed to ``checkpoint`` meanwhile;
     removed again if training fails or is interrupted). ``batches``: per epoch, for the progress bars."""
-    history: dict[str, list[float]] = {k: [] for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
-
-    def record_history(fit) -> None:
-        for key in history:
-            history[key] += [float(v) for v in fit.history[key]]
-
-    def bars(label: str) -> list:
-        return [EpochProgress(batches, label)] if settings.progress else []
-
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
-                                            restore_best_weights=True)
-    callbacks = [stopper, keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True)]
-    try:
-        with warnings.catch_warnings():
-            # the datasets' length is unknown (undecodable files are filtered out), which Keras reports
-            # as "ran out of data" at the end of every epoch
-            warnings.filterwarnings("ignore", message="Your input ran out of data")
-            if settings.warmup_epochs:
-                set_trainable(model, 0)
-                _compile(model, WARMUP_LEARNING_RATE)
-                record_history(model.fit(train_ds, validation_data=val_ds, epochs=settings.warmup_epochs,
-                                         shuffle=False, verbose=settings.verbose, callbacks=bars("warm-up")))
-            trainable = set_trainable(model, parse_unfreeze(settings.unfreeze))
-            _compile(model, settings.learning_rate)  # after changing `trainable`, or the change is ignored
-            loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
-            fit = model.fit(train_ds, validation_data=val_ds, epochs=settings.epochs,
-                            callbacks=callbacks + bars("fine-tuning"), shuffle=False, verbose=settings.verbose)
-    except BaseException:  # Ctrl-C included: no half-trained checkpoint left behind
-        checkpoint.unlink(missing_ok=True)
-        raise
-    record_history(fit)
+    history = empty_history()
+    if settings.warmup_epochs:
+        set_trainable(model, 0)
+        compile_classifier(model, WARMUP_LEARNING_RATE)
+        record_history(history, quiet_fit(model, train_ds, val_ds, settings.warmup_epochs, settings.verbose,
+                                          progress_bars(settings.progress, batches, "warm-up")))
+    trainable = set_trainable(model, parse_unfreeze(settings.unfreeze))
+    compile_classifier(model, settings.learning_rate)  # after changing `trainable`, or the change is ignored
+    loss_before, accuracy_before = model.evaluate(val_ds, verbose=0)
+    fit, best_epoch = checkpointed_fit(model, train_ds, val_ds, settings.epochs, settings.patience, checkpoint,
+                                       settings.verbose, progress_bars(settings.progress, batches, "fine-tuning"))
+    record_history(history, fit)
     return TrainingRun(history=history, trainable_layers=trainable, epochs_run=len(fit.history["loss"]),
-                       best_epoch=stopper.best_epoch + 1,
+                       best_epoch=best_epoch,
                        validation_before={"loss": float(loss_before), "accuracy": float(accuracy_before)})
 
 
@@ -324,8 +338,8 @@ def fine_tune(
     out: str | Path,
     head: str | Path | None = None,
     unfreeze: str | int = DEFAULT_UNFREEZE,
-    epochs: int = 10,
-    learning_rate: float = DEFAULT_LEARNING_RATE,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
     image_size: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -336,48 +350,77 @@ def fine_tune(
     warmup_epochs: int = 2,
     verbose: int = 0,
     progress: bool = False,
+    cache_front: bool = True,
+    blocks: int = DEFAULT_BLOCKS,
 ) -> FineTuneResult:
-    """Fine-tune ``backbone`` on ``images_dir`` and write ``out`` (.keras + sidecar) and a report folder.
+    """Fine-tune ``backbone`` on ``images_dir``; write ``out`` (.keras + sidecar) when kept, and a report folder.
 
-    ``head`` initialises the classifier (no warm-up then) and fixes backbone, weights and input
-    size. ``store`` gives each image's split (otherwise splits are drawn with ``seed``). ``weights``:
-    None means the head's weights, or ImageNet without a head. ``progress``: a bar per epoch on stderr.
-    An interrupted run (Ctrl-C) leaves neither the best-epoch checkpoint nor an empty report folder.
+    ``head`` fixes backbone, weights and input size, and the kind of head to beat (cached front) or the
+    classifier's start (images). ``store``: each image's split (otherwise drawn with ``seed``).
+    ``weights`` None: the head's, or ImageNet. ``epochs``/``learning_rate`` None: the mode's defaults.
+    ``unfreeze`` and ``warmup_epochs`` apply to ``cache_front=False`` only, ``blocks`` to the cached
+    front. ``progress``: bars on stderr. Ctrl-C leaves neither the checkpoint nor an empty report folder.
     """
     started = time.perf_counter()
     out, report_dir = _outputs(out, report_dir)
-    settings = TrainingSettings(unfreeze, epochs, learning_rate, batch_size, seed, patience, warmup_epochs, verbose,
-                                progress)
+    settings = TrainingSettings.for_mode(cache_front, epochs, learning_rate, unfreeze=unfreeze, batch_size=batch_size,
+                                         seed=seed, patience=patience, warmup_epochs=warmup_epochs, verbose=verbose,
+                                         progress=progress, blocks=blocks)
     settings.check()
     begin = starting_point(images_dir, backbone, head, store, weights, image_size, seed)
-    settings = replace(settings, warmup_epochs=0) if begin.head else settings  # a head is a trained classifier
+    if begin.head or cache_front:  # a head is a trained classifier; the cached mode starts from a train-split head
+        settings = replace(settings, warmup_epochs=0)
     images = begin.images
     train_images, validation, test = (images.subset(s) for s in SPLITS)
     _check_trainable(train_images, validation, images_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(seed)
-    model = classifier_model(begin.built, len(images.class_names), begin.layers, begin.dropout, seed)
-    size, skipped = begin.built.input_size, {}
-    checkpoint = out.with_name(f"{out.stem}.best.keras")
-    run = train(model, image_dataset(train_images, size, batch_size, True, seed, skipped),
-                image_dataset(validation, size, batch_size, False, seed, skipped), settings, checkpoint,
-                batches=-(-len(train_images) // batch_size))
+    skipped, checkpoint = {}, out.with_name(f"{out.stem}.best.keras")
+    if cache_front:
+        model, run, comparison = train_cached(begin, train_images, validation, settings, checkpoint, skipped)
+    else:
+        model, run, comparison = *_train_on_images(begin, train_images, validation, settings, checkpoint, skipped), None
+    return _report_and_write(model, run, comparison, begin, settings, test, (out, report_dir, checkpoint), images_dir,
+                             head, skipped, started)
+
+
+def _report_and_write(model: keras.Model, run: TrainingRun, comparison: HeadComparison | None,
+                      begin: StartingPoint, settings: TrainingSettings, test: LabelledImages,
+                      paths: tuple[Path, Path, Path], images_dir: str | Path, head: str | Path | None,
+                      skipped: dict[str, str], started: float) -> FineTuneResult:
+    """After the choice: the test report, the curves, the model (when kept) and ``metrics.json``.
+    ``paths``: the model, the report folder, the checkpoint (removed)."""
+    out, report_dir, checkpoint = paths
     report_dir.mkdir(parents=True, exist_ok=True)
-    test_metrics = evaluate_test(model, image_dataset(test, size, batch_size, False, seed, skipped),
-                                 images.class_names, report_dir)
+    test_metrics = evaluate_test(model, image_dataset(test, begin.built.input_size, settings.batch_size, False,
+                                                      settings.seed, skipped), begin.images.class_names, report_dir)
     plot_curves(run.history, settings.warmup_epochs, run.best_epoch, report_dir / "training_curves.png")
     result = FineTuneResult(
         model_path=str(out), report_dir=str(report_dir), trainable_layers=run.trainable_layers,
         warmup_epochs=settings.warmup_epochs, epochs_run=run.epochs_run, best_epoch=run.best_epoch,
         validation_before=run.validation_before, test=test_metrics, skipped=dict(skipped),
-        head_test=head_test_score(head, begin.store),
+        head_test=head_test_score(head, begin.store), comparison=comparison.to_dict() if comparison else None,
+        written=comparison is None or comparison.kept == "fine-tuned", cut=run.cut,
     )
-    save_fine_tuned(model, out, sidecar_info(begin, images_dir, settings, run, test_metrics))
+    if result.written:
+        save_fine_tuned(model, out, sidecar_info(begin, images_dir, settings, run, test_metrics, comparison))
     checkpoint.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - started
     (report_dir / "metrics.json").write_text(json.dumps({**result.to_dict(), "history": run.history}, indent=2))
     return result
+
+
+def _train_on_images(begin: StartingPoint, train_images: LabelledImages, validation: LabelledImages,
+                     settings: TrainingSettings, checkpoint: Path,
+                     skipped: dict[str, str]) -> tuple[keras.Model, TrainingRun]:
+    """End to end on decoded, augmented images: the classifier model and what training did."""
+    model = classifier_model(begin.built, len(begin.images.class_names), begin.layers, begin.dropout, settings.seed)
+    size, batch_size, seed = begin.built.input_size, settings.batch_size, settings.seed
+    run = train(model, image_dataset(train_images, size, batch_size, True, seed, skipped),
+                image_dataset(validation, size, batch_size, False, seed, skipped), settings, checkpoint,
+                batches=-(-len(train_images) // batch_size))
+    return model, run
 
 
 def _outputs(out: str | Path, report_dir: str | Path | None) -> tuple[Path, Path]:
@@ -397,7 +440,7 @@ def _check_trainable(train_images: LabelledImages, validation: LabelledImages, i
 
 
 def sidecar_info(begin: StartingPoint, images_dir: str | Path, settings: TrainingSettings, run: TrainingRun,
-                 test_metrics: dict) -> dict:
+                 test_metrics: dict, comparison: HeadComparison | None = None) -> dict:
     """What ``MODEL.keras.json`` says about the model (``export.keras_models`` adds format and hash)."""
     return {
         "class_names": begin.images.class_names,
@@ -408,7 +451,8 @@ def sidecar_info(begin: StartingPoint, images_dir: str | Path, settings: Trainin
         "store": begin.store,
         "head": begin.head,
         "training": {**settings.describe(), "trainable_layers": run.trainable_layers, "epochs_run": run.epochs_run,
-                     "best_epoch": run.best_epoch},
+                     "best_epoch": run.best_epoch, "cut": run.cut},
+        "kept_over_head": comparison.to_dict() if comparison else None,
         "test": test_metrics,
         "created": utc_now(),
         "transferkit_version": TRANSFERKIT_VERSION,

@@ -15,6 +15,7 @@ from extract.int8 import INT8_ENGINE
 from extract.record import TTA_CHOICES
 from extract.options import backbone_option, dtype_option, engines_option, json_option, weights_option
 from extract.splits import GROUP_BY_CHOICES, SplitSettings
+from extract.streams import MAX_STREAMS
 
 SPLIT_DEFAULTS = SplitSettings()
 BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(offline_backbones())}. The others "
@@ -55,7 +56,11 @@ BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(off
                    "(twice the backbone's work; about a point more accuracy for EfficientNet-Lite heads). "
                    "export-onnx puts the same averaging in the model.")
 @click.option("--shard", default=None, metavar="I/N", help="Extract only shard I of N (each shard to its own --store; merge with `store merge`).")
-@click.option("--threads", type=int, default=None, help="Inference threads [default: all cores].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads [default: all cores].")
+@click.option("--streams", type=click.IntRange(min=1), default=None,
+              help="Batches computed at once, the inference threads shared among them: more streams waste "
+                   "less time in onnxruntime's per-layer joins (docs/bench/int8.md) [default: one per "
+                   f"thread, at most {MAX_STREAMS}].")
 @click.option("--checkpoint-seconds", type=float, default=60.0, show_default=True,
               help="How often computed batches are checkpointed into the store while the job runs.")
 @click.option("--runner", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -69,8 +74,8 @@ BACKBONE_HELP = (f"Works offline (weights install with the tool): {', '.join(off
 @json_option("Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract_command(images_dir, store, backbone, weights, batch_size, validation_split, test_split, seed, split_group,
-                    split_group_by, dtype, engine, tolerance, input_size, tta, shard, threads, checkpoint_seconds,
-                    runner, ray_address, shards, cpus_per_task, as_json, quiet):
+                    split_group_by, dtype, engine, tolerance, input_size, tta, shard, threads, streams,
+                    checkpoint_seconds, runner, ray_address, shards, cpus_per_task, as_json, quiet):
     """Run a frozen ImageNet backbone over IMAGES_DIR and keep the features in an HDF5 store.
 
     IMAGES_DIR is DIR/<class>/<image> or DIR/{train,validation,test}/<class>/<image>. Re-running
@@ -94,7 +99,7 @@ def extract_command(images_dir, store, backbone, weights, batch_size, validation
             images_dir, store, backbone=backbone, weights=weights, batch_size=batch_size,
             validation_split=validation_split, test_split=test_split, seed=seed, split_group=split_group,
             split_group_by=split_group_by, dtype=dtype, engine=engine, tolerance=tolerance, input_size=input_size,
-            shard=shard, threads=threads, checkpoint_seconds=checkpoint_seconds, progress=not quiet,
+            shard=shard, threads=threads, streams=streams, checkpoint_seconds=checkpoint_seconds, progress=not quiet,
             ray_options=ray_options, tta=tta,
         )
     except ExtractionInterrupted as exc:

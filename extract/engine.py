@@ -31,6 +31,7 @@ ENGINES = ("auto", "onnx", "keras")
 
 class KerasEngine:
     name = "keras"
+    streams = 1  # TensorFlow spreads one batch over every core itself
 
     def __init__(self, built: BuiltBackbone):
         self.model = built.model
@@ -82,14 +83,18 @@ def onnx_engine_path(record: BackboneRecord) -> Path:
 class OnnxEngine:
     name = "onnx"
 
-    def __init__(self, built: BuiltBackbone | None, threads: int | None = None, path: Path | None = None):
-        """Convert ``built`` (once, cached), or open an already converted engine at ``path``."""
+    def __init__(self, built: BuiltBackbone | None, threads: int | None = None, path: Path | None = None,
+                 streams: int = 1):
+        """Convert ``built`` (once, cached), or open an already converted engine at ``path``.
+
+        ``threads``: onnxruntime's intra-op threads per batch; ``streams``: how many batches the
+        extraction loop may run at once on this session (``extract.streams``)."""
         if path is None:
             path = onnx_engine_path(built.record)
         if not path.exists():
             keras_to_onnx(built.model, built.input_size, path)
             self._check_parity(built, path)
-        self.path = path
+        self.path, self.streams = path, streams
         self.session = onnx_session(path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
@@ -112,13 +117,13 @@ class OnnxEngine:
         return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
 
 
-def make_engine(built: BuiltBackbone, engine: str = "auto", threads: int | None = None):
+def make_engine(built: BuiltBackbone, engine: str = "auto", threads: int | None = None, streams: int = 1):
     if engine not in ENGINES:
         raise TransferKitError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if engine == "keras":
         return KerasEngine(built)
     try:
-        return OnnxEngine(built, threads)
+        return OnnxEngine(built, threads, streams=streams)
     except TransferKitError:
         if engine == "onnx":
             raise
@@ -129,8 +134,9 @@ def make_engine(built: BuiltBackbone, engine: str = "auto", threads: int | None 
 
 
 def open_engine(record: BackboneRecord, weights: str | None = None, engine: str = "auto",
-                threads: int | None = None, who: str = "the record describes"):
+                threads: int | None = None, who: str = "the record describes", streams: int = 1):
     """An engine computing ``record``'s features; a cached ONNX engine is opened without TensorFlow.
+    ``threads`` and ``streams`` as in ``OnnxEngine`` (a Keras engine runs one batch at a time).
 
     ``weights`` is the user's choice (imagenet/none/PATH; None: the record's kind); weights that do
     not give the record's weights id are refused first, whether or not an engine is cached.
@@ -140,7 +146,7 @@ def open_engine(record: BackboneRecord, weights: str | None = None, engine: str 
     resolve_record_weights(record, weights, who)
     cached = onnx_engine_path(record)
     if engine in ("auto", "onnx") and cached.exists():
-        return OnnxEngine(None, threads, path=cached)
+        return OnnxEngine(None, threads, path=cached, streams=streams)
     from extract.models import build_from_record
 
-    return make_engine(build_from_record(record, weights, who), engine, threads)
+    return make_engine(build_from_record(record, weights, who), engine, threads, streams)

@@ -41,6 +41,7 @@ from extract.engine import OnnxEngine
 from extract.errors import StoreError, TransferKitError
 from extract.paths import cache_dir
 from extract.quantization import quantize_int8, settings
+from extract.streams import stream_plan
 from extract.files import atomic_write, file_sha256, write_atomic
 from extract.tta import tta_suffix
 
@@ -79,8 +80,8 @@ class Int8Refused(TransferKitError):
 class Int8Engine(OnnxEngine):
     name = INT8_ENGINE
 
-    def __init__(self, path: Path, report: "GateReport", threads: int | None = None):
-        super().__init__(None, threads, path=path)
+    def __init__(self, path: Path, report: "GateReport", threads: int | None = None, streams: int = 1):
+        super().__init__(None, threads, path=path, streams=streams)
         self.report = report
 
 
@@ -329,37 +330,41 @@ class Int8Choice:
 
 
 def open_int8_engine(plan: GatePlan, fp32_path, tolerance: float = DEFAULT_TOLERANCE, threads: int | None = None,
-                     workers: int = 4) -> Int8Choice:
+                     workers: int = 4, streams: int = 1) -> Int8Choice:
     """The int8 engine for ``plan`` (quantized now or taken from the cache); raises ``Int8Refused``.
 
     ``fp32_path`` is a callable giving the fp32 ONNX engine's path, called only when quantizing.
+    ``threads`` inference threads in all (the gate runs one batch on all of them) are shared by the
+    engine's ``streams`` (``extract.streams``).
     """
     report, cached = cached_report(plan.engine_path), True
     if report is None:
         report, cached = quantize_and_gate(plan, Path(fp32_path()), threads, workers), False
-    return _accepted(plan.engine_path, report, cached, tolerance, threads)
+    return _accepted(plan.engine_path, report, cached, tolerance, threads, streams)
 
 
-def _accepted(path: Path, report: GateReport, cached: bool, tolerance: float, threads: int | None) -> Int8Choice:
+def _accepted(path: Path, report: GateReport, cached: bool, tolerance: float, threads: int | None,
+              streams: int = 1) -> Int8Choice:
     if not report.accepts(tolerance):
         raise Int8Refused(report.describe(tolerance))
-    return Int8Choice(Int8Engine(path, report, threads), report, cached)
+    streams, threads_each = stream_plan(threads, streams)
+    return Int8Choice(Int8Engine(path, report, threads_each, streams), report, cached)
 
 
 def int8_engine_for_store(dataset: Dataset, backbone: str, weights_id: str, input_size: int,
                           stored_record: dict | None, fp32_path, tolerance: float = DEFAULT_TOLERANCE,
-                          threads: int | None = None, workers: int = 4) -> Int8Choice:
+                          threads: int | None = None, workers: int = 4, streams: int = 1) -> Int8Choice:
     """The int8 engine for new rows of a store: the one its int8 rows were computed with, so rows
     from engines calibrated on other images never mix; for a store without int8 rows, the engine of
     this folder's gate images (``open_int8_engine``)."""
     stored_key = ((stored_record or {}).get("quantization") or {}).get("engine_key")
     plan = plan_gate(dataset, backbone, weights_id, input_size)
     if stored_key is None or stored_key == plan.key:
-        return open_int8_engine(plan, fp32_path, tolerance, threads, workers)
+        return open_int8_engine(plan, fp32_path, tolerance, threads, workers, streams)
     path = engine_path(backbone, input_size, stored_key)
     report = cached_report(path)
     if report is None:
         raise StoreError(f"the store's {features_name(backbone, True)} rows were computed with int8 engine "
                          f"{stored_key}, which is no longer cached, and the folder's calibration images have "
                          f"changed since; use another --store (or --engine auto for fp32 features)")
-    return _accepted(path, report, True, tolerance, threads)
+    return _accepted(path, report, True, tolerance, threads, streams)

@@ -8,12 +8,12 @@ inference, so the backbone is never waiting on JPEG decoding.
 from __future__ import annotations
 
 import inspect
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial, wraps
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from edge.imageio import ImageDecodeError, decode_image, read_image_file, stat_r
 from extract.backbones import DEFAULT_BACKBONE, BackboneSpec, get_backbone
 from extract.dataset import Dataset, ImageEntry, discover, shard_of
 from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
-from extract.engine import ENGINES
+from extract.engine import ENGINES, default_threads
 from extract.errors import DatasetError, StoreError, TransferKitError
 from extract.int8 import INT8_ENGINE, Int8Refused, features_name, int8_engine_for_store
 from extract.leak_free import ANCHORS_ATTR, group_store_splits
@@ -31,6 +31,7 @@ from extract.record import FEATURE_DTYPES, BackboneRecord
 from extract.segments import BackgroundSegments
 from extract.splits import VALIDATION_FROM_TRAIN, SplitSettings
 from extract.steps import step
+from extract.streams import run_in_streams, stream_plan
 from extract.store import BackboneMeta, ImageTable, StoreState, StoreWriter, empty_state
 from extract.tta import mirror_averaged
 from extract.weights import resolve_weights
@@ -156,15 +157,15 @@ def _decode(root: Path, relpath: str, sha256: str, size: int, held: HeldBytes | 
 
 
 def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_size: int, workers: int,
-                    held: HeldBytes | None = None):
-    """Yield ``(paths, shas, uint8 batch, failures)``, decoding up to two batches ahead (from the bytes
-    in ``held`` where the hash pass kept them)."""
+                    held: HeldBytes | None = None, ahead: int = 2):
+    """Yield ``(paths, shas, uint8 batch, failures)``, decoding up to ``ahead`` batches ahead (from the
+    bytes in ``held`` where the hash pass kept them)."""
     chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     with ThreadPoolExecutor(workers) as pool:
         pending: deque = deque()
-        for chunk in chunks[:2]:
+        for chunk in chunks[:ahead]:
             pending.append((chunk, [pool.submit(_decode, root, p, s, size, held) for p, s in chunk]))
-        next_chunk = 2
+        next_chunk = ahead
         while pending:
             chunk, futures = pending.popleft()
             if next_chunk < len(chunks):
@@ -186,16 +187,24 @@ def decoded_batches(root: Path, todo: list[tuple[str, str]], size: int, batch_si
 
 def extract_segments(run_engine, segments: BackgroundSegments, record: BackboneRecord, root: Path,
                      todo: list[tuple[str, str]], batch_size: int, workers: int, held: HeldBytes | None = None):
-    """The extraction loop: decode, infer, hand the rows to ``segments`` (written off this thread);
-    yields (computed, failed) per batch.
+    """The extraction loop: decode, infer (``run_engine.streams`` batches at once, ``extract.streams``),
+    hand the rows to ``segments`` in the batches' order (written off this thread); yields (computed,
+    failed) per batch.
 
     The local runner and every Ray task (extract/ray_task.py) run this same loop, so both write the same rows.
     """
     compute = partial(mirror_averaged, run_engine) if record.tta else run_engine
-    for paths, shas, batch, failures in decoded_batches(root, todo, record.input_size, batch_size, workers, held):
-        features = compute(batch) if len(batch) else np.zeros((0, record.feature_dim), np.float32)
+    streams = run_engine.streams
+    batches = decoded_batches(root, todo, record.input_size, batch_size, workers, held, ahead=streams + 1)
+    features_of = partial(_features_of, compute, record.feature_dim)
+    for (paths, shas, _, failures), features in run_in_streams(features_of, batches, streams, take=itemgetter(2)):
         segments.add(paths, shas, features.astype(record.dtype), failures)
         yield len(paths), len(failures)
+
+
+def _features_of(compute, feature_dim: int, batch: np.ndarray) -> np.ndarray:
+    """``compute(batch)``; a batch whose every image failed to decode has no features (and no engine call)."""
+    return compute(batch) if len(batch) else np.zeros((0, feature_dim), np.float32)
 
 
 def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[ImageEntry]:
@@ -205,6 +214,13 @@ def select_entries(dataset: Dataset, shard: tuple[int, int] | None) -> list[Imag
     return [e for e in dataset.entries if shard_of(e.relpath, count) == index]
 
 
+def decode_workers() -> int:
+    """Decoding and hashing threads by default: one per core this process may use (not ``os.cpu_count()``,
+    which counts the host's cores in a container limited to two), at least 2 (hashing waits on reads),
+    at most 8."""
+    return max(2, min(8, default_threads()))
+
+
 @dataclass(frozen=True)
 class ComputeOptions:
     """How the features of the images to do are computed and written."""
@@ -212,7 +228,8 @@ class ComputeOptions:
     engine: str = "auto"
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = 4  # decoding and hashing threads
-    threads: int | None = None  # inference threads (None: all cores)
+    threads: int | None = None  # inference threads in all (None: all cores)
+    streams: int | None = None  # batches run at once on those threads (None: extract.streams.stream_plan's)
     checkpoint_seconds: float = 60.0
     progress: bool = True
 
@@ -221,6 +238,7 @@ class ComputeOptions:
             raise TransferKitError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}")
         if self.batch_size < 1:
             raise TransferKitError("--batch-size must be at least 1")
+        stream_plan(self.threads, self.streams)  # refuses impossible --threads / --streams
         if self.engine not in (*ENGINES, INT8_ENGINE):
             raise TransferKitError(f"unknown engine {self.engine!r}; choose one of {', '.join((*ENGINES, INT8_ENGINE))}")
 
@@ -265,6 +283,7 @@ def run_extraction(
     checkpoint_seconds: float = 60.0,
     progress: bool = True,
     int8_allowed: bool = True,
+    streams: int | None = None,
     ray_options=None,
     tta: str | None = None,
 ) -> ExtractionSummary:
@@ -276,13 +295,14 @@ def run_extraction(
     the compute over Ray tasks, planned here first, so an unchanged folder never starts Ray. ``engine``
     onnx-int8 computes int8 features under ``BACKBONE@int8`` when they pass the accuracy gate
     (``tolerance`` points, ``extract.int8``), else fp32 with the reason in the notes. ``tta`` flip stores
-    features averaged with the mirror image's under ``BACKBONE@flip`` (``extract.tta``).
+    features averaged with the mirror image's under ``BACKBONE@flip`` (``extract.tta``). ``threads``
+    inference threads in all are shared by ``streams`` batches computed at once (``extract.streams``).
     """
     started = time.perf_counter()
     root, store = Path(images_dir), Path(store)
     spec, shard_spec = get_backbone(backbone), parse_shard(shard)
-    options = ComputeOptions(engine, batch_size, workers or max(2, min(8, (os.cpu_count() or 2))), threads,
-                             checkpoint_seconds, progress)
+    options = ComputeOptions(engine, batch_size, workers or decode_workers(), threads,
+                             streams, checkpoint_seconds, progress)
     options.check(dtype)
     if ray_options is not None:
         from extract.ray_runner import check_ray_run  # imports no Ray: only checks that it is installed
@@ -432,17 +452,19 @@ def announce_conversion(record: BackboneRecord, engine: str, progress: bool) -> 
 
 
 def _open_engine(record: BackboneRecord, weights: str, options: ComputeOptions, int8_gate):
-    """The run's engine and its quantization facts (None for fp32); ``int8_gate`` as in ``_compute``."""
+    """The run's engine and its quantization facts (None for fp32); ``int8_gate`` as in ``_compute``.
+    The inference threads are split into streams (``extract.streams``)."""
     from extract.engine import open_engine
 
+    streams, threads = stream_plan(options.threads, options.streams)
     if not int8_gate:
         announce_conversion(record, options.engine, options.progress)
-        return open_engine(record, weights, options.engine, options.threads), None
+        return open_engine(record, weights, options.engine, threads, streams=streams), None
     dataset, previous, tolerance, notes = int8_gate
     choice = int8_engine_for_store(
         dataset, record.name, record.weights.id, record.input_size, previous.record if previous else None,
         lambda: open_engine(record, weights, "onnx", options.threads).path, tolerance, options.threads,
-        options.workers)
+        options.workers, streams)
     notes.append(choice.report.describe(tolerance) + (" (cached)" if choice.cached else ""))
     return choice.engine, choice.record
 

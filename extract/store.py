@@ -97,12 +97,14 @@ class FeatureStore:
         return backbone
 
     def read(self, backbone: str | None = None, splits: tuple[str, ...] = SPLITS,
-             dtype: type | None = np.float32) -> FeatureSet:
+             dtype: type | None = np.float32, with_features: bool = True) -> FeatureSet:
         """The rows of ``backbone`` in ``splits``, as ``dtype`` (None: as stored, e.g. float16), in
         canonical order (split, then path).
 
         Only that backbone's segments are read, a chunk at a time, straight into the result: peak
         memory is the result (``n x dim x itemsize``) plus one chunk and the path strings.
+        ``with_features=False``: the rows' paths, content hashes, labels and splits only (``features``
+        is ``n x 0``; no feature is read).
         """
         name = self._backbone(backbone)
         meta = self.root.backbones[name]
@@ -113,7 +115,9 @@ class FeatureStore:
             paths = [p for f in files for p in strings(f["path"])]
             shas = [s for f in files for s in strings(f["sha256"])]
             rank, image_rows, order = _canonical(paths, table, splits)
-            features = _gather(files, order, len(paths), meta.dim, np.dtype(meta.dtype if dtype is None else dtype))
+            dtype = np.dtype(meta.dtype if dtype is None else dtype)
+            features = (_gather(files, order, len(paths), meta.dim, dtype) if with_features
+                        else np.empty((len(order), 0), dtype))
         finally:
             for f in files:
                 f.close()

@@ -144,12 +144,12 @@ def workspace(tmp_path_factory) -> Workspace:
 
 @pytest.fixture(scope="session")
 def fine_tuned(workspace):
-    """A model fine-tuned for 2 epochs from the softmax head (and its FineTuneResult)."""
+    """A model fine-tuned end to end on images for 2 epochs from the softmax head (and its FineTuneResult)."""
     from export.finetune import fine_tune
 
     out = workspace.root / "fine" / "model.keras"
     result = fine_tune(workspace.images, None, out, head=workspace.head, store=workspace.store, epochs=2,
-                       batch_size=16, unfreeze="all", learning_rate=1e-4)
+                       batch_size=16, unfreeze="all", learning_rate=1e-4, cache_front=False)
     return out, result
 
 

@@ -114,7 +114,7 @@ def test_cli_fine_tune_with_warm_up(workspace, tmp_path):
     out = tmp_path / "warm.keras"
     result = CliRunner().invoke(cli, [
         "fine-tune", str(workspace.images), "--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "32",
-        "--store", str(workspace.store), "--epochs", "1", "--warmup-epochs", "1", "--unfreeze", "5",
+        "--store", str(workspace.store), "--epochs", "1", "--warmup-epochs", "1", "--unfreeze", "5", "--no-cache-front",
         "--batch-size", "16", "--out", str(out), "--report-dir", str(tmp_path / "report"),
     ])
     assert result.exit_code == 0, result.output
@@ -136,10 +136,12 @@ def test_cli_fine_tune_from_a_head_shows_progress_and_compares_with_the_head(wor
     comparison = next(line for line in result.stdout.splitlines() if line.startswith("compared with the head: "))
     assert f"vs {head_accuracy:.2f}% head on the same test split ({len(y_test)} images in the store)" in comparison
     assert "fine-tuning epoch 1/1 (" in result.stderr and "val_accuracy" in result.stderr  # progress on stderr
+    assert "caching train (+ mirrored)" in result.stderr and "caching validation" in result.stderr
     assert "fine-tuning epoch" not in result.stdout
 
 
-def test_ctrl_c_during_fine_tuning_leaves_no_checkpoint_and_no_report(workspace, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache_front", [True, False])
+def test_ctrl_c_during_fine_tuning_leaves_no_checkpoint_and_no_report(workspace, tmp_path, monkeypatch, cache_front):
     from export.progress import EpochProgress
 
     original = EpochProgress.on_epoch_begin
@@ -153,7 +155,7 @@ def test_ctrl_c_during_fine_tuning_leaves_no_checkpoint_and_no_report(workspace,
     monkeypatch.setattr(EpochProgress, "on_epoch_begin", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         fine_tune(workspace.images, None, tmp_path / "m.keras", head=workspace.head, store=workspace.store,
-                  epochs=2, batch_size=16, unfreeze="2", progress=True)
+                  epochs=2, batch_size=16, unfreeze="2", progress=True, cache_front=cache_front)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no m.best.keras, no m-report/, no m.keras
 
 

@@ -136,3 +136,41 @@ def test_cli_engine_choice_and_tolerance(tmp_path):
     assert "mobilenet_v2@int8: 30 images" in result.output
     bad = CliRunner().invoke(cli, ["extract", str(images), "--store", str(tmp_path / "g.h5"), "--tolerance", "-1"])
     assert bad.exit_code == 2 and "--tolerance" in bad.output
+
+
+def test_extract_on_a_cached_int8_engine_imports_no_tensorflow_nor_sklearn(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    images = _grey_folder(tmp_path / "images", size=40)  # the first test's images: its cached engine
+    run_extraction(images, tmp_path / "a.h5", **INT8)  # quantizes and gates, unless an earlier test did
+    heavy = ("tensorflow", "keras", "tf2onnx", "sklearn", "onnx")
+    argv = ["cli.py", "extract", str(images), "--store", str(tmp_path / "b.h5"), "--backbone", "mobilenet_v2",
+            "--weights", "none", "--input-size", "32", "--engine", "onnx-int8", "--quiet"]
+    probe = ("import atexit, runpy, sys; "
+             f"atexit.register(lambda: print('heavy:', [m for m in {heavy!r} if m in sys.modules], file=sys.stderr)); "
+             f"sys.argv = {argv!r}; runpy.run_path('cli.py', run_name='__main__')")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr
+    assert "mobilenet_v2@int8: 30 images" in done.stdout and "(cached)" in done.stderr
+    assert done.stderr.splitlines()[-1] == "heavy: []", done.stderr
+
+
+def test_the_int8_engine_runs_in_streams_like_fp32(tmp_path, monkeypatch):
+    import extract.job
+
+    images = _grey_folder(tmp_path / "images", size=40)  # the first test's images: its cached engine
+    real, used = extract.job.run_in_streams, []
+
+    def spy(compute, items, streams, take):
+        engine = compute.args[0]  # compute: partial(_features_of, engine, feature_dim)
+        used.append((engine.name, streams, engine.session.get_session_options().intra_op_num_threads))
+        return real(compute, items, streams, take)
+
+    monkeypatch.setattr(extract.job, "run_in_streams", spy)
+    summary = run_extraction(images, tmp_path / "a.h5", threads=2, **INT8)
+    assert summary.backbone == "mobilenet_v2@int8" and used == [("onnx-int8", 2, 1)]
