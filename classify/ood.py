@@ -13,9 +13,9 @@ variances) and one variance for everything orthogonal to them (the mean of the r
 The score is then the Mahalanobis distance inside the k directions plus the squared norm of the
 residual outside them divided by that variance (the probabilistic-PCA form of the covariance). When
 the residuals span at most k directions (fewer images than ``components``) this equals the full
-Ledoit-Wolf Mahalanobis distance. k = 1024 keeps the measured quality of the full D x D form on
-EfficientNet-Lite0 features (D = 1280; k = 512 lost 0.001 AUROC and 1.3 points of unknowns flagged
-on TrashNet: docs/bench/ood.md). The fit never forms a D x D matrix when D exceeds the number of
+Ledoit-Wolf Mahalanobis distance. k = 1024 keeps the quality of the full D x D form on
+EfficientNet-Lite0 features (D = 1280, docs/bench/ood.md); k = 512 measured a little worse on TrashNet
+(lower AUROC, fewer unknown images flagged). The fit never forms a D x D matrix when D exceeds the number of
 images: it works on their n x n Gram matrix, and finds the top directions by subspace iteration when
 that matrix is more than twice as large as k plus a margin (exact eigenvectors otherwise). The exported graph carries the D x k basis, not a D x D
 matrix (``classify/ood_graph.py``).
