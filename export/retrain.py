@@ -65,7 +65,6 @@ class Source:
     opset: int
     quantize: str | None  # "int8" when the model had an accepted int8 file
     calibration_images: int | None
-    unknown: bool = True  # the model had the unknown score (it was not exported with --unknown off)
 
 
 @dataclass
@@ -116,7 +115,7 @@ def model_source(model: str | Path) -> Source:
     graph = onnx.load(str(model), load_external_data=False)
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     return Source(store, head_dir(head), opset, "int8" if quantization else None,
-                  (quantization or {}).get("calibration_images"), "ood" in meta)
+                  (quantization or {}).get("calibration_images"))
 
 
 def review_plan(review: str | Path, class_names: list[str], images: Path, layout: str) -> list[tuple[Path, Path]]:
@@ -234,7 +233,7 @@ def retrain(model: str | Path, review: str | Path, out: str | Path, images: str 
             f"vs {100 * test.old_accuracy:.2f}%); wrote no model (the review images stay in {root} and the store; "
             f"--allow-worse writes it anyway)")
     result.export = export_onnx(out, store=source.store, head=head_out, images=root, weights=weights,
-                                opset=source.opset, quantize=source.quantize, progress=progress, unknown=source.unknown,
+                                opset=source.opset, quantize=source.quantize, progress=progress,
                                 **({"calibration_images": source.calibration_images}
                                    if source.calibration_images else {}))
     return result
