@@ -13,6 +13,7 @@ features (100,000 rows x 1280 by default): seconds and peak memory (tracemalloc)
 Example:
     python bench/audit_bench.py --synthetic-rows 0      # the shared sets -> docs/bench/audit.md
     python bench/audit_bench.py --data --out docs/bench/audit-scale   # 100,000 synthetic rows only
+    python bench/audit_bench.py --data --synthetic-blocks 20 --out docs/bench/audit-scale  # its first 20 blocks
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from PIL import Image, ImageOps
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, default_data, header, run_script, write_section  # noqa: E402
+from bench.cputime import run_tree  # noqa: E402
 from classify.duplicates import FEATURE_THRESHOLD  # noqa: E402
 from classify.label_checks import leak_effect_sentence  # noqa: E402
 from extract.neighbours import block_rows_for, normalise  # noqa: E402
@@ -148,10 +150,10 @@ def extract_and_audit(images: Path, work: Path, name: str) -> dict:
     store, report_dir = work / f"{name}.h5", work / f"{name}-audit"
     run_script(["cli.py", "extract", str(images), "--store", str(store), "--backbone", "efficientnet_lite0",
                 "--quiet", "--json"])
-    seconds, lines = run_script(["cli.py", "audit", "--store", str(store), "--report-dir", str(report_dir),
-                                 "--quiet", "--json"])
-    report = json.loads(lines[-1])
-    report["command_seconds"] = seconds
+    run = run_tree([sys.executable, "cli.py", "audit", "--store", str(store), "--report-dir", str(report_dir),
+                    "--quiet", "--json"], cwd=ROOT, check=True)
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report["command_seconds"], report["command_cpu_seconds"] = run.wall_seconds, run.cpu_seconds
     return report
 
 
@@ -168,31 +170,55 @@ def score_planted(report: dict, planted: dict) -> dict:
                                                                                by_kind.items()}}
 
 
-def synthetic_search(rows: int, dim: int = 1280, duplicates: int = 500, seed: int = 0) -> dict:
-    """Time, CPU time and peak memory of the audit's features rules (``find_pairs`` without the image
-    files: the features and mutual-neighbour rules in one blockwise pass) on ``rows`` clustered rows
-    with planted near-copies."""
-    from classify.duplicates import find_pairs
+class _Enough(Exception):
+    """Raised from the progress callback to stop the search after the blocks asked for."""
 
+
+def _synthetic_features(rows: int, dim: int, duplicates: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered rows (50 per cluster on average), the last ``duplicates`` near-copies of others."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(1, rows // 50), dim)).astype(np.float32)
     features = centres[rng.integers(0, len(centres), rows)] + rng.normal(size=(rows, dim)).astype(np.float32)
     originals = rng.choice(rows - duplicates, duplicates, replace=False)
     features[rows - duplicates:] = features[originals] + 0.1 * rng.normal(size=(duplicates, dim)).astype(np.float32)
+    return features, originals
+
+
+def synthetic_search(rows: int, dim: int = 1280, duplicates: int = 500, seed: int = 0, blocks: int = 0) -> dict:
+    """Time, CPU time and peak memory of the audit's features rules (``find_pairs`` without the image
+    files: the features and mutual-neighbour rules in one blockwise pass) on ``rows`` clustered rows
+    with planted near-copies. ``blocks``: stop after that many blocks and extrapolate the time to
+    every row (each block costs the same: its rows against all rows); no pairs are counted then."""
+    from classify.duplicates import find_pairs
+
+    features, originals = _synthetic_features(rows, dim, duplicates, seed)
+    done = [0, 0]  # blocks, rows
+
+    def count(block_rows: int) -> None:
+        done[0], done[1] = done[0] + 1, done[1] + block_rows
+        if blocks and done[0] >= blocks:
+            raise _Enough
+
     tracemalloc.start()
     started, cpu = time.perf_counter(), time.process_time()
-    found_pairs = find_pairs(features, None)
+    try:
+        found_pairs = find_pairs(features, None, progress=count)
+    except _Enough:
+        found_pairs = None
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-    pairs = found_pairs["features"]
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    planted = {(int(a), rows - duplicates + k) for k, a in enumerate(originals)}
-    found = {(int(min(i, j)), int(max(i, j))) for i, j, _ in pairs}
-    return {"rows": rows, "dim": dim, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": peak / 2**20,
-            "features_mib": features.nbytes / 2**20, "full_matrix_gib": rows * rows * 4 / 2**30,
-            "block_rows": block_rows_for(rows), "pairs": len(pairs), "mutual_pairs": len(found_pairs["mutual"]),
-            "planted": duplicates,
-            "planted_found": len(planted & found)}
+    share = done[1] / rows
+    result = {"rows": rows, "dim": dim, "rows_searched": done[1], "seconds": seconds / share,
+              "cpu_seconds": cpu / share, "extrapolated": found_pairs is None, "peak_mib": peak / 2**20,
+              "features_mib": features.nbytes / 2**20, "full_matrix_gib": rows * rows * 4 / 2**30,
+              "block_rows": block_rows_for(rows), "planted": duplicates}
+    if found_pairs is not None:
+        planted = {(int(a), rows - duplicates + k) for k, a in enumerate(originals)}
+        found = {(int(min(i, j)), int(max(i, j))) for i, j, _ in found_pairs["features"]}
+        result.update(pairs=len(found_pairs["features"]), mutual_pairs=len(found_pairs["mutual"]),
+                      planted_found=len(planted & found))
+    return result
 
 
 def _group_line(group: dict) -> str:
@@ -259,6 +285,8 @@ def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> 
     lines.append(f"| out-of-fold accuracy | {s['out_of_fold_accuracy']:.3f} | {p['out_of_fold_accuracy']:.3f} |")
     lines.append(f"| audit seconds (in the command / whole command) | {s['seconds']} / {clean['command_seconds']:.1f} "
                  f"| {p['seconds']} / {planted_report['command_seconds']:.1f} |")
+    lines.append(f"| whole command CPU seconds (all processes) | {clean['command_cpu_seconds']:.1f} "
+                 f"| {planted_report['command_cpu_seconds']:.1f} |")
     lines += ["", f"Evidence (pairs): {', '.join(f'{k} {v}' for k, v in s['pairs'].items())}."]
     lines += facts_markdown(known_facts(name, clean))
     lines += ["", f"Planted: {score['swaps_in_top']} of {SWAPS} label swaps in the top {TOP} suspects; "
@@ -273,14 +301,20 @@ def data_markdown(name: str, clean: dict, planted_report: dict, score: dict) -> 
 
 
 def synthetic_markdown(result: dict) -> str:
-    return (f"### Blockwise similarity at {result['rows']:,} rows\n\n"
+    head = (f"### Blockwise similarity at {result['rows']:,} rows\n\n"
             f"{result['rows']:,} synthetic rows x {result['dim']} (float32, {result['features_mib']:.0f} MiB), "
             f"the audit's features and mutual-neighbour rules (`find_pairs` without the image files, one "
-            f"blockwise pass): {result['seconds']:.1f} s ({result['cpu_seconds']:.1f} CPU-s), peak "
-            f"{result['peak_mib']:.0f} MiB traced (blocks of {result['block_rows']} rows; the full matrix would be "
-            f"{result['full_matrix_gib']:.1f} GiB); {result['planted_found']} of {result['planted']} planted "
-            f"near-copies found, {result['pairs']} pairs above {FEATURE_THRESHOLD}, "
-            f"{result['mutual_pairs']} mutual-neighbour pairs.\n")
+            f"blockwise pass): ")
+    if result["extrapolated"]:
+        timing = (f"{result['seconds']:.0f} s ({result['cpu_seconds']:.0f} CPU-s) extrapolated from the first "
+                  f"{result['rows_searched']:,} rows searched against all (every block costs the same), ")
+    else:
+        timing = f"{result['seconds']:.1f} s ({result['cpu_seconds']:.1f} CPU-s), "
+    tail = ("" if result["extrapolated"] else
+            f"; {result['planted_found']} of {result['planted']} planted near-copies found, {result['pairs']} pairs "
+            f"above {FEATURE_THRESHOLD}, {result['mutual_pairs']} mutual-neighbour pairs")
+    return (head + timing + f"peak {result['peak_mib']:.0f} MiB traced (blocks of {result['block_rows']} rows; "
+            f"the full matrix would be {result['full_matrix_gib']:.1f} GiB){tail}.\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="*", default=[d for d in (default_data("fruits"), default_data("trashnet")) if d],
                         help="image folders [default: ../shared/datasets/fruits and trashnet when present]")
     parser.add_argument("--synthetic-rows", type=int, default=100_000)
+    parser.add_argument("--synthetic-blocks", type=int, default=0,
+                        help="stop the synthetic search after this many blocks and extrapolate its time "
+                             "[default: 0, the whole search]")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "audit"), help="writes OUT.md and OUT.json")
     args = parser.parse_args(argv)
     results: dict = {"data": {}}
@@ -301,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             planted_report = extract_and_audit(work / f"{name}-planted", work, f"{name}-planted")
             score = score_planted(planted_report, planted)
             results["data"][name] = {"folder": f"../shared/datasets/{name}", "as_is": clean["summary"],
+                                     "command_seconds": {
+                                         k: {"wall": r["command_seconds"], "cpu": r["command_cpu_seconds"]}
+                                         for k, r in (("as_is", clean), ("planted", planted_report))},
                                      "known_facts": known_facts(name, clean), "settings": clean["settings"],
                                      "leak_effect": clean["leak_effect"],
                                      "copy_similarities": clean["copy_similarities"], "planted": planted, "score": score,
@@ -309,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "suspects_planted_run": planted_report["mislabel_suspects"]}
             text += data_markdown(name, clean, planted_report, score) + "\n"
     if args.synthetic_rows:
-        results["synthetic"] = synthetic_search(args.synthetic_rows)
+        results["synthetic"] = synthetic_search(args.synthetic_rows, blocks=args.synthetic_blocks)
         text += synthetic_markdown(results["synthetic"])
     write_section(f"{args.out}.md", text)
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False, allow_nan=False) + "\n")

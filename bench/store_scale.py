@@ -319,6 +319,7 @@ def main() -> None:
         return
     if args.merge_only:  # the shards have the row's shape (dim, backbones, classes), not the options'
         load, row = os.getloadavg()[0], json.loads(path.read_text())[str(args.rows)]
+        args.work.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
             merge = _merge(Path(tmp), image_table(args.rows, row["classes"]), row["dim"], row["backbones"],
                            args.shards, args.batch, row["classes"])

@@ -21,15 +21,20 @@ candidate pairs: from 0.6 up, 16 of 16 sampled pairs were copies; between 0.3 an
 were apples and oranges and the look-alikes smooth bananas (different photos of bananas scored up
 to 0.65 before the outline was left out, up to 0.51 after); different photos mostly score under 0.2.
 A pair whose coarse (64 px) alignment correlates under ``COARSE_FLOOR`` is rejected without the
-full-size step.
+full-size step. Candidates below ``CANDIDATE_COSINE`` were tried once on the unmodified sets (a
+one-off run of ``aligned_pairs`` on the extra pairs, loaded machine): down to
+0.65 (5 per image) they add 1,196 pairs to align in fruits and 875 in TrashNet (+9 and +8 CPU
+seconds on a loaded machine) and link 4 and 1 more pairs, of which 3 and 0 looked like copies;
+looking only around images with black fill (down to 0.55, 3 per image) added 1,849 fruits pairs
+for 3 more links. Not worth it: the copies rotated by 30 degrees that the audit misses often fail
+the alignment too (their aligned scores, median and 10th percentile, are in ``docs/bench/audit.md``).
 
 Cost: each image is decoded and prepared once per run (its mirror is a view of it: a mirror only
 reverses the angles of the log-polar spectrum), pairs are visited in reverse Cuthill-McKee order
 so that an LRU cache of ``CACHED_VIEWS`` images holds both images of nearly every pair, and the
-8 hypotheses of a pair are shifted and scored in one batch. Measured on the fruits set's 999
-candidate pairs (529 images) on a loaded 2-core machine: about 5 ms per image prepared, 2 ms per
-pair at 64 px and 2-3 ms per pair at 128 px, against 25-30 ms and 12-15 ms before (when the cache
-evicted most images between their pairs).
+8 hypotheses of a pair are shifted and scored in one batch (before, the cache evicted most images
+between their pairs, and each was prepared again for nearly every pair it was in). The whole
+command's CPU seconds are in ``docs/bench/audit.md``.
 
     >>> aligned = AlignedImages(root, paths)
     >>> aligned.score(i, j)          # 0.9 for a rotated copy, about 0.2 for another photo

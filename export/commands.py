@@ -120,25 +120,31 @@ def _echo_comparisons(result) -> None:
               help="Real images on which Keras and onnxruntime must agree.")
 @click.option("--calibration-images", default=300, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads [default: all cores].")
+@click.option("--unknown", type=click.Choice(["on", "off"]), default="on", show_default=True,
+              help="Add the unknown score (output ood_score, threshold in the metadata); off: neither fitted "
+                   "nor computed by the model.")
 @click.option("--quiet", is_flag=True, help="Do not say what each step is doing (on stderr).")
 def export_onnx_command(out, model, store, head, images, weights, opset, quantize, tolerance, parity_images,
-                        calibration_images, threads, quiet):
+                        calibration_images, threads, unknown, quiet):
     """Export a fine-tuned model, or a frozen backbone with a trained head, to one ONNX file.
 
-    The model takes uint8 RGB images [N, H, W, 3] (named "image") and outputs "probabilities";
-    preprocessing is inside the graph and the class names, input size and backbone are in its
-    metadata. Every export is checked against Keras on real images before it is kept.
+    The model takes uint8 RGB images [N, H, W, 3] (named "image") and outputs "probabilities"
+    and, unless --unknown off, "ood_score" (how far the image is from every class); preprocessing
+    is inside the graph and the class names, input size and backbone are in its metadata. Every
+    export is checked against Keras on real images before it is kept.
 
     \b
     Example:
       python cli.py export-onnx --store features.h5 --head head --out model.onnx
       python cli.py export-onnx --model model.keras --out model.onnx --quantize int8
+      python cli.py export-onnx --store features.h5 --head head --out plain.onnx --unknown off
     """
     from export.onnx_export import export_onnx
 
     result = export_onnx(out, model=model, store=store, head=head, images=images, weights=weights, opset=opset,
                          quantize=quantize, tolerance=tolerance, parity_images=parity_images,
-                         calibration_images=calibration_images, threads=threads, progress=not quiet)
+                         calibration_images=calibration_images, threads=threads, progress=not quiet,
+                         unknown=unknown == "on")
     click.echo(f"{result.path}: model_id {result.metadata['model_id']}, "
                f"{len(result.metadata['class_names'])} classes, input uint8 {result.metadata['input_size']} NHWC")
     click.echo(result.parity.summary())

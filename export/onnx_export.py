@@ -137,33 +137,43 @@ def fine_tuned_images(info: dict, images_dir: str | Path | None) -> LabelledImag
                        info.get("split_anchors", ""))
 
 
-def from_fine_tuned(model_path: str | Path, images_dir: str | Path | None, opset: int) -> Conversion:
+def from_fine_tuned(model_path: str | Path, images_dir: str | Path | None, opset: int,
+                    unknown: bool = True) -> Conversion:
+    """``unknown=False``: no unknown score (no penultimate-feature pass, no ``ood_score``, no ``ood``)."""
     model, info = load_fine_tuned(model_path)
     record = BackboneRecord.from_dict(info["backbone"])
     images = fine_tuned_images(info, images_dir)
     source = {"kind": "fine-tuned", "model": str(Path(model_path).resolve()), "model_sha256": info["model_sha256"],
               "head": info["head"], "store": info["store"]}
-    two_outputs = with_features_output(model)  # the unknown score, on the fine-tuned network's own features
-    scorer = penultimate_scorer(two_outputs, images, record.input_size)
-    graph = keras_graph(two_outputs, record.input_size, opset)
-    add_score_output(graph, scorer)
+    ood = {}
+    if unknown:
+        two_outputs = with_features_output(model)  # the unknown score, on the fine-tuned network's own features
+        scorer = penultimate_scorer(two_outputs, images, record.input_size)
+        graph = keras_graph(two_outputs, record.input_size, opset)
+        add_score_output(graph, scorer)
+        ood = {"ood": {**scorer.calibration_, "features": "penultimate layer of the fine-tuned model"}}
+    else:
+        graph = keras_graph(model, record.input_size, opset)
     return Conversion(
         model=graph, record=record,
         reference=lambda batch: np.asarray(model(batch, training=False)),
-        metadata={**build_metadata(info["class_names"], record, source),
-                  "ood": {**scorer.calibration_, "features": "penultimate layer of the fine-tuned model"}},
+        metadata={**build_metadata(info["class_names"], record, source), **ood},
         images=images,
     )
 
 
 def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None, weights: str | None,
-              opset: int) -> Conversion:
+              opset: int, unknown: bool = True) -> Conversion:
+    """``unknown=False``: no unknown score (nothing fitted, no ``ood_score`` output, no ``ood`` metadata)."""
     trained = load_head(head)
     features = features_for_head(trained, store)
     backbone = build_feature_model(trained.records, weights, who=TRAINED_ON)
-    scorer = unknown_scorer(features)  # the "unknown" score: a second output, calibrated without the test split
     head_graph = trained.to_onnx(opset)
-    add_ood_output(head_graph, scorer)
+    ood = {}
+    if unknown:  # the "unknown" score: a second output, calibrated without the test split
+        scorer = unknown_scorer(features)
+        add_ood_output(head_graph, scorer)
+        ood = {"ood": scorer.calibration_}
     source = {"kind": "head", "head_kind": trained.kind, "store": str(Path(store).resolve()),
               "store_sha256": path_fingerprint(store), "head": str(head_dir(head).resolve()),
               "head_fingerprint": path_fingerprint(head_dir(head))}
@@ -172,7 +182,7 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
         record=trained.backbone,
         reference=lambda batch: trained.predict_proba(np.asarray(backbone(batch, training=False))),
         metadata={**build_metadata(trained.class_names, trained.backbone, source, trained.joined),
-                  "ood": scorer.calibration_, **_drift_reference(trained, features)},
+                  **ood, **_drift_reference(trained, features)},
         images=from_feature_set(features, images_dir),
     )
 
@@ -219,10 +229,12 @@ def export_onnx(
     calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
     threads: int | None = None,
     progress: bool = False,
+    unknown: bool = True,
 ) -> ExportResult:
     """Export ``model`` (fine-tuned .keras) or ``store`` + ``head`` to ``out`` (and ``MODEL.int8.onnx``).
 
-    ``progress``: what each long step is doing, and bars over calibration and scoring, on stderr."""
+    ``progress``: what each long step is doing, and bars over calibration and scoring, on stderr.
+    ``unknown=False``: the model gets no unknown score (it is neither fitted nor in the graph)."""
     out = Path(out)
     if out.suffix != ".onnx":
         raise TransferKitError(f"--out must end in .onnx, got {out.name}")
@@ -235,8 +247,8 @@ def export_onnx(
     if parity_images < 1:
         raise TransferKitError("--parity-images must be at least 1")
     step("export-onnx: loading the model and converting it to ONNX (tf2onnx)", progress)
-    conversion = (from_fine_tuned(model, images, opset) if model is not None
-                  else from_head(store, head, images, weights, opset))
+    conversion = (from_fine_tuned(model, images, opset, unknown) if model is not None
+                  else from_head(store, head, images, weights, opset, unknown))
     out.parent.mkdir(parents=True, exist_ok=True)
     step(f"export-onnx: checking Keras against onnxruntime on {parity_images} images", progress)
     metadata, parity = write_checked(conversion, out, parity_images, threads)

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from test_edge import COLOURS, build_model, read_results, run_edge, solid
 
-from classify.ood import MahalanobisScorer
+from classify.ood import Geometry, MahalanobisScorer
 from classify.ood_graph import add_ood_output
 from edge import files as edge_files
 from edge.files import link_or_copy
@@ -53,6 +53,11 @@ def build_ood_model(path: Path, scorer=None, metadata: bool = True, batch: int |
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path, calibration["threshold"]
+
+
+def _geometry(scales=np.ones(3)) -> Geometry:
+    """A hand-made score over the tiny model's 3 features: squared distance to 3 class means at 0."""
+    return Geometry(mean=np.zeros(3), basis=np.eye(3), scales=scales, residual_scale=0.0, class_means=np.zeros((3, 3)))
 
 
 def grey(path: Path) -> Path:
@@ -112,7 +117,7 @@ def test_score_output_without_metadata_is_ignored(tmp_path: Path, inbox: Path):
 
 
 def test_non_finite_score_is_an_error_line(tmp_path: Path, inbox: Path):
-    nan_scorer = SimpleNamespace(class_means_=np.zeros((3, 3)), whitening_=np.full((3, 3), np.nan))
+    nan_scorer = SimpleNamespace(geometry_=_geometry(scales=np.full(3, np.nan)))
     model, _ = build_ood_model(tmp_path / "nan.onnx", scorer=nan_scorer)
     done = run_edge("--model", model, "--watch", inbox, "--results", tmp_path / "r.jsonl", "--once")
     assert done.returncode == 0, done.stderr
@@ -123,7 +128,7 @@ def test_non_finite_score_is_an_error_line(tmp_path: Path, inbox: Path):
 
 def test_bad_ood_metadata_is_refused(tmp_path: Path, inbox: Path):
     model, _ = build_ood_model(tmp_path / "bad.onnx", scorer=SimpleNamespace(
-        class_means_=np.zeros((3, 3)), whitening_=np.eye(3), calibration_={"threshold": "high"}))
+        geometry_=_geometry(), calibration_={"threshold": "high"}))
     done = run_edge("--model", model, "--watch", inbox, "--results", tmp_path / "r.jsonl", "--once")
     assert done.returncode == 2
     assert "metadata 'ood' must be a JSON object with a finite number 'threshold'" in done.stderr

@@ -91,6 +91,22 @@ def test_unknown_score_is_in_the_graph_and_calibrated_without_test(head_export, 
     np.testing.assert_allclose(scores, scorer.score_samples(features.features), rtol=2e-3, atol=1e-2)
 
 
+def test_unknown_off_neither_fits_nor_computes_the_score(workspace, tmp_path, monkeypatch):
+    from classify.ood import MahalanobisScorer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the unknown score was fitted with --unknown off")
+
+    monkeypatch.setattr(MahalanobisScorer, "fit", refuse)
+    out = tmp_path / "plain.onnx"
+    done = CliRunner().invoke(cli, ["export-onnx", "--store", str(workspace.store), "--head", str(workspace.head),
+                                    "--out", str(out), "--unknown", "off", "--parity-images", "4", "--quiet"])
+    assert done.exit_code == 0, done.output
+    graph = onnx.load(str(out)).graph
+    assert [o.name for o in graph.output] == ["probabilities"]
+    assert not [node for node in graph.node if "ood/" in node.name] and "ood" not in read_metadata(out)
+
+
 def test_drift_reference_is_the_heads_view_of_the_held_out_test_split(head_export, workspace):
     """The edge's drift gauges compare with this: the head's predicted class mix and mean top
     probability on the test rows (the validation rows trained the head)."""

@@ -47,7 +47,7 @@ def test_the_unknown_score_nodes_stay_float(models):
     ood = [node for node in graph.node if "ood/" in node.name]
     assert {node.op_type for node in ood} >= {"MatMul", "Sub", "Mul", "ReduceSum", "ReduceMin"}
     matmul = next(node for node in ood if node.op_type == "MatMul")
-    assert matmul.input[1] not in dequantized  # the whitening matrix is the float initializer
+    assert matmul.input[1] not in dequantized  # the D x k basis is the float initializer
     assert any(node.op_type == "QuantizeLinear" for node in graph.node)  # the rest is quantized
 
 
