@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"^```text\n(\$ .*?)^```$", re.M | re.S)
 INBOX_IMAGES = 12
 SKIP = "<!-- readme-samples: skip -->"
-PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*[\d.]+[kM]?/[\d.]+[kM]?\s*\[")  # tqdm's lines: a terminal overwrites them
+# tqdm's lines (a terminal overwrites them): with a total ("40%|####| 2/5 [") or before it is known ("0fit [00:00, ?fit/s]")
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*[\d.]+[kM]?/[\d.]+[kM]?\s*\[|\d+[a-z]* \[\d\d:\d\d, [?\d.]+[a-z]*/s\]")
 
 
 def prepare(work: Path, data: Path) -> None:

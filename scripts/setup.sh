@@ -9,4 +9,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test,ray]'
+# setuptools warns on every editable install that a folder named like a package may shadow it: these
+# folders are the packages themselves, so that banner is silenced (other warnings still show).
+PYTHONWARNINGS="ignore:Editable installation:UserWarning" .venv/bin/python -m pip install --quiet -e '.[test,ray]'
