@@ -80,3 +80,12 @@ def test_run_compares_both_pipelines_on_any_folder(tmp_path):  # about 30 s on 2
     assert assembled == text
     for section in sorted((ROOT / "docs" / "bench").glob("*.md")):
         assert section.read_text().splitlines()[0].replace("## ", "### ", 1) in assembled
+
+
+def test_docs_name_shared_data_as_dot_dot_shared_and_scratch_paths_as_given():
+    from bench.common import ROOT, shown_path
+
+    shared = ROOT.parent / "shared" / "datasets" / "fruits"
+    assert shown_path(shared) == "../shared/datasets/fruits"
+    assert shown_path(ROOT / "docs" / "bench") == "docs/bench"
+    assert shown_path("/nonexistent-scratch/store.h5") == "/nonexistent-scratch/store.h5"
