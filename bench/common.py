@@ -56,16 +56,13 @@ def write_section(path: str | Path, text: str) -> None:
 
 
 def shown_path(path: str | Path) -> str:
-    """A path as the docs show it: the shared data as ``../shared/...`` (also when ``../shared`` is a
-    link, as in a git worktree), anything else in or beside the repository relative to it, and a
-    scratch path elsewhere (``/tmp/...``) as given."""
+    """A path as the docs show it, relative to the repository: the shared data as ``../shared/...``
+    also when ``../shared`` is a link (as in a git worktree, where resolving it gave ``../../shared``)."""
     resolved = Path(path).resolve()
     shared = (ROOT.parent / "shared").resolve()
     if resolved.is_relative_to(shared):
         return (Path("../shared") / resolved.relative_to(shared)).as_posix()
-    if resolved.is_relative_to(ROOT.parent):
-        return os.path.relpath(resolved, ROOT)
-    return str(path)
+    return os.path.relpath(resolved, ROOT)
 
 
 def default_data(name: str) -> str | None:

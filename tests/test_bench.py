@@ -82,10 +82,10 @@ def test_run_compares_both_pipelines_on_any_folder(tmp_path):  # about 30 s on 2
         assert section.read_text().splitlines()[0].replace("## ", "### ", 1) in assembled
 
 
-def test_docs_name_shared_data_as_dot_dot_shared_and_scratch_paths_as_given():
+def test_docs_name_shared_data_as_dot_dot_shared_and_other_paths_relative_to_the_repository():
     from bench.common import ROOT, shown_path
 
     shared = ROOT.parent / "shared" / "datasets" / "fruits"
     assert shown_path(shared) == "../shared/datasets/fruits"
     assert shown_path(ROOT / "docs" / "bench") == "docs/bench"
-    assert shown_path("/nonexistent-scratch/store.h5") == "/nonexistent-scratch/store.h5"
+    assert shown_path("/nonexistent-scratch/store.h5") == os.path.relpath("/nonexistent-scratch/store.h5", ROOT)
