@@ -298,16 +298,12 @@ def run_extraction(
     features averaged with the mirror image's under ``BACKBONE@flip`` (``extract.tta``). ``threads``
     inference threads in all are shared by ``streams`` batches computed at once (``extract.streams``).
     """
-    started = time.perf_counter()
-    root, store = Path(images_dir), Path(store)
+    started, root, store = time.perf_counter(), Path(images_dir), Path(store)
     spec, shard_spec = get_backbone(backbone), parse_shard(shard)
     options = ComputeOptions(engine, batch_size, workers or decode_workers(), threads,
                              streams, checkpoint_seconds, progress)
     options.check(dtype)
-    if ray_options is not None:
-        from extract.ray_runner import check_ray_run  # imports no Ray: only checks that it is installed
-
-        check_ray_run(engine, shard)
+    _check_ray_run(ray_options, engine, shard)
     hash_options = {"validation_split": validation_split, "test_split": test_split, "seed": seed,
                     "split_group": split_group}
     with StoreWriter(store) as writer:
@@ -326,6 +322,14 @@ def run_extraction(
         run = dict(engine=engine_name, extracted=extracted, reused=reused, removed=removed, notes=notes,
                    split_groups=split_groups, split_moved=split_moved)
         return _summary(store, name, state, dataset, run, time.perf_counter() - started, loop_seconds)
+
+
+def _check_ray_run(ray_options, engine: str, shard: str | None) -> None:
+    """Refuse a Ray run that cannot start (Ray missing, an engine or --shard it cannot take) before any work."""
+    if ray_options is not None:
+        from extract.ray_runner import check_ray_run  # imports no Ray: only checks that it is installed
+
+        check_ray_run(engine, shard)
 
 
 def _settings_and_images(writer: StoreWriter, root: Path, shard: str | None, split_group_by: str | None,
