@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.common import ROOT, command_line, header, machine, write_section  # noqa: E402
+from bench.memory import TIME  # noqa: E402
 from bench.store_synthetic import SPLIT_SETTINGS, image_table, record  # noqa: E402
 from extract.store import ImageTable, StoreWriter, empty_state, merge_stores  # noqa: E402
 
@@ -71,9 +72,6 @@ def build_store(store: Path, table: ImageTable, rows: np.ndarray, dim: int, back
 
 def _subtable(table: ImageTable, rows: np.ndarray) -> ImageTable:
     return ImageTable(*([getattr(table, c)[i] for i in rows] for c in ImageTable.COLUMNS))
-
-
-TIME = "/usr/bin/time"
 
 
 def measured(args: list[str], mem_cap_gb: float | None = None, timeout: float = 1800) -> dict:

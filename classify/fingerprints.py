@@ -62,12 +62,18 @@ def _add_features(features: FeatureSet, digests: dict) -> None:
             digest.update((block if split is None else block[splits == split]).tobytes())
 
 
+def _store_identity(features: FeatureSet) -> dict:
+    """The backbones, weights and classes every fingerprint starts with (keys and order are part of
+    the fingerprints already in head files: keep them)."""
+    return {"backbone": "+".join(record.name for record in features.records),
+            "weights": "+".join(record.weights.id for record in features.records),
+            "classes": features.class_names}
+
+
 def _whole_header(features: FeatureSet):
     digest = hashlib.sha256()
-    digest.update(strict_json({  # the keys are part of the fingerprints already in head files: keep them
-        "backbone": "+".join(record.name for record in features.records),
-        "weights": "+".join(record.weights.id for record in features.records),
-        "classes": features.class_names,
+    digest.update(strict_json({
+        **_store_identity(features),
         "paths": features.paths,
         "splits": features.splits.tolist(),
         "labels": features.labels.tolist(),
@@ -88,9 +94,7 @@ def rows_fingerprint(features: FeatureSet, split: str) -> str:
     classes; needs no feature (``features`` may be read ``with_features=False``)."""
     rows = np.flatnonzero(features.splits == split)
     return "sha256:" + hashlib.sha256(strict_json({
-        "backbone": "+".join(record.name for record in features.records),
-        "weights": "+".join(record.weights.id for record in features.records),
-        "classes": features.class_names,
+        **_store_identity(features),
         "split": split,
         "paths": [features.paths[i] for i in rows],
         "sha256": [features.sha256[i] for i in rows],

@@ -77,17 +77,17 @@ def keep_fine_tuned(fine_tuned_accuracy: float, head_accuracy: float) -> bool:
     return fine_tuned_accuracy > head_accuracy
 
 
-def frozen_features(back: keras.Model, tensors: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """The backbone's features of cached front outputs (the back in inference mode, before training)."""
-    parts = [np.asarray(back(tensors[i:i + batch_size], training=False), np.float32)
+def inference(model: keras.Model, tensors: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``model`` on cached tensors in inference mode, ``batch_size`` at a time, as float32."""
+    parts = [np.asarray(model(tensors[i:i + batch_size], training=False), np.float32)
              for i in range(0, len(tensors), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, back.output.shape[-1]), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, model.output.shape[-1]), np.float32)
 
 
 def baseline_head(kind: str, train: CachedSplit, validation: CachedSplit, back: keras.Model, seed: int):
     """The head to beat fitted on the train images; the classifier's starting layers and dropout; and the
     comparison's head figures (validation accuracy)."""
-    X_train, X_val = frozen_features(back, train.tensors), frozen_features(back, validation.tensors)
+    X_train, X_val = inference(back, train.tensors), inference(back, validation.tensors)  # the back before training
     head = make_head(kind, seed).fit(X_train, train.labels)
     accuracy = float(np.mean(head.predict(X_val) == validation.labels))
     try:
@@ -132,8 +132,7 @@ def cosine_schedule(learning_rate: float, epochs: int, batches: int):
 def validation_accuracy(trainer: keras.Model, validation: CachedSplit, batch_size: int) -> float:
     if not len(validation.labels):
         return 0.0
-    predicted = np.concatenate([np.asarray(trainer(validation.tensors[i:i + batch_size], training=False)).argmax(1)
-                                for i in range(0, len(validation.labels), batch_size)])
+    predicted = inference(trainer, validation.tensors, batch_size).argmax(1)
     return float(np.mean(predicted == validation.labels))
 
 
