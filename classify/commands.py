@@ -42,9 +42,11 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
       python cli.py fit-head --store features.h5 --kind rbf --backbone resnet50 --out head-rbf --json
       python cli.py fit-head --store features.h5 --kind all --backbone efficientnet_lite0+efficientnet_lite1 --out head
     """
-    from classify.recipe import recipe_hint
-    from classify.train import fit_heads
+    from extract.startup import library_imports
 
+    with library_imports():
+        from classify.recipe import recipe_hint
+        from classify.train import fit_heads
     rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, folds=folds, progress=not quiet)
     if as_json:
         for row in rows:
