@@ -70,5 +70,6 @@ def row_roles(train: LabelledImages, validation: LabelledImages, settings: Split
     fit, stop = carve(train, STOP_SHARE, "fine-tune stop", settings, anchors)
     if not len(fit) or not len(stop) or not len(validation):
         raise TransferKitError(f"fine-tuning needs more train images: {len(fit)} to train on, {len(stop)} to pick "
-                               f"the epoch and {len(validation)} to decide (each class needs 3 or more)")
+                               f"the epoch and {len(validation)} to decide (each class needs 2 train images, 3 without a "
+                               f"validation split)")
     return RowRoles(fit, stop, validation, source)
