@@ -22,11 +22,12 @@ from export.data import LabelledImages
 
 @dataclass
 class CachedSplit:
-    """One split's front outputs (``mirrored``: of the mirrored images, or None) and labels."""
+    """One split's front outputs (``mirrored``: of the mirrored images, or None), labels and images."""
 
     tensors: np.ndarray  # (n, h, w, c) float32
     labels: np.ndarray  # (n,) int
     mirrored: np.ndarray | None = None
+    relpaths: list[str] | None = None  # the images the rows came from (those that decoded)
 
     @property
     def bytes_per_image(self) -> int:
@@ -59,4 +60,5 @@ def cache_front(front: keras.Model, images: LabelledImages, size: int, batch_siz
     return CachedSplit(
         tensors=np.concatenate(outputs) if outputs else empty, labels=images.labels[kept],
         mirrored=(np.concatenate(mirrored) if mirrored else empty) if mirror else None,
+        relpaths=[images.relpaths[i] for i in kept],
     )
