@@ -56,7 +56,7 @@ VARIANTS = (
     "efficientnet_lite0+efficientnet_lite1",
     "efficientnet_lite0@flip+efficientnet_lite1@flip",
     "efficientnet_lite0@flip+efficientnet_lite2@flip",
-    "efficientnet_lite0+efficientnet_lite1+efficientnet_lite2",
+    "efficientnet_lite0@flip+efficientnet_lite1@flip+efficientnet_lite2@flip",
     RECIPE_FEATURES,
 )
 

@@ -4,8 +4,10 @@ then ``export-onnx`` composing the three backbones, the head and the unknown sco
 
 Each command runs in a fresh process under ``/usr/bin/time -v``: wall and CPU (user + system) seconds
 and peak resident memory. Also the kind ``--kind all`` kept, the ONNX file's size and the part of it
-that is the unknown score's weights (initializers under ``ood/``), and the parity line ``export-onnx``
-prints (Keras against onnxruntime on real images; the export is refused when they differ).
+that is the unknown score's weights (initializers under ``ood/``), the parity line ``export-onnx``
+prints (Keras against onnxruntime on real images; the export is refused when they differ), and where
+the export's time and memory go: it runs through ``bench/export_stages.py`` (the same command,
+in-process, each step timed).
 The recipe's features are extracted into ``--store`` first when missing (unless ``--no-extract``).
 
 Example:
@@ -60,9 +62,10 @@ def measure(data: str, store: Path, features: str, extract: bool) -> dict:
         head, model = Path(tmp) / "head", Path(tmp) / "model.onnx"
         fit = step("fit-head --kind all", [cli, "fit-head", "--store", str(store), "--kind", "all", "--backbone",
                                            features, "--out", str(head), "--json", "--quiet"])
-        export = step("export-onnx", [cli, "export-onnx", "--store", str(store), "--head", str(head), "--out",
-                                      str(model), "--quiet"])
-        sizes = onnx_sizes(model)
+        stages = Path(tmp) / "stages.json"
+        export = step("export-onnx", [str(ROOT / "bench" / "export_stages.py"), "--stages-json", str(stages), "--",
+                                      "--store", str(store), "--head", str(head), "--out", str(model), "--quiet"])
+        sizes, export["stages"] = onnx_sizes(model), json.loads(stages.read_text())
     kept = next(row for row in map(json.loads, fit["stdout"]) if row.get("saved"))
     return {"data": shown_path(data), "store": shown_path(store), "features": features, "kept": {k: kept[k] for k in ("kind", "cv_accuracy", "cv_std", "test_accuracy")},
             "steps": [fit, export], **sizes, "parity": next(line for line in export["stdout"] if line.startswith("parity on"))}
@@ -81,7 +84,21 @@ def to_markdown(r: dict) -> str:
         f"{r['kept']['cv_accuracy']:.3f} ± {r['kept']['cv_std']:.3f}, test accuracy {r['kept']['test_accuracy']:.3f}.",
         f"- ONNX file: {r['onnx_bytes'] / 2**20:.1f} MiB, of which the unknown score's weights "
         f"{r['unknown_score_bytes'] / 2**20:.1f} MiB.",
-        f"- Parity (printed by `export-onnx`): {r['parity']}", ""])
+        f"- Parity (printed by `export-onnx`): {r['parity']}", "", *stage_table(r["steps"][-1]["stages"])])
+
+
+def stage_table(stages: list[dict]) -> list[str]:
+    """Where `export-onnx`'s time and memory went (``bench/export_stages.py``), steps over 1 % of its wall time."""
+    whole = stages[0]["wall_seconds"]
+    shown = [row for row in stages if row["depth"] == 0 or row["wall_seconds"] >= 0.01 * whole]
+    return [f"`export-onnx`'s steps (`bench/export_stages.py`: the same command in-process, each step of "
+            f"`export/onnx_export.py` timed; CPU of the whole process while the step ran; peak RSS sampled every "
+            f"50 ms; steps under 1 % of the wall time left out; `>` a step inside the one above):\n",
+            "| step | what | starts at s | wall s | CPU s | RSS before (MiB) | peak RSS (MiB) |",
+            "|---|---|--:|--:|--:|--:|--:|",
+            *[f"| {'> ' * max(row['depth'] - 1, 0)}`{row['step']}` | {row['what']} | {row['started']:.1f} | "
+              f"{row['wall_seconds']:.1f} | {row['cpu_seconds']:.1f} | {row['rss_before_mib']:.0f} | "
+              f"{row['peak_rss_mib']:.0f} |" for row in shown], ""]
 
 
 def main() -> None:
