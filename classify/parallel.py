@@ -140,13 +140,12 @@ def run_side_by_side(run: Callable[[Task], Result], items: list[Task], n_threads
     _sharing, _running = True, len(items)
     try:
         with ThreadPoolExecutor(n_threads, thread_name_prefix="fit") as pool:
-            workers = [pool.submit(work) for _ in range(n_threads)]
-            try:
-                for worker in workers:
+            try:  # Ctrl-C may come while the workers are submitted, too
+                for worker in [pool.submit(work) for _ in range(n_threads)]:
                     worker.result()
-                return results
             except BaseException:
                 _stopping.set()  # no fit starts any more; leaving the pool waits for the running ones
                 raise
+        return results
     finally:
         _sharing = False
