@@ -9,7 +9,8 @@ keep-or-not), and the test score (front outputs of the test images cached after 
 report only). The setting to make the default is the one with the best decide score, not test.
 
 `--summarize A.json B.json ...` (sweeps of several data sets) writes which setting has the best mean
-decide score over the data sets that measured it on all of them, beside the tool's default.
+decide score over the data sets that measured it on all of them (a tie keeps the tool's default), beside
+the tool's default.
 
 Example:
     python bench/finetune_sweep.py --data ../shared/datasets/fruits --out docs/bench/finetune-sweep-fruits.md
@@ -155,10 +156,12 @@ def summarize(paths: list[str]) -> dict:
     rows = [{"learning_rate": k[0], "schedule": k[1], "epochs": k[2],
              **{data: {m: by_data[data][k][m] for m in ("stop", "decide", "test", "kept")} for data in by_data},
              "mean_decide": sum(by_data[d][k]["decide"] for d in by_data) / len(by_data)} for k in sorted(common)]
-    best = max(rows, key=lambda r: r["mean_decide"])  # a tie keeps the first: the smallest learning rate
     default = TrainingSettings.for_mode(True, None, None)
+    default = (default.learning_rate, default.schedule, default.epochs)
+    # a tie keeps the default: no change without evidence
+    best = max(rows, key=lambda r: (round(r["mean_decide"], 9), setting_key(r) == default))
     return {"sources": [str(p) for p in paths], "data": sorted(by_data), "settings": rows,
-            "best": setting_key(best), "default": (default.learning_rate, default.schedule, default.epochs)}
+            "best": setting_key(best), "default": default}
 
 
 def summary_markdown(r: dict) -> str:
@@ -175,7 +178,8 @@ def summary_markdown(r: dict) -> str:
     same = tuple(best) == tuple(default)
     lines += ["", f"Best mean decide score: learning rate {best[0]:g}, {best[1]}, {best[2]} epochs; the tool's "
               f"default is {default[0]:g}, {default[1]}, {default[2]} epochs: "
-              f"{'the same' if same else 'DIFFERENT'}. Chosen on validation, never on test.\n"]
+              f"{'the same' if same else 'DIFFERENT'}. Chosen on validation, never on test; a tie keeps the "
+              "default.\n"]
     return "\n".join(lines)
 
 

@@ -310,4 +310,8 @@ def test_the_sweep_summary_ranks_settings_by_mean_validation_score_not_test(tmp_
     assert [(r["learning_rate"], r["mean_decide"]) for r in summary["settings"]] == [
         (1e-4, pytest.approx(0.94)), (3e-4, pytest.approx(0.945))]
     assert summary["best"] == (3e-4, "cosine", 6)  # the validation score decides, though 1e-4 is better on test
-    assert summary["default"] == (finetune_cached.CACHED_LEARNING_RATE, "cosine", finetune_cached.CACHED_EPOCHS)
+    default = (finetune_cached.CACHED_LEARNING_RATE, "cosine", finetune_cached.CACHED_EPOCHS)
+    assert summary["default"] == default
+    tied = summarize([run("fruits", (3e-5, 0.95, 0.9), default[:1] + (0.95, 0.8)), run("trashnet", (3e-5, 0.9, 0.9),
+                                                                                       default[:1] + (0.9, 0.8))])
+    assert tied["best"] == default  # a tie keeps the default, whatever its place in the table
