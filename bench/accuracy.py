@@ -51,8 +51,12 @@ VARIANTS = (
     "efficientnet_lite1",
     "efficientnet_lite2",
     "efficientnet_lite0@flip",
+    "efficientnet_lite1@flip",
+    "efficientnet_lite2@flip",
     "efficientnet_lite0+efficientnet_lite1",
+    "efficientnet_lite0@flip+efficientnet_lite1@flip",
     "efficientnet_lite0@flip+efficientnet_lite2@flip",
+    "efficientnet_lite0@flip+efficientnet_lite1@flip+efficientnet_lite2@flip",
     RECIPE_FEATURES,
 )
 
@@ -160,6 +164,50 @@ def recipe_line(result: dict) -> str:
             f"{kept['backbone_cpu_ms_per_image']:.0f} backbone CPU ms/img.")
 
 
+def trade_offs(results: list[dict]) -> list[dict]:
+    """Per variant measured on every data set: backbone CPU ms (mean over the sets), the ``all`` row's
+    accuracy on each set and its mean, and whether it is on the front: no other variant at most as
+    costly is at least as accurate on every set (and better somewhere or cheaper). Cheapest first."""
+    by_set = [{v["variant"]: v for v in r["variants"]} for r in results]
+    common = [name for name in by_set[0] if all(name in variants for variants in by_set)] if by_set else []
+    rows = [{"variant": name, "backbone_cpu_ms_per_image": float(np.mean(
+                 [s[name]["rows"]["all"]["backbone_cpu_ms_per_image"] for s in by_set])),
+             "accuracy": [s[name]["rows"]["all"]["accuracy_mean"] for s in by_set]} for name in common]
+
+    def beaten(row: dict, other: dict) -> bool:
+        at_least = all(o >= a for o, a in zip(other["accuracy"], row["accuracy"]))
+        no_dearer = other["backbone_cpu_ms_per_image"] <= row["backbone_cpu_ms_per_image"]
+        strictly = other["accuracy"] != row["accuracy"] or other["backbone_cpu_ms_per_image"] < row[
+            "backbone_cpu_ms_per_image"]
+        return other is not row and at_least and no_dearer and strictly
+
+    for row in rows:
+        row["mean_accuracy"] = float(np.mean(row["accuracy"]))
+        row["on_front"] = not any(beaten(row, other) for other in rows)
+    return sorted(rows, key=lambda row: row["backbone_cpu_ms_per_image"])
+
+
+def trade_off_section(results: list[dict]) -> list[str]:
+    rows = trade_offs(results)
+    if not rows:
+        return []
+    names = [Path(r["data"]).name for r in results]
+    best = max(rows, key=lambda row: row["mean_accuracy"])
+    recipe = next((row for row in rows if row["variant"] == RECIPE_FEATURES), None)
+    verdict = ("not measured on every set" if recipe is None else
+               f"{'on' if recipe['on_front'] else 'not on'} the front, "
+               f"{'the' if recipe is best else 'not the'} most accurate on average")
+    return ["### Trade-off: `all` accuracy against backbone cost, on every set\n",
+            "Front: no other row at most as costly is at least as accurate on every set. Differences "
+            "smaller than the folds' std (above) are within noise.\n",
+            f"| features | backbone CPU ms/img (mean over sets) | {' | '.join(names)} | mean | front |",
+            "|---|--:|" + "--:|" * len(names) + "--:|---|",
+            *[f"| {row['variant']} | {row['backbone_cpu_ms_per_image']:.1f} | "
+              + " | ".join(f"{a:.3f}" for a in row["accuracy"])
+              + f" | {row['mean_accuracy']:.3f} | {'yes' if row['on_front'] else ''} |" for row in rows],
+            "", f"Most accurate on average: {best['variant']}. The recipe ({RECIPE_FEATURES}): {verdict}.", ""]
+
+
 def to_markdown(results: list[dict]) -> str:
     parts = [header("Head accuracy: 5-fold cross-validation on stored features, per backbone and combination"),
              f"Each data set's images in {OUTER_FOLDS} stratified folds (train, validation and test together), the "
@@ -191,7 +239,7 @@ def to_markdown(results: list[dict]) -> str:
             parts.append(f"\nNot measured (features not in the store, run without --no-extract): "
                          f"{', '.join(r['not_measured'])}.")
         parts += ["", recipe_line(r), ""]
-    return "\n".join(parts)
+    return "\n".join(parts + trade_off_section(results))
 
 
 def main() -> None:

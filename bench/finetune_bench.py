@@ -2,8 +2,9 @@
 
 Extracts a store with the backbone (real ImageNet weights), keeps the best head (`fit-head --kind all`,
 chosen by cross-validation), then runs `fine-tune --head` with its defaults: the last blocks train on
-the cached front outputs, and the model is kept only when it beats a head of the same kind fitted on
-the same train images, on the validation images. Test accuracy of both is reported, after the choice.
+the cached front outputs (the epoch picked on a carve of the train split), and the model is kept only
+when it beats a head of the same kind fitted on the same train images, on the validation images, which
+chose nothing before. Test accuracy of both is reported, after the choice: does the decision agree?
 
 Example:
     python bench/finetune_bench.py --data ../shared/datasets/fruits --out docs/bench/finetune.md
@@ -68,9 +69,10 @@ def to_markdown(r: dict) -> str:
     ft = r["fine_tune"]
     c, head_test, test = ft["comparison"], ft["head_test"] or {}, ft["test"]
     cut = ft["cut"]
-    line = (f"fine-tuned {c['fine_tuned']:.3f} on validation {'>' if c['kept'] == 'fine-tuned' else '<='} "
-            f"{c['head_kind']} head {c['head']:.3f} ({c['validation_images']} images): kept the "
-            f"{'fine-tuned model' if c['kept'] == 'fine-tuned' else 'head'}")
+    from export.finetune_cached import HeadComparison
+
+    line = HeadComparison(**{k: v for k, v in c.items() if k != "kept"}).line("MODEL").replace("; wrote MODEL", "")
+    agrees = (test["accuracy"] > head_test.get("accuracy", float("nan"))) == (c["kept"] == "fine-tuned")
     return "\n".join([
         header(f"Fine-tuning on cached front outputs vs the best head, {r['backbone']} on {Path(r['data']).name}"),
         f"Data `{r['data']}`; backbone `{r['backbone']}` ({r['weights']}). Best head by 5-fold CV "
@@ -79,15 +81,18 @@ def to_markdown(r: dict) -> str:
         f"trained ({ft['trainable_layers']} layers), {ft['epochs_run']} epochs run (best {ft['best_epoch']}); "
         f"front cache {cut['cache_bytes_per_image']:,} bytes per image, {cut['cached_tensors']} tensors "
         f"(train twice: as is and mirrored).\n",
-        "| model | validation accuracy (decides) | test accuracy (report only) |",
-        "|---|---|---|",
-        f"| `{c['head_kind']}` head fitted on the {c['train_images']} train images | {c['head']:.3f} | – |",
-        f"| `{c['head_kind']}` head of `fit-head` (train + validation) | (in-sample) | "
+        "| model | stop rows (picked the epoch) | validation (decides) | test (report only) |",
+        "|---|--:|--:|--:|",
+        f"| `{c['head_kind']}` head fitted on the {c['head_images']} train images ({c['fit_images']} fit + "
+        f"{c['stop_images']} stop) | – | {c['head']:.3f} | – |",
+        f"| `{c['head_kind']}` head of `fit-head` (train + validation) | – | (in-sample) | "
         f"{head_test.get('accuracy', float('nan')):.3f} |",
-        f"| fine-tuned (last {len(cut['blocks'])} blocks + classifier) | {c['fine_tuned']:.3f} | "
-        f"{test['accuracy']:.3f} |",
+        f"| fine-tuned (last {len(cut['blocks'])} blocks + classifier, trained on the {c['fit_images']} fit "
+        f"rows) | {c['stop_accuracy']:.3f} | {c['fine_tuned']:.3f} | {test['accuracy']:.3f} |",
         "",
-        f"Decision: **{line}**. Seconds: extract {r['extract_seconds']:.0f}, fit-head {r['fit_head_seconds']:.0f}, "
+        f"Decision: **{line}**. On test the fine-tuned model is "
+        f"{'better' if test['accuracy'] > head_test.get('accuracy', float('nan')) else 'not better'} than the "
+        f"`fit-head` head: the decision {'agrees' if agrees else 'disagrees'} with test. Seconds: extract {r['extract_seconds']:.0f}, fit-head {r['fit_head_seconds']:.0f}, "
         f"fine-tune {ft['seconds']:.0f} (caching, head fit, training, test report). The machine was shared "
         f"(1-minute load average {r['load_average_1min_at_end']:.1f} at the end on "
         f"{len(os.sched_getaffinity(0))} cores): the seconds are upper bounds.\n",

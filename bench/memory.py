@@ -26,16 +26,30 @@ from bench.common import ROOT, header, shown_path, write_section  # noqa: E402
 TIME = "/usr/bin/time"
 
 
+def timed_command(args: list[str], cwd: Path) -> dict:
+    """``python ARGS`` in a fresh process under ``/usr/bin/time -v``: its peak RSS (MiB), wall and CPU
+    (user + system) seconds, and its stdout; a failure raises RuntimeError with the end of its stderr."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as usage:
+        done = subprocess.run([TIME, "-v", "-o", usage.name, sys.executable, *args], cwd=cwd, capture_output=True,
+                              text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        report = usage.read()
+    if done.returncode:
+        raise RuntimeError(f"`python {' '.join(args)}` failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+
+    def figure(label: str) -> str:
+        return re.search(rf"{re.escape(label)}: ([\d:.]+)", report).group(1)
+
+    clock = figure("Elapsed (wall clock) time (h:mm:ss or m:ss)")
+    return {"peak_rss_mib": int(figure("Maximum resident set size (kbytes)")) / 1024,
+            "wall_seconds": sum(float(part) * 60 ** i for i, part in enumerate(reversed(clock.split(":")))),
+            "cpu_seconds": float(figure("User time (seconds)")) + float(figure("System time (seconds)")),
+            "stdout": done.stdout}
+
+
 def peak_rss_mib(args: list[str], cwd: Path) -> tuple[float, float]:
     """Peak RSS in MiB and wall seconds of ``python ARGS`` (``/usr/bin/time -v``'s figures)."""
-    done = subprocess.run([TIME, "-v", sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    if done.returncode:
-        raise RuntimeError(f"`python {' '.join(args)}` failed: {done.stderr.strip()[-2000:]}")
-    kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr).group(1)
-    seconds = sum(float(part) * 60 ** i for i, part in enumerate(reversed(clock.split(":"))))
-    return kib / 1024, seconds
+    usage = timed_command(args, cwd)
+    return usage["peak_rss_mib"], usage["wall_seconds"]
 
 
 def steps(images: Path, work: Path) -> list[tuple[str, list[str]]]:

@@ -50,9 +50,10 @@ def fine_tune_command(images_dir, backbone, out, head, store, cache_front, block
     """Fine-tune a backbone and its classifier on IMAGES_DIR; keep it only if it beats the head.
 
     By default the frozen front of the backbone runs once per image (its outputs are cached in
-    memory) and the last --blocks blocks and the classifier train on them; the model is written only
-    when its validation accuracy beats a head of the --head's kind (softmax without --head) fitted on
-    the same train images. The test split is read afterwards, for the report.
+    memory) and the last --blocks blocks and the classifier train on them, the epoch picked on a
+    carved-off tenth of the train split; the model is written only when its validation accuracy beats
+    a head of the --head's kind (softmax without --head) fitted on the same train images (without a
+    validation split, on another tenth of train). The test split is read afterwards, for the report.
 
     \b
     Example:
@@ -72,8 +73,8 @@ def fine_tune_command(images_dir, backbone, out, head, store, cache_front, block
                f"{result.trainable_layers} backbone layers trained")
     click.echo(
         (f"{result.model_path}: " if result.written else "") + f"{trained} for {result.epochs_run} epochs (best {result.best_epoch}) after {result.warmup_epochs} warm-up "
-        f"epochs in {result.seconds:.0f} s; validation accuracy {100 * result.validation_before['accuracy']:.1f}% "
-        f"before fine-tuning"
+        f"epochs in {result.seconds:.0f} s; {result.validation_before.get('on', 'validation')} accuracy "
+        f"{100 * result.validation_before['accuracy']:.1f}% before fine-tuning"
     )
     _echo_comparisons(result)
     click.echo(f"report: {result.report_dir}")

@@ -4,8 +4,9 @@
 backbone is cut before its last ``blocks`` blocks (4); the frozen front's outputs are computed once
 per image and kept in memory (lite0 at 224 px: 37,632 bytes per image); the last blocks and the
 classifier train on them for a few epochs (6, Adam at 1e-4 with cosine decay, each train image as-is
-or mirrored). The model is written only when its validation accuracy beats a head of the ``--head``'s
-kind fitted on the same train images; one line says which was kept.
+or mirrored), the epoch picked on a carved-off part of the train split. The model is written only when
+its validation accuracy beats a head of the ``--head``'s kind fitted on the same train images (the
+validation images chose nothing before); one line says which was kept.
 
 **End to end on images** (``cache_front=False``): one Keras model takes uint8 RGB images:
 augmentation (training only) -> the backbone's preprocessing -> the backbone -> the classifier. The
@@ -49,6 +50,7 @@ from export.finetune_cached import (
     HeadComparison,
     train_cached,
 )
+from export.holdout import row_roles
 from export.keras_models import classifier_model, save_fine_tuned, set_trainable
 from export.metadata import TRANSFERKIT_VERSION, path_fingerprint
 from export.fit_loop import (
@@ -93,12 +95,12 @@ class FineTuneResult:
     warmup_epochs: int
     epochs_run: int  # fine-tuning epochs before early stopping
     best_epoch: int  # 1-based fine-tuning epoch whose weights were kept
-    validation_before: dict  # loss and accuracy right before fine-tuning
+    validation_before: dict  # loss and accuracy right before fine-tuning (cached front: on the stop rows)
     test: dict  # accuracy, macro_f1, images
     skipped: dict[str, str] = field(default_factory=dict)  # undecodable images -> reason
     seconds: float = 0.0
     head_test: dict | None = None  # the starting head on the same test split (accuracy, macro_f1, images)
-    comparison: dict | None = None  # cached-front mode: validation accuracies that decided (HeadComparison)
+    comparison: dict | None = None  # cached-front mode: the decide rows' accuracies and row counts (HeadComparison)
     written: bool = True  # whether the model file was written (False: the head was kept)
     cut: dict | None = None  # cached-front mode: cut layer, blocks trained, cache bytes per image
 
@@ -161,9 +163,11 @@ def evaluate_test(model, dataset, class_names: list[str], report_dir: Path) -> d
     return {"accuracy": accuracy, "macro_f1": macro_f1, "images": int(len(y_true))}
 
 
-def plot_curves(history: dict[str, list[float]], warmup_epochs: int, best_epoch: int, path: Path) -> None:
-    """Loss and accuracy per epoch (integer ticks), train and validation; a dashed line where
-    fine-tuning starts and the kept (best) epoch marked. ``best_epoch`` counts fine-tuning epochs."""
+def plot_curves(history: dict[str, list[float]], warmup_epochs: int, best_epoch: int, path: Path,
+                held_out: str = "validation") -> None:
+    """Loss and accuracy per epoch (integer ticks), train and the ``held_out`` rows that pick the epoch; a
+    dashed line where fine-tuning starts and the kept (best) epoch marked. ``best_epoch`` counts
+    fine-tuning epochs."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -174,7 +178,7 @@ def plot_curves(history: dict[str, list[float]], warmup_epochs: int, best_epoch:
     best = warmup_epochs + best_epoch
     for ax, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
         ax.plot(epochs, history[metric], marker="o", label="train")
-        ax.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        ax.plot(epochs, history[f"val_{metric}"], marker="o", label=held_out)
         if warmup_epochs:
             ax.axvline(warmup_epochs + 0.5, color="grey", linestyle="--", label="fine-tuning starts")
         if 1 <= best <= len(epochs):
@@ -285,6 +289,7 @@ class TrainingSettings:
     progress: bool = False  # a bar per epoch on stderr
     cache_front: bool = True  # train the last ``blocks`` blocks on cached front outputs (export.finetune_cached)
     blocks: int = DEFAULT_BLOCKS
+    schedule: str = "cosine"  # cached front: "cosine" (decay to 0 over the epochs) or "constant"
 
     @classmethod
     def for_mode(cls, cache_front: bool, epochs: int | None, learning_rate: float | None,
@@ -304,7 +309,8 @@ class TrainingSettings:
         common = {"epochs": self.epochs, "learning_rate": self.learning_rate, "batch_size": self.batch_size,
                   "patience": self.patience, "seed": self.seed}
         if self.cache_front:
-            return {"mode": "cached-front", "blocks": self.blocks, **common, "schedule": "cosine decay to 0",
+            schedule = "cosine decay to 0" if self.schedule == "cosine" else "constant"
+            return {"mode": "cached-front", "blocks": self.blocks, **common, "schedule": schedule,
                     "augmentation": "mirror (cached)"}
         return {"mode": "images", "unfreeze": str(self.unfreeze), "warmup_epochs": self.warmup_epochs, **common,
                 "augmentation": "flip horizontal, rotation 0.1, zoom 0.1"}
@@ -372,13 +378,16 @@ def fine_tune(
         settings = replace(settings, warmup_epochs=0)
     images = begin.images
     train_images, validation, test = (images.subset(s) for s in SPLITS)
-    _check_trainable(train_images, validation, images_dir)
+    if cache_front:  # fit, stop and decide rows (export.holdout): a store without validation works
+        roles = row_roles(train_images, validation, begin.split_settings, begin.split_anchors)
+    else:
+        _check_trainable(train_images, validation, images_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     keras.utils.set_random_seed(seed)
     skipped, checkpoint = {}, out.with_name(f"{out.stem}.best.keras")
     if cache_front:
-        model, run, comparison = train_cached(begin, train_images, validation, settings, checkpoint, skipped)
+        model, run, comparison = train_cached(begin, roles, settings, checkpoint, skipped)
     else:
         model, run, comparison = *_train_on_images(begin, train_images, validation, settings, checkpoint, skipped), None
     return _report_and_write(model, run, comparison, begin, settings, test, (out, report_dir, checkpoint), images_dir,
@@ -395,7 +404,8 @@ def _report_and_write(model: keras.Model, run: TrainingRun, comparison: HeadComp
     report_dir.mkdir(parents=True, exist_ok=True)
     test_metrics = evaluate_test(model, image_dataset(test, begin.built.input_size, settings.batch_size, False,
                                                       settings.seed, skipped), begin.images.class_names, report_dir)
-    plot_curves(run.history, settings.warmup_epochs, run.best_epoch, report_dir / "training_curves.png")
+    plot_curves(run.history, settings.warmup_epochs, run.best_epoch, report_dir / "training_curves.png",
+                "stop rows (pick the epoch)" if comparison else "validation")
     result = FineTuneResult(
         model_path=str(out), report_dir=str(report_dir), trainable_layers=run.trainable_layers,
         warmup_epochs=settings.warmup_epochs, epochs_run=run.epochs_run, best_epoch=run.best_epoch,

@@ -1,26 +1,31 @@
 """Fine-tuning on a CPU: the last blocks and the classifier trained on cached front outputs, kept only if
-they beat the head.
+they beat the head on images that neither trained nor chose either of them.
 
-1. The backbone is cut before its last ``blocks`` blocks (``export.front_cut``); the front's output for
-   every train image (and its mirror image) and every validation image is computed once
+1. The labelled images get three disjoint jobs (``export.holdout``): **fit** rows train, **stop** rows
+   (a stratified hash carve of the train split) pick the epoch, **decide** rows (the validation split;
+   a second carve of train when the store has none) decide keep-or-not and nothing else.
+2. The backbone is cut before its last ``blocks`` blocks (``export.front_cut``); the front's output for
+   every fit image (and its mirror image), stop and decide image is computed once
    (``export.front_cache``, in memory). The test split is not read.
-2. The frozen back gives the ordinary features of those images; a head of the ``--head``'s kind (the
-   tool's softmax without ``--head``) is fitted on the train images alone, with its own cross-validated
-   settings, and scored on the validation images: the figure to beat. (The ``--head`` itself was fitted
-   on train and validation together, so its validation score would not compare like with like.)
-3. The classifier starts from that head's dense layers (a softmax one fitted the same way when the
-   kind has none, e.g. rbf): linear probe, then fine-tune. The back's layers (BatchNorm excepted, in
-   inference mode) and the classifier train on the cached tensors, as-is or mirrored at random, with
-   Adam and a cosine-decaying learning rate; early stopping on the validation loss restores the best
-   epoch (so validation also picks the epoch, as cross-validation picked the head's settings).
-4. The fine-tuned model is kept only when its validation accuracy is above the head's (a tie keeps the
-   head: it is smaller and already exported); otherwise no model is written. Either way one line says
-   which, and the report holds both figures. Only then is the test split read, for the report.
+3. The frozen back gives the ordinary features of those images. The head to beat, of the ``--head``'s
+   kind (the tool's softmax without ``--head``), with its own cross-validated settings, is fitted on
+   the fit and stop rows: the images the fine-tuned model learned from or chose with, so both had the
+   same train images and neither saw the decide rows. (The ``--head`` itself was fitted on train and
+   validation together, so its validation score would not compare like with like.)
+4. The classifier starts from a head of that kind fitted on the fit rows only (a softmax one when the
+   kind has no dense layers, e.g. rbf): linear probe, then fine-tune. The back's layers (BatchNorm
+   excepted, in inference mode) and the classifier train on the cached fit tensors, as-is or mirrored
+   at random, with Adam and the learning-rate schedule; early stopping on the stop rows' loss restores
+   the best epoch.
+5. The fine-tuned model is kept only when its accuracy on the decide rows is above the head's (a tie
+   keeps the head: it is smaller and already exported); otherwise no model is written. Either way one
+   line says which, and the report holds both figures and the row counts. Only then is the test split
+   read, for the report.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,12 +33,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from classify.errors import HeadMismatch
-from classify.heads import make_head
-from export.data import LabelledImages
+from classify.estimator import Head
+from classify.heads import HEAD_KINDS, make_head
 from export.fit_loop import TrainingRun, checkpointed_fit, compile_classifier, empty_history, progress_bars, record_history
 from export.front_cache import CachedSplit, cache_front
 from export.front_cut import BackboneHalves, cut_backbone
+from export.holdout import RowRoles
 from export.keras_models import backbone_of, classifier_model, set_trainable
 from extract.errors import TransferKitError
 
@@ -46,35 +51,67 @@ CACHED_LEARNING_RATE = 1e-4
 BASELINE_KIND = "softmax"  # the head to beat without --head
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 @dataclass
 class HeadComparison:
-    """Fine-tuned model against the head, both trained on the same train images, on the same validation images."""
+    """Fine-tuned model against the head on the decide rows, which neither trained on nor chose with."""
 
     head_kind: str
-    head: float  # validation accuracy of the head fitted on the train images
-    fine_tuned: float  # validation accuracy of the fine-tuned model (kept epoch)
-    validation_images: int
-    train_images: int
-    on: str = "validation"
+    head: float  # accuracy on the decide rows of the head fitted on the fit + stop rows
+    fine_tuned: float  # accuracy on the decide rows of the fine-tuned model (epoch picked on the stop rows)
+    decide_images: int
+    head_images: int  # the fit + stop rows the head was fitted on
+    fit_images: int  # the rows the fine-tuned model trained on
+    stop_images: int  # the rows that picked its epoch
+    stop_accuracy: float  # the fine-tuned model on the stop rows: optimistic (they chose the epoch), not used
+    on: str = "validation split"  # where the decide rows come from
 
     @property
     def kept(self) -> str:
         return "fine-tuned" if keep_fine_tuned(self.fine_tuned, self.head) else "head"
 
     def line(self, model_path: str) -> str:
-        if self.kept == "fine-tuned":
-            return (f"fine-tuned {self.fine_tuned:.3f} on validation > {self.head_kind} head {self.head:.3f} "
-                    f"({self.validation_images} images): kept the fine-tuned model; wrote {model_path}")
-        return (f"fine-tuned {self.fine_tuned:.3f} on validation <= {self.head_kind} head {self.head:.3f} "
-                f"({self.validation_images} images): kept the head; model not written")
+        won = self.kept == "fine-tuned"
+        return (f"fine-tuned {self.fine_tuned:.3f} {'>' if won else '<='} {self.head_kind} head {self.head:.3f} "
+                f"on {self.decide_images} images ({self.on}; the epoch was picked on {self.stop_images} other "
+                f"train images): " + (f"kept the fine-tuned model; wrote {model_path}" if won
+                                      else "kept the head; model not written"))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kept": self.kept}
 
 
 def keep_fine_tuned(fine_tuned_accuracy: float, head_accuracy: float) -> bool:
-    """The rule: the fine-tuned model replaces the head only when strictly more accurate on validation."""
+    """The rule: the fine-tuned model replaces the head only when strictly more accurate on the decide rows."""
     return fine_tuned_accuracy > head_accuracy
+
+
+@dataclass
+class CachedRows:
+    """The front's outputs of the fit (with mirror images), stop and decide rows."""
+
+    fit: CachedSplit
+    stop: CachedSplit
+    decide: CachedSplit
+    decide_source: str
+
+    @property
+    def tensors(self) -> int:
+        return 2 * len(self.fit.labels) + len(self.stop.labels) + len(self.decide.labels)
+
+
+@dataclass
+class Baseline:
+    """The head to beat (its accuracy on the decide rows) and the classifier's starting layers."""
+
+    kind: str
+    accuracy: float
+    head_images: int
+    start: list = field(repr=False)
+    dropout: float = 0.0
+    head: object = field(default=None, repr=False)  # the fitted head to beat (features of the untrained back)
 
 
 def inference(model: keras.Model, tensors: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -84,18 +121,21 @@ def inference(model: keras.Model, tensors: np.ndarray, batch_size: int = 256) ->
     return np.concatenate(parts) if parts else np.zeros((0, model.output.shape[-1]), np.float32)
 
 
-def baseline_head(kind: str, train: CachedSplit, validation: CachedSplit, back: keras.Model, seed: int):
-    """The head to beat fitted on the train images; the classifier's starting layers and dropout; and the
-    comparison's head figures (validation accuracy)."""
-    X_train, X_val = inference(back, train.tensors), inference(back, validation.tensors)  # the back before training
-    head = make_head(kind, seed).fit(X_train, train.labels)
-    accuracy = float(np.mean(head.predict(X_val) == validation.labels))
-    try:
-        start = head.network()
-        dropout = float(getattr(head, "dropout", 0.0))
-    except HeadMismatch:  # a kernel machine: start the classifier from a linear probe instead
-        start, dropout = make_head(BASELINE_KIND, seed).fit(X_train, train.labels).network(), 0.0
-    return accuracy, start, dropout
+def has_dense_layers(kind: str) -> bool:
+    """Whether a head of ``kind`` is dense layers a classifier can start from (rbf is a kernel machine)."""
+    return HEAD_KINDS[kind].network is Head.network
+
+
+def baseline_head(kind: str, rows: CachedRows, back: keras.Model, seed: int) -> Baseline:
+    """The head to beat, fitted on the fit + stop rows and scored on the decide rows; the classifier's
+    start, a head fitted on the fit rows alone (softmax when ``kind`` has no dense layers)."""
+    X_fit, X_stop, X_decide = (inference(back, s.tensors) for s in (rows.fit, rows.stop, rows.decide))
+    y_fit, y_stop = rows.fit.labels, rows.stop.labels
+    to_beat = make_head(kind, seed).fit(np.concatenate([X_fit, X_stop]), np.concatenate([y_fit, y_stop]))
+    accuracy = float(np.mean(to_beat.predict(X_decide) == rows.decide.labels))
+    start = make_head(kind if has_dense_layers(kind) else BASELINE_KIND, seed).fit(X_fit, y_fit)
+    return Baseline(kind, accuracy, len(y_fit) + len(y_stop), start.network(), float(getattr(start, "dropout", 0.0)),
+                    to_beat)
 
 
 def trainer_model(classifier: keras.Model, halves: BackboneHalves) -> keras.Model:
@@ -124,51 +164,87 @@ def cached_dataset(split: CachedSplit, batch_size: int, seed: int, train: bool) 
     return ds.map(pick).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def cosine_schedule(learning_rate: float, epochs: int, batches: int):
-    """From ``learning_rate`` down to 0 over the epochs."""
-    return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, epochs * batches))
+def learning_rate_schedule(settings: "TrainingSettings", batches: int):
+    """Cosine decay from the learning rate to 0 over the epochs, or the learning rate held constant."""
+    if settings.schedule == "constant":
+        return settings.learning_rate
+    return keras.optimizers.schedules.CosineDecay(settings.learning_rate,
+                                                  decay_steps=max(1, settings.epochs * batches))
 
 
-def validation_accuracy(trainer: keras.Model, validation: CachedSplit, batch_size: int) -> float:
-    if not len(validation.labels):
-        return 0.0
-    predicted = inference(trainer, validation.tensors, batch_size).argmax(1)
-    return float(np.mean(predicted == validation.labels))
+def accuracy_on(trainer: keras.Model, split: CachedSplit, batch_size: int) -> float:
+    """The trainer's accuracy on cached rows."""
+    predicted = inference(trainer, split.tensors, batch_size).argmax(1)
+    return float(np.mean(predicted == split.labels))
 
 
-def train_cached(begin: "StartingPoint", train_images: LabelledImages, validation_images: LabelledImages,
-                 settings: "TrainingSettings", checkpoint: Path,
-                 skipped: dict[str, str]) -> tuple[keras.Model, TrainingRun, HeadComparison]:
-    """Steps 1-3 of the module docstring: the classifier model (trained in place), what training did,
-    and the validation comparison that decides whether it is kept."""
+@dataclass
+class Prepared:
+    """What every training of a run shares: the cut backbone, the cached rows and the head to beat."""
+
+    halves: BackboneHalves
+    rows: CachedRows
+    baseline: Baseline
+
+
+def prepare(begin: "StartingPoint", roles: RowRoles, settings: "TrainingSettings", skipped: dict[str, str]) -> Prepared:
+    """Steps 2-3 of the module docstring: cut, cache the fit, stop and decide rows, fit the head to beat."""
     halves = cut_backbone(begin.built, settings.blocks)
-    size, batch_size = begin.built.input_size, settings.batch_size
-    train = cache_front(halves.front, train_images, size, batch_size, True, skipped, settings.progress,
-                        "caching train (+ mirrored)")
-    validation = cache_front(halves.front, validation_images, size, batch_size, False, skipped, settings.progress,
-                             "caching validation")
-    if not len(train.labels) or not len(validation.labels):
-        raise TransferKitError("no train or no validation image could be read")
+    size, batch_size, progress = begin.built.input_size, settings.batch_size, settings.progress
+
+    def cached(images, mirror: bool, job: str) -> CachedSplit:
+        return cache_front(halves.front, images, size, batch_size, mirror, skipped, progress, f"caching {job}")
+
+    rows = CachedRows(cached(roles.fit, True, "fit rows (+ mirrored)"), cached(roles.stop, False, "stop rows"),
+                      cached(roles.decide, False, "decide rows"), roles.decide_source)
+    if not all(len(s.labels) for s in (rows.fit, rows.stop, rows.decide)):
+        raise TransferKitError("no image to train on, to pick the epoch or to decide on could be read")
     kind = begin.trained.kind if begin.trained is not None else BASELINE_KIND
-    head_accuracy, layers, dropout = baseline_head(kind, train, validation, halves.back, settings.seed)
-    classifier = classifier_model(begin.built, len(begin.images.class_names), layers, dropout, settings.seed)
+    return Prepared(halves, rows, baseline_head(kind, rows, halves.back, settings.seed))
+
+
+def train_back(begin: "StartingPoint", prepared: Prepared, settings: "TrainingSettings",
+               checkpoint: Path) -> tuple[keras.Model, keras.Model, TrainingRun]:
+    """Step 4: a classifier from the baseline's start, its back and dense layers trained on the fit rows with
+    early stopping on the stop rows. Returns the classifier (on images), the trainer (on cached tensors,
+    sharing its layers) and what training did."""
+    halves, rows, start = prepared.halves, prepared.rows, prepared.baseline
+    classifier = classifier_model(begin.built, len(begin.images.class_names), start.start, start.dropout,
+                                  settings.seed)
     trainable = set_trainable(classifier, halves.back_layers)
     trainer = trainer_model(classifier, halves)
-    batches = -(-len(train.labels) // batch_size)
-    compile_classifier(trainer, cosine_schedule(settings.learning_rate, settings.epochs, batches))
-    val_ds = cached_dataset(validation, batch_size, settings.seed, train=False)
-    loss_before, accuracy_before = trainer.evaluate(val_ds, verbose=0)
-    fit, best_epoch = checkpointed_fit(trainer, cached_dataset(train, batch_size, settings.seed, train=True), val_ds,
-                                       settings.epochs, settings.patience, checkpoint, settings.verbose,
+    batch_size = settings.batch_size
+    batches = -(-len(rows.fit.labels) // batch_size)
+    compile_classifier(trainer, learning_rate_schedule(settings, batches))
+    stop_ds = cached_dataset(rows.stop, batch_size, settings.seed, train=False)
+    loss_before, accuracy_before = trainer.evaluate(stop_ds, verbose=0)
+    fit, best_epoch = checkpointed_fit(trainer, cached_dataset(rows.fit, batch_size, settings.seed, train=True),
+                                       stop_ds, settings.epochs, settings.patience, checkpoint, settings.verbose,
                                        progress_bars(settings.progress, batches, "fine-tuning"))
     history = empty_history()
     record_history(history, fit)
-    comparison = HeadComparison(kind, head_accuracy, validation_accuracy(trainer, validation, batch_size),
-                                len(validation.labels), len(train.labels))
     run = TrainingRun(history=history, trainable_layers=trainable, epochs_run=len(fit.history["loss"]),
                       best_epoch=best_epoch,
-                      validation_before={"loss": float(loss_before), "accuracy": float(accuracy_before)},
+                      validation_before={"loss": float(loss_before), "accuracy": float(accuracy_before),
+                                         "on": "stop rows"},
                       cut={"layer": halves.cut_layer, "blocks": halves.blocks,
-                           "cache_bytes_per_image": train.bytes_per_image,
-                           "cached_tensors": 2 * len(train.labels) + len(validation.labels)})
-    return classifier, run, comparison
+                           "cache_bytes_per_image": rows.fit.bytes_per_image, "cached_tensors": rows.tensors})
+    return classifier, trainer, run
+
+
+def compare(trainer: keras.Model, prepared: Prepared, batch_size: int) -> HeadComparison:
+    """Step 5's figures: the trained model and the head to beat on the decide rows."""
+    rows, baseline = prepared.rows, prepared.baseline
+    return HeadComparison(
+        baseline.kind, baseline.accuracy, accuracy_on(trainer, rows.decide, batch_size), len(rows.decide.labels),
+        baseline.head_images, len(rows.fit.labels), len(rows.stop.labels),
+        accuracy_on(trainer, rows.stop, batch_size), rows.decide_source)
+
+
+def train_cached(begin: "StartingPoint", roles: RowRoles, settings: "TrainingSettings", checkpoint: Path,
+                 skipped: dict[str, str]) -> tuple[keras.Model, TrainingRun, HeadComparison]:
+    """Steps 2-5 of the module docstring: the classifier model (trained in place), what training did,
+    and the comparison on the decide rows that decides whether it is kept."""
+    prepared = prepare(begin, roles, settings, skipped)
+    classifier, trainer, run = train_back(begin, prepared, settings, checkpoint)
+    return classifier, run, compare(trainer, prepared, settings.batch_size)

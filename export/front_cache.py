@@ -1,8 +1,9 @@
 """The frozen front's outputs, computed once per image and kept in memory for the training epochs.
 
 In memory, float32: efficientnet_lite0 cut before its last 4 blocks gives a 7 x 7 x 192 tensor per
-image at 224 px, 37,632 bytes (about 95 MB for TrashNet's 2,527 images; train images are cached
-twice, as is and mirrored, the only augmentation a cache can hold). An on-disk cache would save the
+image at 224 px, 37,632 bytes (the train images that train, the fit rows of ``export.holdout``, are
+cached twice, as is and mirrored, the only augmentation a cache can hold; ``fine-tune``'s metrics.json
+gives the count, ``cut.cached_tensors``). An on-disk cache would save the
 front pass on a second run, but each run is one pass anyway and the key (backbone record, cut,
 image hash) would have to track every change of either; it is not worth its invalidation rules.
 """
@@ -22,11 +23,12 @@ from export.data import LabelledImages
 
 @dataclass
 class CachedSplit:
-    """One split's front outputs (``mirrored``: of the mirrored images, or None) and labels."""
+    """One split's front outputs (``mirrored``: of the mirrored images, or None), labels and images."""
 
     tensors: np.ndarray  # (n, h, w, c) float32
     labels: np.ndarray  # (n,) int
     mirrored: np.ndarray | None = None
+    relpaths: list[str] | None = None  # the images the rows came from (those that decoded)
 
     @property
     def bytes_per_image(self) -> int:
@@ -59,4 +61,5 @@ def cache_front(front: keras.Model, images: LabelledImages, size: int, batch_siz
     return CachedSplit(
         tensors=np.concatenate(outputs) if outputs else empty, labels=images.labels[kept],
         mirrored=(np.concatenate(mirrored) if mirrored else empty) if mirror else None,
+        relpaths=[images.relpaths[i] for i in kept],
     )

@@ -20,8 +20,8 @@ folds; the store its split settings and image folder; the graph its opset; an ac
    ``allow_worse``. Both are also scored on every test row of the store now (review images drawn
    into the test split included), which is printed but does not decide: review labels are what the
    new head learned, so a systematic sorting mistake would reward it there;
-6. exports the new store + head with the old model's opset (and int8 when the old model had an
-   accepted int8 file), parity-checked, to ``out``; ``out`` (and the new head folder) must not exist
+6. exports the new store + head with the old model's opset, its unknown score or none (as the old
+   model had), and int8 when the old model had an accepted int8 file, parity-checked, to ``out``; ``out`` (and the new head folder) must not exist
    unless ``overwrite``.
 
 The review images stay in the image folder and the store whatever the verdict: they are labelled
@@ -65,6 +65,7 @@ class Source:
     opset: int
     quantize: str | None  # "int8" when the model had an accepted int8 file
     calibration_images: int | None
+    unknown: bool  # the model had an unknown score (export-onnx without --unknown off)
 
 
 @dataclass
@@ -115,7 +116,7 @@ def model_source(model: str | Path) -> Source:
     graph = onnx.load(str(model), load_external_data=False)
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     return Source(store, head_dir(head), opset, "int8" if quantization else None,
-                  (quantization or {}).get("calibration_images"))
+                  (quantization or {}).get("calibration_images"), unknown="ood" in meta)
 
 
 def review_plan(review: str | Path, class_names: list[str], images: Path, layout: str) -> list[tuple[Path, Path]]:
@@ -233,7 +234,7 @@ def retrain(model: str | Path, review: str | Path, out: str | Path, images: str 
             f"vs {100 * test.old_accuracy:.2f}%); wrote no model (the review images stay in {root} and the store; "
             f"--allow-worse writes it anyway)")
     result.export = export_onnx(out, store=source.store, head=head_out, images=root, weights=weights,
-                                opset=source.opset, quantize=source.quantize, progress=progress,
+                                opset=source.opset, quantize=source.quantize, progress=progress, unknown=source.unknown,
                                 **({"calibration_images": source.calibration_images}
                                    if source.calibration_images else {}))
     return result

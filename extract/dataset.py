@@ -53,7 +53,7 @@ class Dataset:
         return split_counts(e.split for e in self.entries)
 
 
-def _unit_hash(text: str) -> float:
+def unit_hash(text: str) -> float:
     """A number in [0, 1) that depends only on ``text``.
 
     A file name that is not valid UTF-8 arrives surrogate-escaped (``os.fsdecode``); it is hashed
@@ -83,7 +83,7 @@ def compile_group(split_group: str) -> re.Pattern | None:
 
 def assign_split(relpath: str, settings: SplitSettings) -> str:
     """Deterministic split of one image: it depends on its own path and the settings, nothing else."""
-    u = _unit_hash(f"{settings.seed}\x00{relpath}")
+    u = unit_hash(f"{settings.seed}\x00{relpath}")
     if u < settings.test_split:
         return "test"
     if u < settings.test_split + settings.validation_split:
@@ -93,7 +93,7 @@ def assign_split(relpath: str, settings: SplitSettings) -> str:
 
 def shard_of(relpath: str, count: int) -> int:
     """Which of ``count`` shards an image belongs to (independent of the split seed)."""
-    return int(_unit_hash(f"shard\x00{relpath}") * count)
+    return int(unit_hash(f"shard\x00{relpath}") * count)
 
 
 def _visible(name: str) -> bool:

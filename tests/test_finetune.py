@@ -136,7 +136,8 @@ def test_cli_fine_tune_from_a_head_shows_progress_and_compares_with_the_head(wor
     comparison = next(line for line in result.stdout.splitlines() if line.startswith("compared with the head: "))
     assert f"vs {head_accuracy:.2f}% head on the same test split ({len(y_test)} images in the store)" in comparison
     assert "fine-tuning epoch 1/1 (" in result.stderr and "val_accuracy" in result.stderr  # progress on stderr
-    assert "caching train (+ mirrored)" in result.stderr and "caching validation" in result.stderr
+    assert "caching fit rows (+ mirrored)" in result.stderr and "caching stop rows" in result.stderr
+    assert "caching decide rows" in result.stderr
     assert "fine-tuning epoch" not in result.stdout
 
 
@@ -179,9 +180,12 @@ def test_refusals(workspace, tmp_path):
     assert "the store's images are not at" in refused(other, "--head", head, "--store", workspace.store,
                                                       "--out", tmp_path / "m.keras")
     assert list(tmp_path.glob("*.keras")) == []
+    tiny = make_image_folder(tmp_path / "tiny", per_class=1)
+    with pytest.raises(TransferKitError, match="needs more train images: 3 to train on, 0 to pick the epoch"):
+        fine_tune(tiny, "mobilenet_v2", tmp_path / "m.keras", weights="none", image_size=32, epochs=1)
     with pytest.raises(TransferKitError, match="needs train and validation images"):
-        fine_tune(make_image_folder(tmp_path / "tiny", per_class=1), "mobilenet_v2", tmp_path / "m.keras",
-                  weights="none", image_size=32, epochs=1)
+        fine_tune(tiny, "mobilenet_v2", tmp_path / "m.keras", weights="none", image_size=32, epochs=1,
+                  cache_front=False)
 
 
 def test_parse_unfreeze():

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import make_image_folder
 
 from cli import cli
 from export import finetune, finetune_cached
@@ -16,9 +17,13 @@ from export.finetune import fine_tune
 from export.finetune_cached import HeadComparison, keep_fine_tuned
 from export.front_cache import cache_front
 from export.front_cut import _graph_from, block_of, cut_backbone
+from export.holdout import row_roles
 from export.keras_models import backbone_of, load_fine_tuned, sidecar_path
 from extract.errors import TransferKitError
+from extract.job import run_extraction
 from extract.models import build_backbone
+from extract.splits import SplitSettings
+from extract.store import FeatureStore
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +72,20 @@ def test_cli_refuses_more_blocks_than_the_backbone_has(workspace, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def comparison(head: float, fine_tuned: float) -> HeadComparison:
+    return HeadComparison("svm", head=head, fine_tuned=fine_tuned, decide_images=252, head_images=2025,
+                          fit_images=1822, stop_images=203, stop_accuracy=0.95)
+
+
 def test_keep_rule():
     assert keep_fine_tuned(0.90, 0.89) and not keep_fine_tuned(0.89, 0.89) and not keep_fine_tuned(0.88, 0.89)
-    won = HeadComparison("svm", head=0.871, fine_tuned=0.889, validation_images=252, train_images=1770)
-    lost = HeadComparison("svm", head=0.889, fine_tuned=0.871, validation_images=252, train_images=1770)
-    assert won.line("m.keras") == ("fine-tuned 0.889 on validation > svm head 0.871 (252 images): "
-                                   "kept the fine-tuned model; wrote m.keras")
-    assert lost.line("m.keras") == ("fine-tuned 0.871 on validation <= svm head 0.889 (252 images): "
-                                    "kept the head; model not written")
+    won, lost, tie = comparison(0.871, 0.889), comparison(0.889, 0.871), comparison(0.889, 0.889)
+    assert won.line("m.keras") == ("fine-tuned 0.889 > svm head 0.871 on 252 images (validation split; the epoch "
+                                   "was picked on 203 other train images): kept the fine-tuned model; wrote m.keras")
+    assert lost.line("m.keras") == ("fine-tuned 0.871 <= svm head 0.889 on 252 images (validation split; the epoch "
+                                    "was picked on 203 other train images): kept the head; model not written")
     assert won.to_dict()["kept"] == "fine-tuned" and lost.to_dict()["kept"] == "head"
+    assert tie.kept == "head"  # a tie keeps the head: smaller, already exported
 
 
 def test_head_wins_no_model_written(workspace, tmp_path):
@@ -88,10 +98,10 @@ def test_head_wins_no_model_written(workspace, tmp_path):
     metrics = json.loads((tmp_path / "m-report" / "metrics.json").read_text())
     comparison = metrics["comparison"]
     assert comparison["kept"] == "head" and comparison["fine_tuned"] <= comparison["head"]
-    # before training, the classifier is the head fitted on the train images: the same validation accuracy
-    assert metrics["validation_before"]["accuracy"] == pytest.approx(comparison["head"])
-    assert (f"fine-tuned {comparison['fine_tuned']:.3f} on validation <= softmax head {comparison['head']:.3f} "
-            f"({comparison['validation_images']} images): kept the head; model not written") in result.stdout
+    assert metrics["validation_before"]["on"] == "stop rows"
+    assert (f"fine-tuned {comparison['fine_tuned']:.3f} <= softmax head {comparison['head']:.3f} on "
+            f"{comparison['decide_images']} images (validation split; the epoch was picked on "
+            f"{comparison['stop_images']} other train images): kept the head; model not written") in result.stdout
     assert not out.exists() and not sidecar_path(out).exists() and not (tmp_path / "m.best.keras").exists()
     assert metrics["written"] is False and "(the fine-tuned model, not written)" in result.stdout
     assert result.stderr == ""  # --quiet: no bars
@@ -100,15 +110,27 @@ def test_head_wins_no_model_written(workspace, tmp_path):
 @pytest.fixture(scope="module")
 def fine_tuned_won(workspace, tmp_path_factory):
     """A cached run where the head to beat is made wrong on every validation image; records the order in
-    which images were read and the decision made."""
+    which images were read, which rows each step read, and the decision made."""
     patch = pytest.MonkeyPatch()
     events = []
     real_baseline, real_cache_load, real_report_load = (finetune_cached.baseline_head, finetune_cached.cache_front,
                                                         finetune.load_image)
+    real_dataset, real_accuracy = finetune_cached.cached_dataset, finetune_cached.accuracy_on
 
-    def wrong_head(*args, **kwargs):
-        _, start, dropout = real_baseline(*args, **kwargs)
-        return 0.0, start, dropout
+    def wrong_head(kind, rows, back, seed):
+        events.append(("head", {"fit": rows.fit.relpaths, "stop": rows.stop.relpaths, "decide": rows.decide.relpaths}))
+        baseline = real_baseline(kind, rows, back, seed)
+        baseline.accuracy = 0.0
+        return baseline
+
+    def dataset(split, batch_size, seed, train):  # train=True: gradient steps; False: the early-stopping loss
+        events.append(("train" if train else "pick epoch", split.relpaths))
+        return real_dataset(split, batch_size, seed, train)
+
+    def scored(trainer, split, batch_size):
+        accuracy = real_accuracy(trainer, split, batch_size)
+        events.append(("score", (frozenset(split.relpaths), accuracy)))
+        return accuracy
 
     def cached(front, images, *args, **kwargs):
         events.extend(("cache", p) for p in images.relpaths)
@@ -126,6 +148,8 @@ def fine_tuned_won(workspace, tmp_path_factory):
     real_train = finetune.train_cached
     patch.setattr(finetune_cached, "baseline_head", wrong_head)
     patch.setattr(finetune_cached, "cache_front", cached)
+    patch.setattr(finetune_cached, "cached_dataset", dataset)
+    patch.setattr(finetune_cached, "accuracy_on", scored)
     patch.setattr(finetune, "train_cached", decided)
     patch.setattr(finetune, "load_image", report_load)
     out = tmp_path_factory.mktemp("won") / "m.keras"
@@ -170,15 +194,56 @@ def test_validation_decides_and_test_is_read_only_afterwards(fine_tuned_won, wor
     test_paths = {str(workspace.images / p) for p, s in split_of.items() if s == "test"}
     reported = [i for i, (kind, p) in enumerate(events) if kind == "report" and p in test_paths]
     assert reported and min(reported) > decided_at  # test images are decoded after the decision, for the report
-    assert result.comparison["validation_images"] == sum(s == "validation" for s in split_of.values())
+    assert result.comparison["decide_images"] == sum(s == "validation" for s in split_of.values())
     assert result.test["images"] == len(test_paths)
 
 
+def test_the_epoch_is_picked_on_train_rows_the_validation_split_decides(fine_tuned_won, workspace):
+    """No image both picks the epoch and decides keep-or-not; the head to beat was fitted on the fit and stop
+    rows, the stop rows are the stated hash carve of the train split."""
+    _, result, events = fine_tuned_won
+    features = workspace.features()
+    split_of = dict(zip(features.paths, features.splits))
+    validation = {p for p, s in split_of.items() if s == "validation"}
+    trained = {p for kind, rows in events if kind == "train" for p in rows}
+    picked = {p for kind, rows in events if kind == "pick epoch" for p in rows}
+    assert trained and picked and not trained & picked and not (trained | picked) & validation
+    assert trained | picked == {p for p, s in split_of.items() if s == "train"}
+    images = from_feature_set(features, workspace.images)
+    stated = row_roles(images.subset("train"), images.subset("validation"), SplitSettings.resolve(features.store_attrs))
+    assert picked == set(stated.stop.relpaths) and trained == set(stated.fit.relpaths)
+    [head_rows] = [rows for kind, rows in events if kind == "head"]
+    assert set(head_rows["fit"]) | set(head_rows["stop"]) == trained | picked  # the head: the same train images
+    assert set(head_rows["decide"]) == validation
+    scores = dict(rows for kind, rows in events if kind == "score")
+    assert result.comparison["fine_tuned"] == scores[frozenset(validation)]  # what decided: validation rows
+    assert result.comparison["stop_accuracy"] == scores[frozenset(picked)]  # reported, not deciding
+    assert result.comparison["stop_images"] == len(picked) and result.comparison["fit_images"] == len(trained)
+    assert result.comparison["head_images"] == len(trained | picked) and result.comparison["on"] == "validation split"
+
+
+def test_a_store_without_validation_decides_on_a_second_carve_of_train(tmp_path):
+    images = make_image_folder(tmp_path / "images", per_class=10, size=40)
+    store = tmp_path / "features.h5"
+    run_extraction(images, store, backbone="mobilenet_v2", weights="none", input_size=32, seed=0,
+                   validation_split=0.0, test_split=0.2, engine="keras", progress=False)
+    out = tmp_path / "m.keras"
+    result = fine_tune(images, "mobilenet_v2", out, store=store, weights="none", image_size=32, epochs=1, batch_size=8)
+    splits = FeatureStore(store).read("mobilenet_v2").splits
+    c = result.comparison
+    assert "validation" not in set(splits) and c["on"] == "carved from train (no validation split)"
+    assert c["fit_images"] + c["stop_images"] + c["decide_images"] == int(np.sum(splits == "train"))
+    assert c["decide_images"] == 3 and c["stop_images"] == 3  # one image of each class for each job
+    assert c["head_kind"] == "softmax" and result.written == (c["kept"] == "fine-tuned") == out.exists()
+    assert json.loads((tmp_path / "m-report" / "metrics.json").read_text())["comparison"] == c
+
+
 @pytest.mark.parametrize("kind", ["rbf", "mlp"])
-def test_the_head_to_beat_and_the_classifiers_start(kind):
-    """The head to beat has the --head's kind; the classifier starts from its dense layers, or from a
-    softmax probe when the kind has none (rbf)."""
-    from export.finetune_cached import baseline_head
+def test_the_head_to_beat_and_the_classifiers_start(kind, monkeypatch):
+    """The head to beat has the --head's kind and is fitted on the fit + stop rows; the classifier starts
+    from the dense layers of one fitted on the fit rows alone, a softmax probe when the kind has none (rbf)."""
+    from classify.heads import make_head
+    from export.finetune_cached import CachedRows, baseline_head
     from export.front_cache import CachedSplit
 
     rng = np.random.default_rng(0)
@@ -189,8 +254,42 @@ def test_the_head_to_beat_and_the_classifiers_start(kind):
         tensors = (centres[labels][:, None, None, :] + rng.normal(0, 1, (n, 2, 2, 8))).astype(np.float32)
         return CachedSplit(tensors, labels, tensors[:, :, ::-1])
 
+    fits = []
+
+    def recording(name, seed):
+        head = make_head(name, seed)
+        fit = head.fit
+        head.fit = lambda X, y: (fits.append((name, len(y))), fit(X, y))[1]
+        return head
+
+    monkeypatch.setattr(finetune_cached, "make_head", recording)
+    rows = CachedRows(split(30), split(6), split(15), "validation split")
     back = keras.Sequential([keras.Input((2, 2, 8)), keras.layers.GlobalAveragePooling2D()])
-    accuracy, layers, dropout = baseline_head(kind, split(30), split(15), back, seed=0)
-    assert 0.9 <= accuracy <= 1.0  # well separated classes
-    assert [W.shape for W, _ in layers][-1] == (layers[-1][0].shape[0], 3)
-    assert len(layers) == (1 if kind == "rbf" else 2) and dropout == (0.0 if kind == "rbf" else pytest.approx(0.3))
+    baseline = baseline_head(kind, rows, back, seed=0)
+    assert fits == [(kind, 36), ("softmax" if kind == "rbf" else kind, 30)]
+    X = {name: rows_of.tensors.mean(axis=(1, 2)) for name, rows_of in vars(rows).items() if name != "decide_source"}
+    again = make_head(kind, 0).fit(np.concatenate([X["fit"], X["stop"]]), np.r_[rows.fit.labels, rows.stop.labels])
+    assert baseline.accuracy == np.mean(again.predict(X["decide"]) == rows.decide.labels) >= 0.9
+    assert baseline.head_images == 36 and [W.shape for W, _ in baseline.start][-1][1] == 3
+    assert len(baseline.start) == (1 if kind == "rbf" else 2)
+    assert baseline.dropout == (0.0 if kind == "rbf" else pytest.approx(0.3))
+
+
+def test_the_sweep_trains_every_setting_from_the_same_start(workspace, tmp_path):
+    """bench/finetune_sweep.py: one front cache, the back's weights restored before each setting, so the
+    same setting twice gives the same figures, to the last bit of the training loss; test is scored."""
+    from dataclasses import replace
+
+    from bench.finetune_sweep import parse_settings, sweep
+    from export.finetune import TrainingSettings, starting_point
+
+    begin = starting_point(workspace.images, None, workspace.head, workspace.store, None, None, 0)
+    roles = row_roles(begin.images.subset("train"), begin.images.subset("validation"), begin.split_settings)
+    base = replace(TrainingSettings.for_mode(True, None, None, batch_size=12), patience=1)
+    settings = parse_settings("3e-4:constant:1,3e-4:constant:1")
+    assert settings[0] == {"learning_rate": 3e-4, "schedule": "constant", "epochs": 1}
+    head, rows = sweep(begin, roles, base, settings, tmp_path)
+    figures = [(r["train_loss"], r["stop"], r["decide"], r["test"], r["best_epoch"]) for r in rows]
+    assert figures[0] == figures[1]  # without the restore, the second would start from the first's weights
+    assert head["rows"]["decide"] == int(np.sum(begin.images.split == "validation"))
+    assert head["rows"]["test"] == int(np.sum(begin.images.split == "test")) and 0 <= head["test"] <= 1

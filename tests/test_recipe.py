@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +37,11 @@ def test_fit_head_all_recommends_the_recipe_unless_followed(tmp_path):
                                       str(tmp_path / "head1"), "--folds", "2", "--quiet"])
     assert "more accuracy" not in single.output  # only --kind all recommends
 
-    state = read_state(store)  # the same rows as the recipe's three mirror-averaged backbones
+    state = read_state(store)  # the same rows as the recipe's three backbones
     rows = state.backbones.pop("efficientnet_lite0")
     for name in RECIPE_BACKBONES:
-        record = replace(fake_record(name, rows.features.shape[1]), tta="flip")
-        state.backbones[f"{name}@flip"] = BackboneRows(record, rows.path, rows.sha256, rows.features)
+        state.backbones[name] = BackboneRows(fake_record(name, rows.features.shape[1]), rows.path, rows.sha256,
+                                             rows.features)
     write_state(tmp_path / "recipe.h5", state)
     followed = CliRunner().invoke(cli, ["fit-head", "--store", str(tmp_path / "recipe.h5"), "--kind", "all",
                                         "--backbone", RECIPE_FEATURES, "--out", str(tmp_path / "head2"),
@@ -64,8 +63,8 @@ def test_the_recipe_commands_run(tmp_path, monkeypatch):
         result = CliRunner().invoke(cli, [*args, "--quiet"] if args[0] == "fit-head" else args)
         assert result.exit_code == 0, (command, result.output)
     reader = FeatureStore(tmp_path / "features.h5")
-    assert set(reader.backbones) == {f"{name}@flip" for name in RECIPE_BACKBONES}
-    assert all(reader.read(name).backbone.tta == "flip" for name in reader.backbones)
+    assert set(reader.backbones) == set(RECIPE_BACKBONES)
+    assert all(reader.read(name).backbone.tta is None for name in reader.backbones)  # plain features, no mirror
     assert images.is_dir() and (tmp_path / "head" / "head.json").is_file()
     assert "more accuracy" not in result.output  # the head follows the recipe
-    assert np.isfinite(reader.read(f"{RECIPE_BACKBONES[0]}@flip").features).all()
+    assert np.isfinite(reader.read(RECIPE_BACKBONES[0]).features).all()

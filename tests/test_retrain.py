@@ -26,6 +26,9 @@ from extract.store import FeatureStore
 from extract.store_files import data_dir
 
 
+OLD_SCORE = json.dumps({"method": "stub", "threshold": 1.0})  # the stub model "had" an unknown score
+
+
 @pytest.fixture
 def setup(workspace, tmp_path: Path) -> dict:
     images, store, head = tmp_path / "images", tmp_path / "features.h5", tmp_path / "head"
@@ -35,7 +38,7 @@ def setup(workspace, tmp_path: Path) -> dict:
     shutil.copytree(workspace.head, head)
     source = {"kind": "head", "store": str(store), "head": str(head)}
     model = build_model(tmp_path / "model.onnx", metadata={
-        **METADATA, "source": json.dumps(source), "transferkit_version": "test", "created": "now"})
+        **METADATA, "source": json.dumps(source), "transferkit_version": "test", "created": "now", "ood": OLD_SCORE})
     return {"images": images, "store": store, "head": head, "model": model, "tmp": tmp_path}
 
 
@@ -73,6 +76,17 @@ def test_retrain_extracts_only_the_new_images_and_writes_a_new_model(setup):
     assert load_head(setup["tmp"] / "new-head").kind == load_head(setup["head"]).kind == "softmax"
     again = invoke(setup, review)  # --out exists now: never overwritten unless told to
     assert again.exit_code == 1 and again.output.startswith("Error: ") and "exists" in again.output
+
+
+def test_a_model_exported_without_the_unknown_score_is_retrained_without_it(setup):
+    meta = {**read_metadata(setup["model"]), "transferkit_version": "test"}
+    del meta["ood"]
+    build_model(setup["model"], metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+    review = make_image_folder(setup["tmp"] / "review", per_class=1, size=40, start=100)
+    result = invoke(setup, review)
+    assert result.exit_code == 0, result.output
+    new = setup["tmp"] / "new.onnx"
+    assert "ood" not in read_metadata(new) and [o.name for o in onnx.load(str(new)).graph.output] == ["probabilities"]
 
 
 def test_a_worse_model_is_refused_unless_allowed(setup):
