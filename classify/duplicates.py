@@ -24,6 +24,7 @@
   whose pictures shows black fill, with 10+ SIFT matches that agree on one rotation, zoom and
   shift (``classify/audit_keypoints.py``): copies rotated or shifted with black corners that the
   alignment scores low or never tries (in fruits, 36 and 51 of the 87 such pairs looked for).
+  Its similarity is the share of the sparser picture's keypoints that agree (0-1).
 
 Thresholds, measured on ../shared/datasets/fruits and trashnet with EfficientNet-Lite0 (see
 ``bench/audit_bench.py`` and the README): a 16x16 thumbnail of an unrelated photo on the same
