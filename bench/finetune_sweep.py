@@ -81,7 +81,7 @@ def sweep(begin, roles, base, settings: list[dict], work: Path) -> tuple[dict, l
 
 def run(data: str, backbone: str, weights: str, blocks: int, settings: list[dict], seed: int = 0,
         workdir: str | None = None) -> dict:
-    from export.finetune import TrainingSettings, starting_point
+    from export.finetune import TrainingSettings, head_test_score, starting_point
     from export.holdout import row_roles
 
     with tempfile.TemporaryDirectory(prefix="finetune-sweep-", dir=workdir) as tmp:
@@ -92,6 +92,7 @@ def run(data: str, backbone: str, weights: str, blocks: int, settings: list[dict
                           begin.split_anchors)
         base = TrainingSettings.for_mode(True, None, None, seed=seed, blocks=blocks)
         head, rows = sweep(begin, roles, base, settings, work)
+        head["fit_head_test"] = (head_test_score(prepared["head"], begin.store) or {}).get("accuracy")
     prepared = {k: v for k, v in prepared.items() if k not in ("store", "head")}
     best = max(rows, key=lambda r: (r["decide"], r["stop"]))
     return {"data": repo_relative(data), "backbone": backbone, "weights": weights, "blocks": blocks,
@@ -114,8 +115,12 @@ def to_markdown(r: dict) -> str:
         "| learning rate | schedule | epochs (run, best) | stop rows (picked the epoch) | decide (validation) "
         "| test (report only) | kept | train s |",
         "|--:|---|---|--:|--:|--:|---|--:|",
-        f"| `{head['kind']}` head | – | – | – | {head['decide']:.3f} | {head['test']:.3f} | – | – |",
+        f"| `{head['kind']}` head (fit + stop rows) | – | – | – | {head['decide']:.3f} | {head['test']:.3f} | – "
+        "| – |",
     ]
+    if head.get("fit_head_test") is not None:
+        lines.append(f"| `{head['kind']}` head of `fit-head` (train + validation: what is kept otherwise) | – | – "
+                     f"| – | (in-sample) | {head['fit_head_test']:.3f} | – | – |")
     for row in r["settings"]:
         lines.append(f"| {row['learning_rate']:g} | {row['schedule']} | {row['epochs']} ({row['epochs_run']}, "
                      f"{row['best_epoch']}) | {row['stop']:.3f} | {row['decide']:.3f} | {row['test']:.3f} | "

@@ -1,8 +1,9 @@
 """The frozen front's outputs, computed once per image and kept in memory for the training epochs.
 
 In memory, float32: efficientnet_lite0 cut before its last 4 blocks gives a 7 x 7 x 192 tensor per
-image at 224 px, 37,632 bytes (about 95 MB for TrashNet's 2,527 images; train images are cached
-twice, as is and mirrored, the only augmentation a cache can hold). An on-disk cache would save the
+image at 224 px, 37,632 bytes (the train images that train, the fit rows of ``export.holdout``, are
+cached twice, as is and mirrored, the only augmentation a cache can hold; ``fine-tune``'s metrics.json
+gives the count, ``cut.cached_tensors``). An on-disk cache would save the
 front pass on a second run, but each run is one pass anyway and the key (backbone record, cut,
 image hash) would have to track every change of either; it is not worth its invalidation rules.
 """
