@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, default_data, header, run_script, write_section  # noqa: E402
 from bench.cputime import run_tree  # noqa: E402
+from classify.audit_keypoints import KEYPOINT_INLIERS  # noqa: E402
 from classify.duplicates import FEATURE_THRESHOLD  # noqa: E402
 from classify.label_checks import leak_effect_sentence  # noqa: E402
 from extract.neighbours import block_rows_for, normalise  # noqa: E402
@@ -72,11 +73,13 @@ KNOWN = {
 
 def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0) -> dict:
     """How copies score against their original: centred feature cosine, pixel-signature cosine
-    (best of the 8 dihedral variants) and alignment score (classify/audit_alignment.py), median
-    and 10th percentile over ``sample`` images per transform; and the nearest other image's
-    feature cosine in the set (what an unrelated photo scores)."""
+    (best of the 8 dihedral variants), alignment score (classify/audit_alignment.py) and agreeing
+    keypoint matches (classify/audit_keypoints.py), median and 10th percentile over ``sample``
+    images per transform; and the nearest other image's feature cosine in the set (what an
+    unrelated photo scores)."""
     from classify.audit_alignment import AlignedImages
     from classify.audit_images import _one
+    from classify.audit_keypoints import ImageKeypoints
     from extract.neighbours import nearest_other
     from extract.engine import OnnxEngine, onnx_engine_path
     from extract.store import FeatureStore
@@ -92,7 +95,8 @@ def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0
         return vector / np.linalg.norm(vector)
 
     rows = np.random.default_rng(seed).choice(len(features.paths), min(sample, len(features.paths)), replace=False)
-    scores: dict[str, dict[str, list[float]]] = {k: {"features": [], "pixels": [], "aligned": []} for k in MEASURED}
+    scores: dict[str, dict[str, list[float]]] = {k: {"features": [], "pixels": [], "aligned": [], "keypoints": []}
+                                                 for k in MEASURED}
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
             with Image.open(images / features.paths[row]) as img:
@@ -108,6 +112,7 @@ def copy_similarities(store: Path, images: Path, sample: int = 40, seed: int = 0
                 _, copy_signature, copy_variants = _one(Path(tmp) / "copy.jpg")
                 scores[kind]["pixels"].append(float(max(signature @ v for v in [copy_signature, *copy_variants])))
                 scores[kind]["aligned"].append(AlignedImages(tmp, ["original.jpg", "copy.jpg"]).score(0, 1))
+                scores[kind]["keypoints"].append(ImageKeypoints(tmp, ["original.jpg", "copy.jpg"]).inliers(0, 1))
     _, nearest = nearest_other(normalise(features.features))
     quantiles = lambda values: {"median": float(np.median(values)), "p10": float(np.quantile(values, 0.1))}
     return {"sample": len(rows), "copies": {k: {m: quantiles(v) for m, v in d.items()} for k, d in scores.items()},
@@ -231,14 +236,16 @@ def _group_line(group: dict) -> str:
 def similarity_markdown(result: dict) -> list[str]:
     lines = ["", f"How copies score against their original ({result['sample']} sampled images; median / 10th "
              "percentile; features: centred cosine, pixels: 16x16 signature, best of its 8 dihedral variants; "
-             "aligned: classify/audit_alignment.py score, a copy from 0.5):", "",
-             "| copy | features | pixels | aligned |", "|---|---|---|---|"]
+             "aligned: classify/audit_alignment.py score, a copy from 0.5; keypoints: agreeing matches, "
+             f"classify/audit_keypoints.py, a copy from {KEYPOINT_INLIERS} when one picture shows black fill):", "",
+             "| copy | features | pixels | aligned | keypoints |", "|---|---|---|---|---|"]
     for kind, d in result["copies"].items():
         lines.append("| " + " | ".join([kind] + [f"{d[m]['median']:.3f} / {d[m]['p10']:.3f}"
-                                                 for m in ("features", "pixels", "aligned")]) + " |")
+                                                 for m in ("features", "pixels", "aligned")]
+                            + [f"{d['keypoints']['median']:.0f} / {d['keypoints']['p10']:.0f}"]) + " |")
     near = result["nearest_other_features"]
     lines.append(f"| nearest other image in the set (median / 90th / 99th percentile) | {near[0.5]:.3f} / "
-                 f"{near[0.9]:.3f} / {near[0.99]:.3f} | | |")
+                 f"{near[0.9]:.3f} / {near[0.99]:.3f} | | | |")
     return lines
 
 

@@ -8,12 +8,18 @@ on the stop rows (they picked it: optimistic), the decide score (the validation 
 keep-or-not), and the test score (front outputs of the test images cached after every decision; a
 report only). The setting to make the default is the one with the best decide score, not test.
 
+`--summarize A.json B.json ...` (sweeps of several data sets) writes which setting has the best mean
+decide score over the data sets that measured it on all of them (a tie keeps the tool's default), beside
+the tool's default.
+
 Example:
     python bench/finetune_sweep.py --data ../shared/datasets/fruits --out docs/bench/finetune-sweep-fruits.md
+    python bench/finetune_sweep.py --summarize docs/bench/finetune-sweep-*.json --out docs/bench/finetune-sweep.md
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -134,6 +140,49 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def setting_key(row: dict) -> tuple:
+    return row["learning_rate"], row["schedule"], row["epochs"]
+
+
+def summarize(paths: list[str]) -> dict:
+    """Mean decide score of each setting over the data sets (settings measured on every one of them)."""
+    from export.finetune import TrainingSettings
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    by_data: dict[str, dict[tuple, dict]] = {}
+    for run in runs:
+        by_data.setdefault(run["data"], {}).update({setting_key(row): row for row in run["settings"]})
+    common = set.intersection(*(set(rows) for rows in by_data.values()))
+    rows = [{"learning_rate": k[0], "schedule": k[1], "epochs": k[2],
+             **{data: {m: by_data[data][k][m] for m in ("stop", "decide", "test", "kept")} for data in by_data},
+             "mean_decide": sum(by_data[d][k]["decide"] for d in by_data) / len(by_data)} for k in sorted(common)]
+    default = TrainingSettings.for_mode(True, None, None)
+    default = (default.learning_rate, default.schedule, default.epochs)
+    # a tie keeps the default: no change without evidence
+    best = max(rows, key=lambda r: (round(r["mean_decide"], 9), setting_key(r) == default))
+    return {"sources": [str(p) for p in paths], "data": sorted(by_data), "settings": rows,
+            "best": setting_key(best), "default": default}
+
+
+def summary_markdown(r: dict) -> str:
+    data = r["data"]
+    lines = [header("Fine-tuning settings over the data sets: mean validation (decide) score"),
+             f"From {', '.join(f'`{s}`' for s in r['sources'])} (settings measured on every data set).\n",
+             "| learning rate | schedule | epochs | " + " | ".join(f"{Path(d).name} decide (test)" for d in data)
+             + " | mean decide |", "|--:|---|--:|" + "--:|" * (len(data) + 1)]
+    for row in r["settings"]:
+        cells = " | ".join(f"{row[d]['decide']:.3f} ({row[d]['test']:.3f})" for d in data)
+        lines.append(f"| {row['learning_rate']:g} | {row['schedule']} | {row['epochs']} | {cells} | "
+                     f"{row['mean_decide']:.3f} |")
+    best, default = r["best"], r["default"]
+    same = tuple(best) == tuple(default)
+    lines += ["", f"Best mean decide score: learning rate {best[0]:g}, {best[1]}, {best[2]} epochs; the tool's "
+              f"default is {default[0]:g}, {default[1]}, {default[2]} epochs: "
+              f"{'the same' if same else 'DIFFERENT'}. Chosen on validation, never on test; a tie keeps the "
+              "default.\n"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = data_parser(__doc__, "finetune-sweep.md")
     parser.set_defaults(data=default_data("fruits"))
@@ -141,6 +190,13 @@ def main() -> None:
     parser.add_argument("--settings", default=DEFAULT_SETTINGS, help="LR:SCHEDULE:EPOCHS,... (schedule: cosine or "
                         f"constant; default {DEFAULT_SETTINGS})")
     parser.add_argument("--workdir", default=None, help="where the temporary store goes (default: the system's)")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                        help="sweeps' JSON files: write the settings' mean decide score over their data sets")
+    if "--summarize" in sys.argv:
+        args = parser.parse_args()
+        result = summarize(args.summarize)
+        write_results(args.out, summary_markdown(result), result)
+        return
     args = parse_data_args(parser)
     if "--data" in sys.argv:  # the command line the output names, runnable from the main checkout
         sys.argv[sys.argv.index("--data") + 1] = repo_relative(args.data)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from classify import duplicates, label_checks
 from classify.audit_alignment import ALIGNED_THRESHOLD, CANDIDATE_COSINE
 from classify.audit_images import images_reachable
+from classify.audit_keypoints import KEYPOINT_COSINE, KEYPOINT_INLIERS, KEYPOINT_PX, MIN_FILL
 from extract.splits import SPLITS
 from extract.store import FeatureSet, FeatureStore
 
@@ -72,6 +73,8 @@ def _settings(pixels_used: bool, feature_threshold: float) -> dict:
             "pixel_threshold": duplicates.PIXEL_THRESHOLD if pixels_used else None,
             "aligned": {"candidate_cosine": CANDIDATE_COSINE, "candidates_per_image": duplicates.CANDIDATES_PER_IMAGE,
                         "threshold": ALIGNED_THRESHOLD} if pixels_used else None,
+            "keypoints": {"candidate_cosine": KEYPOINT_COSINE, "inliers": KEYPOINT_INLIERS, "min_fill": MIN_FILL,
+                          "px": KEYPOINT_PX} if pixels_used else None,
             "mislabel_head": f"logistic regression C={label_checks.MISLABEL_C}, {label_checks.FOLDS}-fold out-of-fold",
             "outlier_mads": label_checks.OUTLIER_MADS}
 
@@ -84,10 +87,12 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
     reading = progress and images_reachable(images_root, features.paths)
     with tqdm(total=n, unit="img", desc="audit: read images", disable=not reading) as read, \
             tqdm(total=n, unit="row", desc="audit: similarities", disable=not progress) as bar, \
-            tqdm(unit="pair", desc="audit: align pictures", disable=not progress) as aligning:
+            tqdm(unit="pair", desc="audit: align pictures", disable=not progress) as aligning, \
+            tqdm(unit="img", desc="audit: keypoints", disable=not progress) as matching:
         pairs, pixels = duplicates.copy_pairs(features.features, features.paths, features.sha256, images_root,
                                               feature_threshold, read_progress=read.update, progress=bar.update,
-                                              align_progress=lambda total: _counting(aligning, total))
+                                              align_progress=lambda total: _counting(aligning, total),
+                                              keypoint_progress=lambda total: _counting(matching, total))
     groups = duplicates.group_duplicates(pairs, features.splits, features.labels, features.class_names)
     leaked = duplicates.leaked_test_rows(groups, features.splits)
     with tqdm(total=label_checks.FOLDS, unit="fold", desc="audit: mislabels", disable=not progress) as bar:

@@ -26,8 +26,10 @@ one-off run of ``aligned_pairs`` on the extra pairs, loaded machine): down to
 0.65 (5 per image) they add 1,196 pairs to align in fruits and 875 in TrashNet (+9 and +8 CPU
 seconds on a loaded machine) and link 4 and 1 more pairs, of which 3 and 0 looked like copies;
 looking only around images with black fill (down to 0.55, 3 per image) added 1,849 fruits pairs
-for 3 more links. Not worth it: the copies rotated by 30 degrees that the audit misses often fail
-the alignment too (their aligned scores, median and 10th percentile, are in ``docs/bench/audit.md``).
+for 3 more links. Not worth it: the copies rotated by 30 degrees that the alignment misses often fail
+it however similar their features (their aligned scores, median and 10th percentile, are in
+``docs/bench/audit.md``); copies with black fill are checked by keypoints instead, from a features
+cosine of 0.60 (``classify/audit_keypoints.py``).
 
 Cost: each image is decoded and prepared once per run (its mirror is a view of it: a mirror only
 reverses the angles of the log-polar spectrum), pairs are visited in reverse Cuthill-McKee order

@@ -42,10 +42,10 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
       python cli.py fit-head --store features.h5 --kind rbf --backbone resnet50 --out head-rbf --json
       python cli.py fit-head --store features.h5 --kind all --backbone efficientnet_lite0+efficientnet_lite1 --out head
     """
-    from classify.recipe import recipe_hint
-    from classify.train import fit_heads
+    from extract.startup import import_library
 
-    rows = fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, folds=folds, progress=not quiet)
+    recipe, train = import_library("classify.recipe", "classify.train")
+    rows = train.fit_heads(store, kind=kind, backbone=backbone, out=out, seed=seed, folds=folds, progress=not quiet)
     if as_json:
         for row in rows:
             click.echo(strict_json(row))
@@ -58,7 +58,7 @@ def fit_head_command(store, kind, backbone, out, folds, seed, as_json, quiet):
     best = next(row for row in rows if row["saved"])
     click.echo(f"{best['kind']} head ({best['n_train'] + best['n_val']} training images, {best['cv_folds']}-fold CV) "
                f"saved to {best['head']}")
-    hint = recipe_hint(store, best["backbone"], out) if kind == "all" else None
+    hint = recipe.recipe_hint(store, best["backbone"], out) if kind == "all" else None
     if hint:
         click.echo(hint)
 

@@ -1,4 +1,4 @@
-"""Near-duplicate groups from four kinds of evidence, and what they mean for the splits.
+"""Near-duplicate groups from six kinds of evidence, and what they mean for the splits.
 
 - ``exact``: the same file bytes (sha256).
 - ``pixels``: 16x16 greyscale thumbnails with cosine >= ``PIXEL_THRESHOLD``, one against each of
@@ -19,6 +19,12 @@
   once rotated, scaled, shifted and possibly mirrored onto each other, share their fine detail
   (``classify/audit_alignment.py``): copies rotated with black corners, zoomed, cropped to 80 %
   or mirrored, which score 0.75-0.90 in the features like different photos of the same fruit.
+- ``keypoints``: pairs with a features cosine from ``KEYPOINT_COSINE`` (0.60) under the feature
+  threshold (the same ``CANDIDATES_PER_IMAGE`` per image), not linked by the rules above, one of
+  whose pictures shows black fill, with 10+ SIFT matches that agree on one rotation, zoom and
+  shift (``classify/audit_keypoints.py``): copies rotated or shifted with black corners that the
+  alignment scores low or never tries (in fruits, 36 and 51 of the 87 such pairs looked for).
+  Its similarity is the share of the sparser picture's keypoints that agree (0-1).
 
 Thresholds, measured on ../shared/datasets/fruits and trashnet with EfficientNet-Lite0 (see
 ``bench/audit_bench.py`` and the README): a 16x16 thumbnail of an unrelated photo on the same
@@ -41,8 +47,9 @@ import numpy as np
 
 from classify.audit_alignment import CANDIDATE_COSINE, aligned_pairs
 from classify.audit_images import ImageSignatures, images_reachable, read_images
+from classify.audit_keypoints import KEYPOINT_COSINE, keypoint_pairs
 from extract.neighbours import (NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, mutual_nearest_pairs,
-                                normalise, similar_and_nearest, similar_pairs, strongest_pairs)
+                                normalise, similar_and_nearest, similar_pairs)
 from extract.splits import SPLITS
 
 FEATURE_THRESHOLD = NEAR_DUPLICATE_COSINE
@@ -80,34 +87,50 @@ def _with_variants(unit: np.ndarray, variants: np.ndarray, threshold: float) -> 
 
 
 def find_pairs(features: np.ndarray, pixels: ImageSignatures | None, feature_threshold: float = FEATURE_THRESHOLD,
-               pixel_threshold: float = PIXEL_THRESHOLD, progress=None, align_progress=None) -> dict[str, np.ndarray]:
-    """``{"exact"|"pixels"|"features"|"mutual"|"aligned": (m, 3) array of (i, j, similarity)}``, i < j.
+               pixel_threshold: float = PIXEL_THRESHOLD, progress=None, align_progress=None,
+               keypoint_progress=None) -> dict[str, np.ndarray]:
+    """``{"exact"|"pixels"|"features"|"mutual"|"aligned"|"keypoints": (m, 3) array of (i, j, similarity)}``, i < j.
 
-    ``align_progress(total)`` is called once with the number of pairs to align and returns the
-    callable that counts them (or None).
+    ``align_progress(total)`` (and ``keypoint_progress(total)``) is called once with the number of
+    pairs to align (of images to find keypoints in) and returns the callable that counts them (or None).
     """
     unit = normalise(features)
-    close, nearest = similar_and_nearest(unit, min(feature_threshold, CANDIDATE_COSINE), progress=progress)
+    close, nearest, candidates = similar_and_nearest(
+        unit, min(feature_threshold, CANDIDATE_COSINE), progress=progress,
+        per_row=CANDIDATES_PER_IMAGE if pixels is not None else 0, band=(KEYPOINT_COSINE, feature_threshold))
     mutual = mutual_nearest_pairs(unit, nearest=nearest)
     keep = (mutual[:, 2] >= MUTUAL_COSINE) & (mutual[:, 2] < feature_threshold) & (mutual[:, 3] >= MUTUAL_MARGIN)
     found = {"features": close[close[:, 2] >= feature_threshold], "mutual": mutual[keep, :3]}
     if pixels is not None:
         found["exact"] = exact_pairs(pixels.sha256)
         found["pixels"] = _with_variants(pixels.signatures, pixels.variants, pixel_threshold)
-        candidates = strongest_pairs(close[close[:, 2] < feature_threshold], CANDIDATES_PER_IMAGE)
-        found["aligned"] = aligned_pairs(pixels.root, pixels.paths, candidates,
-                                         progress=align_progress(len(candidates)) if align_progress else None)
+        to_align = candidates[candidates[:, 2] >= CANDIDATE_COSINE]
+        found["aligned"] = aligned_pairs(pixels.root, pixels.paths, to_align,
+                                         progress=align_progress(len(to_align)) if align_progress else None)
+        to_match = _not_linked(len(unit), candidates, found)
+        found["keypoints"] = keypoint_pairs(pixels.root, pixels.paths, to_match, progress=keypoint_progress(
+            len(np.unique(to_match[:, :2]))) if keypoint_progress else None)
     return found
+
+
+def _not_linked(n: int, candidates: np.ndarray, found: dict[str, np.ndarray]) -> np.ndarray:
+    """The candidate pairs whose two images are not yet in one group."""
+    group = np.arange(n)
+    for k, rows in enumerate(pair_groups(n, found)):
+        group[rows] = n + k
+    i, j = candidates[:, 0].astype(np.int64), candidates[:, 1].astype(np.int64)
+    return candidates[group[i] != group[j]]
 
 
 def copy_pairs(features: np.ndarray, paths: list[str], sha256: list[str | None], images_root: str | Path | None,
                feature_threshold: float = FEATURE_THRESHOLD, read_progress=None, progress=None,
-               align_progress=None) -> tuple[dict[str, np.ndarray], ImageSignatures | None]:
+               align_progress=None, keypoint_progress=None) -> tuple[dict[str, np.ndarray], ImageSignatures | None]:
     """``find_pairs`` on the features and, when ``images_root`` still holds the files, on the files
     too (read once: hashes, thumbnails); without the files, exact copies come from the stored
     ``sha256``. Returns the pairs and the files' signatures (None without the files)."""
     pixels = read_images(images_root, paths, progress=read_progress) if images_reachable(images_root, paths) else None
-    pairs = find_pairs(features, pixels, feature_threshold, progress=progress, align_progress=align_progress)
+    pairs = find_pairs(features, pixels, feature_threshold, progress=progress, align_progress=align_progress,
+                       keypoint_progress=keypoint_progress)
     if pixels is None:
         pairs["exact"] = exact_pairs(list(sha256))
     return pairs, pixels

@@ -20,6 +20,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from classify.dense import Layers, fold_standardisation, logits, softmax
+from classify.parallel import map_tasks
 from classify.progress import SILENT, FitProgress, Prefixed, fold_label
 from classify.selection import DEFAULT_FOLDS, stratified_folds
 from classify.streamed import column_moments, row_chunks
@@ -192,15 +193,22 @@ def binary_to_two_columns(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.n
     return np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
 
 
-def cross_val_scores(head: Head, X, y, n_folds: int = DEFAULT_FOLDS, seed: int = 0,
-                     progress: FitProgress | None = None) -> list[float]:
-    """Accuracy of a fresh clone of ``head`` on each stratified fold of ``(X, y)`` (the folds the
-    tuned heads search on, given the same labels, count and seed); each clone's fits are reported
-    to ``progress`` under its fold's name."""
+def fit_and_cross_validate(head: Head, X, y, n_folds: int = DEFAULT_FOLDS, seed: int = 0,
+                           progress: FitProgress | None = None) -> tuple[Head, list[float]]:
+    """``head`` fitted on every row, and the accuracy of a fresh clone of it on each stratified fold
+    of ``(X, y)`` (the folds the tuned heads search on, given the same labels, count and seed). The
+    fits are independent, so they run as tasks (classify.parallel), the one on every row first (the
+    longest); each clone's fits are reported to ``progress`` under its fold's name."""
     X, y = np.asarray(X), np.asarray(y)
     folds = stratified_folds(y, n_folds, seed)
-    accuracies = []
-    for i, (train, held) in enumerate(folds):
-        fitted = clone(head).fit(X[train], y[train], progress=Prefixed(progress or SILENT, fold_label(i, len(folds))))
-        accuracies.append(float(np.mean(fitted.predict(X[held]) == y[held])))
-    return accuracies
+    progress = progress or SILENT
+
+    def run(fold: int | None) -> Head | float:
+        if fold is None:
+            return head.fit(X, y, progress=progress)
+        train, held = folds[fold]
+        fitted = clone(head).fit(X[train], y[train], progress=Prefixed(progress, fold_label(fold, len(folds))))
+        return float(np.mean(fitted.predict(X[held]) == y[held]))
+
+    fitted, *accuracies = map_tasks(run, [None, *range(len(folds))])
+    return fitted, accuracies

@@ -28,11 +28,12 @@ from classify.dense import Layers, fold_standardisation, train_dense
 from classify.estimator import (DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, SEED_CONSTRAINT, STREAM_CONSTRAINT,
                                 Head, LinearHead, binary_to_two_columns, check_grid)
 from classify.kinds import KIND_CHOICES, KIND_NAMES  # noqa: F401  (KIND_CHOICES re-exported)
+from classify.parallel import map_tasks
 from classify.rbf import RBFHead
 from classify.progress import fold_label
 from classify.selection import best_index, holdout_split, stratified_folds
 from classify.streamed import search_C, streams
-from classify.svm import PairwiseHead, class_scores, fit_temperature, pair_signs, search
+from classify.svm import PairwiseHead, class_scores, fit_temperature, gram, pair_signs, search
 
 
 class _CGridStreamed:
@@ -85,7 +86,7 @@ class SVMHead(_CGridStreamed, PairwiseHead):
         self.temperature_ = fit_temperature(held_out, y[found.held_out_rows])
 
     def _fit(self, X, y, progress) -> None:
-        K = X @ X.T
+        K = gram(X)
         found = search([K], y, self._C_grid(), stratified_folds(y, self.cv, self.seed),
                        len(self.classes_), self.n_jobs, progress)
         self.C_ = found.settings[found.best][1]
@@ -148,32 +149,41 @@ class SoftmaxHead(_CGridStreamed, LinearHead):
     def _path(self, X: np.ndarray, y: np.ndarray, Cs: list[float], start=None):
         """The models fitted for each C in ``Cs`` (ascending), each warm-started from the last (the
         first from ``start``, a ``(coef, intercept)`` pair, when given)."""
-        from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
 
         model = LogisticRegression(max_iter=self.max_iter, tol=self.tol, warm_start=True)
         if start is not None:
             model.coef_, model.intercept_ = start  # what warm_start resumes from
         for C in Cs:
-            with warnings.catch_warnings():  # a fit stopped at max_iter is judged by its CV score like any other
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                model.set_params(C=C).fit(X, y)
-            yield model
+            yield model.set_params(C=C).fit(X, y)
 
     def _fit(self, X, y, progress) -> None:
+        from sklearn.exceptions import ConvergenceWarning
+
+        # one filter around the whole search, not one per fit: the folds' fits run in threads, and
+        # catch_warnings entered and left by several threads at once restores the wrong filters
+        with warnings.catch_warnings():  # a fit stopped at max_iter is judged by its CV score like any other
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self._search(X, y, progress)
+
+    def _search(self, X, y, progress) -> None:
         Cs = self._C_grid()
         X = X.astype(np.float32)
-        scores, solutions = [], []  # (folds, Cs) accuracies and (coef, intercept)
         folds = stratified_folds(y, self.cv, self.seed)
         progress.planned(len(Cs) * len(folds) + 1)
-        for f, (train, held) in enumerate(folds):
+
+        def fold_path(f: int) -> list[tuple[float, np.ndarray, np.ndarray]]:
+            """(held-out accuracy, coef, intercept) at each C of fold ``f``'s path."""
+            train, held = folds[f]
             models = []
             for C, m in zip(Cs, self._path(X[train], y[train], Cs)):
                 models.append((np.mean(m.predict(X[held]) == y[held]), m.coef_.copy(), m.intercept_.copy()))
                 progress.fitted(f"C={C:g} {fold_label(f, len(folds))}")
-            scores.append([score for score, *_ in models])
-            solutions.append([solution for _, *solution in models])
-        scores = np.array(scores).T  # (Cs, folds)
+            return models
+
+        paths = map_tasks(fold_path, range(len(folds)))  # the folds' paths are independent
+        scores = np.array([[score for score, *_ in path] for path in paths]).T  # (Cs, folds)
+        solutions = [[solution for _, *solution in path] for path in paths]  # (folds, Cs) of (coef, intercept)
         best = best_index(scores.mean(axis=1))
         self.C_ = Cs[best]
         self.cv_accuracy_ = {f"C={C:g}": float(s.mean()) for C, s in zip(Cs, scores)}

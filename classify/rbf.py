@@ -23,7 +23,7 @@ import numpy as np
 
 from classify.estimator import DEFAULT_FOLDS, FOLDS_CONSTRAINT, POSITIVE_INT, SEED_CONSTRAINT, check_grid
 from classify.selection import stratified_folds
-from classify.svm import PairwiseHead, search, squared_distances
+from classify.svm import PairwiseHead, gram, search, squared_distances
 
 MAX_ROWS = 20_000  # the search holds one float64 Gram matrix per gamma: 20,000 rows is 3.2 GB each
 
@@ -57,7 +57,7 @@ class RBFHead(PairwiseHead):
             raise ValueError(f"RBFHead: {len(X)} rows; the kernel search keeps {len(X)}^2 floats per gamma, "
                              f"so it stops at {MAX_ROWS} rows: use a linear head")
         gammas = [g / X.shape[1] for g in check_grid("RBFHead", "gammas", self.gammas)]
-        d2 = squared_distances(X, X)
+        d2 = squared_distances(X, X, gram(X))  # the svm head's Gram matrix, under fit-head --kind all
         kernels = [np.multiply(d2, -gamma) for gamma in gammas]
         for K in kernels:
             np.exp(K, out=K)  # in place: one n x n array per gamma

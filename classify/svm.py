@@ -18,13 +18,15 @@ features (0.878 vs 0.887 for the RBF head), so votes it is.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
 from classify.estimator import Head
+from classify.parallel import map_tasks
 from classify.progress import SILENT, FitProgress, fold_label
 from classify.selection import Fold, best_index
 
@@ -36,13 +38,51 @@ def pairs(n_classes: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n_classes) for j in range(i + 1, n_classes)]
 
 
-def squared_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+def squared_distances(A: np.ndarray, B: np.ndarray, products: np.ndarray | None = None) -> np.ndarray:
+    """``|a - b|^2`` for every row pair; ``products``: ``A @ B.T`` when already computed (kept as is)."""
     A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
-    products = A @ B.T
-    products *= 2.0
+    if products is None:
+        doubled = A @ B.T
+        doubled *= 2.0
+    else:
+        doubled = np.multiply(products, 2.0)
     d2 = (A * A).sum(axis=1)[:, None] + (B * B).sum(axis=1)[None, :]
-    d2 -= products  # |a|^2 + |b|^2 - 2 a.b, as before, with two n x m temporaries fewer
+    d2 -= doubled  # |a|^2 + |b|^2 - 2 a.b, as before, with two n x m temporaries fewer
     return np.maximum(d2, 0.0, out=d2)
+
+
+_shared_grams: list[tuple[np.ndarray, np.ndarray]] | None = None  # (rows, Gram) while sharing_grams is on
+_gram_lock = threading.Lock()
+
+
+@contextmanager
+def sharing_grams() -> Iterator[None]:
+    """Meanwhile ``gram`` computes the product of equal rows once (fit-head --kind all: the svm and
+    rbf heads standardise the same rows identically, and their Gram matrix is most of their set-up)."""
+    global _shared_grams
+    _shared_grams = []
+    try:
+        yield
+    finally:
+        _shared_grams = None
+
+
+def gram(X: np.ndarray) -> np.ndarray:
+    """``X @ X.T``, read-only; inside ``sharing_grams``, computed once for rows equal to ``X``."""
+    if _shared_grams is None:
+        return _read_only(X @ X.T)
+    with _gram_lock:  # a second head asking meanwhile waits for the first one's product
+        for rows, product in _shared_grams:
+            if np.array_equal(rows, X):
+                return product
+        product = _read_only(X @ X.T)
+        _shared_grams.append((X, product))
+        return product
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 @dataclass
@@ -148,9 +188,7 @@ def search(kernels: list[np.ndarray], y: np.ndarray, Cs: list[float], folds: lis
                                                     lambda C: progress.fitted(f"{names[k]}C={C:g} {label}"))):
             oof[(k, C)][fold[1]] = decisions
 
-    tasks = [(k, f) for k in range(len(kernels)) for f in range(len(folds))]
-    with ThreadPoolExecutor(max_workers=n_jobs) as pool:  # libsvm releases the GIL
-        list(pool.map(run, tasks))
+    map_tasks(run, [(k, f) for k in range(len(kernels)) for f in range(len(folds))], n_jobs)  # libsvm frees the GIL
     fold_scores = [[float(np.mean(class_scores(oof[s][held], n_classes).argmax(axis=1) == y[held]))
                     for _, held in folds] for s in settings]
     best = best_index([np.mean(scores) for scores in fold_scores])

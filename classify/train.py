@@ -12,21 +12,22 @@ same folds to every kind. The test split is read only after the choice is made, 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from classify.data import check_trainable
-from classify.estimator import DEFAULT_FOLDS, Head, cross_val_scores
+from classify.estimator import DEFAULT_FOLDS, Head, fit_and_cross_validate
 from classify.fingerprints import training_store
 from classify.heads import HEAD_KINDS, KIND_CHOICES, make_head
 from classify.joined import joined_name, read_features
+from classify.parallel import run_side_by_side
 from classify.persist import TrainedHead, save_head
 from classify.progress import FitProgress, KindBar
 from classify.scoring import scores
 from classify.selection import best_index
+from classify.svm import sharing_grams
 from extract.engine import default_threads
 from extract.splits import split_counts
 from extract.store import FeatureSet
@@ -40,10 +41,11 @@ def _fit_one(kind: str, X: np.ndarray, y: np.ndarray, folds: int, seed: int,
     took; ``progress`` hears of every fit (the search's, and the CV folds of heads without one)."""
     started = time.perf_counter()
     head = make_head(kind, seed)
-    if "cv" in head.get_params():
-        head.set_params(cv=folds)
-    head.fit(X, y, progress=progress)
-    cv = getattr(head, "cv_scores_", None) or cross_val_scores(make_head(kind, seed), X, y, folds, seed, progress)
+    if "cv" in head.get_params():  # a search: its CV scores are the chosen setting's
+        head.set_params(cv=folds).fit(X, y, progress=progress)
+        cv = head.cv_scores_
+    else:  # none (the mlp): its CV folds are fits of their own
+        head, cv = fit_and_cross_validate(head, X, y, folds, seed, progress)
     return head, [float(s) for s in cv], time.perf_counter() - started
 
 
@@ -54,17 +56,18 @@ def choose(cv_means: list[float]) -> int:
 
 def fit_candidates(kinds: list[str], X: np.ndarray, y: np.ndarray, folds: int, seed: int,
                    progress: bool = False) -> list[tuple[Head, list[float], float]]:
-    """Fit each kind on ``(X, y)``, one thread per core, each with BLAS on one thread (the fits are
-    independent; libsvm and numpy's products release the GIL). Results come back in ``kinds`` order
-    and do not depend on the number of threads. ``progress``: one bar per kind on stderr, a tick
-    per fit of its search (``C=0.01 fold 2/5``), one line per kind when done."""
+    """Fit each kind on ``(X, y)``: side by side on a thread per core, each fit with BLAS on one
+    thread, and a thread with no kind left to start taking the others' CV fits (classify.parallel);
+    the svm and rbf heads share their Gram matrix. Results come back in ``kinds`` order and are those
+    of fitting the kinds one after another. ``progress``: one bar per kind on stderr, a tick per fit
+    of its search (``C=0.01 fold 2/5``), one line per kind when done. On Ctrl-C no more fits start."""
     bars = {kind: KindBar(kind, position, enabled=progress) for position, kind in enumerate(kinds)}
+    order = _slowest_first(kinds)
     try:
-        with threadpool_limits(limits=1, user_api="blas"), \
-                ThreadPoolExecutor(min(len(kinds), default_threads())) as pool:
-            futures = {kind: pool.submit(_fit_one, kind, X, y, folds, seed, bars[kind])
-                       for kind in _slowest_first(kinds)}
-            return [futures[kind].result() for kind in kinds]
+        with threadpool_limits(limits=1, user_api="blas"), sharing_grams():
+            fitted = run_side_by_side(lambda kind: _fit_one(kind, X, y, folds, seed, bars[kind]), order,
+                                      default_threads())
+        return [fitted[order.index(kind)] for kind in kinds]
     finally:
         for bar in bars.values():
             bar.close()
@@ -72,7 +75,7 @@ def fit_candidates(kinds: list[str], X: np.ndarray, y: np.ndarray, folds: int, s
 
 def _slowest_first(kinds: list[str]) -> list[str]:
     """The order the kinds start in: the longest fits first, so that the last one to start is a
-    short one and the threads finish together (on TrashNet: mlp, rbf, svm, softmax)."""
+    short one whose fits both threads share (on TrashNet: mlp, rbf, svm, softmax)."""
     return sorted(kinds, key=lambda kind: SLOWEST_FIRST.index(kind) if kind in SLOWEST_FIRST else len(SLOWEST_FIRST))
 
 

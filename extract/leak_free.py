@@ -2,8 +2,8 @@
 
 ``extract --split-group-by near-duplicates`` groups copies exactly as ``audit`` does
 (``classify.duplicates.copy_groups``: identical files, nearly identical features, mutual nearest
-neighbours and, when the image folder is still there, thumbnails and aligned pictures, which find
-copies rotated with black corners, zoomed or mirrored); each group gets one *anchor*,
+neighbours and, when the image folder is still there, thumbnails, aligned pictures and keypoints,
+which find copies rotated with black corners, zoomed or mirrored); each group gets one *anchor*,
 its first path in sorted order, and every member takes the split the anchor's path would get.
 The anchors are stored with the store (attribute ``split_anchors``, JSON ``{path: anchor}``, only
 for images in a group), so ``discover`` gives every later reader -- the next extract run,

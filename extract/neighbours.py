@@ -63,18 +63,6 @@ def similar_pairs(unit: np.ndarray, threshold: float, others: np.ndarray | None 
     return np.concatenate(found) if found else np.zeros((0, 3))
 
 
-def strongest_pairs(pairs: np.ndarray, per_row: int) -> np.ndarray:
-    """The pairs ``(i, j, similarity)`` that are among the ``per_row`` most similar pairs of i or of j."""
-    ranked = pairs[np.argsort(-pairs[:, 2], kind="stable")]
-    ends = np.concatenate([ranked[:, 0], ranked[:, 1]]).astype(np.int64)  # each pair once per end
-    pair_of = np.tile(np.arange(len(ranked)), 2)
-    order = np.lexsort((pair_of, ends))  # by end, then by falling similarity
-    first = np.searchsorted(ends[order], ends[order])
-    keep = np.zeros(len(ranked), bool)
-    keep[pair_of[order][np.arange(len(order)) - first < per_row]] = True
-    return ranked[keep]
-
-
 def nearest_other(unit: np.ndarray, block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """For each row, the index and cosine of its most similar other row (blockwise)."""
     index, best, _ = nearest_two(unit, block_rows)
@@ -86,15 +74,18 @@ def nearest_two(unit: np.ndarray, block_rows: int | None = None) -> tuple[np.nda
     return similar_and_nearest(unit, np.inf, block_rows)[1]
 
 
-def similar_and_nearest(unit: np.ndarray, threshold: float, block_rows: int | None = None, progress=None):
-    """``similar_pairs(unit, threshold)`` and ``nearest_two(unit)`` in one blockwise pass (each block
-    of rows against every row: the cost of one full pass instead of a half and a full one)."""
+def similar_and_nearest(unit: np.ndarray, threshold: float, block_rows: int | None = None, progress=None,
+                        per_row: int = 0, band: tuple[float, float] = (-np.inf, np.inf)):
+    """``similar_pairs(unit, threshold)``, ``nearest_two(unit)`` and ``strongest_in_band`` in one
+    blockwise pass (each block of rows against every row: the cost of one full pass instead of a
+    half and a full one). Returns ``(pairs, (index, best, second), strongest)``; ``strongest`` is
+    empty unless ``per_row`` is given."""
     n = len(unit)
     step = block_rows or block_rows_for(n)
     index = np.zeros(n, dtype=np.int64)
     best = np.full(n, -np.inf, dtype=np.float32)
     second = np.full(n, -np.inf, dtype=np.float32)
-    found = []
+    found, strongest = [], []
     for start in range(0, n, step):
         stop = min(n, start + step)
         sims = unit[start:stop] @ unit.T
@@ -103,6 +94,8 @@ def similar_and_nearest(unit: np.ndarray, threshold: float, block_rows: int | No
         pair_rows, cols = np.nonzero(sims >= threshold)
         keep = pair_rows + start < cols
         found.append(np.column_stack([pair_rows[keep] + start, cols[keep], sims[pair_rows[keep], cols[keep]]]))
+        if per_row:
+            strongest.append(_strongest_in_band(sims, start, per_row, band))
         index[start:stop] = sims.argmax(axis=1)
         best[start:stop] = sims[rows, index[start:stop]]
         sims[rows, index[start:stop]] = -np.inf
@@ -110,7 +103,28 @@ def similar_and_nearest(unit: np.ndarray, threshold: float, block_rows: int | No
         if progress:
             progress(stop - start)
     pairs = np.concatenate(found) if found else np.zeros((0, 3))
-    return pairs, (index, best, second)
+    return pairs, (index, best, second), _unique_pairs(strongest)
+
+
+def _strongest_in_band(sims: np.ndarray, start: int, per_row: int, band: tuple[float, float]) -> np.ndarray:
+    """``(i, j, cosine)``: each block row's ``per_row`` most similar rows with ``band[0] <= cosine < band[1]``."""
+    k = min(per_row, sims.shape[1])
+    inside = np.where((sims >= band[0]) & (sims < band[1]), sims, -np.inf)
+    cols = np.argpartition(-inside, k - 1, axis=1)[:, :k]
+    values = np.take_along_axis(inside, cols, axis=1)
+    rows, slot = np.nonzero(values > -np.inf)
+    return np.column_stack([rows + start, cols[rows, slot], values[rows, slot]])
+
+
+def _unique_pairs(parts: list[np.ndarray]) -> np.ndarray:
+    """Pairs ``(i, j, similarity)`` with i < j, each once, most similar first."""
+    if not parts or not sum(len(p) for p in parts):
+        return np.zeros((0, 3))
+    pairs = np.concatenate(parts)
+    pairs[:, :2] = np.sort(pairs[:, :2], axis=1)
+    _, first = np.unique(pairs[:, :2], axis=0, return_index=True)
+    unique = pairs[first]
+    return unique[np.argsort(-unique[:, 2], kind="stable")]
 
 
 def mutual_nearest_pairs(unit: np.ndarray, block_rows: int | None = None, nearest=None) -> np.ndarray:

@@ -205,7 +205,7 @@ def test_blockwise_pairs_match_the_full_matrix():
     index, best = nearest_other(unit, block_rows=10)
     np.fill_diagonal(full, -np.inf)
     assert (index == full.argmax(axis=1)).all() and np.allclose(best, full.max(axis=1))
-    _, (fused_index, fused_best, second) = similar_and_nearest(unit, 0.6, block_rows=7)
+    _, (fused_index, fused_best, second), _ = similar_and_nearest(unit, 0.6, block_rows=7)
     assert (fused_index == index).all() and np.allclose(fused_best, best)
     assert np.allclose(second, np.sort(full, axis=1)[:, -2])
     assert connected_groups(5, [(0, 3, 1), (3, 4, 1)]) == [[0, 3, 4]]

@@ -11,7 +11,7 @@ from classify.audit import run_audit
 from classify.audit_alignment import ALIGNED_THRESHOLD, AlignedImages, picture_mask
 from classify.audit_images import read_images
 from classify.duplicates import find_pairs
-from extract.neighbours import strongest_pairs
+from extract.neighbours import normalise, similar_and_nearest
 from test_audit import jpeg_bytes, write_toy_store
 
 SIZE = 160
@@ -123,10 +123,19 @@ def test_thumbnails_match_a_copy_turned_by_90_degrees_or_transposed(photos, tmp_
     assert len(found["features"]) == len(found["aligned"]) == 0
 
 
-def test_strongest_pairs_keeps_each_rows_best():
-    pairs = np.array([[0, 1, .9], [0, 2, .8], [0, 3, .7], [1, 2, .95], [3, 4, .5]])
-    kept = {(int(i), int(j)) for i, j, _ in strongest_pairs(pairs, 1)}
-    assert kept == {(0, 1), (1, 2), (0, 3), (3, 4)}  # (0, 2) is neither 0's nor 2's best
+def test_candidates_are_each_rows_strongest_pairs_in_the_band():
+    """A pair is a candidate when it is among the 2 most similar pairs of either of its rows, with
+    0.2 <= cosine < 0.5, whatever the block size."""
+    unit = normalise(np.random.default_rng(1).normal(size=(40, 6)))
+    full = unit @ unit.T
+    np.fill_diagonal(full, -np.inf)
+    inside = np.where((full >= 0.2) & (full < 0.5), full, -np.inf)
+    best = {(min(i, j), max(i, j)) for i in range(40) for j in np.argsort(-inside[i])[:2] if inside[i, j] > -np.inf}
+    for block in (3, 40):
+        _, _, candidates = similar_and_nearest(unit, 0.9, block_rows=block, per_row=2, band=(0.2, 0.5))
+        assert {(int(i), int(j)) for i, j, _ in candidates} == best
+        assert np.allclose(candidates[:, 2], [full[int(i), int(j)] for i, j, _ in candidates])
+        assert (np.diff(candidates[:, 2]) <= 0).all()  # most similar first
 
 
 class LookAlikeFeatures:

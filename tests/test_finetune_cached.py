@@ -293,3 +293,25 @@ def test_the_sweep_trains_every_setting_from_the_same_start(workspace, tmp_path)
     assert figures[0] == figures[1]  # without the restore, the second would start from the first's weights
     assert head["rows"]["decide"] == int(np.sum(begin.images.split == "validation"))
     assert head["rows"]["test"] == int(np.sum(begin.images.split == "test")) and 0 <= head["test"] <= 1
+
+
+def test_the_sweep_summary_ranks_settings_by_mean_validation_score_not_test(tmp_path):
+    from bench.finetune_sweep import summarize
+
+    def run(data, *rows):
+        path = tmp_path / f"{data}.json"
+        settings = [{"learning_rate": lr, "schedule": "cosine", "epochs": 6, "stop": 0.9, "decide": decide,
+                     "test": test, "kept": "fine-tuned"} for lr, decide, test in rows]
+        path.write_text(json.dumps({"data": f"../shared/datasets/{data}", "settings": settings}))
+        return str(path)
+
+    fruits = run("fruits", (3e-4, 0.99, 0.90), (1e-4, 0.97, 0.99), (3e-5, 1.0, 1.0))  # 3e-5: one set only
+    summary = summarize([fruits, run("trashnet", (3e-4, 0.90, 0.80), (1e-4, 0.91, 0.95))])
+    assert [(r["learning_rate"], r["mean_decide"]) for r in summary["settings"]] == [
+        (1e-4, pytest.approx(0.94)), (3e-4, pytest.approx(0.945))]
+    assert summary["best"] == (3e-4, "cosine", 6)  # the validation score decides, though 1e-4 is better on test
+    default = (finetune_cached.CACHED_LEARNING_RATE, "cosine", finetune_cached.CACHED_EPOCHS)
+    assert summary["default"] == default
+    tied = summarize([run("fruits", (3e-5, 0.95, 0.9), default[:1] + (0.95, 0.8)), run("trashnet", (3e-5, 0.9, 0.9),
+                                                                                       default[:1] + (0.9, 0.8))])
+    assert tied["best"] == default  # a tie keeps the default, whatever its place in the table

@@ -1,0 +1,114 @@
+"""Copies rotated with black corners, shifted and zoomed, whose features are too far apart for the
+picture alignment to be tried, are confirmed by keypoints; different pictures of the same kind are
+not (classify/audit_keypoints.py, classify/duplicates.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from classify.audit import run_audit
+from classify.audit_alignment import CANDIDATE_COSINE
+from classify.audit_keypoints import KEYPOINT_COSINE, KEYPOINT_INLIERS, ImageKeypoints, detect, keypoint_pairs
+from test_audit import write_toy_store
+from test_audit_alignment import PALETTES, SIZE, _save, fruit_photo
+
+
+def rotated_shifted_zoomed(img: Image.Image, degrees: float = 30, shift: int = 14, zoom: float = 1.15) -> Image.Image:
+    """Turned by ``degrees`` (black corners), zoomed in by ``zoom`` and shifted right and down by
+    ``shift`` px (black bands along the top and left), at the original's size."""
+    turned = img.rotate(degrees)
+    cut = int(SIZE * (1 - 1 / zoom) / 2)
+    zoomed = turned.crop((cut, cut, SIZE - cut, SIZE - cut)).resize((SIZE, SIZE), Image.BICUBIC)
+    moved = Image.new("RGB", (SIZE, SIZE))
+    moved.paste(zoomed, (shift, shift))
+    return moved
+
+
+class FeaturesAt:
+    """A stand-in backbone: every picture one random direction, the named pairs at a set cosine
+    (centred) between ``KEYPOINT_COSINE`` and the alignment's candidate cosine: only keypoints decide."""
+
+    def __init__(self, pairs: dict[str, str], cosine: float):
+        self.pairs, self.cosine = pairs, cosine
+        self.rng, self.own = np.random.default_rng(0), {}
+
+    def __call__(self, path) -> np.ndarray:
+        noise = self.rng.normal(size=512)
+        partner = self.pairs.get(path.stem)
+        if partner:
+            noise = self.cosine * self.own[partner] + np.sqrt(1 - self.cosine**2) * noise
+        self.own[path.stem] = noise
+        return noise.astype(np.float32)
+
+
+COSINE = (KEYPOINT_COSINE + CANDIDATE_COSINE) / 2
+SPECKLED = (0.2, 0.3, 0.5)  # textured like an orange's peel: a few hundred keypoints at 160 px
+
+
+def speckled(seed: int, palette: str = "pomme", framing: int = 0) -> Image.Image:
+    """A textured fruit; ``framing`` stretches it a little (each picture its own outline, so that
+    the 16 px thumbnails of the pictures that are not copies differ: this test is about keypoints)."""
+    photo = fruit_photo(PALETTES[palette], seed=seed, texture_weights=SPECKLED)
+    return photo.crop((3 * framing, 0, SIZE, SIZE - 2 * framing)).resize((SIZE, SIZE), Image.BICUBIC)
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory):
+    """photo0 (train) has a rotated, shifted, zoomed copy in test; photo1 (train) has a different
+    picture of the same kind, turned and shifted the same way, in test; 12 unrelated pictures."""
+    base = tmp_path_factory.mktemp("keypoints")
+    root, rows = base / "images", []
+    photo0, photo1 = speckled(21), speckled(22, framing=1)
+    rows.append((_save(root, "pomme/photo0.jpg", photo0), "pomme", "train"))
+    rows.append((_save(root, "pomme/copy0.jpg", rotated_shifted_zoomed(photo0)), "pomme", "test"))
+    rows.append((_save(root, "pomme/photo1.jpg", photo1), "pomme", "train"))
+    look_alike = rotated_shifted_zoomed(speckled(23, framing=2))
+    rows.append((_save(root, "pomme/lookalike1.jpg", look_alike), "pomme", "test"))
+    rows += [(_save(root, f"{name}/other{k}.jpg", speckled(40 + 10 * c + k, name, framing=3 + 6 * c + k)), name,
+              "validation") for c, name in enumerate(PALETTES) for k in range(6)]
+    features = FeaturesAt({"copy0": "photo0", "lookalike1": "photo1"}, COSINE)
+    write_toy_store(root, base / "f.h5", rows, features_of=features, classes=PALETTES)
+    report = run_audit(base / "f.h5", report_dir=base / "r", progress=False)
+    return root, [r[0] for r in rows], report
+
+
+def test_a_rotated_shifted_zoomed_copy_across_splits_is_a_leak(audited):
+    _, _, report = audited
+    groups = {frozenset(i["path"] for i in g["images"]): g for g in report["duplicate_groups"]}
+    copy = frozenset({"pomme/photo0.jpg", "pomme/copy0.jpg"})
+    assert set(groups) == {copy}  # the look-alike, turned and shifted like the copy, is in no group
+    assert groups[copy]["evidence"] == ["keypoints"] and groups[copy]["leak"]
+    assert report["summary"]["test_images_with_train_copy"] == 1
+
+
+def test_the_copy_has_many_agreeing_matches_the_look_alike_few(audited):
+    root, paths, _ = audited
+    keypoints = ImageKeypoints(root, paths)
+    assert keypoints.inliers(0, 1) >= 3 * KEYPOINT_INLIERS
+    assert keypoints.inliers(2, 3) < KEYPOINT_INLIERS / 2
+    assert keypoints.filled[1] and keypoints.filled[3] and not keypoints.filled[0]
+
+
+def test_a_mirrored_copy_matches_through_the_mirrored_descriptors(audited):
+    root, paths, _ = audited
+    grey = np.asarray(Image.open(root / paths[1]).convert("L"))
+    mirrored, of_mirror = detect(grey).mirrored(), detect(np.ascontiguousarray(grey[:, ::-1]))
+    distance = np.linalg.norm(mirrored.points[:, None] - of_mirror.points[None], axis=2)
+    near = distance.argmin(axis=1)
+    same_place = distance[np.arange(len(near)), near] < 1.0
+    assert same_place.mean() > 0.8
+    differences = np.linalg.norm(mirrored.descriptors[same_place] - of_mirror.descriptors[near[same_place]], axis=1)
+    assert np.median(differences) < 0.1 * np.median(np.linalg.norm(of_mirror.descriptors, axis=1))
+
+
+def test_only_pairs_with_black_fill_are_matched(tmp_path):
+    """A copy zoomed in without fill is a copy, but no rotated or shifted one: not looked at."""
+    original = speckled(5, "citron")
+    zoomed = original.crop((10, 10, SIZE - 10, SIZE - 10)).resize((SIZE, SIZE))
+    paths = [_save(tmp_path, "a/0.jpg", original), _save(tmp_path, "a/1.jpg", zoomed),
+             _save(tmp_path, "a/2.jpg", rotated_shifted_zoomed(original))]
+    candidates = np.array([[0, 1, COSINE], [0, 2, COSINE]])
+    assert ImageKeypoints(tmp_path, paths).inliers(0, 1) >= KEYPOINT_INLIERS
+    assert [tuple(p) for p in keypoint_pairs(tmp_path, paths, candidates)[:, :2].astype(int)] == [(0, 2)]
