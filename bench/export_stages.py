@@ -102,7 +102,28 @@ def instrument(clock: StageClock) -> list[tuple[object, str, object]]:
     for owner, attribute, what in targets:
         label = attribute if owner is module else f"onnx.{'checker.' if owner is not onnx else ''}{attribute}"
         setattr(owner, attribute, clock.wrap(label, what, getattr(owner, attribute)))
-    return originals
+    return originals + _instrument_parity(clock)
+
+
+def _instrument_parity(clock: StageClock) -> list[tuple[object, str, object]]:
+    """The parity check's parts: Keras on each batch (its ``reference``), the onnxruntime session's
+    creation and each of its runs."""
+    import export.onnx_export as module
+    import export.parity as parity
+
+    checked, opened = module.check_parity, parity.onnx_session
+
+    def check_parity(reference, *args, **kwargs):
+        return checked(clock.wrap("keras batch", "parity: Keras on one batch", reference), *args, **kwargs)
+
+    def onnx_session(*args, **kwargs):
+        session = opened(*args, **kwargs)
+        session.run = clock.wrap("onnxruntime batch", "parity: onnxruntime on one batch", session.run)
+        return session
+
+    module.check_parity = check_parity
+    parity.onnx_session = clock.wrap("onnx_session", "parity: onnxruntime session created", onnx_session)
+    return [(module, "check_parity", checked), (parity, "onnx_session", opened)]
 
 
 def run(export_args: list[str]) -> list[dict]:
@@ -116,7 +137,7 @@ def run(export_args: list[str]) -> list[dict]:
             clock.wrap("export-onnx", "the whole command, in this process",
                        lambda: cli.main(["export-onnx", *export_args], standalone_mode=False))()
         finally:
-            for owner, attribute, original in originals:
+            for owner, attribute, original in reversed(originals):  # the last wrapped first
                 setattr(owner, attribute, original)
     rows = sorted(clock.rows, key=lambda row: row["started"])
     start = rows[0]["started"] if rows else 0.0

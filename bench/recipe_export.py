@@ -12,6 +12,7 @@ The recipe's features are extracted into ``--store`` first when missing (unless 
 
 Example:
     python bench/recipe_export.py --data ../shared/datasets/trashnet --store /tmp/accuracy/bench/trashnet.h5
+    python bench/recipe_export.py --features efficientnet_lite0@flip+efficientnet_lite1@flip --out flip.md
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def to_markdown(r: dict) -> str:
             f"{s['load_average_after']:g} |" for s in r["steps"]]
     return "\n".join([
         header(f"The accuracy recipe's fit and export on {Path(r['data']).name}"),
-        f"Features `{r['features']}` (`classify/recipe.py`) from `{r['store']}` (images `{r['data']}`). Each "
+        f"Features `{r['features']}`{' (the recipe, `classify/recipe.py`)' if r['features'] == RECIPE_FEATURES else ''} from `{r['store']}` (images `{r['data']}`). Each "
         f"command in a fresh process under `/usr/bin/time -v`; CPU = user + system seconds; the load average "
         f"(1 minute) is read after each command on a machine shared with other work.\n",
         "| command | wall s | CPU s | peak RSS (MiB) | load after |", "|---|--:|--:|--:|--:|", *rows, "",
@@ -87,18 +88,35 @@ def to_markdown(r: dict) -> str:
         f"- Parity (printed by `export-onnx`): {r['parity']}", "", *stage_table(r["steps"][-1]["stages"])])
 
 
+def merged_stages(stages: list[dict]) -> list[dict]:
+    """Calls of the same step at the same depth as one row (the parity check's batches): wall and CPU
+    summed, the highest peak RSS, the first start, and how many calls."""
+    merged: dict[tuple, dict] = {}
+    for row in stages:
+        key = (row["step"], row["depth"])
+        if key not in merged:
+            merged[key] = {**row, "calls": 0, "wall_seconds": 0.0, "cpu_seconds": 0.0}
+        into = merged[key]
+        into["calls"] += 1
+        into["wall_seconds"] += row["wall_seconds"]
+        into["cpu_seconds"] += row["cpu_seconds"]
+        into["peak_rss_mib"] = max(into["peak_rss_mib"], row["peak_rss_mib"])
+    return list(merged.values())
+
+
 def stage_table(stages: list[dict]) -> list[str]:
     """Where `export-onnx`'s time and memory went (``bench/export_stages.py``), steps over 1 % of its wall time."""
     whole = stages[0]["wall_seconds"]
-    shown = [row for row in stages if row["depth"] == 0 or row["wall_seconds"] >= 0.01 * whole]
+    shown = [row for row in merged_stages(stages) if row["depth"] == 0 or row["wall_seconds"] >= 0.01 * whole]
     return [f"`export-onnx`'s steps (`bench/export_stages.py`: the same command in-process, each step of "
             f"`export/onnx_export.py` timed; CPU of the whole process while the step ran; peak RSS sampled every "
-            f"50 ms; steps under 1 % of the wall time left out; `>` a step inside the one above):\n",
-            "| step | what | starts at s | wall s | CPU s | RSS before (MiB) | peak RSS (MiB) |",
-            "|---|---|--:|--:|--:|--:|--:|",
-            *[f"| {'> ' * max(row['depth'] - 1, 0)}`{row['step']}` | {row['what']} | {row['started']:.1f} | "
-              f"{row['wall_seconds']:.1f} | {row['cpu_seconds']:.1f} | {row['rss_before_mib']:.0f} | "
-              f"{row['peak_rss_mib']:.0f} |" for row in shown], ""]
+            f"50 ms; steps under 1 % of the wall time left out; `>` a step inside the one above; a step called "
+            f"several times: its calls summed):\n",
+            "| step | what | calls | starts at s | wall s | CPU s | RSS before (MiB) | peak RSS (MiB) |",
+            "|---|---|--:|--:|--:|--:|--:|--:|",
+            *[f"| {'> ' * max(row['depth'] - 1, 0)}`{row['step']}` | {row['what']} | {row['calls']} | "
+              f"{row['started']:.1f} | {row['wall_seconds']:.1f} | {row['cpu_seconds']:.1f} | "
+              f"{row['rss_before_mib']:.0f} | {row['peak_rss_mib']:.0f} |" for row in shown], ""]
 
 
 def main() -> None:
@@ -106,13 +124,15 @@ def main() -> None:
     parser.add_argument("--data", default=default_data("trashnet"), help="image folder (default: ../shared trashnet)")
     parser.add_argument("--store", default=None, help="feature store of --data holding (or to receive) the recipe's "
                         "features [default: TMPDIR/transferkit-bench-stores/DATA_NAME.h5, as bench/accuracy.py]")
+    parser.add_argument("--features", default=RECIPE_FEATURES,
+                        help="features to fit and export instead of the recipe's, as fit-head --backbone takes them")
     parser.add_argument("--no-extract", action="store_true", help="fail instead of extracting missing features")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "recipe-export.md"))
     args = parser.parse_args()
     if not args.data:
         parser.error("--data is required when ../shared/datasets is absent")
     store = Path(args.store or Path(tempfile.gettempdir()) / "transferkit-bench-stores" / f"{Path(args.data).name}.h5")
-    result = measure(args.data, store, RECIPE_FEATURES, not args.no_extract)
+    result = measure(args.data, store, args.features, not args.no_extract)
     write_results(args.out, to_markdown(result), result)
 
 if __name__ == "__main__":

@@ -180,7 +180,9 @@ def from_head(store: str | Path, head: str | Path, images_dir: str | Path | None
     return Conversion(
         model=append_head(keras_graph(backbone, trained.input_size, opset), head_graph),
         record=trained.backbone,
-        reference=lambda batch: trained.predict_proba(np.asarray(backbone(batch, training=False))),
+        # predict_on_batch runs a traced graph that frees each activation once used, where an eager call of
+        # a several-backbone composite held them all (the parity check's peak RSS: docs/bench/recipe-export.md)
+        reference=lambda batch: trained.predict_proba(np.asarray(backbone.predict_on_batch(batch))),
         metadata={**build_metadata(trained.class_names, trained.backbone, source, trained.joined),
                   **ood, **_drift_reference(trained, features)},
         images=from_feature_set(features, images_dir),

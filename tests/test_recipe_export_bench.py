@@ -40,6 +40,10 @@ def test_markdown_has_each_step_the_kept_head_sizes_and_parity():
                    "cpu_seconds": 50.0, "rss_before_mib": 800.0, "peak_rss_mib": 8000.0},
                   {"step": "onnx.checker.check_model", "what": "check", "depth": 2, "started": 6.0,
                    "wall_seconds": 3.0, "cpu_seconds": 3.0, "rss_before_mib": 900.0, "peak_rss_mib": 950.0},
+                  {"step": "keras batch", "what": "one batch", "depth": 2, "started": 80.0, "wall_seconds": 4.0,
+                   "cpu_seconds": 3.0, "rss_before_mib": 900.0, "peak_rss_mib": 5000.0},
+                  {"step": "keras batch", "what": "one batch", "depth": 2, "started": 90.0, "wall_seconds": 5.0,
+                   "cpu_seconds": 4.0, "rss_before_mib": 900.0, "peak_rss_mib": 7000.0},
                   {"step": "graph_model_id", "what": "digest", "depth": 1, "started": 70.0, "wall_seconds": 0.5,
                    "cpu_seconds": 0.5, "rss_before_mib": 900.0, "peak_rss_mib": 900.0}]}],
               "onnx_bytes": 3 * 2**20, "unknown_score_bytes": 2**20,
@@ -48,6 +52,7 @@ def test_markdown_has_each_step_the_kept_head_sizes_and_parity():
     assert "| `export-onnx` | 12.5 | 20.2 | 900 | 3.2 |" in text
     assert "`rbf`, cross-validation accuracy 0.901 ± 0.010, test accuracy 0.890" in text
     assert "3.0 MiB, of which the unknown score's weights 1.0 MiB" in text and "parity on 64 images" in text
-    assert "| `keras_graph` | tf2onnx | 5.0 | 60.0 | 50.0 | 800 | 8000 |" in text
-    assert "| > `onnx.checker.check_model` | check | 6.0 | 3.0 |" in text
+    assert "| `keras_graph` | tf2onnx | 1 | 5.0 | 60.0 | 50.0 | 800 | 8000 |" in text
+    assert "| > `onnx.checker.check_model` | check | 1 | 6.0 | 3.0 |" in text
+    assert "| > `keras batch` | one batch | 2 | 80.0 | 9.0 | 7.0 | 900 | 7000 |" in text  # calls summed
     assert "graph_model_id" not in text  # under 1 % of the command's wall time
