@@ -222,7 +222,7 @@ def train_back(begin: "StartingPoint", prepared: Prepared, settings: "TrainingSe
     loss_before, accuracy_before = trainer.evaluate(stop_ds, verbose=0)
     fit, best_epoch = checkpointed_fit(trainer, cached_dataset(rows.fit, batch_size, settings.seed, train=True),
                                        stop_ds, settings.epochs, settings.patience, checkpoint, settings.verbose,
-                                       progress_bars(settings.progress, batches, "fine-tuning"))
+                                       progress_bars(settings.progress, batches, "fine-tuning", held_out="stop"))
     history = empty_history()
     record_history(history, fit)
     run = TrainingRun(history=history, trainable_layers=trainable, epochs_run=len(fit.history["loss"]),

@@ -40,8 +40,8 @@ def record_history(history: dict[str, list[float]], fit) -> None:
         history[key] += [float(v) for v in fit.history[key]]
 
 
-def progress_bars(progress: bool, batches: int, label: str) -> list:
-    return [EpochProgress(batches, label)] if progress else []
+def progress_bars(progress: bool, batches: int, label: str, held_out: str = "val") -> list:
+    return [EpochProgress(batches, label, held_out)] if progress else []
 
 
 def quiet_fit(model: keras.Model, train_ds, val_ds, epochs: int, verbose: int, callbacks: list):

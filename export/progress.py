@@ -13,11 +13,15 @@ from tqdm import tqdm
 
 
 class EpochProgress(keras.callbacks.Callback):
-    """A bar over ``batches`` training batches per epoch; ``label`` names the phase (warm-up, fine-tuning)."""
+    """A bar over ``batches`` training batches per epoch; ``label`` names the phase (warm-up, fine-tuning).
 
-    def __init__(self, batches: int, label: str):
+    ``held_out`` names the rows Keras' ``val_*`` metrics are computed on, as the epoch line shows
+    them: ``val`` (the validation split, end-to-end mode) or ``stop`` (the train rows that pick the
+    epoch in the cached mode, which never sees the validation split)."""
+
+    def __init__(self, batches: int, label: str, held_out: str = "val"):
         super().__init__()
-        self.batches, self.label = batches, label
+        self.batches, self.label, self.held_out = batches, label, held_out
         self.bar: tqdm | None = None
         self.epochs = 0
 
@@ -35,8 +39,8 @@ class EpochProgress(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         seconds = self.bar.format_dict["elapsed"] if self.bar is not None else 0.0
         self._close()
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in (logs or {}).items() if k in
-                            ("loss", "accuracy", "val_loss", "val_accuracy"))
+        metrics = "  ".join(f"{k.replace('val_', self.held_out + '_', 1)} {v:.4f}" for k, v in (logs or {}).items()
+                            if k in ("loss", "accuracy", "val_loss", "val_accuracy"))
         print(f"{self.label} epoch {epoch + 1}/{self.epochs} ({seconds:.0f} s): {metrics}", file=sys.stderr, flush=True)
 
     def on_train_end(self, logs=None) -> None:

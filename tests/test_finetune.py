@@ -119,6 +119,7 @@ def test_cli_fine_tune_with_warm_up(workspace, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert "after 1 warm-up epochs" in result.output and "test: accuracy" in result.output
+    assert "val_accuracy" in result.stderr and "stop_" not in result.stderr  # end-to-end: the validation split picks the epoch
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["warmup_epochs"] == 1 and len(metrics["history"]["loss"]) == 2
     assert (tmp_path / "report" / "training_curves.png").is_file()
@@ -135,7 +136,8 @@ def test_cli_fine_tune_from_a_head_shows_progress_and_compares_with_the_head(wor
     head_accuracy = 100 * np.mean(load_head(workspace.head).head.predict(X_test) == y_test)
     comparison = next(line for line in result.stdout.splitlines() if line.startswith("compared with the head: "))
     assert f"vs {head_accuracy:.2f}% head on the same test split ({len(y_test)} images in the store)" in comparison
-    assert "fine-tuning epoch 1/1 (" in result.stderr and "val_accuracy" in result.stderr  # progress on stderr
+    epoch_line = next(line for line in result.stderr.splitlines() if line.startswith("fine-tuning epoch 1/1 ("))
+    assert "stop_accuracy" in epoch_line and "val_" not in epoch_line  # the cached mode's epoch is picked on stop rows
     assert "caching fit rows (+ mirrored)" in result.stderr and "caching stop rows" in result.stderr
     assert "caching decide rows" in result.stderr
     assert "fine-tuning epoch" not in result.stdout
