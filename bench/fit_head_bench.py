@@ -110,7 +110,10 @@ def main() -> None:
                         args.backbone, "--weights", args.weights, "--quiet"])
         result = run(store, args.repeats, args.baseline, Path(tmp))
     if args.store:
-        title, source = shown_path(args.store), f"the store `{shown_path(args.store)}`"
+        title = f"{Path(args.data).name}, a store made beforehand" if args.data else "a store made beforehand"
+        source = "the features in the store `--store` names (a scratch path of the machine it ran on: see the command)"
+        if args.data:
+            source += f", extracted from `{shown_path(args.data)}`"
     else:
         title = f"{Path(args.data).name}, {args.backbone}"
         shown = args.data if not os.path.isabs(args.data) else shown_path(args.data)  # ../shared/... as typed
