@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, command_line, default_data, header, shown_path, write_section  # noqa: E402
+from bench.common import ROOT, command_line, default_data, header, shown_path, write_results  # noqa: E402
 from classify.heads import HEAD_KINDS  # noqa: E402
 from classify.joined import read_features, split_names  # noqa: E402
 from classify.recipe import RECIPE_FEATURES  # noqa: E402
@@ -259,8 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_json:
         results = [r for path in args.from_json for r in json.loads(Path(path).read_text())]
-        write_section(args.out, to_markdown(results))
-        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+        write_results(args.out, to_markdown(results), results)
         return
     data = args.data or [d for d in (default_data("trashnet"), default_data("fruits")) if d]
     if not data:
@@ -272,8 +271,7 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     results = [evaluate_data(folder, Path(args.store_dir) / f"{Path(folder).name}.h5", variants, kinds, args.seed,
                              not args.no_extract) for folder in data]
-    write_section(args.out, to_markdown(results))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    write_results(args.out, to_markdown(results), results)
 
 
 if __name__ == "__main__":

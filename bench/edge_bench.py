@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import ROOT, fmt, header, spread, write_section  # noqa: E402
+from bench.common import ROOT, fmt, header, spread, write_results  # noqa: E402
 from edge.__main__ import default_threads  # noqa: E402
 from edge.imageio import ImageDecodeError, load_image  # noqa: E402
 from edge.model import load_model  # noqa: E402
@@ -165,8 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run_edge_benchmark(args.model, args.images, args.threads, args.batch_size, args.poll_seconds,
                                 args.repeats)
-    write_section(args.out, to_markdown(result))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_results(args.out, to_markdown(result), result)
 
 
 if __name__ == "__main__":

@@ -37,17 +37,11 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnx.utils  # noqa: E402
 
-from bench.common import ROOT, default_data, fmt, header, run_script, spread, write_results  # noqa: E402
+from bench.common import ROOT, default_data, fmt, header, run_script, shown_path, spread, write_results  # noqa: E402
 from bench.edge_bench import _files, run_runner  # noqa: E402
 from edge.imageio import ImageDecodeError, load_image  # noqa: E402
 from edge.model import OOD_OUTPUT, load_model  # noqa: E402
 from edge.runner import RunnerConfig  # noqa: E402
-
-
-def shown(path: str | Path) -> str:
-    """``path`` relative to the repository as typed (``../shared/datasets/...``): ``shown_path`` resolves
-    symlinks, which turns it into ``../../shared`` in a worktree whose ``../shared`` is a link."""
-    return os.path.relpath(os.path.abspath(path), ROOT)
 
 
 def without_ood(src: Path, dst: Path) -> Path:
@@ -130,7 +124,7 @@ def compare(model: Path, model_label: str, images_folder: Path, threads: int, ba
         alone, runner = measure(variants, images_folder, threads, batch, repeats, limit)
     result = {
         "model": model_label,
-        "images_folder": shown(images_folder), "threads": threads, "batch_size": batch,
+        "images_folder": shown_path(images_folder), "threads": threads, "batch_size": batch,
         "repeats": repeats, "inference_images": alone["without"][0]["images"],
         "runner_images": runner["without"][0]["images"],
         "model_ids": {name: runs[0]["model_id"] for name, runs in runner.items()},
@@ -198,7 +192,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edge-ood-model-") as tmp:
         model = Path(args.model) if args.model else build_model(Path(args.data), Path(tmp), args.backbone)
         label = (f"`{Path(args.model).name}`" if args.model else
-                 f"built from {shown(args.data)} ({args.backbone}, softmax head, export-onnx)")
+                 f"built from {shown_path(args.data)} ({args.backbone}, softmax head, export-onnx)")
         result = compare(model.resolve(), label, Path(images), args.threads, args.batch_size,
                          args.repeats, args.limit)
     write_results(args.out, to_markdown(result), result)

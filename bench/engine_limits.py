@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import ROOT, default_data, header, spread, write_section  # noqa: E402
+from bench.common import data_parser, header, spread, write_section  # noqa: E402
 from edge.imageio import ImageDecodeError, load_image  # noqa: E402
 from extract.defaults import DEFAULT_BATCH_SIZE  # noqa: E402
 from extract.backbones import get_backbone  # noqa: E402
@@ -95,17 +94,13 @@ def to_markdown(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=default_data("trashnet"), help="image folder (default: ../shared trashnet)")
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--weights", default="none")
+    parser = data_parser(__doc__, "engine-limits.md", backbone="resnet50", weights="none")
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-images", type=int, default=600)
     parser.add_argument("--extract-batch", type=int, default=DEFAULT_BATCH_SIZE,
                         help="batch the loop bound is computed for (one of --batches) [default: extract's default]")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "engine-limits.md"))
     args = parser.parse_args()
     if not args.data or not os.path.isdir(args.data):
         parser.error("--data DIR is required (../shared/datasets/trashnet is absent)")

@@ -18,7 +18,6 @@ it fine-tuning (about 1 min per epoch). Example:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.common import ROOT, fmt, header, spread, write_section  # noqa: E402
+from bench.common import ROOT, fmt, header, spread, write_results  # noqa: E402
 
 THROUGHPUT_BATCH = 32
 
@@ -223,8 +222,7 @@ def main() -> None:
                                   image_size=args.image_size, store=args.store,
                                   head=args.head, epochs=args.epochs, unfreeze=args.unfreeze, threads=args.threads,
                                   repeats=args.repeats, seed=args.seed)
-    write_section(args.out, to_markdown(result))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_results(args.out, to_markdown(result), result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, default_data, fmt, header, spread, write_section  # noqa: E402
+from bench.common import ROOT, data_parser, fmt, header, parse_data_args, spread, write_results  # noqa: E402
 from bench.cputime import run_tree  # noqa: E402
 
 TUTORIAL_SCRIPT = r"""
@@ -178,20 +177,13 @@ def to_markdown(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=default_data("trashnet"), help="image folder (default: ../shared trashnet)")
-    parser.add_argument("--backbone", default="resnet50")
-    parser.add_argument("--weights", default="none")
+    parser = data_parser(__doc__, "extract.md", backbone="resnet50", weights="none")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--engine", default="auto")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "extract.md"))
-    args = parser.parse_args()
-    if not args.data:
-        parser.error("--data is required when ../shared/datasets is absent")
+    args = parse_data_args(parser)
     result = run_extract_benchmark(args.data, args.backbone, args.weights, args.batch_size, args.repeats, args.engine)
-    write_section(args.out, to_markdown(result))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_results(args.out, to_markdown(result), result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, default_data, header, write_section  # noqa: E402
+from bench.common import ROOT, data_parser, header, parse_data_args, write_results  # noqa: E402
 
 LOOP_RULES = (  # (frame text, category) for main-thread samples inside the loop; the first match wins
     ("_open_engine (", "opening the engine (int8: the gate's cached verdict)"),
@@ -125,18 +124,12 @@ def to_markdown(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=default_data("trashnet"), help="image folder (default: ../shared trashnet)")
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--weights", default="imagenet")
+    parser = data_parser(__doc__, "extract-profile.md")
     parser.add_argument("--engine", default="auto")
     parser.add_argument("--shard", default="0/8")
     parser.add_argument("--streams", default="1,2", help="comma-separated --streams values")
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "extract-profile.md"))
-    args = parser.parse_args()
-    if not args.data:
-        parser.error("--data is required when ../shared/datasets is absent")
+    args = parse_data_args(parser)
     result = {"data": args.data, "backbone": args.backbone, "weights": args.weights, "engine": args.engine,
               "shard": args.shard, "rate": args.rate, "cores": len(os.sched_getaffinity(0)),
               "load_before": os.getloadavg()[0], "runs": []}
@@ -148,8 +141,7 @@ def main() -> None:
             work.mkdir()
             result["runs"].append(run_profiled(args.data, args.backbone, args.weights, args.shard, streams,
                                                args.engine, args.rate, work))
-    write_section(args.out, to_markdown(result))
-    Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_results(args.out, to_markdown(result), result)
 
 
 if __name__ == "__main__":

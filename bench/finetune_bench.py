@@ -24,16 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from bench.common import data_parser, default_data, header, parse_data_args, shown_path, write_results  # noqa: E402
 
 
-def repo_relative(path: str) -> str:
-    """``../shared/datasets/NAME`` for a shared data set wherever this checkout is (a worktree sits one
-    level deeper than the main checkout), else the path relative to the repository."""
-    parts = Path(path).resolve().parts
-    for i in range(len(parts) - 1):
-        if parts[i:i + 2] == ("shared", "datasets"):
-            return str(Path("..", *parts[i:]))
-    return shown_path(path)
-
-
 def prepare(data: str, work: Path, backbone: str, weights: str, seed: int) -> dict:
     """Extract ``data`` into a store in ``work`` and keep the best head by CV; their timings."""
     from classify.train import fit_heads
@@ -61,7 +51,7 @@ def run(data: str, backbone: str, weights: str, blocks: int, epochs: int | None,
                            blocks=blocks, epochs=epochs, learning_rate=learning_rate, seed=seed)
     settings = {"blocks": blocks, "epochs": epochs or "default", "learning_rate": learning_rate or "default"}
     prepared = {k: v for k, v in prepared.items() if k not in ("store", "head")}
-    return {"data": repo_relative(data), "backbone": backbone, "weights": weights, "settings": settings, **prepared,
+    return {"data": shown_path(data), "backbone": backbone, "weights": weights, "settings": settings, **prepared,
             "load_average_1min_at_end": os.getloadavg()[0], "fine_tune": result.to_dict()}
 
 
@@ -108,7 +98,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the temporary store goes (default: the system's)")
     args = parse_data_args(parser)
     if "--data" in sys.argv:  # the command line the output names, runnable from the main checkout
-        sys.argv[sys.argv.index("--data") + 1] = repo_relative(args.data)
+        sys.argv[sys.argv.index("--data") + 1] = shown_path(args.data)
     result = run(args.data, args.backbone, args.weights, args.blocks, args.epochs, args.learning_rate,
                  workdir=args.workdir)
     write_results(args.out, to_markdown(result), result)

@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from bench.common import data_parser, default_data, header, parse_data_args, write_results  # noqa: E402
-from bench.finetune_bench import prepare, repo_relative  # noqa: E402
+from bench.common import data_parser, default_data, header, parse_data_args, shown_path, write_results  # noqa: E402
+from bench.finetune_bench import prepare  # noqa: E402
 
 DEFAULT_SETTINGS = "3e-5:cosine:6,1e-4:cosine:6,3e-4:cosine:6,1e-4:constant:6,3e-4:constant:6,1e-4:cosine:10"
 
@@ -101,7 +101,7 @@ def run(data: str, backbone: str, weights: str, blocks: int, settings: list[dict
         head["fit_head_test"] = (head_test_score(prepared["head"], begin.store) or {}).get("accuracy")
     prepared = {k: v for k, v in prepared.items() if k not in ("store", "head")}
     best = max(rows, key=lambda r: (r["decide"], r["stop"]))
-    return {"data": repo_relative(data), "backbone": backbone, "weights": weights, "blocks": blocks,
+    return {"data": shown_path(data), "backbone": backbone, "weights": weights, "blocks": blocks,
             "defaults": {"learning_rate": base.learning_rate, "schedule": base.schedule, "epochs": base.epochs,
                          "patience": base.patience, "batch_size": base.batch_size},
             **prepared, "head": head, "settings": rows, "best_on_decide": {k: best[k] for k in settings[0]},
@@ -199,7 +199,7 @@ def main() -> None:
         return
     args = parse_data_args(parser)
     if "--data" in sys.argv:  # the command line the output names, runnable from the main checkout
-        sys.argv[sys.argv.index("--data") + 1] = repo_relative(args.data)
+        sys.argv[sys.argv.index("--data") + 1] = shown_path(args.data)
     result = run(args.data, args.backbone, args.weights, args.blocks, parse_settings(args.settings),
                  workdir=args.workdir)
     write_results(args.out, to_markdown(result), result)

@@ -116,8 +116,7 @@ def main() -> None:
             source += f", extracted from `{shown_path(args.data)}`"
     else:
         title = f"{Path(args.data).name}, {args.backbone}"
-        shown = args.data if not os.path.isabs(args.data) else shown_path(args.data)  # ../shared/... as typed
-        source = f"`{shown}` extracted with {args.backbone} into a new store"
+        source = f"`{shown_path(args.data)}` extracted with {args.backbone} into a new store"
     result.update(source=source)
     write_results(args.out, to_markdown(result, title), result)
 

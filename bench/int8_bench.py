@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, default_data, fmt, header, spread, write_section  # noqa: E402
+from bench.common import ROOT, default_data, fmt, header, spread, write_results  # noqa: E402
 from bench.extract_bench import decoded_tensors, run_cli_extract  # noqa: E402
 from extract.defaults import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE  # noqa: E402
 
@@ -329,8 +329,7 @@ def main() -> None:
             entry["accuracy"] = {Path(d).name: head_accuracy(d, backbone, weights, batch) for d in others}
         result["backbones"][backbone] = entry
         result["load_after"] = os.getloadavg()[0]
-        write_section(args.out, to_markdown(result))  # after each backbone: a cut-short run still reports
-        Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+        write_results(args.out, to_markdown(result), result)  # after each backbone: a cut-short run still reports
 
 
 if __name__ == "__main__":

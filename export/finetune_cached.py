@@ -53,9 +53,6 @@ CACHED_LEARNING_RATE = 1e-4
 BASELINE_KIND = "softmax"  # the head to beat without --head
 
 
-SCHEDULES = ("cosine", "constant")
-
-
 @dataclass
 class HeadComparison:
     """Fine-tuned model against the head on the decide rows, which neither trained on nor chose with."""
