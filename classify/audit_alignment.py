@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from classify.audit_images import to_grey
 from edge.imageio import ImageDecodeError, load_image
 
 COARSE_PX = 64
@@ -286,10 +287,10 @@ class AlignedImages:
     def _prepare(self, row: int) -> _View | None:
         self.prepared += 1
         try:
-            rgb = load_image(self.root / self.paths[row], (FINE_PX, FINE_PX)).astype(np.float32)
+            rgb = load_image(self.root / self.paths[row], (FINE_PX, FINE_PX))
         except (OSError, ImageDecodeError):
             return None
-        return _prepare_view(rgb @ np.array([0.299, 0.587, 0.114], np.float32), self.polar)
+        return _prepare_view(to_grey(rgb), self.polar)
 
     def score(self, i: int, j: int) -> float:
         """How well j (or its mirror), rotated, scaled and shifted, reproduces i's detail (-1..1)."""

@@ -45,13 +45,18 @@ def dihedral_variants(square: np.ndarray) -> list[np.ndarray]:
     return [mirror, *(np.rot90(square, k) for k in (1, 2, 3)), *(np.rot90(mirror, k) for k in (1, 2, 3))]
 
 
+def to_grey(rgb: np.ndarray) -> np.ndarray:
+    """Luma (ITU-R 601 weights) of an (..., 3) RGB array, as float32: the grey every audit rule compares."""
+    return rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
 def _one(path: Path) -> tuple[str, np.ndarray, list[np.ndarray]] | None:
     try:
         content = read_image_file(path)
-        rgb = decode_image(content.data, (SIGNATURE_SIZE, SIGNATURE_SIZE)).astype(np.float32)
+        rgb = decode_image(content.data, (SIGNATURE_SIZE, SIGNATURE_SIZE))
     except (OSError, ImageDecodeError):
         return None
-    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    grey = to_grey(rgb)
     return content.sha256, _unit(grey.ravel()), [_unit(v.ravel()) for v in dihedral_variants(grey)]
 
 

@@ -53,6 +53,7 @@ from PIL import Image
 from scipy import ndimage
 
 from classify.audit_alignment import picture_mask
+from classify.audit_images import to_grey
 from edge.imageio import ImageDecodeError, decode_image, read_image_file
 
 KEYPOINT_COSINE = 0.60  # centred features; copies looked at scored down to 0.61
@@ -90,8 +91,7 @@ def _grey(path: Path) -> np.ndarray:
             width, height = height, width
     scale = KEYPOINT_PX / max(width, height)
     size = (max(8, round(height * scale)), max(8, round(width * scale)))
-    rgb = decode_image(data, size).astype(np.float32)
-    return np.clip(rgb @ np.array([0.299, 0.587, 0.114], np.float32), 0, 255).astype(np.uint8)
+    return np.clip(to_grey(decode_image(data, size)), 0, 255).astype(np.uint8)
 
 
 def detect(grey: np.ndarray) -> Keypoints:
