@@ -21,8 +21,8 @@ folds; the store its split settings and image folder; the graph its opset; an ac
    into the test split included), which is printed but does not decide: review labels are what the
    new head learned, so a systematic sorting mistake would reward it there;
 6. exports the new store + head with the old model's opset, its unknown score or none (as the old
-   model had), and int8 when the old model had an accepted int8 file, parity-checked, to ``out``; ``out`` (and the new head folder) must not exist
-   unless ``overwrite``.
+   model had), and int8 when the old model had an accepted int8 file, parity-checked, to ``out``;
+   ``out`` (and the new head folder) must not exist unless ``overwrite``.
 
 The review images stay in the image folder and the store whatever the verdict: they are labelled
 images; only the new head and model depend on it.
