@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, default_data, header, run_script, write_section  # noqa: E402
 from bench.cputime import run_tree  # noqa: E402
-from classify.audit_keypoints import KEYPOINT_INLIERS  # noqa: E402
+from classify.audit_keypoints import KEYPOINT_INLIERS, MAX_PARTNERS  # noqa: E402
 from classify.duplicates import FEATURE_THRESHOLD  # noqa: E402
 from classify.label_checks import leak_effect_sentence  # noqa: E402
 from extract.neighbours import block_rows_for, normalise  # noqa: E402
@@ -237,7 +237,8 @@ def similarity_markdown(result: dict) -> list[str]:
     lines = ["", f"How copies score against their original ({result['sample']} sampled images; median / 10th "
              "percentile; features: centred cosine, pixels: 16x16 signature, best of its 8 dihedral variants; "
              "aligned: classify/audit_alignment.py score, a copy from 0.5; keypoints: agreeing matches, "
-             f"classify/audit_keypoints.py, a copy from {KEYPOINT_INLIERS} when one picture shows black fill):", "",
+             f"classify/audit_keypoints.py, a copy from {KEYPOINT_INLIERS} when one picture shows black fill or "
+             f"neither matches more than {MAX_PARTNERS} candidates so):", "",
              "| copy | features | pixels | aligned | keypoints |", "|---|---|---|---|---|"]
     for kind, d in result["copies"].items():
         lines.append("| " + " | ".join([kind] + [f"{d[m]['median']:.3f} / {d[m]['p10']:.3f}"

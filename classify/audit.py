@@ -21,7 +21,7 @@ from tqdm import tqdm
 from classify import duplicates, label_checks
 from classify.audit_alignment import ALIGNED_THRESHOLD, CANDIDATE_COSINE
 from classify.audit_images import images_reachable
-from classify.audit_keypoints import KEYPOINT_COSINE, KEYPOINT_INLIERS, KEYPOINT_PX, MIN_FILL
+from classify.audit_keypoints import KEYPOINT_COSINE, KEYPOINT_INLIERS, KEYPOINT_PX, MAX_PARTNERS, MIN_FILL
 from extract.splits import SPLITS
 from extract.store import FeatureSet, FeatureStore
 
@@ -74,6 +74,7 @@ def _settings(pixels_used: bool, feature_threshold: float) -> dict:
             "aligned": {"candidate_cosine": CANDIDATE_COSINE, "candidates_per_image": duplicates.CANDIDATES_PER_IMAGE,
                         "threshold": ALIGNED_THRESHOLD} if pixels_used else None,
             "keypoints": {"candidate_cosine": KEYPOINT_COSINE, "inliers": KEYPOINT_INLIERS, "min_fill": MIN_FILL,
+                          "max_partners_without_fill": MAX_PARTNERS,
                           "px": KEYPOINT_PX} if pixels_used else None,
             "mislabel_head": f"logistic regression C={label_checks.MISLABEL_C}, {label_checks.FOLDS}-fold out-of-fold",
             "outlier_mads": label_checks.OUTLIER_MADS}

@@ -8,33 +8,42 @@ under 0.3 for most of the 87: black corners, a crop or a 30-degree turn change t
 reads the rotation from), and 51 scored 0.60-0.75, under its candidate cosine.
 
 Each candidate pair (features cosine from ``KEYPOINT_COSINE``, among the ``CANDIDATES_PER_IMAGE``
-most similar of either image, not already linked by other evidence) in which one picture shows
-black fill (``MIN_FILL`` of it or more: the mark of a rotated or shifted copy):
+most similar of either image, not already linked by other evidence):
 
 1. SIFT keypoints (OpenCV) of each picture at ``KEYPOINT_PX`` px, away from black fill (the
    corners of a rotated copy's fill are strong keypoints that any two rotated pictures share);
 2. matched with Lowe's ratio test (nearest descriptor clearly nearer than the second), to the
    second picture and to its mirror: a mirror reverses the rows and the orientation bins of a
    SIFT descriptor, so the mirror's keypoints cost no second detection;
-3. a rotation + zoom + shift fitted by RANSAC; the pair is a copy when ``KEYPOINT_INLIERS``
-   matches agree on it within ``RANSAC_PX`` px and the zoom is within ``MAX_ZOOM``.
+3. a rotation + zoom + shift fitted by RANSAC; ``KEYPOINT_INLIERS`` matches must agree on it
+   within ``RANSAC_PX`` px, the zoom within ``MAX_ZOOM``;
+4. the pair is a copy when one picture shows black fill (``MIN_FILL`` of it or more: the mark of
+   a rotated or shifted copy) or when the match is ``distinctive``: neither picture matches more
+   than ``MAX_PARTNERS`` candidate pairs so. A printed design that many pictures carry (one box
+   print on many of TrashNet's cardboard boxes) matches every picture that shows it; an object
+   photographed two or three times matches its own other photos.
 
-Looked at by eye, 40 of the 69 fruits pairs this rule links (28 from samples of 12 pairs each with
-10-14, 15-19 and 20+ agreeing matches, 12 more at random): 39 were the same photo (2 of them with
-a leaf added or removed), 1 the same bananas rearranged. Why the black fill: without it the rule
-also links different photos that share a printed surface. In TrashNet (no black fill: the rule
-adds nothing there), 30 pairs with 10+ matches were looked at: 14 were the same object
-photographed again, most of the rest different cardboard boxes with the same print.
+Looked at by eye (pictures side by side), fruits: 40 of the 69 pairs with black fill (28 from
+samples of 12 pairs each with 10-14, 15-19 and 20+ agreeing matches, 12 more at random): 39 were
+the same photo (2 of them with a leaf added or removed), 1 the same bananas rearranged; all 11
+pairs without fill that are distinctive: the same photo. TrashNet (no black fill): of the 132
+candidate pairs with 10+ matches, 100 are cardboard; the partner rule keeps 64 (51 bottles,
+cans, flyers and boxes of other classes, 13 cardboard), all looked at: 62 the same object
+photographed again (a bottle turned, a flyer refolded, a box by its tape or label), 2 probably
+(a box print, another part of the box); it leaves 68 cardboard pairs whose pictures share a
+print with 3 to 10 others (an earlier look at 30 such pairs: 14 the same box, the rest different
+boxes with the same print): what this rule cannot tell apart.
 
-What it misses: copies without black fill (zoomed in, mirrored or turned only: the pixel,
-features and alignment rules catch most of those), pictures with too little texture for 10
-keypoints at 160 px (smooth yellow bananas, plain plastic), copies zoomed more than
-``MAX_ZOOM``, and pairs under ``KEYPOINT_COSINE`` in the features (recoloured or heavily cropped
-copies).
+What it misses: copies without black fill whose picture matches more than ``MAX_PARTNERS``
+others (zoomed in, mirrored or turned only: the pixel, features and alignment rules catch most
+of those), pictures with too little texture for 10 keypoints at 160 px (smooth yellow bananas,
+plain plastic), copies zoomed more than ``MAX_ZOOM``, and pairs under ``KEYPOINT_COSINE`` in the
+features (recoloured or heavily cropped copies).
 
-Cost: each candidate image is decoded once at 160 px to see whether it shows fill; SIFT runs on
-the images of the pairs that do (about 5 ms each), in threads; a pair costs two descriptor
-matchings. The whole command's CPU seconds are in ``docs/bench/audit.md``.
+Cost: every candidate image is decoded once at 160 px and its keypoints found (about 5-6 ms, in
+threads); a pair costs two descriptor matchings. Pairs are visited in the alignment's locality
+order and an image's keypoints dropped after its last pair, so memory follows that order's
+bandwidth, not the number of images. The whole command's CPU seconds are in ``docs/bench/audit.md``.
 
     >>> keypoints = ImageKeypoints(root, paths)
     >>> keypoints.inliers(i, j)      # 40+ for a rotated copy, under 5 for another photo
@@ -52,7 +61,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from classify.audit_alignment import picture_mask
+from classify.audit_alignment import locality_order, picture_mask
 from classify.audit_images import to_grey
 from edge.imageio import ImageDecodeError, decode_image, read_image_file
 
@@ -65,6 +74,8 @@ KEYPOINT_INLIERS = 10  # fruits pairs looked at with 10-14 matches and black fil
 MAX_ZOOM = 2.0
 MIN_FILL = 0.01  # share of the picture that is black fill: a rotated or shifted copy
 FILL_MARGIN = 3  # px of picture next to black fill left without keypoints
+MAX_PARTNERS = 2  # pictures without fill: more pairs than this and the matches are a shared print
+PAIRS_AT_ONCE = 256  # pairs matched between two evictions of keypoints no longer needed
 _MIRRORED_BINS = (-np.arange(8)) % 8
 
 
@@ -122,33 +133,37 @@ def agreeing_matches(a: Keypoints, b: Keypoints) -> int:
 
 
 class ImageKeypoints:
-    """Keypoints of ``root/paths``, detected once per image; ``filled[row]``: the picture shows black
-    fill (``MIN_FILL`` of it or more), the mark of a copy that was rotated or shifted."""
+    """Keypoints of ``root/paths``, detected once per image (``forget`` drops them); ``filled[row]``:
+    the picture shows black fill (``MIN_FILL`` of it or more), the mark of a copy that was rotated
+    or shifted."""
 
     def __init__(self, root: str | Path, paths: list[str], workers: int = 4):
         self.root, self.paths, self.workers = Path(root), paths, workers
         self.found: dict[int, Keypoints | None] = {}
         self.filled: dict[int, bool] = {}
 
-    def _look(self, row: int, detect_always: bool) -> tuple[bool, Keypoints | None]:
+    def _look(self, row: int) -> tuple[bool, Keypoints | None]:
         try:
             grey = _grey(self.root / self.paths[row])
         except (OSError, ImageDecodeError):
             return False, None
-        filled = 1 - picture_mask(grey.astype(np.float32)).mean() >= MIN_FILL
-        return filled, detect(grey) if filled or detect_always else None
+        return 1 - picture_mask(grey.astype(np.float32)).mean() >= MIN_FILL, detect(grey)
 
-    def prepare(self, rows, detect_all: bool = True, progress=None) -> None:
-        """Look at ``rows`` (fill, and keypoints where ``detect_all`` or the picture shows fill)."""
-        todo = [int(r) for r in rows if int(r) not in self.found and (detect_all or int(r) not in self.filled)]
+    def prepare(self, rows, progress=None) -> None:
+        """Look at ``rows`` not looked at yet (fill and keypoints), in threads."""
+        todo = [int(r) for r in rows if int(r) not in self.found]
+        if not todo:
+            return
         cv2.setNumThreads(1)  # one image per thread instead
         with ThreadPoolExecutor(self.workers) as pool:  # OpenCV and Pillow release the GIL
-            for row, (filled, keypoints) in zip(todo, pool.map(lambda r: self._look(r, detect_all), todo)):
-                self.filled[row] = filled
-                if keypoints is not None or detect_all:
-                    self.found[row] = keypoints
-                if progress:
-                    progress(1)
+            for row, (filled, keypoints) in zip(todo, pool.map(self._look, todo)):
+                self.filled[row], self.found[row] = filled, keypoints
+        if progress:
+            progress(len(todo))
+
+    def forget(self, rows) -> None:
+        for row in rows:
+            self.found.pop(int(row), None)
 
     def inliers(self, i: int, j: int) -> int:
         """Matches of j, or of its mirror, to i that agree on one rotation + zoom + shift."""
@@ -158,21 +173,49 @@ class ImageKeypoints:
             return 0
         return max(agreeing_matches(a, b), agreeing_matches(a, b.mirrored()))
 
+    def share(self, i: int, j: int, inliers: int) -> float:
+        """``inliers`` over the keypoints of the picture with fewer (0-1)."""
+        return inliers / max(1, min(len(self.found[i].points), len(self.found[j].points)))
+
+
+def _matched(keypoints: ImageKeypoints, pairs: np.ndarray, progress=None) -> np.ndarray:
+    """``(inliers, share)`` of each pair, in rows of ``pairs``. Pairs are visited in
+    ``locality_order``, ``PAIRS_AT_ONCE`` at a time (images detected and pairs matched in threads);
+    an image's keypoints are dropped after its last pair, so memory follows the order's bandwidth,
+    not the number of images."""
+    order = locality_order(pairs, len(keypoints.paths))
+    last_use = {int(row): k for k, pair in enumerate(pairs[order].tolist()) for row in pair}
+    result = np.zeros((len(pairs), 2))
+    for start in range(0, len(order), PAIRS_AT_ONCE):
+        chunk = order[start:start + PAIRS_AT_ONCE]
+        keypoints.prepare(np.unique(pairs[chunk]), progress)
+        with ThreadPoolExecutor(keypoints.workers) as pool:
+            counts = list(pool.map(lambda pair: keypoints.inliers(*pair), pairs[chunk].tolist()))
+        for row, (i, j), count in zip(chunk, pairs[chunk].tolist(), counts):
+            result[row] = count, keypoints.share(i, j, count) if count else 0.0
+        keypoints.forget(row for row, k in last_use.items() if start <= k < start + len(chunk))
+    return result
+
+
+def distinctive(pairs: np.ndarray, max_partners: int = MAX_PARTNERS) -> np.ndarray:
+    """Which ``pairs`` (rows ``i, j``) join two images that each have at most ``max_partners`` pairs:
+    a printed design that many pictures carry (the same box print) links them all."""
+    rows, counts = np.unique(pairs, return_counts=True)
+    partners = dict(zip(rows.tolist(), counts.tolist()))
+    return np.array([partners[i] <= max_partners and partners[j] <= max_partners for i, j in pairs.tolist()],
+                    dtype=bool).reshape(-1)
+
 
 def keypoint_pairs(root: str | Path, paths: list[str], candidates: np.ndarray, threshold: int = KEYPOINT_INLIERS,
                    progress=None) -> np.ndarray:
-    """The candidate pairs ``(i, j, ...)`` in which one picture shows black fill and ``threshold``
-    matches or more agree, as ``(i, j, share)``: share, the agreeing matches over the keypoints of
-    the picture with fewer (0-1). ``progress(k)`` counts the images looked at."""
+    """The candidate pairs ``(i, j, ...)`` with ``threshold`` agreeing matches or more in which one
+    picture shows black fill or that are ``distinctive`` among those pairs, as ``(i, j, share)``:
+    share, the agreeing matches over the keypoints of the picture with fewer (0-1).
+    ``progress(k)`` counts the images looked at."""
     keypoints = ImageKeypoints(root, paths)
-    pairs = candidates[:, :2].astype(np.int64)
-    keypoints.prepare(np.unique(pairs), detect_all=False, progress=progress)
-    pairs = pairs[[keypoints.filled[i] or keypoints.filled[j] for i, j in pairs.tolist()]]
-    keypoints.prepare(np.unique(pairs))
-    found = []
-    for i, j in pairs.tolist():
-        inliers = keypoints.inliers(i, j)
-        if inliers >= threshold:
-            fewer = min(len(keypoints.found[i].points), len(keypoints.found[j].points))
-            found.append((i, j, inliers / fewer))
-    return np.asarray(found, dtype=np.float64).reshape(-1, 3)
+    pairs = candidates[:, :2].astype(np.int64).reshape(-1, 2)
+    matched = _matched(keypoints, pairs, progress) if len(pairs) else np.zeros((0, 2))
+    strong = matched[:, 0] >= threshold
+    filled = np.array([keypoints.filled[i] or keypoints.filled[j] for i, j in pairs[strong].tolist()], dtype=bool)
+    keep = filled | distinctive(pairs[strong])
+    return np.column_stack([pairs[strong][keep], matched[strong][keep, 1]]).astype(np.float64).reshape(-1, 3)

@@ -20,10 +20,13 @@
   (``classify/audit_alignment.py``): copies rotated with black corners, zoomed, cropped to 80 %
   or mirrored, which score 0.75-0.90 in the features like different photos of the same fruit.
 - ``keypoints``: pairs with a features cosine from ``KEYPOINT_COSINE`` (0.60) under the feature
-  threshold (the same ``CANDIDATES_PER_IMAGE`` per image), not linked by the rules above, one of
-  whose pictures shows black fill, with 10+ SIFT matches that agree on one rotation, zoom and
-  shift (``classify/audit_keypoints.py``): copies rotated or shifted with black corners that the
-  alignment scores low or never tries (in fruits, 36 and 51 of the 87 such pairs looked for).
+  threshold (the same ``CANDIDATES_PER_IMAGE`` per image), not linked by the rules above, with 10+
+  SIFT matches that agree on one rotation, zoom and shift, when one picture shows black fill or
+  neither picture matches more than 2 candidates so (``classify/audit_keypoints.py``): copies
+  rotated or shifted with black corners that the alignment scores low or never tries (in fruits,
+  36 and 51 of the 87 such pairs looked for), and the same object photographed again, turned or
+  moved (TrashNet: 64 pairs, 62 of them looked at as the same object, 2 probably), but not
+  pictures that share a print with many others (cardboard boxes of one design).
   Its similarity is the share of the sparser picture's keypoints that agree (0-1).
 
 Thresholds, measured on ../shared/datasets/fruits and trashnet with EfficientNet-Lite0 (see

@@ -10,7 +10,9 @@ from PIL import Image
 
 from classify.audit import run_audit
 from classify.audit_alignment import CANDIDATE_COSINE
-from classify.audit_keypoints import KEYPOINT_COSINE, KEYPOINT_INLIERS, ImageKeypoints, detect, keypoint_pairs
+from classify import audit_keypoints
+from classify.audit_keypoints import (KEYPOINT_COSINE, KEYPOINT_INLIERS, MAX_PARTNERS, ImageKeypoints, detect,
+                                      distinctive, keypoint_pairs)
 from test_audit import write_toy_store
 from test_audit_alignment import PALETTES, SIZE, _save, fruit_photo
 
@@ -103,12 +105,64 @@ def test_a_mirrored_copy_matches_through_the_mirrored_descriptors(audited):
     assert np.median(differences) < 0.1 * np.median(np.linalg.norm(of_mirror.descriptors, axis=1))
 
 
-def test_only_pairs_with_black_fill_are_matched(tmp_path):
-    """A copy zoomed in without fill is a copy, but no rotated or shifted one: not looked at."""
+def test_a_copy_without_fill_is_linked_when_its_matches_are_its_own(tmp_path):
+    """A copy zoomed in without fill: no black fill, but the only picture its keypoints match."""
     original = speckled(5, "citron")
     zoomed = original.crop((10, 10, SIZE - 10, SIZE - 10)).resize((SIZE, SIZE))
     paths = [_save(tmp_path, "a/0.jpg", original), _save(tmp_path, "a/1.jpg", zoomed),
-             _save(tmp_path, "a/2.jpg", rotated_shifted_zoomed(original))]
-    candidates = np.array([[0, 1, COSINE], [0, 2, COSINE]])
-    assert ImageKeypoints(tmp_path, paths).inliers(0, 1) >= KEYPOINT_INLIERS
-    assert [tuple(p) for p in keypoint_pairs(tmp_path, paths, candidates)[:, :2].astype(int)] == [(0, 2)]
+             _save(tmp_path, "a/2.jpg", speckled(6, "citron", framing=1))]
+    candidates = np.array([[0, 1, COSINE], [0, 2, COSINE], [1, 2, COSINE]])
+    found = keypoint_pairs(tmp_path, paths, candidates)
+    assert [tuple(p) for p in found[:, :2].astype(int)] == [(0, 1)]
+    assert 0 < found[0, 2] <= 1
+
+
+def with_label(background: Image.Image, label: Image.Image, at: tuple[int, int]) -> Image.Image:
+    picture = background.copy()
+    picture.paste(label, at)
+    return picture
+
+
+@pytest.mark.parametrize("carriers, linked", [(2, 1), (4, 0)])
+def test_a_print_that_many_pictures_carry_links_none_of_them(tmp_path, carriers, linked):
+    """Different pictures that carry one printed label (the same box print on different boxes):
+    two of them are linked, like a photo taken twice; when 4 carry it, each matches 3 others and
+    none is (``MAX_PARTNERS``)."""
+    label = speckled(7, "pomme").crop((30, 30, 100, 100))
+    paths = [_save(tmp_path, f"a/{k}.jpg", with_label(speckled(10 + k, "citron", framing=k), label, (10 + 20 * k, 40)))
+             for k in range(carriers)]
+    candidates = np.array([[i, j, COSINE] for i in range(carriers) for j in range(i + 1, carriers)])
+    keypoints = ImageKeypoints(tmp_path, paths)
+    assert min(keypoints.inliers(i, j) for i, j in candidates[:, :2].astype(int)) >= KEYPOINT_INLIERS
+    assert carriers - 1 > MAX_PARTNERS or carriers == 2
+    assert len(keypoint_pairs(tmp_path, paths, candidates)) == linked
+
+
+def test_filled_copies_are_linked_however_many_partners_they_have(tmp_path):
+    """Four rotated and shifted copies of one photo, each matching the 4 others: black fill decides."""
+    original = speckled(8, "pomme")
+    paths = [_save(tmp_path, "a/0.jpg", original)]
+    paths += [_save(tmp_path, f"a/{k}.jpg", rotated_shifted_zoomed(original, degrees=10 * k, shift=4 * k, zoom=1.05))
+              for k in range(1, 5)]
+    candidates = np.array([[i, j, COSINE] for i in range(5) for j in range(i + 1, 5)])
+    assert len(keypoint_pairs(tmp_path, paths, candidates)) == 10
+
+
+def test_partners_are_counted_per_image():
+    pairs = np.array([[0, 1], [2, 3], [2, 4], [2, 5], [6, 7], [6, 8]])
+    assert distinctive(pairs).tolist() == [True, False, False, False, True, True]
+    assert distinctive(pairs, max_partners=3).tolist() == [True] * 6
+
+
+def test_each_image_is_detected_once_and_dropped_after_its_last_pair(tmp_path, monkeypatch):
+    paths = [_save(tmp_path, f"a/{k}.jpg", speckled(30 + k, framing=k % 4)) for k in range(8)]
+    pairs = np.array([[k, (k + step) % 8] for k in range(8) for step in (1, 2)])
+    monkeypatch.setattr(audit_keypoints, "PAIRS_AT_ONCE", 3)
+    keypoints, looked, held = ImageKeypoints(tmp_path, paths), [], []
+    look, forget = keypoints._look, keypoints.forget
+    monkeypatch.setattr(keypoints, "_look", lambda row: looked.append(row) or look(row))
+    monkeypatch.setattr(keypoints, "forget", lambda rows: forget(rows) or held.append(len(keypoints.found)))
+    matched = audit_keypoints._matched(keypoints, pairs)
+    assert sorted(looked) == list(range(8)) and keypoints.found == {}
+    assert max(held) < 8  # never every image's keypoints at once
+    assert matched[:, 0].tolist() == [keypoints.inliers(i, j) for i, j in pairs.tolist()]
