@@ -43,7 +43,9 @@ features (recoloured or heavily cropped copies).
 Cost: every candidate image is decoded once at 160 px and its keypoints found (about 5-6 ms, in
 threads); a pair costs two descriptor matchings. Pairs are visited in the alignment's locality
 order and an image's keypoints dropped after its last pair, so memory follows that order's
-bandwidth, not the number of images. The whole command's CPU seconds are in ``docs/bench/audit.md``.
+bandwidth, not the number of images (``docs/bench/keypoint-memory.md``: about a quarter of the
+images on the shared sets, about 120 images at 10,000 and at 100,000 clustered synthetic rows).
+The whole command's CPU seconds are in ``docs/bench/audit.md``.
 
     >>> keypoints = ImageKeypoints(root, paths)
     >>> keypoints.inliers(i, j)      # 40+ for a rotated copy, under 5 for another photo
@@ -178,22 +180,42 @@ class ImageKeypoints:
         return inliers / max(1, min(len(self.found[i].points), len(self.found[j].points)))
 
 
+def visiting_plan(pairs: np.ndarray, n: int) -> list[tuple[np.ndarray, list[int]]]:
+    """How ``_matched`` visits ``pairs`` (rows ``i, j`` of ``n`` images): chunks of ``PAIRS_AT_ONCE``
+    pair indices in ``locality_order``, each with the images whose last pair is in it (their
+    keypoints are dropped after it)."""
+    order = locality_order(pairs, n)
+    last_chunk = {row: k // PAIRS_AT_ONCE for k, pair in enumerate(pairs[order].tolist()) for row in pair}
+    starts = range(0, len(order), PAIRS_AT_ONCE)
+    dropped: list[list[int]] = [[] for _ in starts]
+    for row, chunk in last_chunk.items():
+        dropped[chunk].append(row)
+    return [(order[start:start + PAIRS_AT_ONCE], dropped[k]) for k, start in enumerate(starts)]
+
+
+def held_at_once(pairs: np.ndarray, n: int) -> int:
+    """The most images whose keypoints ``_matched`` holds at one time: its memory, in images."""
+    held: set[int] = set()
+    peak = 0
+    for chunk, dropped in visiting_plan(pairs, n):
+        held.update(pairs[chunk].ravel().tolist())
+        peak = max(peak, len(held))
+        held.difference_update(dropped)
+    return peak
+
+
 def _matched(keypoints: ImageKeypoints, pairs: np.ndarray, progress=None) -> np.ndarray:
-    """``(inliers, share)`` of each pair, in rows of ``pairs``. Pairs are visited in
-    ``locality_order``, ``PAIRS_AT_ONCE`` at a time (images detected and pairs matched in threads);
-    an image's keypoints are dropped after its last pair, so memory follows the order's bandwidth,
-    not the number of images."""
-    order = locality_order(pairs, len(keypoints.paths))
-    last_use = {int(row): k for k, pair in enumerate(pairs[order].tolist()) for row in pair}
+    """``(inliers, share)`` of each pair, in rows of ``pairs``, visited by ``visiting_plan`` (images
+    detected and pairs matched in threads): each image is detected once and memory follows the
+    order's bandwidth (``held_at_once``), not the number of images."""
     result = np.zeros((len(pairs), 2))
-    for start in range(0, len(order), PAIRS_AT_ONCE):
-        chunk = order[start:start + PAIRS_AT_ONCE]
+    for chunk, dropped in visiting_plan(pairs, len(keypoints.paths)):
         keypoints.prepare(np.unique(pairs[chunk]), progress)
         with ThreadPoolExecutor(keypoints.workers) as pool:
             counts = list(pool.map(lambda pair: keypoints.inliers(*pair), pairs[chunk].tolist()))
         for row, (i, j), count in zip(chunk, pairs[chunk].tolist(), counts):
             result[row] = count, keypoints.share(i, j, count) if count else 0.0
-        keypoints.forget(row for row, k in last_use.items() if start <= k < start + len(chunk))
+        keypoints.forget(dropped)
     return result
 
 

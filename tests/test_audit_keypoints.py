@@ -165,4 +165,19 @@ def test_each_image_is_detected_once_and_dropped_after_its_last_pair(tmp_path, m
     matched = audit_keypoints._matched(keypoints, pairs)
     assert sorted(looked) == list(range(8)) and keypoints.found == {}
     assert max(held) < 8  # never every image's keypoints at once
+    assert max(held) <= audit_keypoints.held_at_once(pairs, 8) < 8
     assert matched[:, 0].tolist() == [keypoints.inliers(i, j) for i, j in pairs.tolist()]
+
+
+def test_the_memory_bench_reports_the_peak_of_the_visit(tmp_path):
+    """bench/keypoint_memory.py on 2,000 synthetic rows: the audit's candidate pairs, and a peak
+    that is the visiting plan's (a few clusters' images, not every image)."""
+    import json
+
+    from bench import keypoint_memory
+
+    assert keypoint_memory.main(["--rows", "2000", "--dim", "32", "--out", str(tmp_path / "km.md")]) == 0
+    result = json.loads((tmp_path / "km.json").read_text())["results"][0]
+    assert result["rows"] == 2000 and result["pairs"] > 2000 and result["images"] > 1900
+    assert 0 < result["held"] < result["images"] / 4
+    assert "| synthetic, 32 dims | 2,000 |" in (tmp_path / "km.md").read_text()
