@@ -230,7 +230,8 @@ def _group_line(group: dict) -> str:
     images = ", ".join(f"{i['path']} ({i['split']})" for i in group["images"][:4])
     more = f" +{len(group['images']) - 4}" if len(group["images"]) > 4 else ""
     flags = "".join([" **leak**" if group["leak"] else "", " **label conflict**" if group["label_conflict"] else ""])
-    return f"- {images}{more}: {', '.join(group['evidence'])}, {group['max_similarity']}{flags}"
+    evidence = ", ".join(f"{kind} {value}" for kind, value in group["similarity_by_evidence"].items())
+    return f"- {images}{more}: {evidence}{flags}"
 
 
 def similarity_markdown(result: dict) -> list[str]:

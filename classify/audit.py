@@ -54,7 +54,8 @@ def _balance(features: FeatureSet) -> list[dict]:
 
 def _group_dict(features: FeatureSet, group: duplicates.DuplicateGroup) -> dict:
     return {"images": [_row(features, r) for r in group.rows], "evidence": group.kinds,
-            "max_similarity": group.max_similarity, "splits": group.splits, "labels": group.labels,
+            "max_similarity": group.max_similarity, "similarity_by_evidence": group.similarity_by_kind,
+            "splits": group.splits, "labels": group.labels,
             "leak": group.leak, "label_conflict": group.conflict}
 
 

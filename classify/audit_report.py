@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from classify.duplicates import EVIDENCE
 from classify.label_checks import leak_effect_sentence
 from edge.imageio import strict_json
 
@@ -84,12 +85,19 @@ def _groups_html(report: dict, thumbs: _Thumbs) -> str:
                 (["<span class=flag>label conflict</span>"] if group["label_conflict"] else [])
         css = "group" + (" leak" if group["leak"] else "") + (" conflict" if group["label_conflict"] else "")
         tiles = "".join(thumbs.tile(image, f"{escape(image['label'])} · {image['split']}") for image in group["images"])
-        parts.append(f'<div class="{css}"><b>group {k}</b> {" ".join(flags)} evidence: '
-                     f'{", ".join(group["evidence"])}, max similarity {group["max_similarity"]}<br>{tiles}</div>')
+        evidence = ", ".join(f"{kind} {value}" for kind, value in group["similarity_by_evidence"].items())
+        parts.append(f'<div class="{css}"><b>group {k}</b> {" ".join(flags)} evidence: {evidence}<br>{tiles}</div>')
     hidden = len(report["duplicate_groups"]) - SHOWN_GROUPS
     if hidden > 0:
         parts.append(f"<p>... and {hidden} more groups in audit.json</p>")
-    return "".join(parts) or "<p>none found</p>"
+    return _legend(report) + "".join(parts) if parts else "<p>none found</p>"
+
+
+def _legend(report: dict) -> str:
+    """What each kind of evidence in the groups means and what its number measures."""
+    used = sorted({kind for group in report["duplicate_groups"] for kind in group["evidence"]})
+    items = "".join(f"<li><b>{kind}</b>: {escape(EVIDENCE[kind])}</li>" for kind in used)
+    return f"<p>Evidence, with the best pair's number in the group:</p><ul>{items}</ul>"
 
 
 def _suspects_html(report: dict, thumbs: _Thumbs) -> str:

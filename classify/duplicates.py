@@ -62,11 +62,23 @@ MUTUAL_MARGIN = 0.02  # ... and beating either image's next-nearest by this much
 CANDIDATES_PER_IMAGE = 5  # aligning costs milliseconds a pair: bounded to 5 per image
 
 
+EVIDENCE = {  # what each kind of evidence is, and what its similarity measures (the report's legend)
+    "exact": "the same file bytes (similarity 1)",
+    "pixels": "16x16 thumbnails, one turned or mirrored onto the other (cosine, a copy from 0.99)",
+    "features": "backbone features (centred cosine, a copy from the --threshold)",
+    "mutual": "each other's nearest neighbour in the features (centred cosine, from 0.80)",
+    "aligned": "the pictures rotated, scaled and shifted onto each other (detail score -1..1, a copy from 0.5)",
+    "keypoints": "SIFT keypoints agreeing on one rotation, zoom and shift (share of the sparser picture's "
+                 "keypoints that agree, 0-1: 10 or more agreeing keypoints make a copy)",
+}
+
+
 @dataclass
 class DuplicateGroup:
     rows: list[int]
-    kinds: list[str]  # evidence that linked its members: exact, pixels, features
+    kinds: list[str]  # evidence that linked its members (keys of EVIDENCE)
     max_similarity: float
+    similarity_by_kind: dict[str, float] = field(default_factory=dict)  # the best pair of each kind
     splits: list[str] = field(default_factory=list)  # distinct splits, in SPLITS order
     labels: list[str] = field(default_factory=list)  # distinct class names
 
@@ -156,22 +168,18 @@ def group_duplicates(pairs: dict[str, np.ndarray], splits: np.ndarray, labels: n
     """Connected groups with their evidence, splits and labels; leaks and conflicts first."""
     groups = pair_groups(len(splits), pairs)
     group_of = {row: k for k, rows in enumerate(groups) for row in rows}
-    kinds: list[set[str]] = [set() for _ in groups]
-    best = [0.0] * len(groups)
+    by_kind: list[dict[str, float]] = [{} for _ in groups]
     for kind, found in pairs.items():
         for i, _, similarity in found:
-            k = group_of[int(i)]
-            kinds[k].add(kind)
-            if kind != "exact":
-                best[k] = max(best[k], float(similarity))
-            else:
-                best[k] = 1.0
+            seen = by_kind[group_of[int(i)]]
+            seen[kind] = max(seen.get(kind, -1.0), 1.0 if kind == "exact" else float(similarity))
     order = SPLITS
     result = []
     for k, rows in enumerate(groups):
         present = set(splits[rows].tolist())
         result.append(DuplicateGroup(
-            rows=rows, kinds=sorted(kinds[k]), max_similarity=round(best[k], 4),
+            rows=rows, kinds=sorted(by_kind[k]), max_similarity=round(max(by_kind[k].values()), 4),
+            similarity_by_kind={kind: round(by_kind[k][kind], 4) for kind in sorted(by_kind[k])},
             splits=[s for s in order if s in present],
             labels=sorted({class_names[int(label)] for label in labels[rows]}),
         ))

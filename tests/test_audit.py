@@ -179,6 +179,34 @@ def test_html_parses_and_every_image_it_shows_is_embedded(audited):
     assert json.loads((base / "report" / "audit.json").read_text())["summary"] == report["summary"]
 
 
+def test_each_kind_of_evidence_keeps_its_own_best_number():
+    """A cosine of 0.93 and a keypoint share of 0.40 are not on one scale: each kind's best pair is kept."""
+    from classify.duplicates import group_duplicates
+
+    pairs = {"features": np.array([[0, 1, 0.93]]), "keypoints": np.array([[1, 2, 0.25], [2, 3, 0.40]]),
+             "exact": np.array([[4, 5, 1.0]]), "aligned": np.zeros((0, 3))}
+    groups = group_duplicates(pairs, np.array(["train"] * 4 + ["train", "test"]), np.zeros(6, int), ["a"])
+    by_rows = {tuple(g.rows): g for g in groups}
+    assert by_rows[(0, 1, 2, 3)].similarity_by_kind == {"features": 0.93, "keypoints": 0.4}
+    assert by_rows[(0, 1, 2, 3)].kinds == ["features", "keypoints"] and by_rows[(0, 1, 2, 3)].max_similarity == 0.93
+    assert by_rows[(4, 5)].similarity_by_kind == {"exact": 1.0}
+
+
+def test_the_page_names_each_groups_evidence_with_its_number_and_explains_the_kinds_used(audited):
+    from html import escape
+
+    from classify.duplicates import EVIDENCE
+
+    base, _, report = audited
+    page = (base / "report" / "audit.html").read_text(encoding="utf-8")
+    for group in report["duplicate_groups"]:
+        line = ", ".join(f"{kind} {value}" for kind, value in group["similarity_by_evidence"].items())
+        assert f"evidence: {line}<br>" in page
+    used = {kind for group in report["duplicate_groups"] for kind in group["evidence"]}
+    assert used and all(escape(EVIDENCE[kind]) in page for kind in used)
+    assert not any(escape(EVIDENCE[kind]) in page for kind in set(EVIDENCE) - used)
+
+
 def test_cli_audit_without_the_image_files(audited, tmp_path):
     base, _, _ = audited
     moved = tmp_path / "elsewhere"
