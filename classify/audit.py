@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from classify import duplicates, label_checks
+from classify import audit_words, duplicates, label_checks
 from classify.audit_alignment import ALIGNED_THRESHOLD, CANDIDATE_COSINE
 from classify.audit_images import images_reachable
 from classify.audit_keypoints import KEYPOINT_COSINE, KEYPOINT_INLIERS, KEYPOINT_PX, MAX_PARTNERS, MIN_FILL
@@ -69,7 +69,7 @@ def _mislabels(features: FeatureSet, probabilities: np.ndarray | None, top: int)
             label_checks.mislabel_suspects(probabilities, features.labels)[:top]]
 
 
-def _settings(pixels_used: bool, feature_threshold: float) -> dict:
+def _settings(pixels_used: bool, feature_threshold: float, thorough: bool = False) -> dict:
     return {"feature_threshold": feature_threshold, "mutual_nearest_cosine": duplicates.MUTUAL_COSINE,
             "pixel_threshold": duplicates.PIXEL_THRESHOLD if pixels_used else None,
             "aligned": {"candidate_cosine": CANDIDATE_COSINE, "candidates_per_image": duplicates.CANDIDATES_PER_IMAGE,
@@ -77,24 +77,29 @@ def _settings(pixels_used: bool, feature_threshold: float) -> dict:
             "keypoints": {"candidate_cosine": KEYPOINT_COSINE, "inliers": KEYPOINT_INLIERS, "min_fill": MIN_FILL,
                           "max_partners_without_fill": MAX_PARTNERS,
                           "px": KEYPOINT_PX} if pixels_used else None,
+            "visual_words": {"words": audit_words.WORDS, "vocabulary_images": audit_words.VOCABULARY_IMAGES,
+                             "candidates_per_image": audit_words.WORD_CANDIDATES} if pixels_used and thorough else None,
             "mislabel_head": f"logistic regression C={label_checks.MISLABEL_C}, {label_checks.FOLDS}-fold out-of-fold",
             "outlier_mads": label_checks.OUTLIER_MADS}
 
 
 def audit_features(features: FeatureSet, images_root: str | Path | None, feature_threshold: float,
-                   top: int = TOP_SUSPECTS, seed: int = 0, progress: bool = True) -> dict:
-    """Everything the report shows, as one JSON-ready dict (no files written)."""
+                   top: int = TOP_SUSPECTS, seed: int = 0, progress: bool = True, thorough: bool = False) -> dict:
+    """Everything the report shows, as one JSON-ready dict (no files written); ``thorough``: look for
+    copies through visual words too (``classify/audit_words.py``)."""
     started = time.perf_counter()
     n = len(features.paths)
     reading = progress and images_reachable(images_root, features.paths)
     with tqdm(total=n, unit="img", desc="audit: read images", disable=not reading) as read, \
             tqdm(total=n, unit="row", desc="audit: similarities", disable=not progress) as bar, \
             tqdm(unit="pair", desc="audit: align pictures", disable=not progress) as aligning, \
+            tqdm(total=n, unit="img", desc="audit: visual words", disable=not (reading and thorough)) as words, \
             tqdm(unit="img", desc="audit: keypoints", disable=not progress) as matching:
         pairs, pixels = duplicates.copy_pairs(features.features, features.paths, features.sha256, images_root,
                                               feature_threshold, read_progress=read.update, progress=bar.update,
                                               align_progress=lambda total: _counting(aligning, total),
-                                              keypoint_progress=lambda total: _counting(matching, total))
+                                              keypoint_progress=lambda total: _counting(matching, total),
+                                              thorough=thorough, word_progress=words.update)
     groups = duplicates.group_duplicates(pairs, features.splits, features.labels, features.class_names)
     leaked = duplicates.leaked_test_rows(groups, features.splits)
     with tqdm(total=label_checks.FOLDS, unit="fold", desc="audit: mislabels", disable=not progress) as bar:
@@ -108,7 +113,7 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
         "images_root": str(images_root) if images_root else None,
         "image_files_read": pixels is not None,
         "unreadable_files": pixels.unreadable if pixels else [],
-        "settings": _settings(pixels is not None, feature_threshold),
+        "settings": _settings(pixels is not None, feature_threshold, thorough),
         "summary": {
             "duplicate_groups": len(groups), "images_in_groups": sum(len(g.rows) for g in groups),
             "pairs": {kind: int(len(found)) for kind, found in pairs.items()},
@@ -131,13 +136,13 @@ def audit_features(features: FeatureSet, images_root: str | Path | None, feature
 
 def run_audit(store: str | Path, backbone: str | None = None, report_dir: str | Path = "audit",
               images: str | Path | None = None, feature_threshold: float = duplicates.FEATURE_THRESHOLD,
-              top: int = TOP_SUSPECTS, thumbnails: bool = True, progress: bool = True) -> dict:
+              top: int = TOP_SUSPECTS, thumbnails: bool = True, progress: bool = True, thorough: bool = False) -> dict:
     """Audit the store's features, write ``audit.json`` and ``audit.html``, return the report."""
     from classify.audit_report import write_report
 
     features = FeatureStore(store).read(backbone)
     root = images or features.store_attrs.get("images_root")
-    report = audit_features(features, root, feature_threshold, top=top, progress=progress)
+    report = audit_features(features, root, feature_threshold, top=top, progress=progress, thorough=thorough)
     report["store"] = str(store)
     report["files"] = write_report(report, report_dir, thumbnails=thumbnails)
     return report

@@ -18,9 +18,13 @@ from extract.options import json_option
 @click.option("--threshold", default=FEATURE_THRESHOLD, show_default=True, type=click.FloatRange(0, 1),
               help="Cosine similarity of (centred) features above which two images are near-duplicates.")
 @click.option("--top", default=40, show_default=True, type=click.IntRange(min=1), help="Mislabel suspects and outliers listed.")
+@click.option("--thorough", is_flag=True,
+              help="Also look for copies among pictures that share SIFT visual words, not only among pictures "
+                   "whose features are close: finds copies rotated, cropped or recoloured beyond what the features "
+                   "see (about 3x slower).")
 @json_option("Print audit.json to stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def audit_command(store, backbone, report_dir, images, threshold, top, as_json, quiet):
+def audit_command(store, backbone, report_dir, images, threshold, top, thorough, as_json, quiet):
     """Audit a data set from its stored features: near-duplicates and leaks across splits, label
     conflicts, likely mislabels, outliers and class balance, in audit.html and audit.json.
 
@@ -28,12 +32,13 @@ def audit_command(store, backbone, report_dir, images, threshold, top, as_json, 
     Example:
       python cli.py audit --store features.h5 --report-dir audit
       python cli.py audit --store features.h5 --backbone resnet50 --report-dir audit --json
+      python cli.py audit --store features.h5 --report-dir audit --thorough
     """
     from classify.audit import run_audit
     from classify.label_checks import leak_effect_sentence  # imports scikit-learn: not at CLI start-up
 
     report = run_audit(store, backbone=backbone, report_dir=report_dir, images=images, feature_threshold=threshold,
-                       top=top, progress=not quiet)
+                       top=top, progress=not quiet, thorough=thorough)
     if as_json:
         click.echo(strict_json(report))
         return

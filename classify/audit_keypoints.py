@@ -151,7 +151,7 @@ class ImageKeypoints:
             return False, None
         return 1 - picture_mask(grey.astype(np.float32)).mean() >= MIN_FILL, detect(grey)
 
-    def prepare(self, rows, progress=None) -> None:
+    def prepare(self, rows) -> None:
         """Look at ``rows`` not looked at yet (fill and keypoints), in threads."""
         todo = [int(r) for r in rows if int(r) not in self.found]
         if not todo:
@@ -160,8 +160,6 @@ class ImageKeypoints:
         with ThreadPoolExecutor(self.workers) as pool:  # OpenCV and Pillow release the GIL
             for row, (filled, keypoints) in zip(todo, pool.map(self._look, todo)):
                 self.filled[row], self.found[row] = filled, keypoints
-        if progress:
-            progress(len(todo))
 
     def forget(self, rows) -> None:
         for row in rows:
@@ -209,8 +207,13 @@ def _matched(keypoints: ImageKeypoints, pairs: np.ndarray, progress=None) -> np.
     detected and pairs matched in threads): each image is detected once and memory follows the
     order's bandwidth (``held_at_once``), not the number of images."""
     result = np.zeros((len(pairs), 2))
+    seen: set[int] = set()
     for chunk, dropped in visiting_plan(pairs, len(keypoints.paths)):
-        keypoints.prepare(np.unique(pairs[chunk]), progress)
+        rows = np.unique(pairs[chunk])
+        keypoints.prepare(rows)
+        if progress:
+            progress(len(set(rows.tolist()) - seen))
+            seen.update(rows.tolist())
         with ThreadPoolExecutor(keypoints.workers) as pool:
             counts = list(pool.map(lambda pair: keypoints.inliers(*pair), pairs[chunk].tolist()))
         for row, (i, j), count in zip(chunk, pairs[chunk].tolist(), counts):
@@ -229,15 +232,20 @@ def distinctive(pairs: np.ndarray, max_partners: int = MAX_PARTNERS) -> np.ndarr
 
 
 def keypoint_pairs(root: str | Path, paths: list[str], candidates: np.ndarray, threshold: int = KEYPOINT_INLIERS,
-                   progress=None) -> np.ndarray:
+                   progress=None, keypoints: ImageKeypoints | None = None, own: np.ndarray | None = None) -> np.ndarray:
     """The candidate pairs ``(i, j, ...)`` with ``threshold`` agreeing matches or more in which one
     picture shows black fill or that are ``distinctive`` among those pairs, as ``(i, j, share)``:
     share, the agreeing matches over the keypoints of the picture with fewer (0-1).
-    ``progress(k)`` counts the images looked at."""
-    keypoints = ImageKeypoints(root, paths)
+    ``progress(k)`` counts the images looked at; ``keypoints``: one that already holds some;
+    ``own``: a flag per candidate, the pairs a narrower search would have had: they are also
+    judged among themselves, so that more candidates never unlink one of them."""
+    keypoints = keypoints or ImageKeypoints(root, paths)
     pairs = candidates[:, :2].astype(np.int64).reshape(-1, 2)
     matched = _matched(keypoints, pairs, progress) if len(pairs) else np.zeros((0, 2))
     strong = matched[:, 0] >= threshold
     filled = np.array([keypoints.filled[i] or keypoints.filled[j] for i, j in pairs[strong].tolist()], dtype=bool)
     keep = filled | distinctive(pairs[strong])
+    if own is not None:
+        narrower = own[strong]
+        keep[narrower] |= distinctive(pairs[strong][narrower])
     return np.column_stack([pairs[strong][keep], matched[strong][keep, 1]]).astype(np.float64).reshape(-1, 3)

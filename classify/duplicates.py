@@ -26,7 +26,10 @@
   rotated or shifted with black corners that the alignment scores low or never tries (in fruits,
   36 and 51 of the 87 such pairs looked for), and the same object photographed again, turned or
   moved (TrashNet: 64 pairs, 62 of them looked at as the same object, 2 probably), but not
-  pictures that share a print with many others (cardboard boxes of one design).
+  pictures that share a print with many others (cardboard boxes of one design). With
+  ``thorough`` (``audit --thorough``) the rule also checks the pairs that share SIFT visual words
+  (``classify/audit_words.py``), whatever their features say: copies rotated, cropped or
+  recoloured beyond the features' reach.
   Its similarity is the share of the sparser picture's keypoints that agree (0-1).
 
 Thresholds, measured on ../shared/datasets/fruits and trashnet with EfficientNet-Lite0 (see
@@ -50,9 +53,10 @@ import numpy as np
 
 from classify.audit_alignment import CANDIDATE_COSINE, aligned_pairs
 from classify.audit_images import ImageSignatures, images_reachable, read_images
-from classify.audit_keypoints import KEYPOINT_COSINE, keypoint_pairs
+from classify.audit_keypoints import KEYPOINT_COSINE, ImageKeypoints, keypoint_pairs
+from classify.audit_words import word_candidates
 from extract.neighbours import (NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, mutual_nearest_pairs,
-                                normalise, similar_and_nearest, similar_pairs)
+                                normalise, similar_and_nearest, similar_pairs, unique_pairs)
 from extract.splits import SPLITS
 
 FEATURE_THRESHOLD = NEAR_DUPLICATE_COSINE
@@ -103,11 +107,13 @@ def _with_variants(unit: np.ndarray, variants: np.ndarray, threshold: float) -> 
 
 def find_pairs(features: np.ndarray, pixels: ImageSignatures | None, feature_threshold: float = FEATURE_THRESHOLD,
                pixel_threshold: float = PIXEL_THRESHOLD, progress=None, align_progress=None,
-               keypoint_progress=None) -> dict[str, np.ndarray]:
+               keypoint_progress=None, thorough: bool = False, word_progress=None) -> dict[str, np.ndarray]:
     """``{"exact"|"pixels"|"features"|"mutual"|"aligned"|"keypoints": (m, 3) array of (i, j, similarity)}``, i < j.
 
     ``align_progress(total)`` (and ``keypoint_progress(total)``) is called once with the number of
     pairs to align (of images to find keypoints in) and returns the callable that counts them (or None).
+    ``thorough``: the keypoint rule also checks pairs that share visual words
+    (``classify/audit_words.py``), counted by ``word_progress(k)``.
     """
     unit = normalise(features)
     close, nearest, candidates = similar_and_nearest(
@@ -122,10 +128,25 @@ def find_pairs(features: np.ndarray, pixels: ImageSignatures | None, feature_thr
         to_align = candidates[candidates[:, 2] >= CANDIDATE_COSINE]
         found["aligned"] = aligned_pairs(pixels.root, pixels.paths, to_align,
                                          progress=align_progress(len(to_align)) if align_progress else None)
-        to_match = _not_linked(len(unit), candidates, found)
-        found["keypoints"] = keypoint_pairs(pixels.root, pixels.paths, to_match, progress=keypoint_progress(
-            len(np.unique(to_match[:, :2]))) if keypoint_progress else None)
+        found["keypoints"] = _keypoint_evidence(pixels, candidates, found, thorough, keypoint_progress, word_progress)
     return found
+
+
+def _keypoint_evidence(pixels: ImageSignatures, candidates: np.ndarray, found: dict[str, np.ndarray],
+                       thorough: bool, keypoint_progress=None, word_progress=None) -> np.ndarray:
+    """The keypoint rule on the feature candidates not linked yet and, when ``thorough``, on the
+    pairs that share visual words too (never fewer links than without)."""
+    n = len(pixels.paths)
+    keypoints = ImageKeypoints(pixels.root, pixels.paths)
+    to_match, own = _not_linked(n, candidates, found), None
+    if thorough:
+        by_words = _not_linked(n, word_candidates(keypoints, progress=word_progress), found)
+        default = {(int(i), int(j)) for i, j in to_match[:, :2]}
+        to_match = unique_pairs([to_match, by_words])
+        own = np.array([(int(i), int(j)) in default for i, j in to_match[:, :2]], dtype=bool)
+    total = len(np.unique(to_match[:, :2]))
+    return keypoint_pairs(pixels.root, pixels.paths, to_match, keypoints=keypoints, own=own,
+                          progress=keypoint_progress(total) if keypoint_progress else None)
 
 
 def _not_linked(n: int, candidates: np.ndarray, found: dict[str, np.ndarray]) -> np.ndarray:
@@ -139,13 +160,14 @@ def _not_linked(n: int, candidates: np.ndarray, found: dict[str, np.ndarray]) ->
 
 def copy_pairs(features: np.ndarray, paths: list[str], sha256: list[str | None], images_root: str | Path | None,
                feature_threshold: float = FEATURE_THRESHOLD, read_progress=None, progress=None,
-               align_progress=None, keypoint_progress=None) -> tuple[dict[str, np.ndarray], ImageSignatures | None]:
+               align_progress=None, keypoint_progress=None, thorough: bool = False,
+               word_progress=None) -> tuple[dict[str, np.ndarray], ImageSignatures | None]:
     """``find_pairs`` on the features and, when ``images_root`` still holds the files, on the files
     too (read once: hashes, thumbnails); without the files, exact copies come from the stored
     ``sha256``. Returns the pairs and the files' signatures (None without the files)."""
     pixels = read_images(images_root, paths, progress=read_progress) if images_reachable(images_root, paths) else None
     pairs = find_pairs(features, pixels, feature_threshold, progress=progress, align_progress=align_progress,
-                       keypoint_progress=keypoint_progress)
+                       keypoint_progress=keypoint_progress, thorough=thorough, word_progress=word_progress)
     if pixels is None:
         pairs["exact"] = exact_pairs(list(sha256))
     return pairs, pixels

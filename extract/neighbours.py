@@ -103,7 +103,7 @@ def similar_and_nearest(unit: np.ndarray, threshold: float, block_rows: int | No
         if progress:
             progress(stop - start)
     pairs = np.concatenate(found) if found else np.zeros((0, 3))
-    return pairs, (index, best, second), _unique_pairs(strongest)
+    return pairs, (index, best, second), unique_pairs(strongest)
 
 
 def _strongest_in_band(sims: np.ndarray, start: int, per_row: int, band: tuple[float, float]) -> np.ndarray:
@@ -116,7 +116,7 @@ def _strongest_in_band(sims: np.ndarray, start: int, per_row: int, band: tuple[f
     return np.column_stack([rows + start, cols[rows, slot], values[rows, slot]])
 
 
-def _unique_pairs(parts: list[np.ndarray]) -> np.ndarray:
+def unique_pairs(parts: list[np.ndarray]) -> np.ndarray:
     """Pairs ``(i, j, similarity)`` with i < j, each once, most similar first."""
     if not parts or not sum(len(p) for p in parts):
         return np.zeros((0, 3))
