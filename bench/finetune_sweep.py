@@ -37,9 +37,13 @@ DEFAULT_SETTINGS = "3e-5:cosine:6,1e-4:cosine:6,3e-4:cosine:6,1e-4:constant:6,3e
 
 def parse_settings(text: str) -> list[dict]:
     """``LR:SCHEDULE:EPOCHS,...`` -> [{"learning_rate", "schedule", "epochs"}, ...]."""
+    from export.finetune import SCHEDULES
+
     settings = []
     for item in text.split(","):
         rate, schedule, epochs = item.split(":")
+        if schedule not in SCHEDULES:  # an unknown name would have run the cosine schedule under its name
+            raise ValueError(f"schedule {schedule!r} in {item!r}: one of {', '.join(SCHEDULES)}")
         settings.append({"learning_rate": float(rate), "schedule": schedule, "epochs": int(epochs)})
     return settings
 
@@ -198,10 +202,13 @@ def main() -> None:
         write_results(args.out, summary_markdown(result), result)
         return
     args = parse_data_args(parser)
+    try:
+        settings = parse_settings(args.settings)
+    except ValueError as error:
+        parser.error(f"--settings: {error}")
     if "--data" in sys.argv:  # the command line the output names, runnable from the main checkout
         sys.argv[sys.argv.index("--data") + 1] = shown_path(args.data)
-    result = run(args.data, args.backbone, args.weights, args.blocks, parse_settings(args.settings),
-                 workdir=args.workdir)
+    result = run(args.data, args.backbone, args.weights, args.blocks, settings, workdir=args.workdir)
     write_results(args.out, to_markdown(result), result)
 
 

@@ -274,6 +274,9 @@ def starting_point(images_dir: str | Path, backbone: str | None, head: str | Pat
     )
 
 
+SCHEDULES = ("cosine", "constant")  # the cached front's learning rate: decayed to 0 over the epochs, or held
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
     """The hyper-parameters of one fine-tuning run."""
@@ -289,7 +292,7 @@ class TrainingSettings:
     progress: bool = False  # a bar per epoch on stderr
     cache_front: bool = True  # train the last ``blocks`` blocks on cached front outputs (export.finetune_cached)
     blocks: int = DEFAULT_BLOCKS
-    schedule: str = "cosine"  # cached front: "cosine" (decay to 0 over the epochs) or "constant"
+    schedule: str = "cosine"  # cached front: one of SCHEDULES
 
     @classmethod
     def for_mode(cls, cache_front: bool, epochs: int | None, learning_rate: float | None,
@@ -303,6 +306,9 @@ class TrainingSettings:
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
             raise TransferKitError("--epochs, --batch-size and --patience must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise TransferKitError(f"the learning-rate schedule must be one of {', '.join(SCHEDULES)}, "
+                                   f"got {self.schedule!r}")
         parse_unfreeze(self.unfreeze)
 
     def describe(self) -> dict:

@@ -315,3 +315,14 @@ def test_the_sweep_summary_ranks_settings_by_mean_validation_score_not_test(tmp_
     tied = summarize([run("fruits", (3e-5, 0.95, 0.9), default[:1] + (0.95, 0.8)), run("trashnet", (3e-5, 0.9, 0.9),
                                                                                        default[:1] + (0.9, 0.8))])
     assert tied["best"] == default  # a tie keeps the default, whatever its place in the table
+
+
+def test_an_unknown_schedule_is_refused_not_run_as_cosine():
+    from bench.finetune_sweep import parse_settings
+    from export.finetune import TrainingSettings
+
+    with pytest.raises(ValueError, match="'linear'"):
+        parse_settings("1e-4:cosine:6,1e-4:linear:6")
+    with pytest.raises(TransferKitError, match="schedule must be one of cosine, constant"):
+        TrainingSettings(schedule="linear").check()
+    TrainingSettings(schedule="constant").check()
