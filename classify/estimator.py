@@ -62,6 +62,7 @@ class Head(ClassifierMixin, BaseEstimator):
 
     kind: ClassVar[str]
     learned_info: ClassVar[tuple[str, ...]] = ()  # JSON-able learned values saved in head.json
+    dense_layers: ClassVar[bool] = True  # network() gives dense layers a fine-tuned classifier can start from
 
     def fit(self, X, y, progress: FitProgress | None = None) -> "Head":
         """Choose the hyper-parameters by CV and fit on all rows; ``progress`` hears of each fit

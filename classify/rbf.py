@@ -37,6 +37,7 @@ class RBFHead(PairwiseHead):
     (ties: the smaller gamma, then the smaller C); probabilities like the linear SVM's."""
 
     kind = "rbf"
+    dense_layers = False  # a kernel machine: network() refuses
     _parameter_constraints: ClassVar[dict] = {"Cs": ["array-like"], "gammas": ["array-like"], "cv": FOLDS_CONSTRAINT,
                                               "n_jobs": POSITIVE_INT, "seed": SEED_CONSTRAINT}
     learned_info = ("C_", "gamma_", "n_support_vectors_", "cv_accuracy_", "cv_scores_")

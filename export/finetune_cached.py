@@ -33,7 +33,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from classify.estimator import Head
 from classify.heads import HEAD_KINDS, make_head
 from export.fit_loop import TrainingRun, checkpointed_fit, compile_classifier, empty_history, progress_bars, record_history
 from export.front_cache import CachedSplit, cache_front
@@ -122,7 +121,7 @@ def inference(model: keras.Model, tensors: np.ndarray, batch_size: int = 256) ->
 
 def has_dense_layers(kind: str) -> bool:
     """Whether a head of ``kind`` is dense layers a classifier can start from (rbf is a kernel machine)."""
-    return HEAD_KINDS[kind].network is Head.network
+    return HEAD_KINDS[kind].dense_layers
 
 
 def baseline_head(kind: str, rows: CachedRows, back: keras.Model, seed: int) -> Baseline:

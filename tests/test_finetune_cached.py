@@ -326,3 +326,20 @@ def test_an_unknown_schedule_is_refused_not_run_as_cosine():
     with pytest.raises(TransferKitError, match="schedule must be one of cosine, constant"):
         TrainingSettings(schedule="linear").check()
     TrainingSettings(schedule="constant").check()
+
+
+@pytest.mark.parametrize("kind", ["svm", "softmax", "mlp", "rbf"])
+def test_a_head_kind_says_whether_a_classifier_can_start_from_its_layers(kind):
+    """has_dense_layers (the classifier starts from the head's own layers, else from softmax) follows
+    what the fitted head's network() does."""
+    from classify.errors import HeadMismatch
+    from classify.heads import make_head
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 8)), np.repeat([0, 1, 2], 20)
+    head = make_head(kind).fit(X + y[:, None], y)
+    if finetune_cached.has_dense_layers(kind):
+        assert len(head.network()) >= 1
+    else:
+        with pytest.raises(HeadMismatch):
+            head.network()
