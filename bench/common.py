@@ -65,6 +65,14 @@ def shown_path(path: str | Path) -> str:
     return os.path.relpath(resolved, ROOT)
 
 
+def shown_or_scratch(path: str | Path) -> str:
+    """``shown_path`` for a path inside the repository or ../shared; anything else (a scratch store
+    under /tmp) is named by its file name only, the command line giving the whole path."""
+    shown = shown_path(path)
+    return f"{Path(path).name}, a scratch path (see the command)" if shown.startswith("..") and \
+        not shown.startswith("../shared/") else shown
+
+
 def default_data(name: str) -> str | None:
     folder = DEFAULT_SHARED / name
     return str(folder) if folder.is_dir() else None

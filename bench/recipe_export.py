@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.accuracy import ensure_features  # noqa: E402
-from bench.common import ROOT, default_data, header, shown_path, write_results  # noqa: E402
+from bench.common import ROOT, default_data, header, shown_or_scratch, shown_path, write_results  # noqa: E402
 from bench.memory import timed_command  # noqa: E402
 from classify.joined import split_names  # noqa: E402
 from classify.recipe import RECIPE_FEATURES  # noqa: E402
@@ -68,7 +68,7 @@ def measure(data: str, store: Path, features: str, extract: bool) -> dict:
                                       "--store", str(store), "--head", str(head), "--out", str(model), "--quiet"])
         sizes, export["stages"] = onnx_sizes(model), json.loads(stages.read_text())
     kept = next(row for row in map(json.loads, fit["stdout"]) if row.get("saved"))
-    return {"data": shown_path(data), "store": shown_path(store), "features": features, "kept": {k: kept[k] for k in ("kind", "cv_accuracy", "cv_std", "test_accuracy")},
+    return {"data": shown_path(data), "store": shown_or_scratch(store), "features": features, "kept": {k: kept[k] for k in ("kind", "cv_accuracy", "cv_std", "test_accuracy")},
             "steps": [fit, export], **sizes, "parity": next(line for line in export["stdout"] if line.startswith("parity on"))}
 
 
@@ -108,10 +108,10 @@ def stage_table(stages: list[dict]) -> list[str]:
     """Where `export-onnx`'s time and memory went (``bench/export_stages.py``), steps over 1 % of its wall time."""
     whole = stages[0]["wall_seconds"]
     shown = [row for row in merged_stages(stages) if row["depth"] == 0 or row["wall_seconds"] >= 0.01 * whole]
-    return [f"`export-onnx`'s steps (`bench/export_stages.py`: the same command in-process, each step of "
-            f"`export/onnx_export.py` timed; CPU of the whole process while the step ran; peak RSS sampled every "
-            f"50 ms; steps under 1 % of the wall time left out; `>` a step inside the one above; a step called "
-            f"several times: its calls summed):\n",
+    return ["`export-onnx`'s steps (`bench/export_stages.py`: the same command in-process, each step of "
+            "`export/onnx_export.py` timed; CPU of the whole process while the step ran; peak RSS sampled every "
+            "50 ms; steps under 1 % of the wall time left out; `>` a step inside the one above; a step called "
+            "several times: its calls summed):\n",
             "| step | what | calls | starts at s | wall s | CPU s | RSS before (MiB) | peak RSS (MiB) |",
             "|---|---|--:|--:|--:|--:|--:|--:|",
             *[f"| {'> ' * max(row['depth'] - 1, 0)}`{row['step']}` | {row['what']} | {row['calls']} | "
