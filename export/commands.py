@@ -8,6 +8,22 @@ from extract.errors import TransferKitError
 from extract.options import backbone_option, weights_option
 
 
+_MODE_OPTIONS = {True: ("unfreeze", "warmup_epochs"), False: ("blocks",)}  # options the other mode alone reads
+
+
+def _refuse_other_modes_options(cache_front: bool) -> None:
+    """An option given on the command line that this mode never reads is a usage error, not ignored."""
+    context = click.get_current_context()
+    given = [name for name in _MODE_OPTIONS[cache_front]
+             if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        mode, other = ("--cache-front (the default)", "--no-cache-front") if cache_front else \
+            ("--no-cache-front", "--cache-front")
+        raise click.UsageError(f"{flags} {'is' if len(given) == 1 else 'are'} not used with {mode}: "
+                               f"give {other} to use {'it' if len(given) == 1 else 'them'}")
+
+
 @click.command("fine-tune")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
 @backbone_option(help="Backbone to fine-tune [default: the --head's].")
@@ -62,6 +78,7 @@ def fine_tune_command(images_dir, backbone, out, head, store, cache_front, block
     """
     from export.finetune import fine_tune
 
+    _refuse_other_modes_options(cache_front)
     result = fine_tune(
         images_dir, backbone, out, head=head, unfreeze=unfreeze, epochs=epochs, learning_rate=learning_rate,
         image_size=image_size, batch_size=batch_size, seed=seed, store=store, weights=weights, patience=patience,

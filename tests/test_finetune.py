@@ -130,7 +130,7 @@ def test_cli_fine_tune_with_warm_up(workspace, tmp_path):
 def test_cli_fine_tune_from_a_head_shows_progress_and_compares_with_the_head(workspace, tmp_path):
     result = CliRunner().invoke(cli, [
         "fine-tune", str(workspace.images), "--head", str(workspace.head), "--store", str(workspace.store),
-        "--epochs", "1", "--unfreeze", "2", "--batch-size", "16", "--out", str(tmp_path / "m.keras")])
+        "--epochs", "1", "--batch-size", "16", "--out", str(tmp_path / "m.keras")])
     assert result.exit_code == 0, result.output
     X_test, y_test = workspace.features().subset("test")
     head_accuracy = 100 * np.mean(load_head(workspace.head).head.predict(X_test) == y_test)
@@ -175,7 +175,8 @@ def test_refusals(workspace, tmp_path):
                                                                        "--out", tmp_path / "m.keras")
     assert "trained on 32 px features, not 64 px" in refused(images, "--head", head, "--image-size", 64,
                                                              "--out", tmp_path / "m.keras")
-    assert "--unfreeze must be" in refused(images, "--head", head, "--unfreeze", "top", "--out", tmp_path / "m.keras")
+    assert "--unfreeze must be" in refused(images, "--head", head, "--no-cache-front", "--unfreeze", "top",
+                                           "--out", tmp_path / "m.keras")
     assert "must end in .keras" in refused(images, "--head", head, "--out", tmp_path / "m.h5")
     other = make_image_folder(tmp_path / "other", per_class=3, classes={"cat": (1, 2, 3), "dog": (200, 100, 0)})
     assert "has classes ['cat', 'dog']" in refused(other, "--head", head, "--out", tmp_path / "m.keras")
@@ -215,3 +216,16 @@ def test_predict_and_evaluate_accept_the_fine_tuned_model(fine_tuned, workspace,
     batch, _ = load_batch([str(image)], 32)
     expected = np.asarray(model(batch, training=False))[0]
     assert json.loads(predicted.stdout)["probability"] == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--unfreeze", "all"], "Error: --unfreeze is not used with --cache-front (the default): give --no-cache-front"),
+    (["--warmup-epochs", "1", "--unfreeze", "3"],
+     "Error: --unfreeze, --warmup-epochs are not used with --cache-front (the default)"),
+    (["--no-cache-front", "--blocks", "3"], "Error: --blocks is not used with --no-cache-front: give --cache-front"),
+])
+def test_an_option_the_mode_never_reads_is_refused_not_ignored(tmp_path, args, message):
+    result = CliRunner().invoke(cli, ["fine-tune", str(tmp_path), "--backbone", "mobilenet_v2", *args,
+                                      "--out", str(tmp_path / "m.keras")])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m.keras").exists()
