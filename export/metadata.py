@@ -94,42 +94,36 @@ def build_metadata(class_names: list[str], backbone: BackboneRecord, source: dic
 
 
 def graph_digest(model: onnx.ModelProto) -> str:
-    """sha256 of what the graph computes: operators, attributes, wiring and weights, not the names.
+    """sha256 of what the graph computes: operators, attributes, wiring and weights, not the names
+    and not the order of the nodes.
 
     tf2onnx numbers tensor and node names with process-wide counters, so converting the same model
-    twice gives other names; the digest numbers tensors by first use and hashes weights by content.
+    twice gives other names, and its topological sort can then list independent branches in
+    another order. Each tensor's digest is therefore made from what produces it (a Merkle hash
+    over the graph): a weight by its content, a graph input by its position, a node's output by
+    the node's operator, attributes and input digests and the output's position.
     """
-    weights = {tensor.name: tensor for tensor in model.graph.initializer}
-    numbers: dict[str, int] = {}
-    digests: dict[str, str] = {}
+    digests = {tensor.name: _tensor_content(tensor) for tensor in model.graph.initializer}
+    digests.update({value.name: f"input{k}" for k, value in enumerate(model.graph.input) if value.name not in digests})
+    digests[""] = "absent"  # an optional input left out
+    for node in model.graph.node:  # ONNX lists nodes in a topological order: inputs are known
+        attributes = [f"{a.name}={_tensor_content(a.t)}" if a.HasField("t") else
+                      a.SerializeToString(deterministic=True).hex() for a in node.attribute]
+        computed = _sha256(f"{node.domain}:{node.op_type}({','.join(digests[name] for name in node.input)})"
+                           f"[{';'.join(attributes)}]")
+        digests.update({name: _sha256(f"{computed}:{k}") for k, name in enumerate(node.output)})
+    return _sha256(",".join(digests[value.name] for value in model.graph.output))
 
-    def content(tensor: onnx.TensorProto) -> str:
-        anonymous = onnx.TensorProto()
-        anonymous.CopyFrom(tensor)
-        anonymous.name = ""
-        return hashlib.sha256(anonymous.SerializeToString(deterministic=True)).hexdigest()
 
-    def ref(name: str) -> str:
-        if name in weights:
-            if name not in digests:
-                digests[name] = content(weights[name])
-            return digests[name]
-        return str(numbers.setdefault(name, len(numbers)))
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
-    digest = hashlib.sha256()
-    for value in model.graph.input:
-        ref(value.name)
-    for node in model.graph.node:
-        attributes = []
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                attributes.append(f"{attribute.name}={content(attribute.t)}")
-            else:
-                attributes.append(attribute.SerializeToString(deterministic=True).hex())
-        digest.update(f"{node.domain}:{node.op_type}({','.join(map(ref, node.input))})"
-                      f"->{','.join(map(ref, node.output))}[{';'.join(attributes)}]\n".encode())
-    digest.update(",".join(ref(value.name) for value in model.graph.output).encode())
-    return digest.hexdigest()
+
+def _tensor_content(tensor: onnx.TensorProto) -> str:
+    anonymous = onnx.TensorProto()
+    anonymous.CopyFrom(tensor)
+    anonymous.name = ""
+    return hashlib.sha256(anonymous.SerializeToString(deterministic=True)).hexdigest()
 
 
 def graph_model_id(model: onnx.ModelProto, backbone: str, kind: str) -> str:
