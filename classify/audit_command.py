@@ -51,9 +51,9 @@ def audit_command(store, backbone, report_dir, images, threshold, top, thorough,
     click.echo(f"{len(report['mislabel_suspects'])} mislabel suspects, {s['outliers']} outliers; "
                f"report in {report['files'][1]} ({s['seconds']} s)")
     if not report["image_files_read"]:
-        click.echo("  note: image files not found (pass --images DIR): no pixel checks, aligned pictures or "
-                   "thumbnails; identical files from the stored hashes",
-                   err=True)
+        click.echo("  note: image files not found (pass --images DIR): no pixel checks, aligned pictures, keypoints"
+                   + (", visual words (--thorough)" if thorough else "") + " or thumbnails; identical files from "
+                   "the stored hashes", err=True)
 
 
 COMMANDS = [audit_command]

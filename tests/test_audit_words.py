@@ -102,3 +102,15 @@ def test_cli_audit_thorough(far_copy, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.startswith("14 images: 1 duplicate groups (2 images), 1 across splits")
     assert "--thorough" in CliRunner().invoke(cli, ["audit", "--help"]).output
+
+
+def test_thorough_without_the_image_files_says_it_could_not_look(far_copy, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    base, _, _ = far_copy
+    result = CliRunner().invoke(cli, ["audit", "--store", str(base / "f.h5"), "--report-dir", str(tmp_path / "r"),
+                                      "--images", str(tmp_path), "--thorough", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "visual words (--thorough)" in result.stderr and "0 duplicate groups" in result.stdout
