@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, header, write_results  # noqa: E402
-from classify.audit_keypoints import KEYPOINT_COSINE, KEYPOINTS, held_at_once  # noqa: E402
-from classify.duplicates import CANDIDATES_PER_IMAGE, FEATURE_THRESHOLD  # noqa: E402
+from classify.audit_keypoints import KEYPOINTS, held_at_once  # noqa: E402
+from classify.duplicates import candidate_search  # noqa: E402
 from extract.neighbours import normalise, similar_and_nearest  # noqa: E402
 
 IMAGE_KIB = KEYPOINTS * (128 + 2) * 4 / 1024  # descriptors and points of one image, at most
@@ -43,8 +43,7 @@ def clustered(rows: int, dim: int, seed: int = 0) -> np.ndarray:
 
 def measure(name: str, features: np.ndarray) -> dict:
     started = time.perf_counter()
-    _, _, candidates = similar_and_nearest(normalise(features), np.inf, per_row=CANDIDATES_PER_IMAGE,
-                                           band=(KEYPOINT_COSINE, FEATURE_THRESHOLD))
+    _, _, candidates = similar_and_nearest(normalise(features), np.inf, **candidate_search())
     pairs = candidates[:, :2].astype(np.int64)
     held = held_at_once(pairs, len(features))
     return {"name": name, "rows": len(features), "pairs": len(pairs), "images": int(len(np.unique(pairs))),

@@ -27,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.accuracy import ensure_features  # noqa: E402
-from bench.common import ROOT, default_data, header, shown_or_scratch, shown_path, write_results  # noqa: E402
+from bench.common import (ROOT, default_data, header, parse_data_args, shown_or_scratch, shown_path,  # noqa: E402
+                          write_results)
 from bench.memory import timed_command  # noqa: E402
 from classify.joined import split_names  # noqa: E402
 from classify.recipe import RECIPE_FEATURES  # noqa: E402
@@ -128,9 +129,7 @@ def main() -> None:
                         help="features to fit and export instead of the recipe's, as fit-head --backbone takes them")
     parser.add_argument("--no-extract", action="store_true", help="fail instead of extracting missing features")
     parser.add_argument("--out", default=str(ROOT / "docs" / "bench" / "recipe-export.md"))
-    args = parser.parse_args()
-    if not args.data:
-        parser.error("--data is required when ../shared/datasets is absent")
+    args = parse_data_args(parser)
     store = Path(args.store or Path(tempfile.gettempdir()) / "transferkit-bench-stores" / f"{Path(args.data).name}.h5")
     result = measure(args.data, store, args.features, not args.no_extract)
     write_results(args.out, to_markdown(result), result)

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import sparse
 
 from classify.audit_keypoints import ImageKeypoints
-from extract.neighbours import BLOCK_BYTES, unique_pairs
+from extract.neighbours import block_rows_for, strongest_in_band, unique_pairs
 
 WORDS = 512  # vocabulary size
 VOCABULARY_IMAGES = 400  # pictures whose descriptors the vocabulary is fitted on
@@ -49,24 +49,26 @@ def _descriptors(keypoints: ImageKeypoints, rows, keep: bool = False) -> list[np
             for k in found]
 
 
-def fit_vocabulary(keypoints: ImageKeypoints, n: int, seed: int = 0):
-    """k-means centres (``WORDS`` of them, fewer for few descriptors) of a sample of pictures' descriptors."""
+def fit_vocabulary(keypoints: ImageKeypoints, n: int, seed: int = 0, keep: bool = False):
+    """k-means centres (``WORDS`` of them, fewer for few descriptors) of a sample of pictures'
+    descriptors; ``keep``: leave the sample's keypoints in ``keypoints``."""
     from sklearn.cluster import MiniBatchKMeans
 
     sample = np.random.default_rng(seed).choice(n, min(n, VOCABULARY_IMAGES), replace=False)
-    descriptors = np.concatenate(_descriptors(keypoints, np.sort(sample), keep=n <= KEEP_KEYPOINTS))
+    descriptors = np.concatenate(_descriptors(keypoints, np.sort(sample), keep))
     words = max(1, min(WORDS, len(descriptors) // 4))
     return MiniBatchKMeans(words, random_state=seed, n_init=1, max_iter=20, batch_size=4096).fit(descriptors)
 
 
-def word_vectors(keypoints: ImageKeypoints, n: int, vocabulary, progress=None) -> sparse.csr_matrix:
+def word_vectors(keypoints: ImageKeypoints, n: int, vocabulary, progress=None,
+                 keep: bool = False) -> sparse.csr_matrix:
     """(n, words) tf-idf vectors of each picture's visual words, unit length (a picture without
-    keypoints: a zero row). Up to ``KEEP_KEYPOINTS`` pictures, their keypoints stay in
-    ``keypoints`` for the keypoint rule (no second detection)."""
+    keypoints: a zero row). ``keep``: the keypoints stay in ``keypoints`` for the keypoint rule (no
+    second detection; ``word_candidates`` keeps them up to ``KEEP_KEYPOINTS`` pictures)."""
     rows, cols = [], []
     for start in range(0, n, ROWS_AT_ONCE):
         batch = range(start, min(n, start + ROWS_AT_ONCE))
-        for row, descriptors in zip(batch, _descriptors(keypoints, batch, keep=n <= KEEP_KEYPOINTS)):
+        for row, descriptors in zip(batch, _descriptors(keypoints, batch, keep)):
             if len(descriptors):
                 words = vocabulary.predict(descriptors)
                 rows += [row] * len(words)
@@ -81,22 +83,17 @@ def word_vectors(keypoints: ImageKeypoints, n: int, vocabulary, progress=None) -
     return sparse.csr_matrix(sparse.diags(1 / np.maximum(norms, 1e-12)) @ weighted)
 
 
-def most_similar(vectors: sparse.csr_matrix, per_row: int = WORD_CANDIDATES) -> np.ndarray:
+def most_similar(vectors: sparse.csr_matrix, per_row: int = WORD_CANDIDATES,
+                 block_rows: int | None = None) -> np.ndarray:
     """``(i, j, similarity)``, i < j, each once: every row's ``per_row`` most similar other rows
-    sharing at least one word, a block of rows at a time (``BLOCK_BYTES`` of similarities)."""
+    sharing at least one word (similarity above 0), a block of rows at a time (as ``similar_pairs``)."""
     n = vectors.shape[0]
-    step = max(1, min(n, BLOCK_BYTES // (4 * max(n, 1))))
+    step = block_rows or block_rows_for(n)
     transposed, parts = vectors.T.tocsc(), []
     for start in range(0, n, step):
         sims = (vectors[start:start + step] @ transposed).toarray()
-        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = 0
-        k = min(per_row, n - 1)
-        if k < 1:
-            break
-        cols = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        values = np.take_along_axis(sims, cols, axis=1)
-        rows, slot = np.nonzero(values > 0)
-        parts.append(np.column_stack([rows + start, cols[rows, slot], values[rows, slot]]))
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = 0  # not its own neighbour
+        parts.append(strongest_in_band(sims, start, per_row, band=(np.nextafter(0, 1), np.inf)))
     return unique_pairs(parts)
 
 
@@ -106,5 +103,6 @@ def word_candidates(keypoints: ImageKeypoints, seed: int = 0, progress=None) -> 
     n = len(keypoints.paths)
     if n < 2:
         return np.zeros((0, 3))
-    vocabulary = fit_vocabulary(keypoints, n, seed)
-    return most_similar(word_vectors(keypoints, n, vocabulary, progress))
+    keep = n <= KEEP_KEYPOINTS
+    vocabulary = fit_vocabulary(keypoints, n, seed, keep)
+    return most_similar(word_vectors(keypoints, n, vocabulary, progress, keep))

@@ -51,9 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.audit_alignment import CANDIDATE_COSINE, aligned_pairs
+from classify.audit_alignment import ALIGNED_THRESHOLD, CANDIDATE_COSINE, aligned_pairs
 from classify.audit_images import ImageSignatures, images_reachable, read_images
-from classify.audit_keypoints import KEYPOINT_COSINE, ImageKeypoints, keypoint_pairs
+from classify.audit_keypoints import KEYPOINT_COSINE, KEYPOINT_INLIERS, ImageKeypoints, keypoint_pairs
 from classify.audit_words import word_candidates
 from extract.neighbours import (NEAR_DUPLICATE_COSINE, connected_groups, exact_pairs, mutual_nearest_pairs,
                                 normalise, similar_and_nearest, similar_pairs, unique_pairs)
@@ -68,12 +68,13 @@ CANDIDATES_PER_IMAGE = 5  # aligning costs milliseconds a pair: bounded to 5 per
 
 EVIDENCE = {  # what each kind of evidence is, and what its similarity measures (the report's legend)
     "exact": "the same file bytes (similarity 1)",
-    "pixels": "16x16 thumbnails, one turned or mirrored onto the other (cosine, a copy from 0.99)",
+    "pixels": f"16x16 thumbnails, one turned or mirrored onto the other (cosine, a copy from {PIXEL_THRESHOLD:g})",
     "features": "backbone features (centred cosine, a copy from the --threshold)",
-    "mutual": "each other's nearest neighbour in the features (centred cosine, from 0.80)",
-    "aligned": "the pictures rotated, scaled and shifted onto each other (detail score -1..1, a copy from 0.5)",
+    "mutual": f"each other's nearest neighbour in the features (centred cosine, from {MUTUAL_COSINE:.2f})",
+    "aligned": "the pictures rotated, scaled and shifted onto each other (detail score -1..1, a copy from "
+               f"{ALIGNED_THRESHOLD:g})",
     "keypoints": "SIFT keypoints agreeing on one rotation, zoom and shift (share of the sparser picture's "
-                 "keypoints that agree, 0-1: 10 or more agreeing keypoints make a copy)",
+                 f"keypoints that agree, 0-1: {KEYPOINT_INLIERS} or more agreeing keypoints make a copy)",
 }
 
 
@@ -116,9 +117,9 @@ def find_pairs(features: np.ndarray, pixels: ImageSignatures | None, feature_thr
     (``classify/audit_words.py``), counted by ``word_progress(k)``.
     """
     unit = normalise(features)
-    close, nearest, candidates = similar_and_nearest(
-        unit, min(feature_threshold, CANDIDATE_COSINE), progress=progress,
-        per_row=CANDIDATES_PER_IMAGE if pixels is not None else 0, band=(KEYPOINT_COSINE, feature_threshold))
+    search = candidate_search(feature_threshold) if pixels is not None else {}
+    close, nearest, candidates = similar_and_nearest(unit, min(feature_threshold, CANDIDATE_COSINE), progress=progress,
+                                                     **search)
     mutual = mutual_nearest_pairs(unit, nearest=nearest)
     keep = (mutual[:, 2] >= MUTUAL_COSINE) & (mutual[:, 2] < feature_threshold) & (mutual[:, 3] >= MUTUAL_MARGIN)
     found = {"features": close[close[:, 2] >= feature_threshold], "mutual": mutual[keep, :3]}
@@ -132,30 +133,35 @@ def find_pairs(features: np.ndarray, pixels: ImageSignatures | None, feature_thr
     return found
 
 
+def candidate_search(feature_threshold: float = FEATURE_THRESHOLD) -> dict:
+    """``similar_and_nearest``'s options that pick the pairs the picture rules check: each image's
+    ``CANDIDATES_PER_IMAGE`` most similar, from ``KEYPOINT_COSINE`` to under the feature threshold."""
+    return {"per_row": CANDIDATES_PER_IMAGE, "band": (KEYPOINT_COSINE, feature_threshold)}
+
+
 def _keypoint_evidence(pixels: ImageSignatures, candidates: np.ndarray, found: dict[str, np.ndarray],
                        thorough: bool, keypoint_progress=None, word_progress=None) -> np.ndarray:
     """The keypoint rule on the feature candidates not linked yet and, when ``thorough``, on the
     pairs that share visual words too (never fewer links than without)."""
-    n = len(pixels.paths)
-    keypoints = ImageKeypoints(pixels.root, pixels.paths)
-    to_match, own = _not_linked(n, candidates, found), None
+    keypoints, own = ImageKeypoints(pixels.root, pixels.paths), None
     if thorough:
-        by_words = _not_linked(n, word_candidates(keypoints, progress=word_progress), found)
-        default = {(int(i), int(j)) for i, j in to_match[:, :2]}
-        to_match = unique_pairs([to_match, by_words])
-        own = np.array([(int(i), int(j)) in default for i, j in to_match[:, :2]], dtype=bool)
+        default = {(int(i), int(j)) for i, j in candidates[:, :2]}
+        candidates = unique_pairs([candidates, word_candidates(keypoints, progress=word_progress)])
+        own = np.array([(int(i), int(j)) in default for i, j in candidates[:, :2]], dtype=bool)
+    linked = _linked(len(pixels.paths), candidates, found)
+    to_match, own = candidates[~linked], None if own is None else own[~linked]
     total = len(np.unique(to_match[:, :2]))
     return keypoint_pairs(pixels.root, pixels.paths, to_match, keypoints=keypoints, own=own,
                           progress=keypoint_progress(total) if keypoint_progress else None)
 
 
-def _not_linked(n: int, candidates: np.ndarray, found: dict[str, np.ndarray]) -> np.ndarray:
-    """The candidate pairs whose two images are not yet in one group."""
+def _linked(n: int, candidates: np.ndarray, found: dict[str, np.ndarray]) -> np.ndarray:
+    """Which candidate pairs have their two images already in one group."""
     group = np.arange(n)
     for k, rows in enumerate(pair_groups(n, found)):
         group[rows] = n + k
     i, j = candidates[:, 0].astype(np.int64), candidates[:, 1].astype(np.int64)
-    return candidates[group[i] != group[j]]
+    return group[i] == group[j]
 
 
 def copy_pairs(features: np.ndarray, paths: list[str], sha256: list[str | None], images_root: str | Path | None,

@@ -95,7 +95,7 @@ def similar_and_nearest(unit: np.ndarray, threshold: float, block_rows: int | No
         keep = pair_rows + start < cols
         found.append(np.column_stack([pair_rows[keep] + start, cols[keep], sims[pair_rows[keep], cols[keep]]]))
         if per_row:
-            strongest.append(_strongest_in_band(sims, start, per_row, band))
+            strongest.append(strongest_in_band(sims, start, per_row, band))
         index[start:stop] = sims.argmax(axis=1)
         best[start:stop] = sims[rows, index[start:stop]]
         sims[rows, index[start:stop]] = -np.inf
@@ -106,7 +106,7 @@ def similar_and_nearest(unit: np.ndarray, threshold: float, block_rows: int | No
     return pairs, (index, best, second), unique_pairs(strongest)
 
 
-def _strongest_in_band(sims: np.ndarray, start: int, per_row: int, band: tuple[float, float]) -> np.ndarray:
+def strongest_in_band(sims: np.ndarray, start: int, per_row: int, band: tuple[float, float]) -> np.ndarray:
     """``(i, j, cosine)``: each block row's ``per_row`` most similar rows with ``band[0] <= cosine < band[1]``."""
     k = min(per_row, sims.shape[1])
     inside = np.where((sims >= band[0]) & (sims < band[1]), sims, -np.inf)

@@ -54,14 +54,11 @@ def test_the_copy_is_among_the_pairs_that_share_words(far_copy):
     assert np.all(pairs[:, 0] < pairs[:, 1]) and len({(i, j) for i, j, _ in pairs}) == len(pairs)
 
 
-def test_the_most_similar_rows_are_found_block_by_block(monkeypatch):
-    from classify import audit_words
-
+def test_the_most_similar_rows_are_found_block_by_block():
     rng = np.random.default_rng(0)
     dense = rng.random((60, 40)) * (rng.random((60, 40)) < 0.2)
     dense /= np.maximum(np.linalg.norm(dense, axis=1, keepdims=True), 1e-12)
-    monkeypatch.setattr(audit_words, "BLOCK_BYTES", 4 * 60 * 7)  # blocks of 7 rows
-    found = most_similar(sparse.csr_matrix(dense), per_row=2)
+    found = most_similar(sparse.csr_matrix(dense), per_row=2, block_rows=7)
     sims = dense @ dense.T
     np.fill_diagonal(sims, 0)
     expected = set()
