@@ -111,3 +111,24 @@ def test_thorough_without_the_image_files_says_it_could_not_look(far_copy, tmp_p
                                       "--images", str(tmp_path), "--thorough", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "visual words (--thorough)" in result.stderr and "0 duplicate groups" in result.stdout
+
+
+def test_the_thorough_audit_keeps_every_pair_the_default_links(tmp_path):
+    """One label on 4 pictures; only pictures 0 and 1 are close in the features, so the default audit
+    links them (one partner each). The visual words bring up the label's other pairs (3 partners
+    each): the thorough audit still links 0 and 1."""
+    label = speckled(7, "pomme").crop((30, 30, 100, 100))
+    root, rows = tmp_path / "images", []
+    for k in range(4):
+        picture = with_label(speckled(10 + k, "citron", framing=k), label, (10 + 20 * k, 40))
+        rows.append((_save(root, f"citron/label{k}.jpg", picture), "citron", "train" if k % 2 else "test"))
+    rows += [(_save(root, f"pomme/other{k}.jpg", speckled(70 + k, "pomme", framing=3 + k)), "pomme", "validation")
+             for k in range(8)]
+    write_toy_store(root, tmp_path / "f.h5", rows, features_of=FeaturesAt({"label1": "label0"}, COSINE),
+                    classes=PALETTES)
+    pair = frozenset({"citron/label0.jpg", "citron/label1.jpg"})
+    default = run_audit(tmp_path / "f.h5", report_dir=tmp_path / "d", progress=False)
+    thorough = run_audit(tmp_path / "f.h5", report_dir=tmp_path / "t", progress=False, thorough=True)
+    assert _groups(default) == {pair}
+    assert pair in _groups(thorough)
+    assert thorough["summary"]["pairs"]["keypoints"] >= default["summary"]["pairs"]["keypoints"]
